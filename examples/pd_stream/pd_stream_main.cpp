@@ -1,0 +1,2 @@
+// placeholder; replaced as the module lands
+int main() { return 0; }
