@@ -1,0 +1,22 @@
+// Private to the topology loader: turns the YAML document into a Topology field by field. Every
+// list keeps one entry per YAML item (default-filled where broken) so that indices, and thus the
+// paths the later cross-checks report, stay those of the file.
+#pragma once
+
+#include <yaml-cpp/yaml.h>
+
+#include "kvf/fabric/topology.h"
+#include "topology_reader.h"
+
+namespace kvf::fabric::topo {
+
+// Defaults, documented in docs/topology.md.
+inline constexpr uint16_t kDefaultControlPort = 17000;
+inline constexpr uint16_t kDefaultHttpPort = 17080;
+inline constexpr uint64_t kDefaultStoreDramBytes = 1ULL << 30;
+inline constexpr uint32_t kDefaultChunkTokens = 256;
+
+// Reads root (which must be a map) into a Topology; problems go to ctx.
+Topology read_topology(const YAML::Node& root, ReadContext& ctx);
+
+}  // namespace kvf::fabric::topo
