@@ -1,2 +1,351 @@
-// placeholder; replaced as the module lands
-int main() { return 0; }
+// kvfabric-perf: measures kvfabric's data path between two processes.
+//   kvfabric-perf server --listen HOST:PORT
+//   kvfabric-perf client --connect HOST:PORT --mode bw|lat|layers [--sizes 4K,64K,1M,4M] [--iters N]
+//                        [--layers L --blocks B --block-bytes S --shuffle --verify] [--json FILE]
+// bw: one-sided puts of each size back to back (a window in flight), flushed at the end, like
+// ucx_perftest's ucp_put_bw. lat: put + flush round trips. layers: a KV request of L layers of B
+// blocks (K and V of S bytes each) streamed layer by layer into the server's blocks (shuffled
+// when asked) through the TransferScheduler, every byte checked by the server with --verify.
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <mutex>
+#include <numeric>
+
+#include <spdlog/spdlog.h>
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+
+#include "kvf/fabric/control_channel.h"
+#include "kvf/fabric/stream_pattern.h"
+#include "kvf/fabric/stream_receiver.h"
+#include "kvf/fabric/stream_sender.h"
+#include "kvf/fabric/transfer_scheduler.h"
+#include "kvf/fabric/ucx_transport.h"
+#include "kvf/fabric/version.h"
+#include "perf_util.h"
+
+namespace {
+
+using namespace kvf;
+using namespace kvf::fabric;
+using Clock = std::chrono::steady_clock;
+
+int fail(const std::string& message) {
+  std::fprintf(stderr, "kvfabric-perf: %s\n", message.c_str());
+  return 1;
+}
+
+struct Setup {
+  std::shared_ptr<gpudirect::UcxContext> ucx;
+  std::unique_ptr<UcxTransport> transport;
+};
+
+Result<Setup> make_transport(size_t window) {
+  auto ucx = gpudirect::UcxContext::create();
+  if (!ucx.ok()) return ucx.status();
+  UcxTransportOptions options;
+  options.max_outstanding_puts = window;
+  auto transport = UcxTransport::create(ucx.value(), options);
+  if (!transport.ok()) return transport.status();
+  return Setup{ucx.value(), std::move(transport.value())};
+}
+
+int run_server(const cxxopts::ParseResult& args) {
+  auto hp = parse_host_port(args["listen"].as<std::string>());
+  if (!hp.ok()) return fail("--listen: " + hp.status().message());
+  auto setup = make_transport(args["window"].as<size_t>());
+  if (!setup.ok()) return fail(setup.status().to_string());
+
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);  // before threads start, so they inherit it
+
+  StreamReceiverOptions options;
+  options.name = "kvfabric-perf-server";
+  options.max_request_bytes = perf::parse_size(args["max-bytes"].as<std::string>()).value_or(16ull << 30);
+  options.on_stream_done = [](const StreamReport& r) {
+    double last_ms = r.layer_arrival_ns.empty() ? 0 : static_cast<double>(r.layer_arrival_ns.back()) / 1e6;
+    if (r.status.ok()) {
+      std::printf("stream %llu from %s: %llu bytes in %u layers, last layer at %.1f ms after the offer, %s\n",
+                  static_cast<unsigned long long>(r.request_id), r.peer.c_str(),
+                  static_cast<unsigned long long>(r.bytes), r.layers, last_ms,
+                  r.verified ? ("every byte verified (" + std::to_string(r.bytes_verified) + ")").c_str()
+                             : "not verified");
+    } else {
+      std::printf("stream %llu from %s FAILED: %s\n", static_cast<unsigned long long>(r.request_id),
+                  r.peer.c_str(), r.status.to_string().c_str());
+    }
+    std::fflush(stdout);
+  };
+  auto receiver = StreamReceiver::start(setup->ucx, *setup->transport, hp->first, hp->second, options);
+  if (!receiver.ok()) return fail(receiver.status().to_string());
+  std::printf("kvfabric-perf server %s listening on %s:%u (Ctrl-C to stop)\n", std::string(version()).c_str(),
+              hp->first.c_str(), receiver.value()->port());
+  std::fflush(stdout);
+  int sig = 0;
+  sigwait(&signals, &sig);
+  std::printf("kvfabric-perf server: stopping on signal %d\n", sig);
+  return 0;
+}
+
+struct Measurement {
+  std::string mode;
+  uint64_t bytes = 0;
+  uint64_t iters = 0;
+  double seconds = 0;
+  double gbps = 0;
+  double p50_us = 0;
+  double p99_us = 0;
+};
+
+Result<protocol::RunResult> request_target(PeerLink& link, protocol::RunMode mode, uint64_t bytes,
+                                           uint64_t iters, uint64_t run_id) {
+  protocol::RunRequest req{run_id, mode, bytes, static_cast<uint32_t>(iters)};
+  if (Status s = link.control().send(req); !s.ok()) return s;
+  auto m = link.expect(std::chrono::seconds(60));
+  if (!m.ok()) return m.status();
+  auto* r = std::get_if<protocol::RunResult>(&m.value());
+  if (r == nullptr) return Status(ErrorCode::kMalformed, "expected RunResult");
+  if (r->code != ErrorCode::kOk) return Status(r->code, "server refused the run: " + r->message);
+  return *r;
+}
+
+// Waits for a Completion from another thread.
+class Waiter {
+ public:
+  Completion completion() {
+    return [this](const Status& s) {
+      std::lock_guard lock(m_);
+      status_ = s;
+      done_ = true;
+      cv_.notify_all();
+    };
+  }
+  Status wait() {
+    std::unique_lock lock(m_);
+    cv_.wait(lock, [&] { return done_; });
+    done_ = false;
+    return status_;
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  Status status_;
+};
+
+Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, uint64_t size, uint64_t iters,
+                                  uint64_t run_id) {
+  auto target = request_target(link, latency ? protocol::RunMode::kLatency : protocol::RunMode::kBandwidth,
+                               size, iters, run_id);
+  if (!target.ok()) return target.status();
+  auto remote = setup.transport->import_region(link.peer(), target->target);
+  if (!remote.ok()) return remote.status();
+  auto local = gpudirect::MemoryRegion::allocate_host(setup.ucx, size);
+  if (!local.ok()) return local.status();
+  fill_pattern(local->data(), size & ~7ull, PatternKey{run_id, 0, 0, 0});
+  PutOp op{local->data(), &local.value(), remote.value(), 0, size};
+  Waiter waiter;
+  Measurement m;
+  m.mode = latency ? "lat" : "bw";
+  m.bytes = size;
+  m.iters = iters;
+  if (!latency) {
+    // Warm-up (registration caches, connection lanes), then the timed run.
+    for (int pass = 0; pass < 2; ++pass) {
+      uint64_t n = pass == 0 ? std::max<uint64_t>(1, iters / 10) : iters;
+      std::vector<PutOp> ops(n, op);
+      auto t0 = Clock::now();
+      setup.transport->put(link.peer(), std::move(ops), nullptr);
+      setup.transport->flush(link.peer(), waiter.completion());
+      if (Status s = waiter.wait(); !s.ok()) return s;
+      m.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    }
+    m.gbps = static_cast<double>(size * iters) / m.seconds / 1e9;
+  } else {
+    std::vector<double> us;
+    us.reserve(iters);
+    for (uint64_t i = 0; i < iters + iters / 10 + 1; ++i) {
+      auto t0 = Clock::now();
+      setup.transport->put(link.peer(), {op}, nullptr);
+      setup.transport->flush(link.peer(), waiter.completion());
+      if (Status s = waiter.wait(); !s.ok()) return s;
+      if (i > iters / 10) us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    m.seconds = std::accumulate(us.begin(), us.end(), 0.0) / 1e6;
+    m.gbps = static_cast<double>(size * us.size()) / m.seconds / 1e9;
+    m.p50_us = perf::percentile(us, 50);
+    m.p99_us = perf::percentile(us, 99);
+  }
+  return m;
+}
+
+int run_client(const cxxopts::ParseResult& args) {
+  auto hp = parse_host_port(args["connect"].as<std::string>());
+  if (!hp.ok()) return fail("--connect: " + hp.status().message());
+  std::string mode = args["mode"].as<std::string>();
+  if (mode != "bw" && mode != "lat" && mode != "layers")
+    return fail("--mode must be bw, lat or layers, got '" + mode + "'");
+  auto sizes = perf::parse_size_list(args["sizes"].as<std::string>());
+  if (!sizes.ok()) return fail("--sizes: " + sizes.status().message());
+  uint64_t iters_arg = args["iters"].as<uint64_t>();
+
+  auto setup = make_transport(args["window"].as<size_t>());
+  if (!setup.ok()) return fail(setup.status().to_string());
+  auto link = PeerLink::connect(*setup->transport, hp->first, hp->second, "kvfabric-perf-client",
+                                std::chrono::seconds(10));
+  if (!link.ok()) return fail(link.status().to_string());
+
+  std::vector<Measurement> results;
+  uint64_t run_id = static_cast<uint64_t>(Clock::now().time_since_epoch().count());
+  if (mode == "bw" || mode == "lat") {
+    std::printf("%-6s %12s %10s %10s %10s %10s\n", "mode", "bytes", "iters", "GB/s", "p50_us", "p99_us");
+    for (uint64_t size : sizes.value()) {
+      uint64_t iters = iters_arg != 0
+                           ? iters_arg
+                           : (mode == "bw" ? std::clamp<uint64_t>((1ull << 30) / size, 50, 100000) : 2000);
+      auto m = run_bw_or_lat(setup.value(), *link.value(), mode == "lat", size, iters, ++run_id);
+      if (!m.ok()) return fail("size " + std::to_string(size) + ": " + m.status().to_string());
+      std::printf("%-6s %12llu %10llu %10.3f %10.1f %10.1f\n", m->mode.c_str(),
+                  static_cast<unsigned long long>(m->bytes), static_cast<unsigned long long>(m->iters),
+                  m->gbps, m->p50_us, m->p99_us);
+      std::fflush(stdout);
+      results.push_back(m.value());
+    }
+  } else {
+    auto block_bytes = perf::parse_size(args["block-bytes"].as<std::string>());
+    if (!block_bytes || *block_bytes == 0 || *block_bytes % 8 != 0)
+      return fail("--block-bytes must be a positive multiple of 8");
+    protocol::KvLayoutDesc desc;
+    desc.kind = protocol::KvLayoutKind::kFlashAttention;
+    desc.num_layers = args["layers"].as<uint32_t>();
+    desc.num_blocks = args["blocks"].as<uint32_t>();
+    desc.block_tokens = 1;
+    desc.kv_heads = 1;
+    desc.dtype_bytes = 2;
+    desc.head_dim = static_cast<uint32_t>(*block_bytes / 2);
+    auto layout = protocol::KvLayout::create(desc);
+    if (!layout.ok()) return fail("layout: " + layout.status().message());
+    uint64_t total = layout->layer_bytes() * desc.num_layers;
+    auto source = gpudirect::MemoryRegion::allocate_host(setup->ucx, total);
+    if (!source.ok()) return fail(source.status().to_string());
+    uint64_t iters = iters_arg != 0 ? iters_arg : 3;
+    TransferScheduler scheduler(*setup->transport);
+    std::printf("layers: %u layers x %u blocks x 2 x %llu bytes = %.1f MiB per request, %s, %s\n",
+                desc.num_layers, desc.num_blocks, static_cast<unsigned long long>(*block_bytes),
+                static_cast<double>(total) / (1 << 20), args["shuffle"].as<bool>() ? "shuffled" : "in order",
+                args["verify"].as<bool>() ? "verified" : "unverified");
+    std::vector<double> seconds;
+    for (uint64_t it = 0; it < iters; ++it) {
+      uint64_t seed = run_id + it;
+      for (uint32_t l = 0; l < desc.num_layers; ++l)
+        fill_layer_pattern(source.value(), layout.value(), l, seed);
+      PatternStreamOptions options;
+      options.request_id = ++run_id;
+      options.seed = seed;
+      options.verify = args["verify"].as<bool>();
+      options.shuffle = args["shuffle"].as<bool>();
+      auto outcome = send_pattern_stream(*link.value(), *setup->transport, scheduler, source.value(),
+                                         layout.value(), options);
+      if (!outcome.ok()) return fail("stream " + std::to_string(it) + ": " + outcome.status().to_string());
+      seconds.push_back(outcome->seconds);
+      std::printf(
+          "  request %llu/%llu: %.3f s, %.3f GB/s%s\n", static_cast<unsigned long long>(it + 1),
+          static_cast<unsigned long long>(iters), outcome->seconds,
+          static_cast<double>(total) / outcome->seconds / 1e9,
+          options.verify
+              ? (", receiver verified " + std::to_string(outcome->result.bytes_verified) + " bytes").c_str()
+              : "");
+      std::fflush(stdout);
+      if (options.verify && outcome->result.bytes_verified != total) {
+        return fail("receiver verified " + std::to_string(outcome->result.bytes_verified) + " of " +
+                    std::to_string(total) + " bytes");
+      }
+    }
+    Measurement m;
+    m.mode = "layers";
+    m.bytes = total;
+    m.iters = iters;
+    m.seconds = perf::percentile(seconds, 50);
+    m.gbps = static_cast<double>(total) / m.seconds / 1e9;
+    std::printf("%-6s %12s %10s %10s\n%-6s %12llu %10llu %10.3f\n", "mode", "bytes", "iters", "GB/s",
+                "layers", static_cast<unsigned long long>(total), static_cast<unsigned long long>(iters),
+                m.gbps);
+    results.push_back(m);
+  }
+  if (args.count("json") != 0) {
+    nlohmann::json out;
+    out["results"] = nlohmann::json::array();
+    for (const auto& m : results) {
+      out["results"].push_back({{"mode", m.mode},
+                                {"bytes", m.bytes},
+                                {"iters", m.iters},
+                                {"seconds", m.seconds},
+                                {"gbps", m.gbps},
+                                {"p50_us", m.p50_us},
+                                {"p99_us", m.p99_us}});
+    }
+    std::ofstream f(args["json"].as<std::string>());
+    if (!f) return fail("cannot write " + args["json"].as<std::string>());
+    f << out.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cxxopts::Options options("kvfabric-perf",
+                           "Measures kvfabric's data path between two processes.\n"
+                           "  kvfabric-perf server --listen HOST:PORT\n"
+                           "  kvfabric-perf client --connect HOST:PORT --mode bw|lat|layers ...");
+  options.add_options()("role", "server or client", cxxopts::value<std::string>())(
+      "listen", "server: HOST:PORT to listen on",
+      cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))(
+      "connect", "client: the server's HOST:PORT",
+      cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))(
+      "mode", "bw | lat | layers", cxxopts::value<std::string>()->default_value("bw"))(
+      "sizes", "bw/lat message sizes", cxxopts::value<std::string>()->default_value("4K,64K,1M,4M"))(
+      "iters", "iterations per size (0: automatic); layers: requests",
+      cxxopts::value<uint64_t>()->default_value("0"))("layers", "layers mode: layers per request",
+                                                      cxxopts::value<uint32_t>()->default_value("32"))(
+      "blocks", "layers mode: blocks per layer", cxxopts::value<uint32_t>()->default_value("512"))(
+      "block-bytes", "layers mode: bytes of K (and of V) per block",
+      cxxopts::value<std::string>()->default_value("32K"))(
+      "shuffle", "layers mode: scatter into shuffled receiver blocks",
+      cxxopts::value<bool>()->default_value("false"))("verify", "layers mode: the receiver checks every byte",
+                                                      cxxopts::value<bool>()->default_value("false"))(
+      "window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))(
+      "max-bytes", "server: largest buffer a client may ask for",
+      cxxopts::value<std::string>()->default_value("16G"))("json", "client: write results as JSON to FILE",
+                                                           cxxopts::value<std::string>())(
+      "v,verbose", "log more")("version", "print the version")("h,help", "print help");
+  options.parse_positional({"role"});
+  options.positional_help("server|client");
+  cxxopts::ParseResult args;
+  try {
+    args = options.parse(argc, argv);
+  } catch (const std::exception& e) {
+    return fail(std::string(e.what()) + " (see --help)");
+  }
+  if (args.count("help") != 0) {
+    std::printf("%s\n", options.help().c_str());
+    return 0;
+  }
+  if (args.count("version") != 0) {
+    std::printf("kvfabric-perf %s\n", std::string(version()).c_str());
+    return 0;
+  }
+  spdlog::set_level(args.count("verbose") != 0 ? spdlog::level::info : spdlog::level::warn);
+  if (args.count("role") == 0) return fail("say server or client (see --help)");
+  std::string role = args["role"].as<std::string>();
+  if (role == "server") return run_server(args);
+  if (role == "client") return run_client(args);
+  return fail("unknown role '" + role + "': say server or client");
+}

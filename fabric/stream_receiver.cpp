@@ -1,0 +1,464 @@
+#include "kvf/fabric/stream_receiver.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <future>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <thread>
+#include <unordered_map>
+
+#include <spdlog/spdlog.h>
+
+#include "kvf/fabric/control_channel.h"
+#include "kvf/fabric/stream_pattern.h"
+#include "kvf/gpudirect/memory_region.h"
+#include "kvf/protocol/notification.h"
+
+namespace kvf::fabric {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// One thread that runs slow work (allocation, poisoning, verification) off the io and
+// progress threads, in order.
+class Worker {
+ public:
+  Worker() : thread_([this] { run(); }) {}
+  ~Worker() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void post(std::function<void()> fn) {
+    {
+      std::lock_guard lock(mutex_);
+      tasks_.push_back(std::move(fn));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock lock(mutex_);
+        cv_.wait(lock, [&] { return stop_ || !tasks_.empty(); });
+        if (tasks_.empty()) return;
+        fn = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      fn();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+struct Stream {
+  uint64_t request_id = 0;
+  protocol::KvLayout layout;
+  protocol::StreamOffer offer;
+  gpudirect::MemoryRegion region;
+  std::vector<uint32_t> dst_blocks;
+  std::vector<bool> arrived;
+  uint32_t arrived_count = 0;
+  Clock::time_point started;
+  std::vector<uint64_t> arrival_ns;
+  bool finished = false;
+};
+
+struct Session {
+  uint64_t id = 0;
+  std::string name;  // "peer-name@1.2.3.4:5678"
+  std::shared_ptr<ControlConnection> connection;
+  std::unordered_map<uint64_t, std::shared_ptr<Stream>> streams;
+  std::optional<gpudirect::MemoryRegion> run_target;
+  bool closed = false;
+};
+
+}  // namespace
+
+class StreamReceiver::Impl {
+ public:
+  Impl(std::shared_ptr<gpudirect::UcxContext> ucx, Transport& transport, StreamReceiverOptions options)
+      : ucx_(std::move(ucx)), transport_(transport), options_(std::move(options)) {}
+
+  ~Impl() {
+    if (server_) server_->stop();
+    std::vector<std::shared_ptr<Session>> sessions;
+    {
+      std::lock_guard lock(mutex_);
+      for (auto& [id, s] : sessions_) sessions.push_back(s);
+    }
+    for (auto& s : sessions) s->connection->close(Status(ErrorCode::kAborted, "receiver shutting down"));
+    // Timers and notifications already queued on the transport's thread must not reach us.
+    std::promise<void> fenced;
+    transport_.post([this, &fenced] {
+      *alive_ = false;
+      fenced.set_value();
+    });
+    fenced.get_future().wait();
+    transport_.set_notification_handler(nullptr);
+    worker_.reset();
+    server_.reset();
+    control_.reset();
+  }
+
+  Status start(const std::string& host, uint16_t port) {
+    control_ = std::make_unique<ControlContext>();
+    worker_ = std::make_unique<Worker>();
+    transport_.set_notification_handler([this, alive = alive_](std::span<const uint8_t> bytes) {
+      if (*alive) on_notification(bytes);
+    });
+    auto server =
+        ControlServer::listen(control_->io(), host, port,
+                              [this](std::shared_ptr<ControlConnection> c) { on_accept(std::move(c)); });
+    if (!server.ok()) return server.status();
+    server_ = std::move(server.value());
+    return Status::Ok();
+  }
+
+  uint16_t port() const { return server_->port(); }
+
+ private:
+  void on_accept(std::shared_ptr<ControlConnection> connection) {
+    auto session = std::make_shared<Session>();
+    session->connection = connection;
+    session->name = connection->remote();
+    {
+      std::lock_guard lock(mutex_);
+      session->id = next_session_++;
+      sessions_[session->id] = session;
+    }
+    std::weak_ptr<Session> weak = session;
+    connection->start(
+        [this, weak](const protocol::Message& m) {
+          if (auto s = weak.lock()) on_message(s, m);
+        },
+        [this, weak](const Status& why) {
+          if (auto s = weak.lock()) on_close(s, why);
+        });
+  }
+
+  void on_message(const std::shared_ptr<Session>& session, const protocol::Message& message) {
+    if (const auto* hello = std::get_if<protocol::Hello>(&message)) {
+      if (hello->min_version > protocol::kProtocolVersion ||
+          hello->max_version < protocol::kProtocolVersion) {
+        session->connection->send(
+            protocol::ErrorReply{ErrorCode::kUnsupportedVersion, "this receiver speaks version 1"});
+        session->connection->close(Status(ErrorCode::kUnsupportedVersion, "version mismatch"));
+        return;
+      }
+      session->name = hello->peer_name + "@" + session->connection->remote();
+      session->connection->send(
+          protocol::HelloAck{protocol::kProtocolVersion, options_.name, transport_.address(), session->id});
+      spdlog::info("{}: sender {} connected (session {})", options_.name, session->name, session->id);
+    } else if (const auto* offer = std::get_if<protocol::StreamOffer>(&message)) {
+      worker_->post([this, session, offer = *offer] { accept_offer(session, offer); });
+    } else if (const auto* run = std::get_if<protocol::RunRequest>(&message)) {
+      worker_->post([this, session, run = *run] { accept_run(session, run); });
+    } else if (const auto* abort = std::get_if<protocol::Abort>(&message)) {
+      fail_stream(session, abort->request_id, Status(abort->code, "sender aborted: " + abort->message));
+    } else if (std::holds_alternative<protocol::Bye>(message)) {
+      session->connection->close(Status(ErrorCode::kAborted, "sender said bye"));
+    } else {
+      session->connection->send(protocol::ErrorReply{
+          ErrorCode::kInvalidArgument,
+          std::string("unexpected message ") +
+              std::string(protocol::message_type_name(protocol::message_type(message)))});
+    }
+  }
+
+  void on_close(const std::shared_ptr<Session>& session, const Status& why) {
+    std::vector<std::shared_ptr<Stream>> open;
+    {
+      std::lock_guard lock(mutex_);
+      session->closed = true;
+      for (auto& [id, stream] : session->streams) {
+        if (!stream->finished) open.push_back(stream);
+      }
+      sessions_.erase(session->id);
+    }
+    for (auto& stream : open) {
+      fail_stream(session, stream->request_id,
+                  Status(ErrorCode::kPeerLost,
+                         "sender connection ended after " + std::to_string(stream->arrived_count) + "/" +
+                             std::to_string(stream->arrived.size()) + " layers: " + why.message()));
+    }
+    spdlog::info("{}: session {} ({}) ended: {}", options_.name, session->id, session->name, why.to_string());
+    // Regions are freed on the worker, after any verification still holding them.
+    worker_->post([session] {
+      session->streams.clear();
+      session->run_target.reset();
+    });
+  }
+
+  void accept_offer(const std::shared_ptr<Session>& session, const protocol::StreamOffer& offer) {
+    auto refuse = [&](ErrorCode code, const std::string& why) {
+      session->connection->send(protocol::Abort{offer.request_id, code, why});
+      spdlog::warn("{}: refused stream {} from {}: {}", options_.name, offer.request_id, session->name, why);
+    };
+    protocol::KvLayoutDesc desc = offer.layout;
+    desc.num_blocks = offer.num_blocks;
+    auto layout = protocol::KvLayout::create(desc);
+    if (!layout.ok()) return refuse(ErrorCode::kInvalidArgument, "bad layout: " + layout.status().message());
+    uint64_t total = layout->layer_bytes() * desc.num_layers;
+    if (total / desc.num_layers != layout->layer_bytes() || total > options_.max_request_bytes) {
+      return refuse(ErrorCode::kInvalidArgument, "request of " + std::to_string(total) +
+                                                     " bytes exceeds this receiver's limit of " +
+                                                     std::to_string(options_.max_request_bytes) + " bytes");
+    }
+    {
+      std::lock_guard lock(mutex_);
+      if (session->closed) return;
+      if (session->streams.count(offer.request_id) != 0) {
+        return refuse(ErrorCode::kInvalidArgument,
+                      "request id " + std::to_string(offer.request_id) + " already in use");
+      }
+    }
+    auto region = gpudirect::MemoryRegion::allocate_host(ucx_, total);
+    if (!region.ok()) return refuse(ErrorCode::kOutOfMemory, region.status().message());
+
+    auto stream = std::make_shared<Stream>(
+        Stream{offer.request_id, layout.value(), offer, std::move(region.value()), {}, {}, 0, {}, {}, false});
+    poison(stream->region.data(), stream->region.size());
+    stream->dst_blocks.resize(offer.num_blocks);
+    std::iota(stream->dst_blocks.begin(), stream->dst_blocks.end(), 0u);
+    if ((offer.flags & protocol::kStreamShuffle) != 0) {
+      std::mt19937_64 rng(offer.seed ^ 0x5DEECE66Dull);
+      std::shuffle(stream->dst_blocks.begin(), stream->dst_blocks.end(), rng);
+    }
+    stream->arrived.assign(desc.num_layers, false);
+    stream->arrival_ns.assign(desc.num_layers, 0);
+
+    protocol::RegionGrant grant;
+    grant.grant_id = offer.request_id;
+    grant.layout = desc;
+    for (uint32_t l = 0; l < desc.num_layers; ++l) {
+      grant.layer_regions.push_back(
+          stream->region.descriptor(l, l * layout->layer_bytes(), layout->layer_bytes()));
+    }
+    {
+      std::lock_guard lock(mutex_);
+      if (session->closed) return;
+      stream->started = Clock::now();
+      session->streams[offer.request_id] = stream;
+    }
+    session->connection->send(grant);
+    session->connection->send(protocol::RecvPlan{offer.request_id, grant.grant_id, stream->dst_blocks});
+    uint64_t session_id = session->id;
+    transport_.post_after(
+        options_.stream_timeout, [this, alive = alive_, session_id, request = offer.request_id, stream] {
+          if (!*alive) return;
+          std::shared_ptr<Session> s;
+          {
+            std::lock_guard lock(mutex_);
+            if (stream->finished) return;
+            auto it = sessions_.find(session_id);
+            if (it != sessions_.end()) s = it->second;
+          }
+          if (s) {
+            fail_stream(s, request,
+                        Status(ErrorCode::kTimeout,
+                               "stream incomplete after " + std::to_string(options_.stream_timeout.count()) +
+                                   " ms (" + std::to_string(stream->arrived_count) + "/" +
+                                   std::to_string(stream->arrived.size()) + " layers)"));
+          }
+        });
+  }
+
+  void accept_run(const std::shared_ptr<Session>& session, const protocol::RunRequest& run) {
+    protocol::RunResult result;
+    result.run_id = run.run_id;
+    if (run.bytes == 0 || run.bytes > options_.max_request_bytes) {
+      result.code = ErrorCode::kInvalidArgument;
+      result.message = "run size " + std::to_string(run.bytes) + " outside 1.." +
+                       std::to_string(options_.max_request_bytes);
+      session->connection->send(result);
+      return;
+    }
+    if (!session->run_target || session->run_target->size() < run.bytes) {
+      session->run_target.reset();
+      auto region = gpudirect::MemoryRegion::allocate_host(ucx_, run.bytes);
+      if (!region.ok()) {
+        result.code = ErrorCode::kOutOfMemory;
+        result.message = region.status().message();
+        session->connection->send(result);
+        return;
+      }
+      poison(region->data(), region->size());  // touch the pages before the timed run
+      session->run_target.emplace(std::move(region.value()));
+    }
+    result.target = session->run_target->descriptor(run.run_id, 0, run.bytes);
+    session->connection->send(result);
+  }
+
+  void on_notification(std::span<const uint8_t> bytes) {
+    auto n = protocol::decode_notification(bytes);
+    if (!n.ok()) {
+      spdlog::warn("{}: dropped a malformed notification: {}", options_.name, n.status().message());
+      return;
+    }
+    std::shared_ptr<Session> session;
+    std::shared_ptr<Stream> stream;
+    {
+      std::lock_guard lock(mutex_);
+      auto s = sessions_.find(n->session_id);
+      if (s == sessions_.end()) return;  // the session ended; its streams are already failed
+      session = s->second;
+      auto it = session->streams.find(n->request_id);
+      if (it == session->streams.end()) {
+        spdlog::warn("{}: notification for unknown request {} from {}", options_.name, n->request_id,
+                     session->name);
+        return;
+      }
+      stream = it->second;
+      if (stream->finished) return;
+      if (n->kind == protocol::NotificationKind::kLayerReady) {
+        if (n->layer >= stream->arrived.size() || stream->arrived[n->layer]) {
+          stream->finished = true;
+        } else {
+          stream->arrived[n->layer] = true;
+          stream->arrival_ns[n->layer] = static_cast<uint64_t>(
+              std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - stream->started).count());
+          if (++stream->arrived_count < stream->arrived.size()) return;
+          stream->finished = true;
+          worker_->post([this, session, stream] { complete(session, stream); });
+          return;
+        }
+      }
+    }
+    if (n->kind == protocol::NotificationKind::kRequestAbort) {
+      fail_stream(session, n->request_id, Status(n->code, "sender aborted the request"));
+    } else if (n->kind == protocol::NotificationKind::kLayerReady) {
+      finish_failed(session, stream,
+                    Status(ErrorCode::kMalformed, "LayerReady for layer " + std::to_string(n->layer) +
+                                                      " is out of range or repeated"));
+    }
+  }
+
+  // Verifies (when asked) and reports a stream whose layers all arrived. Runs on the worker.
+  void complete(const std::shared_ptr<Session>& session, const std::shared_ptr<Stream>& stream) {
+    StreamReport report = base_report(session, *stream);
+    report.status = Status::Ok();
+    if ((stream->offer.flags & protocol::kStreamVerify) != 0) {
+      report.verified = true;
+      const auto& layout = stream->layout;
+      for (uint32_t l = 0; l < layout.desc().num_layers && report.status.ok(); ++l) {
+        const uint8_t* layer_base = stream->region.data() + l * layout.layer_bytes();
+        for (uint32_t i = 0; i < stream->dst_blocks.size() && report.status.ok(); ++i) {
+          for (uint32_t p = 0; p < layout.parts(); ++p) {
+            auto e = layout.extent(stream->dst_blocks[i], static_cast<protocol::KvPart>(p));
+            auto bad = find_pattern_mismatch(layer_base + e.offset, e.length,
+                                             PatternKey{stream->offer.seed, l, i, p});
+            if (bad) {
+              report.status =
+                  Status(ErrorCode::kVerifyFailed,
+                         "layer " + std::to_string(l) + " block " + std::to_string(i) + " (slot " +
+                             std::to_string(stream->dst_blocks[i]) + ") part " + std::to_string(p) +
+                             ": first wrong byte at offset " + std::to_string(*bad));
+              break;
+            }
+            report.bytes_verified += e.length;
+          }
+        }
+      }
+    }
+    send_result(session, report);
+    drop_stream(session, stream->request_id);
+  }
+
+  void fail_stream(const std::shared_ptr<Session>& session, uint64_t request_id, const Status& why) {
+    std::shared_ptr<Stream> stream;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = session->streams.find(request_id);
+      if (it == session->streams.end() || it->second->finished) return;
+      stream = it->second;
+      stream->finished = true;
+    }
+    finish_failed(session, stream, why);
+  }
+
+  void finish_failed(const std::shared_ptr<Session>& session, const std::shared_ptr<Stream>& stream,
+                     const Status& why) {
+    StreamReport report = base_report(session, *stream);
+    report.status = why;
+    spdlog::warn("{}: stream {} from {} failed: {}", options_.name, stream->request_id, session->name,
+                 why.to_string());
+    worker_->post([this, session, report, id = stream->request_id] {
+      send_result(session, report);
+      drop_stream(session, id);
+    });
+  }
+
+  StreamReport base_report(const std::shared_ptr<Session>& session, const Stream& stream) {
+    StreamReport r;
+    r.peer = session->name;
+    r.request_id = stream.request_id;
+    r.layers = stream.layout.desc().num_layers;
+    r.bytes = stream.layout.layer_bytes() * r.layers;
+    std::lock_guard lock(mutex_);
+    r.layer_arrival_ns = stream.arrival_ns;
+    return r;
+  }
+
+  void send_result(const std::shared_ptr<Session>& session, const StreamReport& report) {
+    protocol::StreamResult result;
+    result.request_id = report.request_id;
+    result.code = report.status.code();
+    result.message = report.status.message();
+    result.bytes_received = report.status.ok() ? report.bytes : 0;
+    result.bytes_verified = report.bytes_verified;
+    result.layer_arrival_ns = report.layer_arrival_ns;
+    session->connection->send(result);
+    if (options_.on_stream_done) options_.on_stream_done(report);
+  }
+
+  void drop_stream(const std::shared_ptr<Session>& session, uint64_t request_id) {
+    std::shared_ptr<Stream> stream;  // freed outside the lock
+    std::lock_guard lock(mutex_);
+    auto it = session->streams.find(request_id);
+    if (it != session->streams.end()) {
+      stream = std::move(it->second);
+      session->streams.erase(it);
+    }
+  }
+
+  std::shared_ptr<gpudirect::UcxContext> ucx_;
+  Transport& transport_;
+  StreamReceiverOptions options_;
+  std::unique_ptr<ControlContext> control_;
+  std::unique_ptr<ControlServer> server_;
+  std::unique_ptr<Worker> worker_;
+  std::mutex mutex_;
+  std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions_;
+  uint64_t next_session_ = 1;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // read and cleared on the transport thread
+};
+
+Result<std::unique_ptr<StreamReceiver>> StreamReceiver::start(std::shared_ptr<gpudirect::UcxContext> ucx,
+                                                              Transport& transport, const std::string& host,
+                                                              uint16_t port, StreamReceiverOptions options) {
+  auto impl = std::make_unique<Impl>(std::move(ucx), transport, std::move(options));
+  if (Status s = impl->start(host, port); !s.ok()) return s;
+  return std::unique_ptr<StreamReceiver>(new StreamReceiver(std::move(impl)));
+}
+
+StreamReceiver::StreamReceiver(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+StreamReceiver::~StreamReceiver() = default;
+uint16_t StreamReceiver::port() const {
+  return impl_->port();
+}
+
+}  // namespace kvf::fabric

@@ -1,0 +1,193 @@
+#include "kvf/fabric/stream_sender.h"
+
+#include <condition_variable>
+#include <mutex>
+
+#include <spdlog/spdlog.h>
+
+#include "kvf/fabric/stream_pattern.h"
+
+namespace kvf::fabric {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string describe(const protocol::Message& m) {
+  return std::string(protocol::message_type_name(protocol::message_type(m)));
+}
+
+}  // namespace
+
+Result<std::unique_ptr<PeerLink>> PeerLink::connect(Transport& transport, const std::string& host,
+                                                    uint16_t port, const std::string& my_name,
+                                                    std::chrono::milliseconds timeout) {
+  auto control = BlockingControlClient::connect(host, port, timeout);
+  if (!control.ok()) return control.status();
+  protocol::Hello hello;
+  hello.peer_name = my_name;
+  hello.transport_address = transport.address();
+  if (Status s = control->send(hello, timeout); !s.ok()) return s;
+  auto reply = control->receive(timeout);
+  if (!reply.ok()) {
+    return Status(reply.status().code(), "no handshake reply from " + host + ":" + std::to_string(port) +
+                                             ": " + reply.status().message());
+  }
+  const auto* ack = std::get_if<protocol::HelloAck>(&reply.value());
+  if (ack == nullptr) {
+    if (const auto* err = std::get_if<protocol::ErrorReply>(&reply.value())) {
+      return Status(err->code, host + ":" + std::to_string(port) + " refused the handshake: " + err->message);
+    }
+    return Status(ErrorCode::kMalformed, "expected HelloAck from " + host + ":" + std::to_string(port) +
+                                             ", got " + describe(reply.value()));
+  }
+  auto peer = transport.connect(ack->transport_address);
+  if (!peer.ok()) return peer.status();
+  return std::unique_ptr<PeerLink>(
+      new PeerLink(transport, std::move(control.value()), peer.value(), ack->session_id, ack->peer_name));
+}
+
+PeerLink::~PeerLink() {
+  (void)control_.send(protocol::Bye{"done"}, std::chrono::milliseconds(1000));
+  control_.close();
+  transport_.disconnect(peer_);
+}
+
+Result<protocol::Message> PeerLink::expect(std::chrono::milliseconds timeout) {
+  auto m = control_.receive(timeout);
+  if (!m.ok()) return Status(m.status().code(), remote_name_ + ": " + m.status().message());
+  if (const auto* err = std::get_if<protocol::ErrorReply>(&m.value())) {
+    return Status(err->code, remote_name_ + " replied with an error: " + err->message);
+  }
+  return m;
+}
+
+void fill_layer_pattern(const gpudirect::MemoryRegion& source, const protocol::KvLayout& layout,
+                        uint32_t layer, uint64_t seed) {
+  uint8_t* base = source.data() + layer * layout.layer_bytes();
+  for (uint32_t b = 0; b < layout.desc().num_blocks; ++b) {
+    for (uint32_t p = 0; p < layout.parts(); ++p) {
+      auto e = layout.extent(b, static_cast<protocol::KvPart>(p));
+      fill_pattern(base + e.offset, e.length, PatternKey{seed, layer, b, p});
+    }
+  }
+}
+
+Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& transport,
+                                                 TransferScheduler& scheduler,
+                                                 const gpudirect::MemoryRegion& source,
+                                                 const protocol::KvLayout& layout,
+                                                 const PatternStreamOptions& options) {
+  (void)transport;
+  const auto& desc = layout.desc();
+  if (source.size() < layout.layer_bytes() * desc.num_layers) {
+    return Status(ErrorCode::kInvalidArgument, "source region smaller than the request");
+  }
+  protocol::StreamOffer offer;
+  offer.request_id = options.request_id;
+  offer.layout = desc;
+  offer.num_blocks = desc.num_blocks;
+  offer.seed = options.seed;
+  offer.flags =
+      (options.verify ? protocol::kStreamVerify : 0u) | (options.shuffle ? protocol::kStreamShuffle : 0u);
+  if (Status s = link.control().send(offer); !s.ok()) return s;
+
+  std::optional<protocol::RegionGrant> grant;
+  std::optional<protocol::RecvPlan> plan;
+  while (!grant || !plan) {
+    auto m = link.expect(options.timeout);
+    if (!m.ok()) return m.status();
+    if (auto* g = std::get_if<protocol::RegionGrant>(&m.value())) {
+      grant = std::move(*g);
+    } else if (auto* r = std::get_if<protocol::RecvPlan>(&m.value())) {
+      plan = std::move(*r);
+    } else if (auto* a = std::get_if<protocol::Abort>(&m.value())) {
+      return Status(a->code, link.remote_name() + " refused the stream: " + a->message);
+    } else {
+      return Status(ErrorCode::kMalformed,
+                    "unexpected " + describe(m.value()) + " while waiting for the grant");
+    }
+  }
+  auto dst_layout = protocol::KvLayout::create(grant->layout);
+  if (!dst_layout.ok())
+    return Status(ErrorCode::kMalformed, "receiver granted a bad layout: " + dst_layout.status().message());
+  if (grant->layer_regions.size() != desc.num_layers) {
+    return Status(ErrorCode::kMalformed, "receiver granted " + std::to_string(grant->layer_regions.size()) +
+                                             " layer regions for " + std::to_string(desc.num_layers) +
+                                             " layers");
+  }
+  std::vector<RemoteRegionId> dst_regions;
+  for (const auto& region : grant->layer_regions) {
+    if (region.length < dst_layout->layer_bytes()) {
+      return Status(ErrorCode::kMalformed,
+                    "granted region " + std::to_string(region.region_id) + " is smaller than a layer");
+    }
+    auto id = transport.import_region(link.peer(), region);
+    if (!id.ok()) return id.status();
+    dst_regions.push_back(id.value());
+  }
+  std::vector<uint32_t> src_blocks(desc.num_blocks);
+  for (uint32_t i = 0; i < desc.num_blocks; ++i) src_blocks[i] = i;
+
+  std::mutex mutex;
+  std::condition_variable cv;
+  uint32_t finished = 0;
+  Status first_error;
+  PatternStreamOutcome outcome;
+  outcome.layer_done_s.assign(desc.num_layers, 0);
+  const auto start = Clock::now();
+  for (uint32_t l = 0; l < desc.num_layers; ++l) {
+    if (options.before_layer) options.before_layer(l);
+    auto layer_plan =
+        build_layer_plan(options.request_id, l, layout, dst_layout.value(), src_blocks, plan->dst_blocks);
+    if (!layer_plan.ok()) {
+      scheduler.abort_request(link.peer(), link.session_id(), options.request_id, layer_plan.status());
+      return layer_plan.status();
+    }
+    LayerSend send{std::move(layer_plan.value()),
+                   link.peer(),
+                   link.session_id(),
+                   source.data() + l * layout.layer_bytes(),
+                   &source,
+                   dst_regions[l]};
+    scheduler.submit(std::move(send), [&](uint64_t, uint32_t layer, const Status& st) {
+      std::lock_guard lock(mutex);
+      outcome.layer_done_s[layer] = std::chrono::duration<double>(Clock::now() - start).count();
+      if (!st.ok() && first_error.ok()) first_error = st;
+      ++finished;
+      cv.notify_all();
+    });
+  }
+  {
+    std::unique_lock lock(mutex);
+    if (!cv.wait_for(lock, options.timeout, [&] { return finished == desc.num_layers; })) {
+      // The scheduler's own layer timeout fires first in practice; this guards the wait itself.
+      lock.unlock();
+      scheduler.abort_request(link.peer(), link.session_id(), options.request_id,
+                              Status(ErrorCode::kTimeout, "stream timed out"));
+      lock.lock();
+      cv.wait(lock, [&] { return finished == desc.num_layers; });
+      return Status(ErrorCode::kTimeout,
+                    "stream of request " + std::to_string(options.request_id) + " timed out");
+    }
+    outcome.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    if (!first_error.ok()) return first_error;
+  }
+  for (;;) {
+    auto m = link.expect(options.timeout);
+    if (!m.ok()) return m.status();
+    if (auto* r = std::get_if<protocol::StreamResult>(&m.value())) {
+      if (r->request_id != options.request_id) continue;
+      outcome.result = std::move(*r);
+      break;
+    }
+    if (auto* a = std::get_if<protocol::Abort>(&m.value())) {
+      return Status(a->code, link.remote_name() + " aborted the stream: " + a->message);
+    }
+  }
+  if (outcome.result.code != ErrorCode::kOk) {
+    return Status(outcome.result.code, link.remote_name() + " reports: " + outcome.result.message);
+  }
+  return outcome;
+}
+
+}  // namespace kvf::fabric

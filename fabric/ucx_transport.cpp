@@ -1,0 +1,531 @@
+#include "kvf/fabric/ucx_transport.h"
+
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <deque>
+#include <future>
+#include <thread>
+#include <unordered_map>
+
+#include <spdlog/spdlog.h>
+
+#include "task_queue.h"
+
+namespace kvf::fabric {
+namespace {
+
+constexpr unsigned kNotificationAmId = 0x4b56;  // 'KV'
+
+Status ucx_error(const char* what, ucs_status_t status) {
+  ErrorCode code = ErrorCode::kTransportError;
+  switch (status) {
+    case UCS_ERR_CONNECTION_RESET:
+    case UCS_ERR_ENDPOINT_TIMEOUT:
+    case UCS_ERR_UNREACHABLE:
+    case UCS_ERR_REJECTED:
+    case UCS_ERR_NOT_CONNECTED:
+      code = ErrorCode::kPeerLost;
+      break;
+    case UCS_ERR_CANCELED:
+      code = ErrorCode::kAborted;
+      break;
+    case UCS_ERR_TIMED_OUT:
+      code = ErrorCode::kTimeout;
+      break;
+    default:
+      break;
+  }
+  return Status(code, std::string(what) + ": " + gpudirect::ucx_status_string(status));
+}
+
+// Counts the ops of one put() call; completes the caller once all are done.
+struct PutBatch {
+  size_t remaining = 0;
+  Status status;
+  Completion done;
+  void complete_one(const Status& s) {
+    if (!s.ok() && status.ok()) status = s;
+    if (--remaining == 0) {
+      Completion cb = std::move(done);
+      Status final_status = status;
+      delete this;
+      if (cb) cb(final_status);
+    }
+  }
+};
+
+struct RemoteRegion {
+  ucp_rkey_h rkey = nullptr;
+  uint64_t base = 0;
+  uint64_t length = 0;
+};
+
+struct QueuedOp {
+  enum class Kind : uint8_t { kPut, kFlush } kind = Kind::kPut;
+  PutOp op;
+  PutBatch* batch = nullptr;
+  Completion flush_done;
+};
+
+}  // namespace
+
+class UcxTransport::Impl {
+ public:
+  struct Peer {
+    Impl* owner = nullptr;
+    PeerId id = 0;
+    ucp_ep_h ep = nullptr;
+    bool closed = false;
+    Status failure;
+    std::deque<QueuedOp> queue;
+    size_t outstanding_puts = 0;
+    std::vector<RemoteRegion> regions;
+  };
+
+  // A UCX request's callback context: what to do when it completes.
+  struct RequestContext {
+    Peer* peer = nullptr;
+    enum class Kind : uint8_t { kPut, kFlush, kNotify } kind = Kind::kPut;
+    PutBatch* batch = nullptr;
+    Completion done;
+    std::vector<uint8_t> payload;  // notify: the bytes UCX reads until completion
+  };
+
+  Impl(std::shared_ptr<gpudirect::UcxContext> context, UcxTransportOptions options)
+      : context_(std::move(context)), options_(options) {}
+
+  Status init() {
+    ucp_worker_params_t wp{};
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = UCS_THREAD_MODE_SINGLE;  // only the progress thread touches the worker
+    ucs_status_t st = ucp_worker_create(context_->handle(), &wp, &worker_);
+    if (st != UCS_OK) return ucx_error("ucp_worker_create", st);
+
+    ucp_address_t* addr = nullptr;
+    size_t addr_len = 0;
+    st = ucp_worker_get_address(worker_, &addr, &addr_len);
+    if (st != UCS_OK) return ucx_error("ucp_worker_get_address", st);
+    auto* b = reinterpret_cast<uint8_t*>(addr);
+    address_.assign(b, b + addr_len);
+    ucp_worker_release_address(worker_, addr);
+
+    ucp_am_handler_param_t am{};
+    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    am.id = kNotificationAmId;
+    am.cb = &Impl::on_active_message;
+    am.arg = this;
+    am.flags = UCP_AM_FLAG_WHOLE_MSG;
+    st = ucp_worker_set_am_recv_handler(worker_, &am);
+    if (st != UCS_OK) return ucx_error("ucp_worker_set_am_recv_handler", st);
+
+    int worker_fd = -1;
+    st = ucp_worker_get_efd(worker_, &worker_fd);
+    if (st != UCS_OK) return ucx_error("ucp_worker_get_efd", st);
+    epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+    if (epoll_fd_ < 0) return Status(ErrorCode::kInternal, "epoll_create1 failed");
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = worker_fd;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, worker_fd, &ev);
+    ev.data.fd = tasks_.wake_fd();
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, tasks_.wake_fd(), &ev);
+
+    thread_ = std::thread([this] { run(); });
+    return Status::Ok();
+  }
+
+  ~Impl() {
+    if (thread_.joinable()) {
+      // Close endpoints on the progress thread, then stop it.
+      std::promise<void> closed;
+      tasks_.post([this, &closed] {
+        for (auto& [id, peer] : peers_)
+          close_peer(*peer, Status(ErrorCode::kAborted, "transport shutting down"));
+        closed.set_value();
+      });
+      closed.get_future().wait();
+      stop_.store(true);
+      tasks_.post([] {});
+      thread_.join();
+    }
+    // Close requests may still be completing; drive them briefly.
+    for (int i = 0; i < 1000 && pending_closes_ > 0 && worker_ != nullptr; ++i) ucp_worker_progress(worker_);
+    if (worker_ != nullptr) ucp_worker_destroy(worker_);
+    if (epoll_fd_ >= 0) close(epoll_fd_);
+  }
+
+  // Runs `fn` on the progress thread and waits for its result (setup calls only).
+  template <typename T>
+  T call(std::function<T()> fn) {
+    std::promise<T> promise;
+    auto future = promise.get_future();
+    tasks_.post([&] { promise.set_value(fn()); });
+    return future.get();
+  }
+
+  Result<PeerId> connect(std::span<const uint8_t> address) {
+    std::vector<uint8_t> addr(address.begin(), address.end());
+    return call<Result<PeerId>>([this, addr]() -> Result<PeerId> {
+      auto peer = std::make_unique<Peer>();
+      peer->owner = this;
+      peer->id = next_peer_id_++;
+      ucp_ep_params_t ep{};
+      ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+      ep.address = reinterpret_cast<const ucp_address_t*>(addr.data());
+      if (options_.detect_peer_failure) {
+        ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+        ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+        ep.err_handler.cb = &Impl::on_endpoint_error;
+        ep.err_handler.arg = peer.get();
+      }
+      ucs_status_t st = ucp_ep_create(worker_, &ep, &peer->ep);
+      if (st != UCS_OK) return ucx_error("ucp_ep_create", st);
+      PeerId id = peer->id;
+      peers_.emplace(id, std::move(peer));
+      return id;
+    });
+  }
+
+  Result<RemoteRegionId> import_region(PeerId peer_id, const protocol::RegionDescriptor& region) {
+    return call<Result<RemoteRegionId>>([&]() -> Result<RemoteRegionId> {
+      Peer* peer = find_peer(peer_id);
+      if (peer == nullptr)
+        return Status(ErrorCode::kNotFound, "import_region: unknown peer " + std::to_string(peer_id));
+      if (peer->closed) return peer->failure;
+      if (region.ucx_rkey.empty())
+        return Status(ErrorCode::kInvalidArgument, "import_region: descriptor has no UCX rkey");
+      ucp_rkey_h rkey = nullptr;
+      ucs_status_t st = ucp_ep_rkey_unpack(peer->ep, region.ucx_rkey.data(), &rkey);
+      if (st != UCS_OK) return ucx_error("ucp_ep_rkey_unpack", st);
+      peer->regions.push_back(RemoteRegion{rkey, region.base_address, region.length});
+      return static_cast<RemoteRegionId>(peer->regions.size() - 1);
+    });
+  }
+
+  void disconnect(PeerId peer_id) {
+    tasks_.post([this, peer_id] {
+      if (Peer* peer = find_peer(peer_id))
+        close_peer(*peer, Status(ErrorCode::kAborted, "disconnected locally"));
+    });
+  }
+
+  void put(PeerId peer_id, std::vector<PutOp> ops, Completion done) {
+    tasks_.post([this, peer_id, ops = std::move(ops), done = std::move(done)]() mutable {
+      Peer* peer = find_peer(peer_id);
+      if (peer == nullptr)
+        return done(Status(ErrorCode::kNotFound, "put: unknown peer " + std::to_string(peer_id)));
+      if (peer->closed) return done(peer->failure);
+      if (ops.empty()) return done(Status::Ok());
+      for (const PutOp& op : ops) {
+        if (op.remote >= peer->regions.size()) {
+          return done(
+              Status(ErrorCode::kInvalidArgument, "put: unknown remote region " + std::to_string(op.remote)));
+        }
+        const RemoteRegion& r = peer->regions[op.remote];
+        if (op.length > r.length || op.remote_offset > r.length - op.length) {
+          return done(Status(ErrorCode::kInvalidArgument,
+                             "put: " + std::to_string(op.length) + " bytes at offset " +
+                                 std::to_string(op.remote_offset) + " overrun the granted region of " +
+                                 std::to_string(r.length) + " bytes"));
+        }
+      }
+      auto* batch = new PutBatch{ops.size(), Status::Ok(), std::move(done)};
+      for (const PutOp& op : ops) peer->queue.push_back(QueuedOp{QueuedOp::Kind::kPut, op, batch, nullptr});
+      pump(*peer);
+    });
+  }
+
+  void flush(PeerId peer_id, Completion done) {
+    tasks_.post([this, peer_id, done = std::move(done)]() mutable {
+      Peer* peer = find_peer(peer_id);
+      if (peer == nullptr)
+        return done(Status(ErrorCode::kNotFound, "flush: unknown peer " + std::to_string(peer_id)));
+      if (peer->closed) return done(peer->failure);
+      peer->queue.push_back(QueuedOp{QueuedOp::Kind::kFlush, {}, nullptr, std::move(done)});
+      pump(*peer);
+    });
+  }
+
+  void notify(PeerId peer_id, std::span<const uint8_t> bytes, Completion done) {
+    std::vector<uint8_t> copy(bytes.begin(), bytes.end());
+    tasks_.post([this, peer_id, copy = std::move(copy), done = std::move(done)]() mutable {
+      Peer* peer = find_peer(peer_id);
+      if (peer == nullptr) {
+        if (done) done(Status(ErrorCode::kNotFound, "notify: unknown peer " + std::to_string(peer_id)));
+        return;
+      }
+      if (peer->closed) {
+        if (done) done(peer->failure);
+        return;
+      }
+      auto* ctx =
+          new RequestContext{peer, RequestContext::Kind::kNotify, nullptr, std::move(done), std::move(copy)};
+      ucp_request_param_t param{};
+      param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+      param.flags = UCP_AM_SEND_FLAG_EAGER;
+      param.cb.send = &Impl::on_request_done;
+      param.user_data = ctx;
+      ucs_status_ptr_t req = ucp_am_send_nbx(peer->ep, kNotificationAmId, nullptr, 0, ctx->payload.data(),
+                                             ctx->payload.size(), &param);
+      finish_post(req, ctx, "ucp_am_send_nbx");
+    });
+  }
+
+  void set_notification_handler(NotificationHandler handler) {
+    tasks_.post(
+        [this, handler = std::move(handler)]() mutable { notification_handler_ = std::move(handler); });
+  }
+  void set_peer_failure_handler(PeerFailureHandler handler) {
+    tasks_.post([this, handler = std::move(handler)]() mutable { failure_handler_ = std::move(handler); });
+  }
+
+  void post(std::function<void()> fn) { tasks_.post(std::move(fn)); }
+  void post_after(std::chrono::nanoseconds delay, std::function<void()> fn) {
+    tasks_.post_after(delay, std::move(fn));
+  }
+
+  const std::vector<uint8_t>& address() const { return address_; }
+
+ private:
+  Peer* find_peer(PeerId id) {
+    auto it = peers_.find(id);
+    return it == peers_.end() ? nullptr : it->second.get();
+  }
+
+  // Posts queued ops in order while the window allows. A flush is posted as soon as everything
+  // before it has been posted: UCX then completes it after those ops are remotely complete.
+  void pump(Peer& peer) {
+    while (!peer.queue.empty() && !peer.closed) {
+      QueuedOp& front = peer.queue.front();
+      if (front.kind == QueuedOp::Kind::kPut) {
+        if (peer.outstanding_puts >= options_.max_outstanding_puts) return;
+        QueuedOp item = std::move(front);
+        peer.queue.pop_front();
+        post_put(peer, item);
+      } else {
+        QueuedOp item = std::move(front);
+        peer.queue.pop_front();
+        auto* ctx =
+            new RequestContext{&peer, RequestContext::Kind::kFlush, nullptr, std::move(item.flush_done), {}};
+        ucp_request_param_t param{};
+        param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+        param.cb.send = &Impl::on_request_done;
+        param.user_data = ctx;
+        ++in_flight_;
+        finish_post(ucp_ep_flush_nbx(peer.ep, &param), ctx, "ucp_ep_flush_nbx");
+      }
+    }
+  }
+
+  void post_put(Peer& peer, const QueuedOp& item) {
+    const PutOp& op = item.op;
+    const RemoteRegion& r = peer.regions[op.remote];
+    auto* ctx = new RequestContext{&peer, RequestContext::Kind::kPut, item.batch, nullptr, {}};
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    param.cb.send = &Impl::on_request_done;
+    param.user_data = ctx;
+    if (op.local_region != nullptr && op.local_region->registered()) {
+      param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
+      param.memh = op.local_region->ucx_memh();
+    }
+    ++peer.outstanding_puts;
+    ++in_flight_;
+    ucs_status_ptr_t req =
+        ucp_put_nbx(peer.ep, op.local, op.length, r.base + op.remote_offset, r.rkey, &param);
+    finish_post(req, ctx, "ucp_put_nbx");
+  }
+
+  // Handles the three outcomes of a UCX post: done at once, failed at once, or in progress.
+  void finish_post(ucs_status_ptr_t req, RequestContext* ctx, const char* what) {
+    if (req == nullptr) {
+      complete(ctx, Status::Ok());
+    } else if (UCS_PTR_IS_ERR(req)) {
+      complete(ctx, ucx_error(what, UCS_PTR_STATUS(req)));
+    }
+    // else: in progress; the callback completes it and frees the request (freeing it here would
+    // silence the callback).
+  }
+
+  static void on_request_done(void* request, ucs_status_t status, void* user_data) {
+    auto* ctx = static_cast<RequestContext*>(user_data);
+    ucp_request_free(request);
+    ctx->peer->owner->complete(ctx, status == UCS_OK ? Status::Ok() : ucx_error("request", status));
+  }
+
+  void complete(RequestContext* ctx, const Status& status) {
+    std::unique_ptr<RequestContext> owned(ctx);
+    Peer& peer = *ctx->peer;
+    switch (ctx->kind) {
+      case RequestContext::Kind::kPut:
+        --peer.outstanding_puts;
+        --in_flight_;
+        ctx->batch->complete_one(status);
+        pump(peer);
+        break;
+      case RequestContext::Kind::kFlush:
+        --in_flight_;
+        if (ctx->done) ctx->done(status);
+        break;
+      case RequestContext::Kind::kNotify:
+        if (ctx->done) ctx->done(status);
+        break;
+    }
+  }
+
+  static ucs_status_t on_active_message(void* arg, const void* /*header*/, size_t /*header_length*/,
+                                        void* data, size_t length, const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<Impl*>(arg);
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
+      spdlog::warn("ucx: dropping a {}-byte notification that arrived as rendezvous", length);
+      return UCS_OK;
+    }
+    if (self->notification_handler_) {
+      self->notification_handler_(std::span<const uint8_t>(static_cast<const uint8_t*>(data), length));
+    }
+    return UCS_OK;
+  }
+
+  static void on_endpoint_error(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) {
+    auto* peer = static_cast<Peer*>(arg);
+    Impl* self = peer->owner;
+    Status failure = ucx_error("peer connection failed", status);
+    failure = Status(ErrorCode::kPeerLost, failure.message());
+    spdlog::warn("ucx: peer {} lost: {}", peer->id, failure.message());
+    self->close_peer(*peer, failure);
+    if (self->failure_handler_) self->failure_handler_(peer->id, failure);
+  }
+
+  // Fails what is queued, releases rkeys and closes the endpoint. Outstanding UCX requests
+  // complete through their callbacks (with errors when the peer is gone).
+  void close_peer(Peer& peer, const Status& reason) {
+    if (peer.closed) return;
+    peer.closed = true;
+    peer.failure = reason;
+    std::deque<QueuedOp> queued;
+    queued.swap(peer.queue);
+    for (QueuedOp& item : queued) {
+      if (item.kind == QueuedOp::Kind::kPut) {
+        item.batch->complete_one(reason);
+      } else if (item.flush_done) {
+        item.flush_done(reason);
+      }
+    }
+    for (RemoteRegion& r : peer.regions) ucp_rkey_destroy(r.rkey);
+    peer.regions.clear();
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;  // never wait on a peer that may be gone
+    ucs_status_ptr_t req = ucp_ep_close_nbx(peer.ep, &param);
+    if (req != nullptr && !UCS_PTR_IS_ERR(req)) {
+      ++pending_closes_;
+      closing_requests_.push_back(req);
+    }
+  }
+
+  void reap_closes() {
+    for (auto it = closing_requests_.begin(); it != closing_requests_.end();) {
+      if (ucp_request_check_status(*it) != UCS_INPROGRESS) {
+        ucp_request_free(*it);
+        --pending_closes_;
+        it = closing_requests_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  void run() {
+    auto last_activity = std::chrono::steady_clock::now();
+    epoll_event events[4];
+    while (!stop_.load(std::memory_order_relaxed)) {
+      bool did = tasks_.run_pending();
+      unsigned progressed = ucp_worker_progress(worker_);
+      if (!closing_requests_.empty()) reap_closes();
+      auto now = std::chrono::steady_clock::now();
+      if (did || progressed != 0) {
+        last_activity = now;
+        continue;
+      }
+      if (in_flight_ > 0 || now - last_activity < options_.spin_before_sleep) continue;
+      ucs_status_t st = ucp_worker_arm(worker_);
+      if (st == UCS_ERR_BUSY) continue;
+      if (!tasks_.begin_sleep()) continue;
+      // UCX does not signal its event fd for every kind of traffic (one-sided puts over tcp land
+      // only when the target progresses, without a wakeup), so sleeps are bounded.
+      int timeout = tasks_.sleep_timeout_ms();
+      int cap = static_cast<int>(options_.max_sleep.count());
+      if (timeout < 0 || timeout > cap) timeout = cap;
+      epoll_wait(epoll_fd_, events, 4, timeout);
+      tasks_.end_sleep();
+      last_activity = std::chrono::steady_clock::now();
+    }
+  }
+
+  std::shared_ptr<gpudirect::UcxContext> context_;
+  UcxTransportOptions options_;
+  ucp_worker_h worker_ = nullptr;
+  int epoll_fd_ = -1;
+  std::vector<uint8_t> address_;
+  TaskQueue tasks_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  // Progress-thread state.
+  std::unordered_map<PeerId, std::unique_ptr<Peer>> peers_;
+  PeerId next_peer_id_ = 1;
+  size_t in_flight_ = 0;
+  size_t pending_closes_ = 0;
+  std::vector<void*> closing_requests_;
+  NotificationHandler notification_handler_;
+  PeerFailureHandler failure_handler_;
+};
+
+Result<std::unique_ptr<UcxTransport>> UcxTransport::create(std::shared_ptr<gpudirect::UcxContext> context,
+                                                           UcxTransportOptions options) {
+  if (!context) return Status(ErrorCode::kInvalidArgument, "UcxTransport needs a UCX context");
+  auto impl = std::make_unique<Impl>(std::move(context), options);
+  if (Status s = impl->init(); !s.ok()) return s;
+  return std::unique_ptr<UcxTransport>(new UcxTransport(std::move(impl)));
+}
+
+UcxTransport::UcxTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+UcxTransport::~UcxTransport() = default;
+
+std::vector<uint8_t> UcxTransport::address() const {
+  return impl_->address();
+}
+Result<PeerId> UcxTransport::connect(std::span<const uint8_t> address) {
+  return impl_->connect(address);
+}
+Result<RemoteRegionId> UcxTransport::import_region(PeerId peer, const protocol::RegionDescriptor& region) {
+  return impl_->import_region(peer, region);
+}
+void UcxTransport::disconnect(PeerId peer) {
+  impl_->disconnect(peer);
+}
+void UcxTransport::put(PeerId peer, std::vector<PutOp> ops, Completion done) {
+  impl_->put(peer, std::move(ops), std::move(done));
+}
+void UcxTransport::flush(PeerId peer, Completion done) {
+  impl_->flush(peer, std::move(done));
+}
+void UcxTransport::notify(PeerId peer, std::span<const uint8_t> bytes, Completion done) {
+  impl_->notify(peer, bytes, std::move(done));
+}
+void UcxTransport::set_notification_handler(NotificationHandler handler) {
+  impl_->set_notification_handler(std::move(handler));
+}
+void UcxTransport::set_peer_failure_handler(PeerFailureHandler handler) {
+  impl_->set_peer_failure_handler(std::move(handler));
+}
+void UcxTransport::post(std::function<void()> fn) {
+  impl_->post(std::move(fn));
+}
+void UcxTransport::post_after(std::chrono::nanoseconds delay, std::function<void()> fn) {
+  impl_->post_after(delay, std::move(fn));
+}
+
+}  // namespace kvf::fabric

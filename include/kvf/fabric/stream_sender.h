@@ -1,0 +1,79 @@
+// The sending end of KV layer streams: PeerLink is one sender's connection to a receiver (the
+// control channel plus a transport connection, after the Hello/HelloAck handshake), and
+// send_pattern_stream streams a request of pattern data layer by layer through a
+// TransferScheduler, for kvfabric-perf and the PD demo.
+// Thread rules: a PeerLink is used by one thread at a time.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvf/fabric/control_channel.h"
+#include "kvf/fabric/transfer_scheduler.h"
+#include "kvf/fabric/transport.h"
+#include "kvf/protocol/kv_layout.h"
+
+namespace kvf::fabric {
+
+class PeerLink {
+ public:
+  static Result<std::unique_ptr<PeerLink>> connect(Transport& transport, const std::string& host,
+                                                   uint16_t port, const std::string& my_name,
+                                                   std::chrono::milliseconds timeout);
+  ~PeerLink();
+
+  BlockingControlClient& control() { return control_; }
+  PeerId peer() const { return peer_; }
+  uint64_t session_id() const { return session_id_; }
+  const std::string& remote_name() const { return remote_name_; }
+  // Waits for the next message, skipping none; ErrorReply/Abort become errors naming the peer.
+  Result<protocol::Message> expect(std::chrono::milliseconds timeout);
+
+ private:
+  PeerLink(Transport& transport, BlockingControlClient control, PeerId peer, uint64_t session,
+           std::string name)
+      : transport_(transport),
+        control_(std::move(control)),
+        peer_(peer),
+        session_id_(session),
+        remote_name_(std::move(name)) {}
+  Transport& transport_;
+  BlockingControlClient control_;
+  PeerId peer_;
+  uint64_t session_id_;
+  std::string remote_name_;
+};
+
+struct PatternStreamOptions {
+  uint64_t request_id = 1;
+  uint64_t seed = 1;
+  bool verify = true;
+  bool shuffle = true;
+  // Runs on the caller's thread before layer l is handed to the scheduler (the "compute" of the
+  // layer: the demo fills the layer's pattern here, so streaming overlaps it).
+  std::function<void(uint32_t layer)> before_layer;
+  std::chrono::milliseconds timeout{120'000};
+};
+
+struct PatternStreamOutcome {
+  double seconds = 0;                // first layer handed over -> last layer remotely complete
+  std::vector<double> layer_done_s;  // per layer, since the first hand-over
+  protocol::StreamResult result;     // the receiver's verdict
+};
+
+// Streams `layout.num_layers` layers of `layout.num_blocks` blocks each from `source` (layers
+// back to back, layer l at l * layer_bytes) to the receiver behind `link`.
+Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& transport,
+                                                 TransferScheduler& scheduler,
+                                                 const gpudirect::MemoryRegion& source,
+                                                 const protocol::KvLayout& layout,
+                                                 const PatternStreamOptions& options);
+
+// Fills layer `layer` of `source` with the pattern the receiver will check.
+void fill_layer_pattern(const gpudirect::MemoryRegion& source, const protocol::KvLayout& layout,
+                        uint32_t layer, uint64_t seed);
+
+}  // namespace kvf::fabric

@@ -1,0 +1,55 @@
+// UcxTransport: the Transport over one UCX worker (tcp, shared memory and cma here; rc/dc verbs
+// and GPUDirect RDMA where the hardware exists: the same code, UCX picks the lanes). One progress
+// thread owns the worker: it busy-polls while operations are in flight and sleeps in epoll on the
+// worker's event fd when idle. Thread rules: as Transport (any thread calls; completions on the
+// progress thread).
+#pragma once
+
+#include <chrono>
+#include <memory>
+
+#include "kvf/fabric/transport.h"
+#include "kvf/gpudirect/ucx_context.h"
+
+namespace kvf::fabric {
+
+struct UcxTransportOptions {
+  // Put requests in flight per peer; more wait in order in a per-peer queue.
+  size_t max_outstanding_puts = 64;
+  // After the last activity, keep polling this long before sleeping (a receiver of tcp puts must
+  // progress its worker for the bytes to land, so it should not sleep mid-stream).
+  std::chrono::microseconds spin_before_sleep{2000};
+  // Longest sleep when idle: a target of one-sided tcp puts gets no wakeup for them, so it must
+  // look on its own. Bounds the extra latency of the first put after an idle period.
+  std::chrono::milliseconds max_sleep{1};
+  // Ask UCX to detect dead peers (UCP_ERR_HANDLING_MODE_PEER): failed ops complete with kPeerLost.
+  bool detect_peer_failure = true;
+};
+
+class UcxTransport final : public Transport {
+ public:
+  static Result<std::unique_ptr<UcxTransport>> create(std::shared_ptr<gpudirect::UcxContext> context,
+                                                      UcxTransportOptions options = {});
+  ~UcxTransport() override;
+
+  std::string_view name() const override { return "ucx"; }
+  std::vector<uint8_t> address() const override;
+  Result<PeerId> connect(std::span<const uint8_t> address) override;
+  Result<RemoteRegionId> import_region(PeerId peer, const protocol::RegionDescriptor& region) override;
+  void disconnect(PeerId peer) override;
+  void put(PeerId peer, std::vector<PutOp> ops, Completion done) override;
+  void flush(PeerId peer, Completion done) override;
+  void notify(PeerId peer, std::span<const uint8_t> bytes, Completion done) override;
+  void set_notification_handler(NotificationHandler handler) override;
+  void set_peer_failure_handler(PeerFailureHandler handler) override;
+  void post(std::function<void()> fn) override;
+  void post_after(std::chrono::nanoseconds delay, std::function<void()> fn) override;
+
+  class Impl;
+
+ private:
+  explicit UcxTransport(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvf::fabric

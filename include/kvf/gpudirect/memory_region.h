@@ -1,0 +1,68 @@
+// MemoryRegion: a range of memory that transports can move bytes to and from, with its
+// registration (UCX memory handle and packed rkey) tied to its lifetime. It either owns the
+// memory (host allocation, POSIX shared memory) or registers memory someone else owns (an engine's
+// KV buffers). Move-only RAII. The bytes may be used from any thread; the object itself is not
+// synchronized: create and destroy it from one owner.
+#pragma once
+
+#include <ucp/api/ucp.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvf/gpudirect/ucx_context.h"
+#include "kvf/protocol/messages.h"
+#include "kvf/protocol/status.h"
+
+namespace kvf::gpudirect {
+
+class MemoryRegion {
+ public:
+  // Page-aligned anonymous host memory. `ucx` may be null: then the region is not registered
+  // (enough for the in-process transport).
+  static Result<MemoryRegion> allocate_host(std::shared_ptr<UcxContext> ucx, uint64_t bytes);
+  // POSIX shared memory: creates `name` (must not exist; "/kvf-..."), unlinked when the creator
+  // is destroyed. Other processes map it with open_shared.
+  static Result<MemoryRegion> create_shared(std::shared_ptr<UcxContext> ucx, const std::string& name,
+                                            uint64_t bytes);
+  static Result<MemoryRegion> open_shared(std::shared_ptr<UcxContext> ucx, const std::string& name);
+  // Registers memory owned by the caller, which must outlive the region.
+  static Result<MemoryRegion> register_external(std::shared_ptr<UcxContext> ucx, void* address,
+                                                uint64_t bytes, protocol::MemoryKind kind);
+
+  MemoryRegion(MemoryRegion&& other) noexcept;
+  MemoryRegion& operator=(MemoryRegion&& other) noexcept;
+  MemoryRegion(const MemoryRegion&) = delete;
+  MemoryRegion& operator=(const MemoryRegion&) = delete;
+  ~MemoryRegion();
+
+  uint8_t* data() const { return static_cast<uint8_t*>(address_); }
+  uint64_t size() const { return bytes_; }
+  protocol::MemoryKind kind() const { return kind_; }
+  ucp_mem_h ucx_memh() const { return memh_; }
+  bool registered() const { return memh_ != nullptr; }
+  bool contains(const void* p, uint64_t length) const;
+
+  // What a peer needs to write into [data()+offset, +length): address, length and packed rkey.
+  protocol::RegionDescriptor descriptor(uint64_t region_id) const;
+  protocol::RegionDescriptor descriptor(uint64_t region_id, uint64_t offset, uint64_t length) const;
+
+ private:
+  enum class Ownership : uint8_t { kNone, kMmap, kSharedCreator, kSharedOpener };
+  MemoryRegion() = default;
+  Status register_with_ucx();
+  void release();
+
+  std::shared_ptr<UcxContext> ucx_;
+  void* address_ = nullptr;
+  uint64_t bytes_ = 0;
+  protocol::MemoryKind kind_ = protocol::MemoryKind::kHost;
+  Ownership ownership_ = Ownership::kNone;
+  std::string shm_name_;
+  ucp_mem_h memh_ = nullptr;
+  std::vector<uint8_t> packed_rkey_;
+};
+
+}  // namespace kvf::gpudirect
