@@ -236,7 +236,9 @@ int run_client(const cxxopts::ParseResult& args) {
     auto source = gpudirect::MemoryRegion::allocate_host(setup->ucx, total);
     if (!source.ok()) return fail(source.status().to_string());
     uint64_t iters = iters_arg != 0 ? iters_arg : 3;
-    TransferScheduler scheduler(*setup->transport);
+    TransferSchedulerOptions scheduler_options;
+    scheduler_options.layer_timeout = std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>());
+    TransferScheduler scheduler(*setup->transport, scheduler_options);
     std::printf("layers: %u layers x %u blocks x 2 x %llu bytes = %.1f MiB per request, %s, %s\n",
                 desc.num_layers, desc.num_blocks, static_cast<unsigned long long>(*block_bytes),
                 static_cast<double>(total) / (1 << 20), args["shuffle"].as<bool>() ? "shuffled" : "in order",
@@ -251,6 +253,7 @@ int run_client(const cxxopts::ParseResult& args) {
       options.seed = seed;
       options.verify = args["verify"].as<bool>();
       options.shuffle = args["shuffle"].as<bool>();
+      options.timeout = std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 2);
       auto outcome = send_pattern_stream(*link.value(), *setup->transport, scheduler, source.value(),
                                          layout.value(), options);
       if (!outcome.ok()) return fail("stream " + std::to_string(it) + ": " + outcome.status().to_string());
