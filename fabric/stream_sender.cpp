@@ -134,9 +134,11 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
   Status first_error;
   PatternStreamOutcome outcome;
   outcome.layer_done_s.assign(desc.num_layers, 0);
+  outcome.layer_ready_s.assign(desc.num_layers, 0);
   const auto start = Clock::now();
   for (uint32_t l = 0; l < desc.num_layers; ++l) {
     if (options.before_layer) options.before_layer(l);
+    outcome.layer_ready_s[l] = std::chrono::duration<double>(Clock::now() - start).count();
     auto layer_plan =
         build_layer_plan(options.request_id, l, layout, dst_layout.value(), src_blocks, plan->dst_blocks);
     if (!layer_plan.ok()) {

@@ -58,10 +58,12 @@ struct PatternStreamOptions {
   std::chrono::milliseconds timeout{120'000};
 };
 
+// All times are in seconds since just before before_layer(0).
 struct PatternStreamOutcome {
-  double seconds = 0;                // first layer handed over -> last layer remotely complete
-  std::vector<double> layer_done_s;  // per layer, since the first hand-over
-  protocol::StreamResult result;     // the receiver's verdict
+  double seconds = 0;                 // -> the last layer remotely complete
+  std::vector<double> layer_ready_s;  // per layer: before_layer returned (the layer was "computed")
+  std::vector<double> layer_done_s;   // per layer: remotely complete and announced
+  protocol::StreamResult result;      // the receiver's verdict
 };
 
 // Streams `layout.num_layers` layers of `layout.num_blocks` blocks each from `source` (layers
