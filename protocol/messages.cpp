@@ -69,7 +69,8 @@ std::vector<uint8_t> encode_frame(const Message& message) {
   encode_message_payload(message, w);
   std::vector<uint8_t> frame = w.take();
   const size_t payload_bytes = frame.size() - kFrameHeaderBytes;
-  const uint32_t checksum = XXH32(frame.data() + kFrameHeaderBytes, payload_bytes, 0);
+  const uint32_t checksum =
+      XXH32(frame.data() + kFrameHeaderBytes, payload_bytes, frame_checksum_seed(message_type(message)));
   wire::Writer h;
   h.u32(kFrameMagic);
   h.u16(kProtocolVersion);
@@ -124,7 +125,7 @@ Result<Message> decode_payload(const FrameHeader& header, std::span<const uint8_
                                              std::to_string(header.payload_bytes) + " payload bytes, got " +
                                              std::to_string(payload.size()));
   }
-  const uint32_t checksum = XXH32(payload.data(), payload.size(), 0);
+  const uint32_t checksum = XXH32(payload.data(), payload.size(), frame_checksum_seed(header.type));
   if (checksum != header.checksum) {
     return Status(ErrorCode::kMalformed, std::string(name) + ": checksum mismatch (header " +
                                              hex32(header.checksum) + ", payload hashes to " +

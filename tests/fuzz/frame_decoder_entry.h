@@ -71,7 +71,7 @@ inline void fuzz_one_payload(std::span<const uint8_t> in) {
   h.type = static_cast<MessageType>(in[0] % 12);
   std::span<const uint8_t> payload = in.subspan(1);
   h.payload_bytes = static_cast<uint32_t>(payload.size());
-  h.checksum = XXH32(payload.data(), payload.size(), 0);
+  h.checksum = XXH32(payload.data(), payload.size(), frame_checksum_seed(h.type));
   Result<Message> m = decode_payload(h, payload);
   if (!m.ok()) {
     fuzz_require(!m.status().message().empty(), "error without a message");

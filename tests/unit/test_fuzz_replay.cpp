@@ -24,7 +24,8 @@ void repair_header(std::vector<uint8_t>& f) {
   if (f.size() < kFrameHeaderBytes) return;
   const size_t n = f.size() - kFrameHeaderBytes;
   put_u32(f, 8, static_cast<uint32_t>(n));
-  put_u32(f, 12, XXH32(f.data() + kFrameHeaderBytes, n, 0));
+  const auto type = static_cast<MessageType>(f[6] | (f[7] << 8));
+  put_u32(f, 12, XXH32(f.data() + kFrameHeaderBytes, n, frame_checksum_seed(type)));
 }
 
 void mutate(std::vector<uint8_t>& f, MessageFactory& r) {

@@ -1,8 +1,9 @@
 // Control messages: what peers say to each other over the control channel (TCP), and how they are
 // framed. Every frame is
-//   magic u32 "KVF1" | version u16 | type u16 | payload length u32 | XXH32(payload) u32 | payload
-// all little-endian. The decoder turns any malformed input (bad magic, unknown version or type,
-// oversized or truncated payload, bad checksum, counts past the end, trailing bytes) into a
+//   magic u32 "KVF1" | version u16 | type u16 | payload length u32 | checksum u32 | payload
+// all little-endian; checksum = XXH32(payload, seed = frame_checksum_seed(type)), so a corrupted
+// type is caught as surely as a corrupted payload. The decoder turns any malformed input (bad magic, unknown
+// version or type, oversized or truncated payload, bad checksum, counts past the end, trailing bytes) into a
 // kMalformed/kUnsupportedVersion Status: never a crash, never a read out of range.
 // Plain value types and free functions; no shared state.
 #pragma once
@@ -24,7 +25,7 @@ inline constexpr uint32_t kFrameMagic = 0x3146564Bu;  // "KVF1" read as little-e
 inline constexpr uint16_t kProtocolVersion = 1;
 inline constexpr size_t kFrameHeaderBytes = 16;
 inline constexpr uint32_t kMaxFramePayload = 64u << 20;  // 64 MiB
-inline constexpr uint32_t kMaxStringBytes = 4096;         // names, messages, tokens
+inline constexpr uint32_t kMaxStringBytes = 4096;        // names, messages, tokens
 
 enum class MessageType : uint16_t {
   kHello = 1,
@@ -56,9 +57,9 @@ struct RegionDescriptor {
 struct Hello {
   uint16_t min_version = kProtocolVersion;
   uint16_t max_version = kProtocolVersion;
-  std::string peer_name;                    // node/engine/tool name, for logs
-  std::vector<uint8_t> transport_address;   // e.g. the UCX worker address
-  std::vector<uint8_t> auth_proof;          // empty when the topology sets no auth token
+  std::string peer_name;                   // node/engine/tool name, for logs
+  std::vector<uint8_t> transport_address;  // e.g. the UCX worker address
+  std::vector<uint8_t> auth_proof;         // empty when the topology sets no auth token
   bool operator==(const Hello&) const = default;
 };
 
@@ -163,6 +164,11 @@ struct FrameHeader {
   uint32_t payload_bytes = 0;
   uint32_t checksum = 0;
 };
+
+// (version << 16) | type: binds the checksum to the header fields that choose the decoder.
+constexpr uint32_t frame_checksum_seed(MessageType type) {
+  return (uint32_t{kProtocolVersion} << 16) | static_cast<uint16_t>(type);
+}
 
 // Whole frame: header + payload.
 std::vector<uint8_t> encode_frame(const Message& message);
