@@ -26,7 +26,7 @@ using Clock = std::chrono::steady_clock;
 // progress threads, in order.
 class Worker {
  public:
-  Worker() : thread_([this] { run(); }) {}
+  explicit Worker(std::function<void()> tick) : tick_(std::move(tick)), thread_([this] { run(); }) {}
   ~Worker() {
     {
       std::lock_guard lock(mutex_);
@@ -49,19 +49,57 @@ class Worker {
       std::function<void()> fn;
       {
         std::unique_lock lock(mutex_);
-        cv_.wait(lock, [&] { return stop_ || !tasks_.empty(); });
-        if (tasks_.empty()) return;
-        fn = std::move(tasks_.front());
-        tasks_.pop_front();
+        cv_.wait_for(lock, std::chrono::milliseconds(500), [&] { return stop_ || !tasks_.empty(); });
+        if (stop_ && tasks_.empty()) return;
+        if (!tasks_.empty()) {
+          fn = std::move(tasks_.front());
+          tasks_.pop_front();
+        }
       }
-      fn();
+      if (fn) fn();
+      tick_();
     }
   }
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> tasks_;
   bool stop_ = false;
+  std::function<void()> tick_;
   std::thread thread_;
+};
+
+// Regions a peer was granted are not unmapped at once when their stream ends: a peer that died
+// or misbehaved may still have puts in flight (over tcp, UCX writes them on our progress thread
+// whenever they arrive, and a flush seen by the sender does not order them before our control
+// messages). Writing into a retired region is harmless; into unmapped memory it would crash.
+class RetiredRegions {
+ public:
+  explicit RetiredRegions(std::chrono::milliseconds grace) : grace_(grace) {}
+  void retire(gpudirect::MemoryRegion region) {
+    if (region.size() == 0) return;
+    std::lock_guard lock(mutex_);
+    retired_.push_back({Clock::now() + grace_, std::move(region)});
+  }
+  void prune() {
+    std::deque<Entry> expired;
+    {
+      std::lock_guard lock(mutex_);
+      auto now = Clock::now();
+      while (!retired_.empty() && retired_.front().release_at <= now) {
+        expired.push_back(std::move(retired_.front()));
+        retired_.pop_front();
+      }
+    }
+  }
+
+ private:
+  struct Entry {
+    Clock::time_point release_at;
+    gpudirect::MemoryRegion region;
+  };
+  std::chrono::milliseconds grace_;
+  std::mutex mutex_;
+  std::deque<Entry> retired_;
 };
 
 struct Stream {
@@ -116,7 +154,7 @@ class StreamReceiver::Impl {
 
   Status start(const std::string& host, uint16_t port) {
     control_ = std::make_unique<ControlContext>();
-    worker_ = std::make_unique<Worker>();
+    worker_ = std::make_unique<Worker>([this] { retired_.prune(); });
     transport_.set_notification_handler([this, alive = alive_](std::span<const uint8_t> bytes) {
       if (*alive) on_notification(bytes);
     });
@@ -197,8 +235,10 @@ class StreamReceiver::Impl {
     }
     spdlog::info("{}: session {} ({}) ended: {}", options_.name, session->id, session->name, why.to_string());
     // Regions are freed on the worker, after any verification still holding them.
-    worker_->post([session] {
+    worker_->post([this, session] {
+      for (auto& [id, stream] : session->streams) retired_.retire(std::move(stream->region));
       session->streams.clear();
+      if (session->run_target) retired_.retire(std::move(*session->run_target));
       session->run_target.reset();
     });
   }
@@ -288,6 +328,7 @@ class StreamReceiver::Impl {
       return;
     }
     if (!session->run_target || session->run_target->size() < run.bytes) {
+      if (session->run_target) retired_.retire(std::move(*session->run_target));
       session->run_target.reset();
       auto region = gpudirect::MemoryRegion::allocate_host(ucx_, run.bytes);
       if (!region.ok()) {
@@ -432,6 +473,7 @@ class StreamReceiver::Impl {
     if (it != session->streams.end()) {
       stream = std::move(it->second);
       session->streams.erase(it);
+      retired_.retire(std::move(stream->region));
     }
   }
 
@@ -440,6 +482,7 @@ class StreamReceiver::Impl {
   StreamReceiverOptions options_;
   std::unique_ptr<ControlContext> control_;
   std::unique_ptr<ControlServer> server_;
+  RetiredRegions retired_{options_.retire_grace};
   std::unique_ptr<Worker> worker_;
   std::mutex mutex_;
   std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions_;

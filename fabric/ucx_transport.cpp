@@ -82,6 +82,19 @@ class UcxTransport::Impl {
     std::deque<QueuedOp> queue;
     size_t outstanding_puts = 0;
     std::vector<RemoteRegion> regions;
+    // Puts are grouped in epochs, one per flush: a flush completes only when UCX's flush has
+    // completed AND every put of its epoch and the earlier ones has completed locally, so no
+    // source buffer is still read by UCX when the caller hears "flushed" (seen with UCX 1.13
+    // over tcp: an ep flush completing while a put still sat in the transport's pending queue).
+    struct Epoch {
+      size_t outstanding = 0;
+      bool flush_posted = false;
+      bool flush_done = false;
+      Status status;
+      Completion done;
+    };
+    std::deque<Epoch> epochs = std::deque<Epoch>(1);
+    uint64_t first_epoch = 0;  // id of epochs.front()
   };
 
   // A UCX request's callback context: what to do when it completes.
@@ -91,6 +104,7 @@ class UcxTransport::Impl {
     PutBatch* batch = nullptr;
     Completion done;
     std::vector<uint8_t> payload;  // notify: the bytes UCX reads until completion
+    uint64_t epoch = 0;            // put and flush: the epoch it belongs to
   };
 
   Impl(std::shared_ptr<gpudirect::UcxContext> context, UcxTransportOptions options)
@@ -308,8 +322,12 @@ class UcxTransport::Impl {
       } else {
         QueuedOp item = std::move(front);
         peer.queue.pop_front();
-        auto* ctx =
-            new RequestContext{&peer, RequestContext::Kind::kFlush, nullptr, std::move(item.flush_done), {}};
+        uint64_t epoch_id = peer.first_epoch + peer.epochs.size() - 1;
+        Peer::Epoch& epoch = peer.epochs.back();
+        epoch.flush_posted = true;
+        epoch.done = std::move(item.flush_done);
+        peer.epochs.emplace_back();
+        auto* ctx = new RequestContext{&peer, RequestContext::Kind::kFlush, nullptr, nullptr, {}, epoch_id};
         ucp_request_param_t param{};
         param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
         param.cb.send = &Impl::on_request_done;
@@ -323,7 +341,10 @@ class UcxTransport::Impl {
   void post_put(Peer& peer, const QueuedOp& item) {
     const PutOp& op = item.op;
     const RemoteRegion& r = peer.regions[op.remote];
-    auto* ctx = new RequestContext{&peer, RequestContext::Kind::kPut, item.batch, nullptr, {}};
+    auto* ctx = new RequestContext{&peer,      RequestContext::Kind::kPut,
+                                   item.batch, nullptr,
+                                   {},         peer.first_epoch + peer.epochs.size() - 1};
+    ++peer.epochs.back().outstanding;
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     param.cb.send = &Impl::on_request_done;
@@ -360,19 +381,42 @@ class UcxTransport::Impl {
     std::unique_ptr<RequestContext> owned(ctx);
     Peer& peer = *ctx->peer;
     switch (ctx->kind) {
-      case RequestContext::Kind::kPut:
+      case RequestContext::Kind::kPut: {
         --peer.outstanding_puts;
         --in_flight_;
+        Peer::Epoch& epoch = peer.epochs[ctx->epoch - peer.first_epoch];
+        --epoch.outstanding;
+        if (!status.ok() && epoch.status.ok()) epoch.status = status;
         ctx->batch->complete_one(status);
+        complete_epochs(peer);
         pump(peer);
         break;
-      case RequestContext::Kind::kFlush:
+      }
+      case RequestContext::Kind::kFlush: {
         --in_flight_;
-        if (ctx->done) ctx->done(status);
+        Peer::Epoch& epoch = peer.epochs[ctx->epoch - peer.first_epoch];
+        epoch.flush_done = true;
+        if (!status.ok() && epoch.status.ok()) epoch.status = status;
+        complete_epochs(peer);
         break;
+      }
       case RequestContext::Kind::kNotify:
         if (ctx->done) ctx->done(status);
         break;
+    }
+  }
+
+  // Completes flushes in order: an epoch is done when its flush and all its puts are.
+  void complete_epochs(Peer& peer) {
+    while (peer.epochs.size() > 1) {
+      Peer::Epoch& front = peer.epochs.front();
+      if (!front.flush_done || front.outstanding != 0) return;
+      Completion done = std::move(front.done);
+      Status status = front.status;
+      peer.epochs.pop_front();
+      ++peer.first_epoch;
+      if (!status.ok()) peer.epochs.front().status = status;  // later flushes report it too
+      if (done) done(status);
     }
   }
 

@@ -33,6 +33,9 @@ struct StreamReceiverOptions {
   std::string name = "kvfabric";
   uint64_t max_request_bytes = 16ull << 30;  // larger offers are refused with a clear error
   std::chrono::milliseconds stream_timeout{120'000};
+  // A granted region stays mapped this long after its stream ends (late puts of a dead or
+  // misbehaving sender land there instead of in unmapped memory).
+  std::chrono::milliseconds retire_grace{10'000};
   std::function<void(const StreamReport&)> on_stream_done;
 };
 
