@@ -34,7 +34,11 @@ struct TransferScheduler::State : std::enable_shared_from_this<TransferScheduler
   TransferSchedulerOptions options;
   std::deque<Pending> queue;
   uint64_t inflight_bytes = 0;
-  std::unordered_map<RequestKey, Status, RequestKeyHash> failed;  // requests that may not continue
+  // Requests that may not continue. Bounded: the oldest are forgotten first (a request is
+  // normally finished long before kMaxRemembered newer ones have failed).
+  static constexpr size_t kMaxRemembered = 4096;
+  std::unordered_map<RequestKey, Status, RequestKeyHash> failed;
+  std::deque<RequestKey> failed_order;
   bool shutting_down = false;
   mutable std::mutex stats_mutex;
   TransferSchedulerStats stats;
@@ -108,7 +112,11 @@ struct TransferScheduler::State : std::enable_shared_from_this<TransferScheduler
   }
 
   void fail_request(PeerId peer, uint64_t session_id, uint64_t request_id, const Status& reason) {
-    failed.emplace(RequestKey{peer, request_id}, reason);
+    if (failed.emplace(RequestKey{peer, request_id}, reason).second) failed_order.push_back({peer, request_id});
+    if (failed_order.size() > kMaxRemembered) {
+      failed.erase(failed_order.front());
+      failed_order.pop_front();
+    }
     protocol::Notification n{protocol::NotificationKind::kRequestAbort, reason.code(), session_id, request_id,
                              0};
     auto bytes = protocol::encode_notification(n);
