@@ -40,13 +40,15 @@ struct Collector {
   }
 };
 
+// Memory first: members are destroyed in reverse, so the transports (whose threads may still run
+// a late notification handler reading dst) stop before the memory goes.
 struct Rig {
-  std::unique_ptr<LocalTransport> sender;
-  std::unique_ptr<LocalTransport> receiver;
-  PeerId peer = 0;
   KvLayout layout;
   gpudirect::MemoryRegion src;
   gpudirect::MemoryRegion dst;
+  std::unique_ptr<LocalTransport> sender;
+  std::unique_ptr<LocalTransport> receiver;
+  PeerId peer = 0;
   std::vector<RemoteRegionId> dst_layers;
   std::vector<uint32_t> blocks;
   std::vector<uint32_t> dst_blocks;
@@ -64,12 +66,12 @@ Rig make_rig(const std::string& tag, Collector& c) {
   auto dst = gpudirect::MemoryRegion::allocate_host(nullptr, layout->layer_bytes() * 4);
   REQUIRE(src.ok());
   REQUIRE(dst.ok());
-  Rig rig{std::move(s.value()),
-          std::move(r.value()),
-          0,
-          layout.value(),
+  Rig rig{layout.value(),
           std::move(src.value()),
           std::move(dst.value()),
+          std::move(s.value()),
+          std::move(r.value()),
+          0,
           {},
           {},
           {}};
@@ -96,12 +98,18 @@ Rig make_rig(const std::string& tag, Collector& c) {
   }
   poison(rig.dst.data(), rig.dst.size());
   // On LayerReady, record whether the layer's bytes are already all in place.
-  Rig* raw = &rig;
-  (void)raw;
   rig.receiver->set_notification_handler([&c, layout = rig.layout, dst = rig.dst.data(),
                                           dst_blocks = rig.dst_blocks](std::span<const uint8_t> bytes) {
+    // No Catch2 assertions here: this runs on the transport's thread and Catch2 is not
+    // thread-safe. A bad record is recorded and checked on the test thread.
     auto n = decode_notification(bytes);
-    REQUIRE(n.ok());
+    if (!n.ok()) {
+      std::lock_guard lock(c.m);
+      c.notes.push_back(Notification{NotificationKind::kPong, ErrorCode::kMalformed, 0, 0, 0});
+      c.bytes_present_at_notify.push_back(false);
+      c.cv.notify_all();
+      return;
+    }
     bool present = true;
     if (n->kind == NotificationKind::kLayerReady) {
       for (uint32_t b = 0; b < 16 && present; ++b) {
