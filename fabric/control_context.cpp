@@ -1,0 +1,36 @@
+// ControlContext: the io thread that runs the control channel's handlers.
+#include <pthread.h>
+
+#include <exception>
+
+#include <spdlog/spdlog.h>
+
+#include "kvf/fabric/control_channel.h"
+
+namespace kvf::fabric {
+
+ControlContext::ControlContext() : work_(boost::asio::make_work_guard(io_)) {
+  thread_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "kvf-control");
+    // A handler that throws must not take the whole process down with std::terminate: log it and
+    // keep serving the other connections.
+    for (;;) {
+      try {
+        io_.run();
+        return;
+      } catch (const std::exception& e) {
+        spdlog::error("control channel: handler threw: {}", e.what());
+      } catch (...) {
+        spdlog::error("control channel: handler threw a non-std exception");
+      }
+    }
+  });
+}
+
+ControlContext::~ControlContext() {
+  work_.reset();
+  io_.stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace kvf::fabric
