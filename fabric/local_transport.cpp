@@ -115,7 +115,7 @@ std::vector<uint8_t> LocalTransport::address() const {
   return {impl_->name_.begin(), impl_->name_.end()};
 }
 
-Result<PeerId> LocalTransport::connect(std::span<const uint8_t> address) {
+Result<PeerId> LocalTransport::connect(std::span<const uint8_t> address, const ConnectOptions& /*options*/) {
   std::string name(address.begin(), address.end());
   std::shared_ptr<Impl> remote;
   {

@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "kvf/fabric/stream_pattern.h"
+#include "local_host.h"
 
 namespace kvf::fabric {
 namespace {
@@ -40,7 +41,9 @@ Result<std::unique_ptr<PeerLink>> PeerLink::connect(Transport& transport, const 
     return Status(ErrorCode::kMalformed, "expected HelloAck from " + host + ":" + std::to_string(port) +
                                              ", got " + describe(reply.value()));
   }
-  auto peer = transport.connect(ack->transport_address);
+  ConnectOptions connect_options;
+  connect_options.same_host = is_this_host(host);
+  auto peer = transport.connect(ack->transport_address, connect_options);
   if (!peer.ok()) return peer.status();
   return std::unique_ptr<PeerLink>(
       new PeerLink(transport, std::move(control.value()), peer.value(), ack->session_id, ack->peer_name));

@@ -137,13 +137,13 @@ class UcxTransport::Impl {
 
     int worker_fd = -1;
     st = ucp_worker_get_efd(worker_, &worker_fd);
-    if (st != UCS_OK) return ucx_error("ucp_worker_get_efd", st);
+    have_efd_ = st == UCS_OK;  // without it the thread still sleeps, only in max_sleep steps
     epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) return Status(ErrorCode::kInternal, "epoll_create1 failed");
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.fd = worker_fd;
-    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, worker_fd, &ev);
+    if (have_efd_) epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, worker_fd, &ev);
     ev.data.fd = tasks_.wake_fd();
     epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, tasks_.wake_fd(), &ev);
 
@@ -180,16 +180,18 @@ class UcxTransport::Impl {
     return future.get();
   }
 
-  Result<PeerId> connect(std::span<const uint8_t> address) {
+  Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& connect_options) {
     std::vector<uint8_t> addr(address.begin(), address.end());
-    return call<Result<PeerId>>([this, addr]() -> Result<PeerId> {
+    bool watch = options_.peer_failure == PeerFailureDetection::kOn ||
+                 (options_.peer_failure == PeerFailureDetection::kAuto && !connect_options.same_host);
+    return call<Result<PeerId>>([this, addr, watch]() -> Result<PeerId> {
       auto peer = std::make_unique<Peer>();
       peer->owner = this;
       peer->id = next_peer_id_++;
       ucp_ep_params_t ep{};
       ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
       ep.address = reinterpret_cast<const ucp_address_t*>(addr.data());
-      if (options_.detect_peer_failure) {
+      if (watch) {
         ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
         ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
         ep.err_handler.cb = &Impl::on_endpoint_error;
@@ -495,8 +497,7 @@ class UcxTransport::Impl {
         continue;
       }
       if (in_flight_ > 0 || now - last_activity < options_.spin_before_sleep) continue;
-      ucs_status_t st = ucp_worker_arm(worker_);
-      if (st == UCS_ERR_BUSY) continue;
+      if (have_efd_ && ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
       if (!tasks_.begin_sleep()) continue;
       // UCX does not signal its event fd for every kind of traffic (one-sided puts over tcp land
       // only when the target progresses, without a wakeup), so sleeps are bounded.
@@ -521,6 +522,7 @@ class UcxTransport::Impl {
   std::unordered_map<PeerId, std::unique_ptr<Peer>> peers_;
   PeerId next_peer_id_ = 1;
   size_t in_flight_ = 0;
+  bool have_efd_ = false;
   size_t pending_closes_ = 0;
   std::vector<void*> closing_requests_;
   NotificationHandler notification_handler_;
@@ -541,8 +543,8 @@ UcxTransport::~UcxTransport() = default;
 std::vector<uint8_t> UcxTransport::address() const {
   return impl_->address();
 }
-Result<PeerId> UcxTransport::connect(std::span<const uint8_t> address) {
-  return impl_->connect(address);
+Result<PeerId> UcxTransport::connect(std::span<const uint8_t> address, const ConnectOptions& options) {
+  return impl_->connect(address, options);
 }
 Result<RemoteRegionId> UcxTransport::import_region(PeerId peer, const protocol::RegionDescriptor& region) {
   return impl_->import_region(peer, region);

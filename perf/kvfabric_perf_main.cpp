@@ -38,16 +38,24 @@ int fail(const std::string& message) {
   return 1;
 }
 
+PeerFailureDetection peer_failure_option(const cxxopts::ParseResult& args) {
+  std::string v = args["peer-errors"].as<std::string>();
+  return v == "on"    ? PeerFailureDetection::kOn
+         : v == "off" ? PeerFailureDetection::kOff
+                      : PeerFailureDetection::kAuto;
+}
+
 struct Setup {
   std::shared_ptr<gpudirect::UcxContext> ucx;
   std::unique_ptr<UcxTransport> transport;
 };
 
-Result<Setup> make_transport(size_t window) {
+Result<Setup> make_transport(size_t window, PeerFailureDetection peer_failure) {
   auto ucx = gpudirect::UcxContext::create();
   if (!ucx.ok()) return ucx.status();
   UcxTransportOptions options;
   options.max_outstanding_puts = window;
+  options.peer_failure = peer_failure;
   auto transport = UcxTransport::create(ucx.value(), options);
   if (!transport.ok()) return transport.status();
   return Setup{ucx.value(), std::move(transport.value())};
@@ -56,7 +64,7 @@ Result<Setup> make_transport(size_t window) {
 int run_server(const cxxopts::ParseResult& args) {
   auto hp = parse_host_port(args["listen"].as<std::string>());
   if (!hp.ok()) return fail("--listen: " + hp.status().message());
-  auto setup = make_transport(args["window"].as<size_t>());
+  auto setup = make_transport(args["window"].as<size_t>(), peer_failure_option(args));
   if (!setup.ok()) return fail(setup.status().to_string());
 
   sigset_t signals;
@@ -196,7 +204,7 @@ int run_client(const cxxopts::ParseResult& args) {
   if (!sizes.ok()) return fail("--sizes: " + sizes.status().message());
   uint64_t iters_arg = args["iters"].as<uint64_t>();
 
-  auto setup = make_transport(args["window"].as<size_t>());
+  auto setup = make_transport(args["window"].as<size_t>(), peer_failure_option(args));
   if (!setup.ok()) return fail(setup.status().to_string());
   auto link = PeerLink::connect(*setup->transport, hp->first, hp->second, "kvfabric-perf-client",
                                 std::chrono::seconds(10));
@@ -308,27 +316,30 @@ int main(int argc, char** argv) {
                            "Measures kvfabric's data path between two processes.\n"
                            "  kvfabric-perf server --listen HOST:PORT\n"
                            "  kvfabric-perf client --connect HOST:PORT --mode bw|lat|layers ...");
-  options.add_options()("role", "server or client", cxxopts::value<std::string>())(
-      "listen", "server: HOST:PORT to listen on",
-      cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))(
-      "connect", "client: the server's HOST:PORT",
-      cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))(
-      "mode", "bw | lat | layers", cxxopts::value<std::string>()->default_value("bw"))(
-      "sizes", "bw/lat message sizes", cxxopts::value<std::string>()->default_value("4K,64K,1M,4M"))(
-      "iters", "iterations per size (0: automatic); layers: requests",
-      cxxopts::value<uint64_t>()->default_value("0"))("layers", "layers mode: layers per request",
-                                                      cxxopts::value<uint32_t>()->default_value("32"))(
-      "blocks", "layers mode: blocks per layer", cxxopts::value<uint32_t>()->default_value("512"))(
-      "block-bytes", "layers mode: bytes of K (and of V) per block",
-      cxxopts::value<std::string>()->default_value("32K"))(
-      "shuffle", "layers mode: scatter into shuffled receiver blocks",
-      cxxopts::value<bool>()->default_value("false"))("verify", "layers mode: the receiver checks every byte",
-                                                      cxxopts::value<bool>()->default_value("false"))(
-      "window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))(
-      "max-bytes", "server: largest buffer a client may ask for",
-      cxxopts::value<std::string>()->default_value("16G"))("json", "client: write results as JSON to FILE",
-                                                           cxxopts::value<std::string>())(
-      "v,verbose", "log more")("version", "print the version")("h,help", "print help");
+  // clang-format off
+  options.add_options()
+      ("role", "server or client", cxxopts::value<std::string>())
+      ("listen", "server: HOST:PORT to listen on", cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))
+      ("connect", "client: the server's HOST:PORT", cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))
+      ("mode", "bw | lat | layers", cxxopts::value<std::string>()->default_value("bw"))
+      ("sizes", "bw/lat message sizes", cxxopts::value<std::string>()->default_value("4K,64K,1M,4M"))
+      ("iters", "iterations per size (0: automatic); layers: requests", cxxopts::value<uint64_t>()->default_value("0"))
+      ("layers", "layers mode: layers per request", cxxopts::value<uint32_t>()->default_value("32"))
+      ("blocks", "layers mode: blocks per layer", cxxopts::value<uint32_t>()->default_value("512"))
+      ("block-bytes", "layers mode: bytes of K (and of V) per block", cxxopts::value<std::string>()->default_value("32K"))
+      ("shuffle", "layers mode: scatter into shuffled receiver blocks", cxxopts::value<bool>()->default_value("false"))
+      ("verify", "layers mode: the receiver checks every byte", cxxopts::value<bool>()->default_value("false"))
+      ("timeout-ms", "client: a layer not remotely complete by then fails its request",
+       cxxopts::value<uint64_t>()->default_value("30000"))
+      ("peer-errors", "auto | on | off: UCX watches the peer (auto: remote hosts only; on a same-host peer "
+       "UCX 1.13 then falls back to tcp)", cxxopts::value<std::string>()->default_value("auto"))
+      ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
+      ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))
+      ("json", "client: write results as JSON to FILE", cxxopts::value<std::string>())
+      ("v,verbose", "log more")
+      ("version", "print the version")
+      ("h,help", "print help");
+  // clang-format on
   options.parse_positional({"role"});
   options.positional_help("server|client");
   cxxopts::ParseResult args;
@@ -347,6 +358,9 @@ int main(int argc, char** argv) {
   }
   spdlog::set_level(args.count("verbose") != 0 ? spdlog::level::info : spdlog::level::warn);
   if (args.count("role") == 0) return fail("say server or client (see --help)");
+  if (std::string pe = args["peer-errors"].as<std::string>(); pe != "auto" && pe != "on" && pe != "off") {
+    return fail("--peer-errors must be auto, on or off, got '" + pe + "'");
+  }
   std::string role = args["role"].as<std::string>();
   if (role == "server") return run_server(args);
   if (role == "client") return run_client(args);

@@ -20,7 +20,7 @@ class LocalTransport final : public Transport {
 
   std::string_view name() const override { return "local"; }
   std::vector<uint8_t> address() const override;
-  Result<PeerId> connect(std::span<const uint8_t> address) override;
+  Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& options = {}) override;
   Result<RemoteRegionId> import_region(PeerId peer, const protocol::RegionDescriptor& region) override;
   void disconnect(PeerId peer) override;
   void put(PeerId peer, std::vector<PutOp> ops, Completion done) override;

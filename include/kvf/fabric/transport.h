@@ -37,6 +37,11 @@ struct PutOp {
   uint64_t length = 0;
 };
 
+// What the caller knows about a peer it connects to.
+struct ConnectOptions {
+  bool same_host = false;  // the peer runs on this host (its control address is one of ours)
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -46,7 +51,7 @@ class Transport {
   virtual std::vector<uint8_t> address() const = 0;
 
   // Setup: opens a connection to the transport at `address`.
-  virtual Result<PeerId> connect(std::span<const uint8_t> address) = 0;
+  virtual Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& options = {}) = 0;
   // Setup: makes a peer's region writable from here. Puts are bounds-checked against it.
   virtual Result<RemoteRegionId> import_region(PeerId peer, const protocol::RegionDescriptor& region) = 0;
   // Closes the connection; queued operations complete with kAborted.
