@@ -10,6 +10,13 @@
 # Only processes this test started are ever signalled, by their pid.
 # shellcheck shell=bash
 
+# tests/CMakeLists.txt makes a ctest of every integration/*.sh, this file included: run on its own
+# it is a library with nothing to test, which ctest shows as skipped.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  echo "lib.sh holds the integration tests' helpers; source it from a test (nothing to run on its own)"
+  exit 77
+fi
+
 KVF_BIN=${KVF_BIN:-build/bin}
 KVF_SOURCE=${KVF_SOURCE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 KVF_PERF=$KVF_BIN/kvfabric-perf

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# A peer dies with kill -9 in the middle of a stream (UCX_TLS=tcp, loopback):
+# A peer dies with kill -9 in the middle of a stream, on loopback, for UCX_TLS=tcp and UCX_TLS=sm
+# (shared memory: there UCX does not watch the peer, so the control connection and the layer
+# timeout must notice):
 #  (a) the CLIENT dies: the server prints "stream N ... FAILED: <reason>" for the stream that was in
 #      flight (the reason names the lost sender), stays up, and a following verified layers run
 #      against the same server succeeds with every byte verified;
@@ -10,7 +12,6 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 kvf_init peer_killed 240
 
-export UCX_TLS=tcp
 # Requests of 1 GiB: even on an idle machine one takes a good fraction of a second over tcp.
 REQ_BLOCKS=1024
 REQ_MIB=$(( $(kvf_layers_bytes 32 $REQ_BLOCKS 16384) >> 20 ))
@@ -31,36 +32,11 @@ kill_mid_stream() {
     (($(kvf_now_ms) - t0 < 60000)) || kvf_die "no stream in flight within 60 s (server RSS $(kvf_rss_mib "$server") MiB)"
     sleep 0.05
   done
-  sleep 0.2
+  sleep 0.05  # shm moves the whole request in ~0.2 s: land early, after the grant
   kvf_alive "$victim" || kvf_die "$who finished before it could be killed; make the stream bigger"
   kvf_log "kill -9 $who (pid $(kvf_pid "$victim")) while a stream is in flight (server RSS $(kvf_rss_mib "$server") MiB, was $base)"
   kill -KILL "$(kvf_pid "$victim")"
 }
-
-# --- (a) the client dies ----------------------------------------------------------------------
-kvf_start_server server-a 127.0.0.1
-kvf_start_bg client-a "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[server-a]}" "${BIG[@]}"
-kill_mid_stream server-a client-a "the client"
-kvf_forget client-a
-kvf_check_eq "$KVF_RC" 137 "killed client's exit status"
-if kvf_wait_for_line server-a ' FAILED: ' 20; then
-  line=$(grep -m1 ' FAILED: ' "$(kvf_logfile server-a)")
-  kvf_log "server said: $line"
-  kvf_check grep -qE '^stream [0-9]+ from kvfabric-perf-client@127\.0\.0\.1:[0-9]+ FAILED: peer_lost: .*sender connection ended after [0-9]+/32 layers' \
-    <<<"$line" -- "server's FAILED line names the stream, the lost sender and how far it got"
-else
-  kvf_check_fail "server printed no FAILED line within 20 s of the client's death"
-fi
-kvf_check kvf_alive server-a -- "server alive after its client was killed"
-
-before=$(kvf_count_lines server-a '^stream [0-9]+ from ')
-kvf_run survivor-a 60 "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[server-a]}" --mode layers \
-  --layers 32 --blocks 32 --block-bytes 16K --shuffle --verify --iters 1 --timeout-ms 10000
-rc=$?
-kvf_check_eq "$rc" 0 "next client run against the same server: exit status" ||
-  sed 's/^/    | /' "$(kvf_logfile survivor-a)" >&2
-kvf_check_verified server-a "$SMALL_TOTAL" "$before" 1 "next client run"
-kvf_check kvf_alive server-a -- "server alive after the next run"
 
 # client_dies_in_bounds NAME WHAT: NAME (a background client whose server was just killed) exits
 # non-zero within BOUND_S seconds with a "kvfabric-perf: ..." message.
@@ -86,23 +62,57 @@ client_dies_in_bounds() {
   fi
 }
 
-# --- (b) the server dies during a layers run --------------------------------------------------
-kvf_start_server server-b 127.0.0.1
-kvf_start_bg client-b "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[server-b]}" "${BIG[@]}" \
-  --timeout-ms 5000
-kill_mid_stream server-b server-b "the server (layers run)"
-kvf_forget server-b
-client_dies_in_bounds client-b "server killed during layers"
+scenarios() {
+  local T=$1 line rc before
+  export UCX_TLS=$T
+  # --- (a) the client dies ----------------------------------------------------------------------
+  kvf_start_server server-a-$T 127.0.0.1
+  kvf_start_bg client-a-$T "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[server-a-$T]}" "${BIG[@]}"
+  kill_mid_stream server-a-$T client-a-$T "the $T client"
+  kvf_forget client-a-$T
+  kvf_check_eq "$KVF_RC" 137 "$T: killed client's exit status"
+  if kvf_wait_for_line server-a-$T ' FAILED: ' 20; then
+    line=$(grep -m1 ' FAILED: ' "$(kvf_logfile server-a-$T)")
+    kvf_log "server said: $line"
+    kvf_check grep -qE '^stream [0-9]+ from kvfabric-perf-client@127\.0\.0\.1:[0-9]+ FAILED: peer_lost: .*sender connection ended after [0-9]+/32 layers' \
+      <<<"$line" -- "$T: server's FAILED line names the stream, the lost sender and how far it got"
+  else
+    kvf_check_fail "$T: server printed no FAILED line within 20 s of the client's death"
+  fi
+  kvf_check kvf_alive server-a-$T -- "$T: server alive after its client was killed"
 
-# --- (c) the server dies during a bw run ------------------------------------------------------
-kvf_start_server server-c 127.0.0.1
-kvf_start_bg client-c "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[server-c]}" --mode bw \
-  --sizes 4M --iters 100000
-sleep 1.5
-kvf_alive client-c || kvf_die "bw client ended before the kill: $(tail -n3 "$(kvf_logfile client-c)")"
-kvf_log "kill -9 the server (bw run, pid $(kvf_pid server-c))"
-kill -KILL "$(kvf_pid server-c)"
-kvf_forget server-c
-client_dies_in_bounds client-c "server killed during bw"
+  before=$(kvf_count_lines server-a-$T '^stream [0-9]+ from ')
+  kvf_run survivor-a-$T 60 "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[server-a-$T]}" --mode layers \
+    --layers 32 --blocks 32 --block-bytes 16K --shuffle --verify --iters 1 --timeout-ms 10000
+  rc=$?
+  kvf_check_eq "$rc" 0 "$T: next client run against the same server: exit status" ||
+    sed 's/^/    | /' "$(kvf_logfile survivor-a-$T)" >&2
+  kvf_check_verified server-a-$T "$SMALL_TOTAL" "$before" 1 "$T: next client run"
+  kvf_check kvf_alive server-a-$T -- "$T: server alive after the next run"
+
+  # --- (b) the server dies during a layers run --------------------------------------------------
+  kvf_start_server server-b-$T 127.0.0.1
+  kvf_start_bg client-b-$T "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[server-b-$T]}" "${BIG[@]}" \
+    --timeout-ms 5000
+  kill_mid_stream server-b-$T server-b-$T "the $T server (layers run)"
+  kvf_forget server-b-$T
+  client_dies_in_bounds client-b-$T "$T: server killed during layers"
+
+  # --- (c) the server dies during a bw run ------------------------------------------------------
+  kvf_start_server server-c-$T 127.0.0.1
+  kvf_start_bg client-c-$T "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[server-c-$T]}" --mode bw \
+    --sizes 4M --iters 100000
+  sleep 1.5
+  kvf_alive client-c-$T || kvf_die "bw client ended before the kill: $(tail -n3 "$(kvf_logfile client-c-$T)")"
+  kvf_log "kill -9 the $T server (bw run, pid $(kvf_pid server-c-$T))"
+  kill -KILL "$(kvf_pid server-c-$T)"
+  kvf_forget server-c-$T
+  client_dies_in_bounds client-c-$T "$T: server killed during bw"
+  kvf_stop_all  # the idle servers of this transport: their progress threads cost CPU
+}
+
+for transport in ${KVF_TRANSPORTS:-tcp sm}; do  # KVF_TRANSPORTS=sm: just one
+  scenarios $transport
+done
 
 kvf_finish
