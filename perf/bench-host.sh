@@ -58,7 +58,7 @@ ln -s "$(cd "$(dirname "$perf_real")" && pwd)/kvfabric-perf" "$tmp/kvfbench-perf
 perf=$tmp/kvfbench-perf
 results=$tmp/results.tsv  # transport  tool  size  round  GB/s (or "fail")
 : >"$results"
-declare -A server_pid=() server_port=()
+declare -A server_pid=() server_port=() restarts=()
 bg_pids=()
 
 cleanup() {
@@ -109,11 +109,11 @@ start_kvf_server() {
   env -u UCX_TLS $(tls_env "$transport") "$perf" server --listen 127.0.0.1:0 >"$log" 2>&1 </dev/null &
   server_pid[$transport]=$!
   for ((i = 0; i < 200; i++)); do
-    grep -q 'listening on' "$log" && break
+    grep -qs 'listening on' "$log" && break
     kill -0 "${server_pid[$transport]}" 2>/dev/null || break
     sleep 0.1
   done
-  server_port[$transport]=$(grep -oE 'listening on [^ ]+:[0-9]+' "$log" | sed -E 's/.*:([0-9]+)$/\1/')
+  server_port[$transport]=$(grep -soE 'listening on [^ ]+:[0-9]+' "$log" | sed -E 's/.*:([0-9]+)$/\1/')
   if [[ -z ${server_port[$transport]} ]]; then
     echo "bench-host: kvfabric-perf server ($transport) did not come up: $(cat "$log")" >&2
     exit 1
@@ -124,7 +124,13 @@ start_kvf_server() {
 # ensure_kvf_server TRANSPORT: restarts it if it died (a failed run must not end the benchmark).
 ensure_kvf_server() {
   [[ -n ${server_pid[$1]:-} ]] && kill -0 "${server_pid[$1]}" 2>/dev/null && return 0
-  progress "kvfabric-perf server for $1 is gone; restarting it ($(tail -n1 "$tmp/server-$1.log"))"
+  local n=$((${restarts[$1]:-0} + 1))
+  restarts[$1]=$n
+  wait "${server_pid[$1]}" 2>/dev/null
+  local rc=$?
+  cp "$tmp/server-$1.log" "$tmp/server-$1.dead$n.log"
+  progress "kvfabric-perf server for $1 is gone (exit status $rc); restarting it; its log:"
+  tail -n 30 "$tmp/server-$1.log" | sed 's/^/    | /'
   start_kvf_server "$1"
 }
 
