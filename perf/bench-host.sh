@@ -253,7 +253,7 @@ if [[ -n $out ]]; then
     echo "## bench-host: kvfabric-perf bw vs ucx_perftest ucp_put_bw, loopback"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "- machine: $(uname -n), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(ucx_info -v 2>/dev/null | head -n1 | sed 's/^# //')"
+    echo "- machine: $(uname -n), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), UCX $(ucx_info -v 2>/dev/null | head -n1 | sed 's/^# Version //')"
     echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- command: \`KVF_BIN=$bin perf/bench-host.sh --rounds $rounds$( ((quick)) && echo ' --quick')\`"
     echo "- $rounds round(s), alternating perftest / kvfabric; $((run_bytes >> 20)) MiB per bw run on both sides; medians"
