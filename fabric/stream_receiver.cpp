@@ -121,6 +121,9 @@ struct Session {
   std::shared_ptr<ControlConnection> connection;
   std::unordered_map<uint64_t, std::shared_ptr<Stream>> streams;
   std::optional<gpudirect::MemoryRegion> run_target;
+  // Buffers of streams that completed cleanly, reused by the session's next streams the way an
+  // engine reuses its KV pool (the sender keeps them mapped). Worker thread only.
+  std::vector<gpudirect::MemoryRegion> free_pools;
   bool closed = false;
 };
 
@@ -240,6 +243,8 @@ class StreamReceiver::Impl {
       session->streams.clear();
       if (session->run_target) retired_.retire(std::move(*session->run_target));
       session->run_target.reset();
+      for (auto& pool : session->free_pools) retired_.retire(std::move(pool));
+      session->free_pools.clear();
     });
   }
 
@@ -266,12 +271,23 @@ class StreamReceiver::Impl {
                       "request id " + std::to_string(offer.request_id) + " already in use");
       }
     }
-    auto region = gpudirect::MemoryRegion::allocate_host(ucx_, total);
-    if (!region.ok()) return refuse(ErrorCode::kOutOfMemory, region.status().message());
+    std::optional<gpudirect::MemoryRegion> pool;
+    for (auto it = session->free_pools.begin(); it != session->free_pools.end(); ++it) {
+      if (it->size() >= total) {
+        pool.emplace(std::move(*it));
+        session->free_pools.erase(it);
+        break;
+      }
+    }
+    if (!pool) {
+      auto region = gpudirect::MemoryRegion::allocate_ucx(ucx_, total);
+      if (!region.ok()) return refuse(ErrorCode::kOutOfMemory, region.status().message());
+      pool.emplace(std::move(region.value()));
+    }
 
     auto stream = std::make_shared<Stream>(
-        Stream{offer.request_id, layout.value(), offer, std::move(region.value()), {}, {}, 0, {}, {}, false});
-    poison(stream->region.data(), stream->region.size());
+        Stream{offer.request_id, layout.value(), offer, std::move(*pool), {}, {}, 0, {}, {}, false});
+    poison(stream->region.data(), total);
     stream->dst_blocks.resize(offer.num_blocks);
     std::iota(stream->dst_blocks.begin(), stream->dst_blocks.end(), 0u);
     if ((offer.flags & protocol::kStreamShuffle) != 0) {
@@ -330,7 +346,7 @@ class StreamReceiver::Impl {
     if (!session->run_target || session->run_target->size() < run.bytes) {
       if (session->run_target) retired_.retire(std::move(*session->run_target));
       session->run_target.reset();
-      auto region = gpudirect::MemoryRegion::allocate_host(ucx_, run.bytes);
+      auto region = gpudirect::MemoryRegion::allocate_ucx(ucx_, run.bytes);
       if (!region.ok()) {
         result.code = ErrorCode::kOutOfMemory;
         result.message = region.status().message();
@@ -416,7 +432,7 @@ class StreamReceiver::Impl {
       }
     }
     send_result(session, report);
-    drop_stream(session, stream->request_id);
+    drop_stream(session, stream->request_id, report.status.ok());
   }
 
   void fail_stream(const std::shared_ptr<Session>& session, uint64_t request_id, const Status& why) {
@@ -439,7 +455,7 @@ class StreamReceiver::Impl {
                  why.to_string());
     worker_->post([this, session, report, id = stream->request_id] {
       send_result(session, report);
-      drop_stream(session, id);
+      drop_stream(session, id, false);
     });
   }
 
@@ -466,13 +482,21 @@ class StreamReceiver::Impl {
     if (options_.on_stream_done) options_.on_stream_done(report);
   }
 
-  void drop_stream(const std::shared_ptr<Session>& session, uint64_t request_id) {
-    std::shared_ptr<Stream> stream;  // freed outside the lock
-    std::lock_guard lock(mutex_);
-    auto it = session->streams.find(request_id);
-    if (it != session->streams.end()) {
+  // Runs on the worker. A cleanly finished stream's buffer goes back to its session's pool; a
+  // failed one's is retired (its sender may still have puts in flight).
+  void drop_stream(const std::shared_ptr<Session>& session, uint64_t request_id, bool reusable) {
+    std::shared_ptr<Stream> stream;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = session->streams.find(request_id);
+      if (it == session->streams.end()) return;
       stream = std::move(it->second);
       session->streams.erase(it);
+      reusable = reusable && !session->closed;
+    }
+    if (reusable) {
+      session->free_pools.push_back(std::move(stream->region));
+    } else {
       retired_.retire(std::move(stream->region));
     }
   }

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <deque>
 #include <future>
+#include <map>
 #include <thread>
 #include <unordered_map>
 
@@ -82,6 +83,7 @@ class UcxTransport::Impl {
     std::deque<QueuedOp> queue;
     size_t outstanding_puts = 0;
     std::vector<RemoteRegion> regions;
+    std::map<std::vector<uint8_t>, ucp_rkey_h> rkeys;  // owns the unpacked rkeys
     // Puts are grouped in epochs, one per flush: a flush completes only when UCX's flush has
     // completed AND every put of its epoch and the earlier ones has completed locally, so no
     // source buffer is still read by UCX when the caller hears "flushed" (seen with UCX 1.13
@@ -94,6 +96,7 @@ class UcxTransport::Impl {
       Completion done;
     };
     std::deque<Epoch> epochs = std::deque<Epoch>(1);
+    bool pumping = false;
     uint64_t first_epoch = 0;  // id of epochs.front()
   };
 
@@ -168,6 +171,7 @@ class UcxTransport::Impl {
     // Close requests may still be completing; drive them briefly.
     for (int i = 0; i < 1000 && pending_closes_ > 0 && worker_ != nullptr; ++i) ucp_worker_progress(worker_);
     if (worker_ != nullptr) ucp_worker_destroy(worker_);
+    for (RequestContext* ctx : free_contexts_) delete ctx;
     if (epoll_fd_ >= 0) close(epoll_fd_);
   }
 
@@ -213,9 +217,17 @@ class UcxTransport::Impl {
       if (peer->closed) return peer->failure;
       if (region.ucx_rkey.empty())
         return Status(ErrorCode::kInvalidArgument, "import_region: descriptor has no UCX rkey");
-      ucp_rkey_h rkey = nullptr;
-      ucs_status_t st = ucp_ep_rkey_unpack(peer->ep, region.ucx_rkey.data(), &rkey);
-      if (st != UCS_OK) return ucx_error("ucp_ep_rkey_unpack", st);
+      // One unpacked rkey per distinct packed rkey: a receiver that grants the same buffers
+      // again (a KV pool) costs no new unpack, and over shared memory the peer's segment stays
+      // mapped here with its page tables warm.
+      ucp_rkey_h& rkey = peer->rkeys[region.ucx_rkey];
+      if (rkey == nullptr) {
+        ucs_status_t st = ucp_ep_rkey_unpack(peer->ep, region.ucx_rkey.data(), &rkey);
+        if (st != UCS_OK) {
+          peer->rkeys.erase(region.ucx_rkey);
+          return ucx_error("ucp_ep_rkey_unpack", st);
+        }
+      }
       peer->regions.push_back(RemoteRegion{rkey, region.base_address, region.length});
       return static_cast<RemoteRegionId>(peer->regions.size() - 1);
     });
@@ -314,6 +326,13 @@ class UcxTransport::Impl {
   // Posts queued ops in order while the window allows. A flush is posted as soon as everything
   // before it has been posted: UCX then completes it after those ops are remotely complete.
   void pump(Peer& peer) {
+    if (peer.pumping) return;  // a completion inside a post: the outer loop carries on
+    peer.pumping = true;
+    pump_loop(peer);
+    peer.pumping = false;
+  }
+
+  void pump_loop(Peer& peer) {
     while (!peer.queue.empty() && !peer.closed) {
       QueuedOp& front = peer.queue.front();
       if (front.kind == QueuedOp::Kind::kPut) {
@@ -343,9 +362,11 @@ class UcxTransport::Impl {
   void post_put(Peer& peer, const QueuedOp& item) {
     const PutOp& op = item.op;
     const RemoteRegion& r = peer.regions[op.remote];
-    auto* ctx = new RequestContext{&peer,      RequestContext::Kind::kPut,
-                                   item.batch, nullptr,
-                                   {},         peer.first_epoch + peer.epochs.size() - 1};
+    RequestContext* ctx = acquire_context();
+    ctx->peer = &peer;
+    ctx->kind = RequestContext::Kind::kPut;
+    ctx->batch = item.batch;
+    ctx->epoch = peer.first_epoch + peer.epochs.size() - 1;
     ++peer.epochs.back().outstanding;
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
@@ -379,21 +400,33 @@ class UcxTransport::Impl {
     ctx->peer->owner->complete(ctx, status == UCS_OK ? Status::Ok() : ucx_error("request", status));
   }
 
+  // Put contexts are recycled: at small sizes a heap allocation per put is a visible cost.
+  RequestContext* acquire_context() {
+    if (free_contexts_.empty()) return new RequestContext{};
+    RequestContext* ctx = free_contexts_.back();
+    free_contexts_.pop_back();
+    return ctx;
+  }
+
   void complete(RequestContext* ctx, const Status& status) {
-    std::unique_ptr<RequestContext> owned(ctx);
     Peer& peer = *ctx->peer;
+    if (ctx->kind == RequestContext::Kind::kPut) {
+      --peer.outstanding_puts;
+      --in_flight_;
+      Peer::Epoch& epoch = peer.epochs[ctx->epoch - peer.first_epoch];
+      --epoch.outstanding;
+      if (!status.ok() && epoch.status.ok()) epoch.status = status;
+      PutBatch* batch = ctx->batch;
+      free_contexts_.push_back(ctx);
+      batch->complete_one(status);
+      if (epoch.outstanding == 0) complete_epochs(peer);
+      pump(peer);
+      return;
+    }
+    std::unique_ptr<RequestContext> owned(ctx);
     switch (ctx->kind) {
-      case RequestContext::Kind::kPut: {
-        --peer.outstanding_puts;
-        --in_flight_;
-        Peer::Epoch& epoch = peer.epochs[ctx->epoch - peer.first_epoch];
-        --epoch.outstanding;
-        if (!status.ok() && epoch.status.ok()) epoch.status = status;
-        ctx->batch->complete_one(status);
-        complete_epochs(peer);
-        pump(peer);
+      case RequestContext::Kind::kPut:
         break;
-      }
       case RequestContext::Kind::kFlush: {
         --in_flight_;
         Peer::Epoch& epoch = peer.epochs[ctx->epoch - peer.first_epoch];
@@ -460,7 +493,8 @@ class UcxTransport::Impl {
         item.flush_done(reason);
       }
     }
-    for (RemoteRegion& r : peer.regions) ucp_rkey_destroy(r.rkey);
+    for (auto& [packed, rkey] : peer.rkeys) ucp_rkey_destroy(rkey);
+    peer.rkeys.clear();
     peer.regions.clear();
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -526,6 +560,7 @@ class UcxTransport::Impl {
   bool have_efd_ = false;
   size_t pending_closes_ = 0;
   std::vector<void*> closing_requests_;
+  std::vector<RequestContext*> free_contexts_;
   NotificationHandler notification_handler_;
   PeerFailureHandler failure_handler_;
 };

@@ -35,6 +35,46 @@ Result<MemoryRegion> MemoryRegion::allocate_host(std::shared_ptr<UcxContext> ucx
   return region;
 }
 
+Result<MemoryRegion> MemoryRegion::allocate_ucx(std::shared_ptr<UcxContext> ucx, uint64_t bytes) {
+  if (bytes == 0) return Status(ErrorCode::kInvalidArgument, "allocate_ucx: zero bytes");
+  if (!ucx) return Status(ErrorCode::kInvalidArgument, "allocate_ucx needs a UCX context");
+  ucp_mem_map_params_t params{};
+  params.field_mask =
+      UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+  params.address = nullptr;
+  params.length = bytes;
+  params.flags = UCP_MEM_MAP_ALLOCATE;
+  ucp_mem_h memh = nullptr;
+  ucs_status_t status = ucp_mem_map(ucx->handle(), &params, &memh);
+  if (status != UCS_OK) {
+    return Status(ErrorCode::kOutOfMemory, "ucp_mem_map(ALLOCATE) of " + std::to_string(bytes) +
+                                               " bytes: " + ucx_status_string(status));
+  }
+  ucp_mem_attr_t attr{};
+  attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+  status = ucp_mem_query(memh, &attr);
+  if (status != UCS_OK) {
+    ucp_mem_unmap(ucx->handle(), memh);
+    return Status(ErrorCode::kTransportError, "ucp_mem_query: " + ucx_status_string(status));
+  }
+  MemoryRegion region;
+  region.ucx_ = std::move(ucx);
+  region.address_ = attr.address;
+  region.bytes_ = bytes;
+  region.kind_ = protocol::MemoryKind::kHost;
+  region.ownership_ = Ownership::kUcx;  // ucp_mem_unmap frees it
+  region.memh_ = memh;
+  void* rkey_buffer = nullptr;
+  size_t rkey_size = 0;
+  status = ucp_rkey_pack(region.ucx_->handle(), memh, &rkey_buffer, &rkey_size);
+  if (status != UCS_OK)
+    return Status(ErrorCode::kTransportError, "ucp_rkey_pack: " + ucx_status_string(status));
+  auto* b = static_cast<uint8_t*>(rkey_buffer);
+  region.packed_rkey_.assign(b, b + rkey_size);
+  ucp_rkey_buffer_release(rkey_buffer);
+  return region;
+}
+
 Result<MemoryRegion> MemoryRegion::create_shared(std::shared_ptr<UcxContext> ucx, const std::string& name,
                                                  uint64_t bytes) {
   if (bytes == 0) return Status(ErrorCode::kInvalidArgument, "create_shared: zero bytes");
@@ -171,6 +211,7 @@ void MemoryRegion::release() {
         shm_unlink(shm_name_.c_str());
         break;
       case Ownership::kNone:
+      case Ownership::kUcx:  // released by ucp_mem_unmap above
         break;
     }
   }

@@ -123,43 +123,60 @@ Result<protocol::RunResult> request_target(PeerLink& link, protocol::RunMode mod
   return *r;
 }
 
-// Waits for a Completion from another thread.
+// Waits for Completions from another thread, with a deadline. The state is shared so that a
+// completion arriving after a timed-out wait has something valid to write to.
 class Waiter {
  public:
+  explicit Waiter(std::chrono::milliseconds timeout) : timeout_(timeout), state_(std::make_shared<State>()) {}
   Completion completion() {
-    return [this](const Status& s) {
-      std::lock_guard lock(m_);
-      status_ = s;
-      done_ = true;
-      cv_.notify_all();
+    return [state = state_](const Status& s) {
+      std::lock_guard lock(state->m);
+      state->status = s;
+      state->done = true;
+      state->cv.notify_all();
     };
   }
   Status wait() {
-    std::unique_lock lock(m_);
-    cv_.wait(lock, [&] { return done_; });
-    done_ = false;
-    return status_;
+    std::unique_lock lock(state_->m);
+    if (!state_->cv.wait_for(lock, timeout_, [&] { return state_->done; })) {
+      return Status(ErrorCode::kTimeout, "no completion within " + std::to_string(timeout_.count()) +
+                                             " ms (is the server still there?)");
+    }
+    state_->done = false;
+    return state_->status;
   }
 
  private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  Status status_;
+  struct State {
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    Status status;
+  };
+  std::chrono::milliseconds timeout_;
+  std::shared_ptr<State> state_;
 };
 
-Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, uint64_t size, uint64_t iters,
-                                  uint64_t run_id) {
+// Puts of `size` bytes, the i-th at offset (i * size) % footprint of a target of `footprint`
+// bytes (footprint = size: the same bytes every time, as ucx_perftest does; a large footprint
+// moves data through DRAM rather than cache, like a real KV stream).
+Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, uint64_t size, uint64_t footprint,
+                                  uint64_t iters, uint64_t run_id, std::chrono::milliseconds timeout) {
+  footprint = std::max(footprint, size) / size * size;
   auto target = request_target(link, latency ? protocol::RunMode::kLatency : protocol::RunMode::kBandwidth,
-                               size, iters, run_id);
+                               footprint, iters, run_id);
   if (!target.ok()) return target.status();
   auto remote = setup.transport->import_region(link.peer(), target->target);
   if (!remote.ok()) return remote.status();
-  auto local = gpudirect::MemoryRegion::allocate_host(setup.ucx, size);
+  auto local = gpudirect::MemoryRegion::allocate_host(setup.ucx, footprint);
   if (!local.ok()) return local.status();
-  fill_pattern(local->data(), size & ~7ull, PatternKey{run_id, 0, 0, 0});
-  PutOp op{local->data(), &local.value(), remote.value(), 0, size};
-  Waiter waiter;
+  fill_pattern(local->data(), footprint & ~7ull, PatternKey{run_id, 0, 0, 0});
+  const uint64_t slots = footprint / size;
+  auto op_at = [&](uint64_t i) {
+    uint64_t offset = (i % slots) * size;
+    return PutOp{local->data() + offset, &local.value(), remote.value(), offset, size};
+  };
+  Waiter waiter(timeout);
   Measurement m;
   m.mode = latency ? "lat" : "bw";
   m.bytes = size;
@@ -168,7 +185,9 @@ Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, ui
     // Warm-up (registration caches, connection lanes), then the timed run.
     for (int pass = 0; pass < 2; ++pass) {
       uint64_t n = pass == 0 ? std::max<uint64_t>(1, iters / 10) : iters;
-      std::vector<PutOp> ops(n, op);
+      std::vector<PutOp> ops;
+      ops.reserve(n);
+      for (uint64_t i = 0; i < n; ++i) ops.push_back(op_at(i));
       auto t0 = Clock::now();
       setup.transport->put(link.peer(), std::move(ops), nullptr);
       setup.transport->flush(link.peer(), waiter.completion());
@@ -181,7 +200,7 @@ Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, ui
     us.reserve(iters);
     for (uint64_t i = 0; i < iters + iters / 10 + 1; ++i) {
       auto t0 = Clock::now();
-      setup.transport->put(link.peer(), {op}, nullptr);
+      setup.transport->put(link.peer(), {op_at(i)}, nullptr);
       setup.transport->flush(link.peer(), waiter.completion());
       if (Status s = waiter.wait(); !s.ok()) return s;
       if (i > iters / 10) us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
@@ -203,6 +222,9 @@ int run_client(const cxxopts::ParseResult& args) {
   auto sizes = perf::parse_size_list(args["sizes"].as<std::string>());
   if (!sizes.ok()) return fail("--sizes: " + sizes.status().message());
   uint64_t iters_arg = args["iters"].as<uint64_t>();
+  auto footprint_arg = perf::parse_size(args["footprint"].as<std::string>());
+  if (!footprint_arg) return fail("--footprint: bad size '" + args["footprint"].as<std::string>() + "'");
+  const uint64_t footprint = *footprint_arg;
 
   auto setup = make_transport(args["window"].as<size_t>(), peer_failure_option(args));
   if (!setup.ok()) return fail(setup.status().to_string());
@@ -218,7 +240,8 @@ int run_client(const cxxopts::ParseResult& args) {
       uint64_t iters = iters_arg != 0
                            ? iters_arg
                            : (mode == "bw" ? std::clamp<uint64_t>((1ull << 30) / size, 50, 100000) : 2000);
-      auto m = run_bw_or_lat(setup.value(), *link.value(), mode == "lat", size, iters, ++run_id);
+      auto m = run_bw_or_lat(setup.value(), *link.value(), mode == "lat", size, footprint, iters, ++run_id,
+                             std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>()));
       if (!m.ok()) return fail("size " + std::to_string(size) + ": " + m.status().to_string());
       std::printf("%-6s %12llu %10llu %10.3f %10.1f %10.1f\n", m->mode.c_str(),
                   static_cast<unsigned long long>(m->bytes), static_cast<unsigned long long>(m->iters),
@@ -329,7 +352,9 @@ int main(int argc, char** argv) {
       ("block-bytes", "layers mode: bytes of K (and of V) per block", cxxopts::value<std::string>()->default_value("32K"))
       ("shuffle", "layers mode: scatter into shuffled receiver blocks", cxxopts::value<bool>()->default_value("false"))
       ("verify", "layers mode: the receiver checks every byte", cxxopts::value<bool>()->default_value("false"))
-      ("timeout-ms", "client: a layer not remotely complete by then fails its request",
+      ("footprint", "bw/lat: spread the puts over a target this large (0: one message's size, "
+       "as ucx_perftest)", cxxopts::value<std::string>()->default_value("0"))
+      ("timeout-ms", "client: a layer (or bw/lat flush) not complete by then fails the run",
        cxxopts::value<uint64_t>()->default_value("30000"))
       ("peer-errors", "auto | on | off: UCX watches the peer (auto: remote hosts only; on a same-host peer "
        "UCX 1.13 then falls back to tcp)", cxxopts::value<std::string>()->default_value("auto"))

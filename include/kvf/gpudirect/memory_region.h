@@ -23,6 +23,10 @@ class MemoryRegion {
   // Page-aligned anonymous host memory. `ucx` may be null: then the region is not registered
   // (enough for the in-process transport).
   static Result<MemoryRegion> allocate_host(std::shared_ptr<UcxContext> ucx, uint64_t bytes);
+  // Memory that UCX allocates itself (ucp_mem_map with UCP_MEM_MAP_ALLOCATE). On one host UCX
+  // can then export it as a shared-memory segment that peers map, so their puts are plain
+  // memcpy with no work on this side: use it for regions peers write into. Needs `ucx`.
+  static Result<MemoryRegion> allocate_ucx(std::shared_ptr<UcxContext> ucx, uint64_t bytes);
   // POSIX shared memory: creates `name` (must not exist; "/kvf-..."), unlinked when the creator
   // is destroyed. Other processes map it with open_shared.
   static Result<MemoryRegion> create_shared(std::shared_ptr<UcxContext> ucx, const std::string& name,
@@ -50,7 +54,7 @@ class MemoryRegion {
   protocol::RegionDescriptor descriptor(uint64_t region_id, uint64_t offset, uint64_t length) const;
 
  private:
-  enum class Ownership : uint8_t { kNone, kMmap, kSharedCreator, kSharedOpener };
+  enum class Ownership : uint8_t { kNone, kMmap, kSharedCreator, kSharedOpener, kUcx };
   MemoryRegion() = default;
   Status register_with_ucx();
   void release();
