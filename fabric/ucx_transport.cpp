@@ -4,9 +4,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <deque>
 #include <future>
 #include <map>
+#include <string>
 #include <thread>
 #include <unordered_map>
 
@@ -18,6 +20,31 @@ namespace kvf::fabric {
 namespace {
 
 constexpr unsigned kNotificationAmId = 0x4b56;  // 'KV'
+
+// Whether UCX_TLS leaves UCX a shared-memory transport to use between processes of one host.
+// UCX 1.13 cannot watch shm lanes for peer failure, and its tcp transport without peer-failure
+// mode crashed (in uct_tcp_iface_progress) after peers came and went, so same-host peers get
+// peer-failure mode exactly when they will talk tcp anyway.
+bool ucx_tls_allows_shared_memory() {
+  const char* env = std::getenv("UCX_TLS");
+  if (env == nullptr || *env == '\0') return true;
+  std::string tls(env);
+  bool exclude = tls[0] == '^';
+  if (exclude) tls.erase(0, 1);
+  bool named = false;
+  size_t start = 0;
+  while (start <= tls.size()) {
+    size_t comma = tls.find(',', start);
+    std::string item = tls.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    if (item == "all" || item == "sm" || item == "shm" || item == "posix" || item == "sysv" ||
+        item == "cma" || item == "xpmem" || item == "knem") {
+      named = true;
+    }
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return exclude ? !named : named;
+}
 
 Status ucx_error(const char* what, ucs_status_t status) {
   ErrorCode code = ErrorCode::kTransportError;
@@ -160,7 +187,7 @@ class UcxTransport::Impl {
       std::promise<void> closed;
       tasks_.post([this, &closed] {
         for (auto& [id, peer] : peers_)
-          close_peer(*peer, Status(ErrorCode::kAborted, "transport shutting down"));
+          close_peer(*peer, Status(ErrorCode::kAborted, "transport shutting down"), /*force=*/false);
         closed.set_value();
       });
       closed.get_future().wait();
@@ -169,7 +196,12 @@ class UcxTransport::Impl {
       thread_.join();
     }
     // Close requests may still be completing; drive them briefly.
-    for (int i = 0; i < 1000 && pending_closes_ > 0 && worker_ != nullptr; ++i) ucp_worker_progress(worker_);
+    // Graceful closes need both workers to progress; give them up to a second.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    while (pending_closes_ > 0 && worker_ != nullptr && std::chrono::steady_clock::now() < deadline) {
+      ucp_worker_progress(worker_);
+      reap_closes();
+    }
     if (worker_ != nullptr) ucp_worker_destroy(worker_);
     for (RequestContext* ctx : free_contexts_) delete ctx;
     if (epoll_fd_ >= 0) close(epoll_fd_);
@@ -187,7 +219,8 @@ class UcxTransport::Impl {
   Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& connect_options) {
     std::vector<uint8_t> addr(address.begin(), address.end());
     bool watch = options_.peer_failure == PeerFailureDetection::kOn ||
-                 (options_.peer_failure == PeerFailureDetection::kAuto && !connect_options.same_host);
+                 (options_.peer_failure == PeerFailureDetection::kAuto &&
+                  (!connect_options.same_host || !ucx_tls_allows_shared_memory()));
     return call<Result<PeerId>>([this, addr, watch]() -> Result<PeerId> {
       auto peer = std::make_unique<Peer>();
       peer->owner = this;
@@ -236,7 +269,7 @@ class UcxTransport::Impl {
   void disconnect(PeerId peer_id) {
     tasks_.post([this, peer_id] {
       if (Peer* peer = find_peer(peer_id))
-        close_peer(*peer, Status(ErrorCode::kAborted, "disconnected locally"));
+        close_peer(*peer, Status(ErrorCode::kAborted, "disconnected locally"), /*force=*/false);
     });
   }
 
@@ -474,13 +507,16 @@ class UcxTransport::Impl {
     Status failure = ucx_error("peer connection failed", status);
     failure = Status(ErrorCode::kPeerLost, failure.message());
     spdlog::warn("ucx: peer {} lost: {}", peer->id, failure.message());
-    self->close_peer(*peer, failure);
+    self->close_peer(*peer, failure, /*force=*/true);
     if (self->failure_handler_) self->failure_handler_(peer->id, failure);
   }
 
   // Fails what is queued, releases rkeys and closes the endpoint. Outstanding UCX requests
   // complete through their callbacks (with errors when the peer is gone).
-  void close_peer(Peer& peer, const Status& reason) {
+  // A healthy peer is closed gracefully (flushed, then disconnected in step with the peer's
+  // worker): a forced close left UCX 1.13's tcp transport on the other side with a
+  // half-torn-down endpoint that crashed it later. A failed peer is closed by force.
+  void close_peer(Peer& peer, const Status& reason, bool force) {
     if (peer.closed) return;
     peer.closed = true;
     peer.failure = reason;
@@ -498,7 +534,7 @@ class UcxTransport::Impl {
     peer.regions.clear();
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    param.flags = UCP_EP_CLOSE_FLAG_FORCE;  // never wait on a peer that may be gone
+    param.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
     ucs_status_ptr_t req = ucp_ep_close_nbx(peer.ep, &param);
     if (req != nullptr && !UCS_PTR_IS_ERR(req)) {
       ++pending_closes_;

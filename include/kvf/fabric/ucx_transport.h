@@ -26,9 +26,10 @@ struct UcxTransportOptions {
   std::chrono::milliseconds max_sleep{1};
   // Whether UCX watches peers (UCP_ERR_HANDLING_MODE_PEER: a dead peer's ops complete with
   // kPeerLost). UCX 1.13 cannot watch its shared-memory lanes, so asking for it on a same-host
-  // peer silently moves the data to tcp (5-20x slower here). kAuto watches remote peers only;
-  // same-host peers are watched by their control connection (the kernel closes it when the
-  // process dies) and by the scheduler's layer timeout.
+  // peer silently moves the data to tcp (5-20x slower here). kAuto watches remote peers, and
+  // same-host peers when UCX_TLS leaves no shared memory (UCX 1.13's tcp without it crashed
+  // after peers came and went); other same-host peers are watched by their control connection
+  // (the kernel closes it when the process dies) and by the scheduler's layer timeout.
   PeerFailureDetection peer_failure = PeerFailureDetection::kAuto;
 };
 
