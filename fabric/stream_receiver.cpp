@@ -265,7 +265,19 @@ class StreamReceiver::Impl {
     }
     {
       std::lock_guard lock(mutex_);
-      if (session->closed) return;
+      if (session->closed) {
+        spdlog::warn("{}: stream {} from {} dropped before it started: the sender's connection ended",
+                     options_.name, offer.request_id, session->name);
+        if (options_.on_stream_done) {
+          StreamReport r;
+          r.peer = session->name;
+          r.request_id = offer.request_id;
+          r.layers = desc.num_layers;
+          r.status = Status(ErrorCode::kPeerLost, "sender connection ended before the stream started");
+          options_.on_stream_done(r);
+        }
+        return;
+      }
       if (session->streams.count(offer.request_id) != 0) {
         return refuse(ErrorCode::kInvalidArgument,
                       "request id " + std::to_string(offer.request_id) + " already in use");
@@ -306,7 +318,19 @@ class StreamReceiver::Impl {
     }
     {
       std::lock_guard lock(mutex_);
-      if (session->closed) return;
+      if (session->closed) {
+        spdlog::warn("{}: stream {} from {} dropped before it started: the sender's connection ended",
+                     options_.name, offer.request_id, session->name);
+        if (options_.on_stream_done) {
+          StreamReport r;
+          r.peer = session->name;
+          r.request_id = offer.request_id;
+          r.layers = desc.num_layers;
+          r.status = Status(ErrorCode::kPeerLost, "sender connection ended before the stream started");
+          options_.on_stream_done(r);
+        }
+        return;
+      }
       stream->started = Clock::now();
       session->streams[offer.request_id] = stream;
     }
