@@ -210,6 +210,15 @@ Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, ui
     m.p50_us = perf::percentile(us, 50);
     m.p99_us = perf::percentile(us, 99);
   }
+  // Over shared memory the target is mapped here, so puts "succeed" even after the server died:
+  // only a run whose server is still there at the end counts.
+  if (auto m2 = link.control().receive(std::chrono::milliseconds(1)); !m2.ok()) {
+    if (m2.status().code() != ErrorCode::kTimeout) {
+      return Status(m2.status().code(), "the server went away during the run: " + m2.status().message());
+    }
+  } else {
+    return Status(ErrorCode::kMalformed, "unexpected message from the server during a run");
+  }
   return m;
 }
 
