@@ -174,7 +174,7 @@ kvf_run() {
   ensure_kvf_server "$transport"
   rm -f "$json"
   if [[ $what == layers ]]; then
-    args=(--mode layers --layers 32 --blocks "$layer_blocks" --block-bytes 32K --shuffle --verify --iters 1)
+    args=(--mode layers --layers 32 --blocks "$layer_blocks" --block-bytes 32K --shuffle --verify --iters 3)
   else
     args=(--mode bw --sizes "$what" --iters $((run_bytes / what)))
   fi

@@ -184,7 +184,8 @@ Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, ui
   if (!latency) {
     // Warm-up (registration caches, connection lanes), then the timed run.
     for (int pass = 0; pass < 2; ++pass) {
-      uint64_t n = pass == 0 ? std::max<uint64_t>(1, iters / 10) : iters;
+      // The warm-up touches the whole footprint once, so first-touch page faults stay out.
+      uint64_t n = pass == 0 ? std::max<uint64_t>({1, iters / 10, slots}) : iters;
       std::vector<PutOp> ops;
       ops.reserve(n);
       for (uint64_t i = 0; i < n; ++i) ops.push_back(op_at(i));
