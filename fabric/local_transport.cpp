@@ -61,10 +61,7 @@ class LocalTransport::Impl : public std::enable_shared_from_this<LocalTransport:
 
   template <typename T>
   T call(std::function<T()> fn) {
-    std::promise<T> promise;
-    auto future = promise.get_future();
-    tasks_.post([&] { promise.set_value(fn()); });
-    return future.get();
+    return tasks_.call<T>(fn);
   }
 
   Peer* find(PeerId id) {

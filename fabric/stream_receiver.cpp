@@ -265,19 +265,7 @@ class StreamReceiver::Impl {
     }
     {
       std::lock_guard lock(mutex_);
-      if (session->closed) {
-        spdlog::warn("{}: stream {} from {} dropped before it started: the sender's connection ended",
-                     options_.name, offer.request_id, session->name);
-        if (options_.on_stream_done) {
-          StreamReport r;
-          r.peer = session->name;
-          r.request_id = offer.request_id;
-          r.layers = desc.num_layers;
-          r.status = Status(ErrorCode::kPeerLost, "sender connection ended before the stream started");
-          options_.on_stream_done(r);
-        }
-        return;
-      }
+      if (session->closed) return report_dropped(session, offer);
       if (session->streams.count(offer.request_id) != 0) {
         return refuse(ErrorCode::kInvalidArgument,
                       "request id " + std::to_string(offer.request_id) + " already in use");
@@ -318,19 +306,7 @@ class StreamReceiver::Impl {
     }
     {
       std::lock_guard lock(mutex_);
-      if (session->closed) {
-        spdlog::warn("{}: stream {} from {} dropped before it started: the sender's connection ended",
-                     options_.name, offer.request_id, session->name);
-        if (options_.on_stream_done) {
-          StreamReport r;
-          r.peer = session->name;
-          r.request_id = offer.request_id;
-          r.layers = desc.num_layers;
-          r.status = Status(ErrorCode::kPeerLost, "sender connection ended before the stream started");
-          options_.on_stream_done(r);
-        }
-        return;
-      }
+      if (session->closed) return report_dropped(session, offer);
       stream->started = Clock::now();
       session->streams[offer.request_id] = stream;
     }
@@ -355,6 +331,19 @@ class StreamReceiver::Impl {
                                    std::to_string(stream->arrived.size()) + " layers)"));
           }
         });
+  }
+
+  // An offer whose sender left while its buffer was being prepared: nobody is told otherwise.
+  void report_dropped(const std::shared_ptr<Session>& session, const protocol::StreamOffer& offer) {
+    spdlog::warn("{}: stream {} from {} dropped before it started: the sender's connection ended",
+                 options_.name, offer.request_id, session->name);
+    if (!options_.on_stream_done) return;
+    StreamReport r;
+    r.peer = session->name;
+    r.request_id = offer.request_id;
+    r.layers = offer.layout.num_layers;
+    r.status = Status(ErrorCode::kPeerLost, "sender connection ended before the stream started");
+    worker_->post([this, r] { options_.on_stream_done(r); });  // not under mutex_
   }
 
   void accept_run(const std::shared_ptr<Session>& session, const protocol::RunRequest& run) {

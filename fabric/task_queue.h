@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <mutex>
 #include <optional>
 #include <queue>
@@ -26,6 +27,15 @@ class TaskQueue {
 
   void post(std::function<void()> fn);
   void post_after(std::chrono::nanoseconds delay, std::function<void()> fn);
+  // Runs fn on the consumer thread and waits for its result: setup calls only, never from the
+  // consumer thread itself.
+  template <typename T>
+  T call(const std::function<T()>& fn) {
+    std::promise<T> promise;
+    auto future = promise.get_future();
+    post([&] { promise.set_value(fn()); });
+    return future.get();
+  }
 
   // Consumer side.
   bool run_pending();  // runs posted tasks and due timers; true if it ran any

@@ -207,13 +207,9 @@ class UcxTransport::Impl {
     if (epoll_fd_ >= 0) close(epoll_fd_);
   }
 
-  // Runs `fn` on the progress thread and waits for its result (setup calls only).
   template <typename T>
   T call(std::function<T()> fn) {
-    std::promise<T> promise;
-    auto future = promise.get_future();
-    tasks_.post([&] { promise.set_value(fn()); });
-    return future.get();
+    return tasks_.call<T>(fn);
   }
 
   Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& connect_options) {

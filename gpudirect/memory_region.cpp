@@ -64,14 +64,7 @@ Result<MemoryRegion> MemoryRegion::allocate_ucx(std::shared_ptr<UcxContext> ucx,
   region.kind_ = protocol::MemoryKind::kHost;
   region.ownership_ = Ownership::kUcx;  // ucp_mem_unmap frees it
   region.memh_ = memh;
-  void* rkey_buffer = nullptr;
-  size_t rkey_size = 0;
-  status = ucp_rkey_pack(region.ucx_->handle(), memh, &rkey_buffer, &rkey_size);
-  if (status != UCS_OK)
-    return Status(ErrorCode::kTransportError, "ucp_rkey_pack: " + ucx_status_string(status));
-  auto* b = static_cast<uint8_t*>(rkey_buffer);
-  region.packed_rkey_.assign(b, b + rkey_size);
-  ucp_rkey_buffer_release(rkey_buffer);
+  if (Status s = region.pack_rkey(); !s.ok()) return s;
   return region;
 }
 
@@ -163,13 +156,19 @@ Status MemoryRegion::register_with_ucx() {
     return Status(ErrorCode::kTransportError,
                   "ucp_mem_map of " + std::to_string(bytes_) + " bytes: " + ucx_status_string(status));
   }
+  if (Status s = pack_rkey(); !s.ok()) {
+    release();
+    return s;
+  }
+  return Status::Ok();
+}
+
+Status MemoryRegion::pack_rkey() {
   void* rkey_buffer = nullptr;
   size_t rkey_size = 0;
-  status = ucp_rkey_pack(ucx_->handle(), memh_, &rkey_buffer, &rkey_size);
-  if (status != UCS_OK) {
-    release();
+  ucs_status_t status = ucp_rkey_pack(ucx_->handle(), memh_, &rkey_buffer, &rkey_size);
+  if (status != UCS_OK)
     return Status(ErrorCode::kTransportError, "ucp_rkey_pack: " + ucx_status_string(status));
-  }
   auto* b = static_cast<uint8_t*>(rkey_buffer);
   packed_rkey_.assign(b, b + rkey_size);
   ucp_rkey_buffer_release(rkey_buffer);

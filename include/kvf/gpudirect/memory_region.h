@@ -57,6 +57,7 @@ class MemoryRegion {
   enum class Ownership : uint8_t { kNone, kMmap, kSharedCreator, kSharedOpener, kUcx };
   MemoryRegion() = default;
   Status register_with_ucx();
+  Status pack_rkey();
   void release();
 
   std::shared_ptr<UcxContext> ucx_;
