@@ -1,5 +1,6 @@
 #include "kvf/gpudirect/ucx_context.h"
 
+#include <cstdlib>
 #include <string>
 
 namespace kvf::gpudirect {
@@ -10,6 +11,12 @@ std::string ucx_status_string(ucs_status_t status) {
 }
 
 Result<std::shared_ptr<UcxContext>> UcxContext::create() {
+  // UCX's tcp segments default to 8 KiB; KV moves in tens of KiB to MiB, and 64 KiB segments
+  // measured 3.5x the bandwidth on loopback (0.73 -> 2.6 GB/s at 4 MiB). Set through the
+  // environment (ucp_config_modify does not reach UCT's tcp options in UCX 1.13); the user's
+  // own UCX_* variables win.
+  setenv("UCX_TCP_TX_SEG_SIZE", "64k", /*overwrite=*/0);
+  setenv("UCX_TCP_RX_SEG_SIZE", "64k", /*overwrite=*/0);
   ucp_config_t* config = nullptr;
   ucs_status_t status = ucp_config_read(nullptr, nullptr, &config);
   if (status != UCS_OK)

@@ -18,6 +18,9 @@
 # is what kvfabric-perf reports, so that is the one compared. UCX's MB is 2^20 bytes; both sides
 # are converted to GB/s = 1e9 bytes/s.
 set -uo pipefail
+# kvfabric sets UCX's tcp segments to 64 KiB unless the user's UCX_* variables say otherwise;
+# ucx_perftest gets the same setting so that the comparison is of the same UCX configuration.
+perftest_tuning="UCX_TCP_TX_SEG_SIZE=${UCX_TCP_TX_SEG_SIZE:-64k} UCX_TCP_RX_SEG_SIZE=${UCX_TCP_RX_SEG_SIZE:-64k}"
 
 rounds=
 quick=0
@@ -141,7 +144,7 @@ perftest_run() {
   local transport=$1 size=$2 round=$3 port iters log=$tmp/perftest.log spid
   iters=$((run_bytes / size))
   port=$(free_port)
-  env -u UCX_TLS $(tls_env "$transport") timeout -k 3 "$run_timeout" ucx_perftest -p "$port" \
+  env -u UCX_TLS $(tls_env "$transport") $perftest_tuning timeout -k 3 "$run_timeout" ucx_perftest -p "$port" \
     >"$tmp/perftest-server.log" 2>&1 </dev/null &
   spid=$!
   bg_pids+=("$spid")
@@ -151,7 +154,7 @@ perftest_run() {
     record "$transport" perftest "$size" "$round" fail
     return
   fi
-  env -u UCX_TLS $(tls_env "$transport") timeout -k 3 "$run_timeout" ucx_perftest 127.0.0.1 -p "$port" \
+  env -u UCX_TLS $(tls_env "$transport") $perftest_tuning timeout -k 3 "$run_timeout" ucx_perftest 127.0.0.1 -p "$port" \
     -t ucp_put_bw -s "$size" -n "$iters" -w $((iters / 10 + 1)) >"$log" 2>&1 </dev/null
   local rc=$?
   wait "$spid" 2>/dev/null
