@@ -1,6 +1,7 @@
 #include "kvf/fabric/stream_sender.h"
 
 #include <condition_variable>
+#include <future>
 #include <mutex>
 
 #include <spdlog/spdlog.h>
@@ -45,6 +46,21 @@ Result<std::unique_ptr<PeerLink>> PeerLink::connect(Transport& transport, const 
   connect_options.same_host = is_this_host(host);
   auto peer = transport.connect(ack->transport_address, connect_options);
   if (!peer.ok()) return peer.status();
+  // Finish UCX's connection setup now (a flush completes only once the endpoint is wired up):
+  // UCX 1.13 aborts the *receiver* on an assertion if a sender dies while a wire-up reply to it
+  // is still pending (fixed upstream in openucx/ucx#8175), so that window must stay short.
+  auto wired = std::make_shared<std::promise<Status>>();
+  auto wired_future = wired->get_future();
+  transport.flush(peer.value(), [wired](const Status& s) { wired->set_value(s); });
+  if (wired_future.wait_for(timeout) != std::future_status::ready) {
+    transport.disconnect(peer.value());
+    return Status(ErrorCode::kTimeout, "UCX connection to " + host + ":" + std::to_string(port) +
+                                           " not set up within " + std::to_string(timeout.count()) + " ms");
+  }
+  if (Status s = wired_future.get(); !s.ok()) {
+    transport.disconnect(peer.value());
+    return Status(s.code(), "UCX connection to " + host + ":" + std::to_string(port) + ": " + s.message());
+  }
   return std::unique_ptr<PeerLink>(
       new PeerLink(transport, std::move(control.value()), peer.value(), ack->session_id, ack->peer_name));
 }
