@@ -113,8 +113,13 @@ int run_decode(const Plan& plan, const std::string& listen_host) {
   for (size_t l = 0; l < r.layer_arrival_ns.size(); ++l) {
     uint64_t t = r.layer_arrival_ns[l];
     double gap_s = static_cast<double>(t - std::min(t, previous)) / 1e9;
-    std::printf("  layer %2zu  %9.2f ms  %7.2f GB/s\n", l, static_cast<double>(t) / 1e6,
-                gap_s > 0 ? static_cast<double>(layout->layer_bytes()) / gap_s / 1e9 : 0.0);
+    // Announcements that land together (< 0.5 ms apart) say nothing about the link's rate.
+    if (l > 0 && gap_s < 5e-4) {
+      std::printf("  layer %2zu  %9.2f ms  (with the previous)\n", l, static_cast<double>(t) / 1e6);
+    } else {
+      std::printf("  layer %2zu  %9.2f ms  %7.2f GB/s\n", l, static_cast<double>(t) / 1e6,
+                  gap_s > 0 ? static_cast<double>(layout->layer_bytes()) / gap_s / 1e9 : 0.0);
+    }
     previous = t;
   }
   double total_s = static_cast<double>(r.layer_arrival_ns.back()) / 1e9;
