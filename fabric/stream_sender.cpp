@@ -96,7 +96,6 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
                                                  const gpudirect::MemoryRegion& source,
                                                  const protocol::KvLayout& layout,
                                                  const PatternStreamOptions& options) {
-  (void)transport;
   const auto& desc = layout.desc();
   if (source.size() < layout.layer_bytes() * desc.num_layers) {
     return Status(ErrorCode::kInvalidArgument, "source region smaller than the request");

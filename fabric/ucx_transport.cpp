@@ -117,7 +117,6 @@ class UcxTransport::Impl {
     // over tcp: an ep flush completing while a put still sat in the transport's pending queue).
     struct Epoch {
       size_t outstanding = 0;
-      bool flush_posted = false;
       bool flush_done = false;
       Status status;
       Completion done;
@@ -374,7 +373,6 @@ class UcxTransport::Impl {
         peer.queue.pop_front();
         uint64_t epoch_id = peer.first_epoch + peer.epochs.size() - 1;
         Peer::Epoch& epoch = peer.epochs.back();
-        epoch.flush_posted = true;
         epoch.done = std::move(item.flush_done);
         peer.epochs.emplace_back();
         auto* ctx = new RequestContext{&peer, RequestContext::Kind::kFlush, nullptr, nullptr, {}, epoch_id};
@@ -453,20 +451,14 @@ class UcxTransport::Impl {
       return;
     }
     std::unique_ptr<RequestContext> owned(ctx);
-    switch (ctx->kind) {
-      case RequestContext::Kind::kPut:
-        break;
-      case RequestContext::Kind::kFlush: {
-        --in_flight_;
-        Peer::Epoch& epoch = peer.epochs[ctx->epoch - peer.first_epoch];
-        epoch.flush_done = true;
-        if (!status.ok() && epoch.status.ok()) epoch.status = status;
-        complete_epochs(peer);
-        break;
-      }
-      case RequestContext::Kind::kNotify:
-        if (ctx->done) ctx->done(status);
-        break;
+    if (ctx->kind == RequestContext::Kind::kFlush) {
+      --in_flight_;
+      Peer::Epoch& epoch = peer.epochs[ctx->epoch - peer.first_epoch];
+      epoch.flush_done = true;
+      if (!status.ok() && epoch.status.ok()) epoch.status = status;
+      complete_epochs(peer);
+    } else if (ctx->done) {  // kNotify
+      ctx->done(status);
     }
   }
 
