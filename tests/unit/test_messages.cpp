@@ -298,9 +298,9 @@ TEST_CASE("enum values outside their enum are rejected") {
   };
   SECTION("ErrorCode") {
     auto p = payload_of(ErrorReply{ErrorCode::kInternal, "x"});
-    p[0] = 13;
+    p[0] = 14;
     REQUIRE(decode_error(frame_with_payload(MessageType::kErrorReply, p)).message() ==
-            "ErrorReply.code: unknown error code 13");
+            "ErrorReply.code: unknown error code 14");
   }
   SECTION("KvLayoutKind") {
     auto p = payload_of(StreamOffer{});

@@ -25,6 +25,7 @@ enum class ErrorCode : uint16_t {
   kAuthFailed = 10,
   kVerifyFailed = 11,     // bytes arrived but did not match what was sent
   kInternal = 12,
+  kUnavailable = 13,      // a resource this machine does not have (no GPU, no RDMA device, built without it)
 };
 
 std::string_view error_code_name(ErrorCode code);
