@@ -146,6 +146,15 @@ Status MemoryRegion::register_with_ucx() {
   params.address = address_;
   params.length = bytes_;
   if (kind_ == protocol::MemoryKind::kCudaDevice) {
+    // A UCX without CUDA support would treat the device pointer as host memory and fail with a
+    // message that names neither CUDA nor the fix.
+    if (!ucx_->supports_cuda_memory()) {
+      release();
+      return Status(ErrorCode::kUnavailable,
+                    "this UCX cannot register CUDA device memory (ucp_context_query lists no CUDA memory "
+                    "type: UCX was built without its cuda modules, or they failed to load); use a UCX with "
+                    "CUDA support, e.g. the libucx-cu13 wheel");
+    }
     params.field_mask |= UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
     params.memory_type = UCS_MEMORY_TYPE_CUDA;
   }

@@ -30,7 +30,15 @@ Result<std::shared_ptr<UcxContext>> UcxContext::create() {
   status = ucp_init(&params, config, &context);
   ucp_config_release(config);
   if (status != UCS_OK) return Status(ErrorCode::kTransportError, "ucp_init: " + ucx_status_string(status));
-  return std::shared_ptr<UcxContext>(new UcxContext(context));
+  ucp_context_attr_t attr{};
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  status = ucp_context_query(context, &attr);
+  if (status != UCS_OK) {
+    ucp_cleanup(context);
+    return Status(ErrorCode::kTransportError, "ucp_context_query: " + ucx_status_string(status));
+  }
+  const bool cuda = (attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
+  return std::shared_ptr<UcxContext>(new UcxContext(context, cuda));
 }
 
 UcxContext::~UcxContext() {

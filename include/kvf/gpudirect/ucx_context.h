@@ -20,10 +20,16 @@ class UcxContext {
   UcxContext& operator=(const UcxContext&) = delete;
 
   ucp_context_h handle() const { return context_; }
+  // Whether this UCX can register and move CUDA device memory (ucp_context_query reports
+  // UCS_MEMORY_TYPE_CUDA among its memory types): only UCX built with its cuda modules, loaded at
+  // run time, does. Debian's UCX does not; never assume it.
+  bool supports_cuda_memory() const { return supports_cuda_memory_; }
 
  private:
-  explicit UcxContext(ucp_context_h context) : context_(context) {}
+  UcxContext(ucp_context_h context, bool supports_cuda_memory)
+      : context_(context), supports_cuda_memory_(supports_cuda_memory) {}
   ucp_context_h context_;
+  bool supports_cuda_memory_;
 };
 
 // "UCX error: Destination is unreachable (UCS_ERR_UNREACHABLE)"
