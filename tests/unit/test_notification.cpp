@@ -60,10 +60,10 @@ TEST_CASE("bad notifications are rejected") {
   }
   SECTION("unknown error code") {
     auto b = good;
-    b[6] = 13;
+    b[6] = 14;
     Result<Notification> r = decode_notification(b);
     REQUIRE_FALSE(r.ok());
-    REQUIRE(r.status().message() == "notification: unknown error code 13");
+    REQUIRE(r.status().message() == "notification: unknown error code 14");
   }
   SECTION("the reserved word is ignored") {
     auto b = good;
