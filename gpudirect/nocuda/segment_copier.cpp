@@ -1,0 +1,40 @@
+// SegmentCopier in a build without CUDA: create() says so, so callers fall back to
+// copy_segments_cpu; the rest only exists to link (no copier can be made).
+#include "kvf/gpudirect/segment_copier.h"
+
+#include <string>
+
+namespace kvf::gpudirect {
+
+struct SegmentCopier::Impl {
+  int device = 0;
+  uint32_t max_segments = 0;
+};
+
+SegmentCopier::SegmentCopier(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+SegmentCopier::~SegmentCopier() = default;
+
+Result<std::unique_ptr<SegmentCopier>> SegmentCopier::create(int device, uint32_t, uint32_t) {
+  return Status(ErrorCode::kUnavailable, "SegmentCopier for CUDA device " + std::to_string(device) +
+                                             ": kvfabric was built without CUDA (nvcc not found)");
+}
+
+Status SegmentCopier::copy(std::span<const CopySegment>, void*) {
+  return Status(ErrorCode::kUnavailable, "kvfabric was built without CUDA");
+}
+
+Status SegmentCopier::copy_with_copy_engines(std::span<const CopySegment>, void*) {
+  return Status(ErrorCode::kUnavailable, "kvfabric was built without CUDA");
+}
+
+int SegmentCopier::device() const {
+  return impl_->device;
+}
+uint32_t SegmentCopier::max_segments_per_launch() const {
+  return impl_->max_segments;
+}
+uint64_t SegmentCopier::kernel_launches() const {
+  return 0;
+}
+
+}  // namespace kvf::gpudirect

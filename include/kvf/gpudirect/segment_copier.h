@@ -1,0 +1,66 @@
+// SegmentCopier: executes a batch of CopySegments (paged_copy.h) on one CUDA device with a single
+// kernel launch, so gathering or scattering thousands of small KV blocks costs one launch instead
+// of thousands of cudaMemcpyAsync calls. It owns a ring of descriptor slots (pinned host staging,
+// a device buffer and a CUDA event each); a slot is refilled only after the launch that read it has
+// finished, so the host never overwrites descriptors a kernel may still read.
+//
+// The stream is an opaque `void*` (a cudaStream_t of this device; nullptr is its legacy default
+// stream) so this header compiles without CUDA. Copies are asynchronous: the memory behind the
+// segments must stay valid until the stream has passed them; the caller records events or
+// synchronizes. A build without CUDA compiles and links, and create() reports kUnavailable.
+//
+// Thread rules: one thread at a time per copier (the slot ring is not synchronized). Different
+// copiers may be used from different threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "kvf/gpudirect/paged_copy.h"
+#include "kvf/protocol/status.h"
+
+namespace kvf::gpudirect {
+
+class SegmentCopier {
+ public:
+  // copy() splits longer segments into pieces of this size first, so the work spreads over all
+  // thread blocks (each thread block copies whole segments).
+  static constexpr uint64_t kMaxSegmentBytes = 64 * 1024;
+
+  // `device`: the CUDA device whose streams the copies run on (sources and destinations may be
+  // anywhere that device can address: its memory, peers' memory with peer access, pinned host).
+  // `max_segments_per_launch` sizes each slot's descriptor buffers (24 bytes a segment);
+  // `slots` is how many launches may be in flight before copy() waits for the oldest.
+  // kUnavailable without CUDA or without that device; kInvalidArgument for zero sizes.
+  static Result<std::unique_ptr<SegmentCopier>> create(int device,
+                                                       uint32_t max_segments_per_launch = 1u << 16,
+                                                       uint32_t slots = 8);
+  ~SegmentCopier();
+  SegmentCopier(const SegmentCopier&) = delete;
+  SegmentCopier& operator=(const SegmentCopier&) = delete;
+
+  // Enqueues the copies on `cuda_stream` as one kernel launch (more only when, after splitting,
+  // there are more than max_segments_per_launch segments). Bytes are copied with 16-byte vector
+  // accesses wherever source and destination are equally aligned, narrower ones otherwise.
+  // May block while all slots are still in use by earlier launches. Rejects (kInvalidArgument) a
+  // segment with a null address before anything is enqueued: a faulting kernel would poison the
+  // whole CUDA context.
+  Status copy(std::span<const CopySegment> segments, void* cuda_stream);
+
+  // The same copies issued to the copy engines (cudaMemcpyBatchAsync with CUDA 13 on a non-default
+  // stream, one cudaMemcpyAsync per segment otherwise), so a benchmark or cost model can compare
+  // them with the kernel. Segments are not split.
+  Status copy_with_copy_engines(std::span<const CopySegment> segments, void* cuda_stream);
+
+  int device() const;
+  uint32_t max_segments_per_launch() const;
+  uint64_t kernel_launches() const;  // launches so far, for tests and metrics
+
+ private:
+  struct Impl;
+  explicit SegmentCopier(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvf::gpudirect
