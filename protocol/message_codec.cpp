@@ -11,7 +11,7 @@ using wire::Reader;
 using wire::Writer;
 
 // Encoded sizes of the smallest list items, for the count checks before allocation.
-constexpr size_t kRegionDescriptorMinBytes = 8 + 8 + 8 + 1 + 4;
+constexpr size_t kRegionDescriptorMinBytes = 8 + 8 + 8 + 1 + 4 + 4;
 
 // --- shared pieces -----------------------------------------------------------------------------
 
@@ -61,6 +61,7 @@ void put(Writer& w, const RegionDescriptor& d) {
   w.u64(d.length);
   w.u8(static_cast<uint8_t>(d.kind));
   w.bytes(d.ucx_rkey);
+  w.bytes(d.cuda_ipc);
 }
 // The caller names the descriptor with Reader::enter().
 bool get(Reader& r, RegionDescriptor& d) {
@@ -73,7 +74,7 @@ bool get(Reader& r, RegionDescriptor& d) {
     return r.fail("kind", "unknown memory kind " + std::to_string(kind));
   }
   d.kind = static_cast<MemoryKind>(kind);
-  if (!r.bytes("ucx_rkey", d.ucx_rkey)) return false;
+  if (!r.bytes("ucx_rkey", d.ucx_rkey) || !r.bytes("cuda_ipc", d.cuda_ipc)) return false;
   r.leave();
   return true;
 }

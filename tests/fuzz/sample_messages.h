@@ -83,7 +83,7 @@ class MessageFactory {
     return KvLayoutDesc{static_cast<KvLayoutKind>(below(3)), u32(), u32(), u32(), u32(), u32(), u32()};
   }
   RegionDescriptor region() {
-    return RegionDescriptor{u64(), u64(), u64(), static_cast<MemoryKind>(below(4)), bytes()};
+    return RegionDescriptor{u64(), u64(), u64(), static_cast<MemoryKind>(below(4)), bytes(), bytes()};
   }
 
   std::mt19937_64& rng() { return rng_; }

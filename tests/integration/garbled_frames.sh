@@ -8,7 +8,7 @@
 # against reference vectors; a valid Hello answered with a HelloAck proves the whole encoding.
 # Asserts, per case:
 #   - garbage, bad magic, wrong version, unknown type, oversized length (> 64 MiB), bad checksum,
-#     an undecodable payload with a good checksum, a Hello asking only for versions 2..3, and a
+#     an undecodable payload with a good checksum, a Hello asking only for newer versions, and a
 #     valid Hello followed by garbage: an ErrorReply frame (type 10, with a well-formed payload and
 #     the expected error code) comes back, then the server closes the connection;
 #   - a frame from the wrong side (HelloAck) gets an ErrorReply (invalid_argument);
@@ -29,7 +29,7 @@ cat >"$KVF_TMP/garble.py" <<'PY'
 import os, random, socket, struct, sys, time
 
 HOST, PORT = "127.0.0.1", int(sys.argv[1])
-MAGIC, VERSION = 0x3146564B, 1
+MAGIC, VERSION = 0x3146564B, 2  # include/kvf/protocol/messages.h kProtocolVersion
 HELLO, HELLO_ACK, ERROR_REPLY = 1, 2, 10
 CODES = {1: "invalid_argument", 2: "malformed", 3: "unsupported_version", 4: "timeout"}
 M = 0xFFFFFFFF
@@ -83,7 +83,7 @@ def frame(type_, payload, **kw):
 def string(s):
     return struct.pack("<I", len(s)) + s
 
-def hello(min_v=1, max_v=1, name=b"garbled-frames-test"):
+def hello(min_v=VERSION, max_v=VERSION, name=b"garbled-frames-test"):
     return struct.pack("<HH", min_v, max_v) + string(name) + string(b"") + string(b"")
 
 def connect():
@@ -194,7 +194,7 @@ idle.sendall(frame(HELLO, good))
 
 case("random garbage", garbage, [ERROR_REPLY], "malformed")
 case("bad magic", frame(HELLO, good, magic=0xDEADBEEF), [ERROR_REPLY], "malformed")
-case("wrong version", frame(HELLO, good, version=2), [ERROR_REPLY], "unsupported_version")
+case("wrong version", frame(HELLO, good, version=VERSION + 1), [ERROR_REPLY], "unsupported_version")
 case("version 0", frame(HELLO, good, version=0), [ERROR_REPLY], "unsupported_version")
 case("unknown type 99", frame(99, good), [ERROR_REPLY], "malformed")
 case("type 0", frame(0, good), [ERROR_REPLY], "malformed")
@@ -206,9 +206,9 @@ if seed_rule == "typed":
     bye = string(b"bye")
     case("checksum of another type", header(11, len(bye), checksum(bye, HELLO)) + bye, [ERROR_REPLY], "malformed")
 case("undecodable payload, good checksum",
-     frame(HELLO, struct.pack("<HH", 1, 1) + struct.pack("<I", 1 << 30) + b"x" * 8), [ERROR_REPLY], "malformed")
+     frame(HELLO, struct.pack("<HH", VERSION, VERSION) + struct.pack("<I", 1 << 30) + b"x" * 8), [ERROR_REPLY], "malformed")
 case("trailing bytes inside the payload", frame(HELLO, good + b"\0\0\0"), [ERROR_REPLY], "malformed")
-case("Hello for versions 2..3 only", frame(HELLO, hello(2, 3)), [ERROR_REPLY], "unsupported_version")
+case("Hello for newer versions only", frame(HELLO, hello(VERSION + 1, VERSION + 2)), [ERROR_REPLY], "unsupported_version")
 case("valid Hello then garbage", frame(HELLO, good) + garbage, [HELLO_ACK, ERROR_REPLY], "malformed")
 case("HelloAck from the connecting side",
      frame(HELLO, good) + frame(HELLO_ACK, struct.pack("<H", 1) + string(b"x") + string(b"") + struct.pack("<Q", 7)),

@@ -139,7 +139,8 @@ proto::RegionDescriptor sample_region(uint64_t id) {
           0x7f0000000000 + id * 4096,
           1 << 20,
           proto::MemoryKind::kPinnedHost,
-          {1, 2, 3, static_cast<uint8_t>(id)}};
+          {1, 2, 3, static_cast<uint8_t>(id)},
+          {9, 8, static_cast<uint8_t>(id)}};
 }
 
 std::vector<proto::Message> one_of_each_type() {

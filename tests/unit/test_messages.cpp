@@ -178,11 +178,11 @@ TEST_CASE("decode_frame_header checks each field") {
   }
   SECTION("wrong version") {
     std::vector<uint8_t> f = good;
-    f[4] = 2;
+    f[4] = static_cast<uint8_t>(kProtocolVersion + 1);
     const Status s = decode_error(f);
     REQUIRE(s.code() == ErrorCode::kUnsupportedVersion);
-    REQUIRE(contains(s.message(), "version 2"));
-    REQUIRE(contains(s.message(), "version 1"));
+    REQUIRE(contains(s.message(), "version " + std::to_string(kProtocolVersion + 1)));
+    REQUIRE(contains(s.message(), "version " + std::to_string(kProtocolVersion)));
   }
   SECTION("unknown type") {
     for (int t : {0, 12, 255, 256, 65535}) {
@@ -258,10 +258,10 @@ TEST_CASE("hostile counts are rejected before allocating") {
             "StreamResult.layer_arrival_ns: count 4294967295 of 8-byte items exceeds remaining 0 bytes");
   }
   SECTION("RegionGrant.layer_regions") {
-    const auto p = cat({le(1, 8), le(0, 25), le(100000000, 4), le(0, 29)});
+    const auto p = cat({le(1, 8), le(0, 25), le(100000000, 4), le(0, 33)});
     REQUIRE(
         contains(decode_error(frame_with_payload(MessageType::kRegionGrant, p)).message(),
-                 "RegionGrant.layer_regions: count 100000000 of 29-byte items exceeds remaining 29 bytes"));
+                 "RegionGrant.layer_regions: count 100000000 of 33-byte items exceeds remaining 33 bytes"));
   }
   SECTION("byte vectors and strings") {
     const auto hello = cat({le(1, 2), le(1, 2), le(0, 4), le(0xfffffff0u, 4)});
@@ -284,7 +284,7 @@ TEST_CASE("hostile counts are rejected before allocating") {
     std::vector<uint8_t> f = encode_frame(g);
     std::vector<uint8_t> p(f.begin() + kFrameHeaderBytes, f.end());
     // The second descriptor's kind byte: grant_id, layout, count, first descriptor, 3 u64s.
-    const size_t kind_at = 8 + 25 + 4 + 29 + 24;
+    const size_t kind_at = 8 + 25 + 4 + 33 + 24;
     p[kind_at] = 9;
     REQUIRE(decode_error(frame_with_payload(MessageType::kRegionGrant, p)).message() ==
             "RegionGrant.layer_regions[1].kind: unknown memory kind 9");

@@ -22,7 +22,8 @@
 namespace kvf::protocol {
 
 inline constexpr uint32_t kFrameMagic = 0x3146564Bu;  // "KVF1" read as little-endian u32
-inline constexpr uint16_t kProtocolVersion = 1;
+// 2: RegionDescriptor carries a CUDA IPC handle.
+inline constexpr uint16_t kProtocolVersion = 2;
 inline constexpr size_t kFrameHeaderBytes = 16;
 inline constexpr uint32_t kMaxFramePayload = 64u << 20;  // 64 MiB
 inline constexpr uint32_t kMaxStringBytes = 4096;        // names, messages, tokens
@@ -50,6 +51,9 @@ struct RegionDescriptor {
   uint64_t length = 0;
   MemoryKind kind = MemoryKind::kHost;
   std::vector<uint8_t> ucx_rkey;  // packed UCX rkey (may be empty for transports that need none)
+  // CUDA device memory: the exporter's CUDA IPC blob for the allocation (see cuda_ipc_region.h),
+  // so a process on the same host can map it; empty otherwise.
+  std::vector<uint8_t> cuda_ipc;
   bool operator==(const RegionDescriptor&) const = default;
 };
 
