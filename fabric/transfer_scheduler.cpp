@@ -74,7 +74,7 @@ struct TransferScheduler::State : std::enable_shared_from_this<TransferScheduler
       ops.push_back(PutOp{s.src_base + e.src_offset, s.src_region, s.dst_region, e.dst_offset, e.length});
     }
     auto self = shared_from_this();
-    transport.put(s.peer, std::move(ops), [flight](const Status& st) {
+    transport.put_after_event(s.peer, std::move(ops), s.ready_event, [flight](const Status& st) {
       if (!st.ok() && flight->put_status.ok()) flight->put_status = st;
     });
     transport.flush(s.peer, [self, flight](const Status& st) {

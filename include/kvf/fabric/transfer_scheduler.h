@@ -25,6 +25,10 @@ struct LayerSend {
   const uint8_t* src_base = nullptr;  // the sender's buffer of this layer
   const gpudirect::MemoryRegion* src_region = nullptr;
   RemoteRegionId dst_region = 0;  // the receiver's buffer of this layer
+  // GPU layers: the cudaEvent_t the engine recorded after computing this layer. The transfer
+  // starts after it (the transport's stream waits on the GPU; nobody blocks), so save_layer can
+  // be called right after the compute was enqueued. Must stay valid until the layer is done.
+  void* ready_event = nullptr;
 };
 
 using LayerDone = std::function<void(uint64_t request_id, uint32_t layer, const Status& status)>;

@@ -60,6 +60,11 @@ class Transport {
   // Posts puts in order. `done` runs when every op is locally complete (source reusable) or the
   // first error is known. Out-of-bounds ops fail the whole batch with kInvalidArgument, none posted.
   virtual void put(PeerId peer, std::vector<PutOp> ops, Completion done) = 0;
+  // As put, but the puts start only once `cuda_event` (a cudaEvent_t the engine recorded after the
+  // layer's compute) has completed; the caller never waits. The event must stay valid until
+  // `done` runs. This default polls the event on the progress thread; transports with CUDA
+  // streams make the stream wait instead.
+  virtual void put_after_event(PeerId peer, std::vector<PutOp> ops, void* cuda_event, Completion done);
   // `done` runs when every put submitted to `peer` before this call is remotely complete.
   virtual void flush(PeerId peer, Completion done) = 0;
   // Sends a small message now (not ordered behind puts: send it from a flush's completion to put
