@@ -48,7 +48,7 @@ std::optional<uint64_t> find_pattern_mismatch(const uint8_t* src, uint64_t bytes
 }
 
 void poison(uint8_t* dst, uint64_t bytes) {
-  std::memset(dst, 0xA5, bytes);
+  std::memset(dst, kPoisonByte, bytes);
 }
 
 }  // namespace kvf::fabric

@@ -14,6 +14,7 @@
 
 #include "kvf/fabric/control_channel.h"
 #include "kvf/fabric/stream_pattern.h"
+#include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/memory_region.h"
 #include "kvf/protocol/notification.h"
 
@@ -67,6 +68,15 @@ class Worker {
   std::function<void()> tick_;
   std::thread thread_;
 };
+
+// Fills a granted buffer with poison so that bytes that never arrive cannot pass verification.
+Status poison_region(const gpudirect::MemoryRegion& region, uint64_t bytes) {
+  if (region.kind() == protocol::MemoryKind::kCudaDevice) {
+    return gpudirect::fill_device(region.data(), kPoisonByte, bytes);
+  }
+  poison(region.data(), bytes);
+  return Status::Ok();
+}
 
 // Regions a peer was granted are not unmapped at once when their stream ends: a peer that died
 // or misbehaved may still have puts in flight (over tcp, UCX writes them on our progress thread
@@ -280,14 +290,17 @@ class StreamReceiver::Impl {
       }
     }
     if (!pool) {
-      auto region = gpudirect::MemoryRegion::allocate_ucx(ucx_, total);
+      auto region = options_.buffers.gpu ? gpudirect::MemoryRegion::allocate_cuda(ucx_, options_.buffers.device, total)
+                                         : gpudirect::MemoryRegion::allocate_ucx(ucx_, total);
       if (!region.ok()) return refuse(ErrorCode::kOutOfMemory, region.status().message());
       pool.emplace(std::move(region.value()));
     }
 
     auto stream = std::make_shared<Stream>(
         Stream{offer.request_id, layout.value(), offer, std::move(*pool), {}, {}, 0, {}, {}, false});
-    poison(stream->region.data(), total);
+    if (Status s = poison_region(stream->region, total); !s.ok()) {
+      return refuse(ErrorCode::kInternal, "poisoning the granted buffer: " + s.message());
+    }
     stream->dst_blocks.resize(offer.num_blocks);
     std::iota(stream->dst_blocks.begin(), stream->dst_blocks.end(), 0u);
     if ((offer.flags & protocol::kStreamShuffle) != 0) {
@@ -424,8 +437,19 @@ class StreamReceiver::Impl {
     if ((stream->offer.flags & protocol::kStreamVerify) != 0) {
       report.verified = true;
       const auto& layout = stream->layout;
+      const bool on_gpu = stream->region.kind() == protocol::MemoryKind::kCudaDevice;
+      std::vector<uint8_t> host_copy(on_gpu ? layout.layer_bytes() : 0);
       for (uint32_t l = 0; l < layout.desc().num_layers && report.status.ok(); ++l) {
         const uint8_t* layer_base = stream->region.data() + l * layout.layer_bytes();
+        if (on_gpu) {
+          // The bytes are checked where they landed, read back after the LayerReady said so.
+          if (Status s = gpudirect::copy_sync(host_copy.data(), layer_base, layout.layer_bytes()); !s.ok()) {
+            report.status = Status(ErrorCode::kInternal, "reading back GPU layer " + std::to_string(l) + ": " +
+                                                             s.message());
+            break;
+          }
+          layer_base = host_copy.data();
+        }
         for (uint32_t i = 0; i < stream->dst_blocks.size() && report.status.ok(); ++i) {
           for (uint32_t p = 0; p < layout.parts(); ++p) {
             auto e = layout.extent(stream->dst_blocks[i], static_cast<protocol::KvPart>(p));

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "kvf/fabric/stream_pattern.h"
+#include "kvf/gpudirect/cuda_memory.h"
 #include "local_host.h"
 
 namespace kvf::fabric {
@@ -80,15 +81,21 @@ Result<protocol::Message> PeerLink::expect(std::chrono::milliseconds timeout) {
   return m;
 }
 
-void fill_layer_pattern(const gpudirect::MemoryRegion& source, const protocol::KvLayout& layout,
-                        uint32_t layer, uint64_t seed) {
-  uint8_t* base = source.data() + layer * layout.layer_bytes();
+Status fill_layer_pattern(const gpudirect::MemoryRegion& source, const protocol::KvLayout& layout,
+                          uint32_t layer, uint64_t seed) {
+  uint8_t* target = source.data() + layer * layout.layer_bytes();
+  const bool on_gpu = source.kind() == protocol::MemoryKind::kCudaDevice;
+  // GPU memory is filled through a host copy of the layer.
+  std::vector<uint8_t> host(on_gpu ? layout.layer_bytes() : 0);
+  uint8_t* base = on_gpu ? host.data() : target;
   for (uint32_t b = 0; b < layout.desc().num_blocks; ++b) {
     for (uint32_t p = 0; p < layout.parts(); ++p) {
       auto e = layout.extent(b, static_cast<protocol::KvPart>(p));
       fill_pattern(base + e.offset, e.length, PatternKey{seed, layer, b, p});
     }
   }
+  if (on_gpu) return gpudirect::copy_sync(target, host.data(), layout.layer_bytes());
+  return Status::Ok();
 }
 
 Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& transport,
@@ -154,8 +161,9 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
   outcome.layer_done_s.assign(desc.num_layers, 0);
   outcome.layer_ready_s.assign(desc.num_layers, 0);
   const auto start = Clock::now();
+  outcome.start = start;
   for (uint32_t l = 0; l < desc.num_layers; ++l) {
-    if (options.before_layer) options.before_layer(l);
+    void* ready_event = options.before_layer ? options.before_layer(l) : nullptr;
     outcome.layer_ready_s[l] = std::chrono::duration<double>(Clock::now() - start).count();
     auto layer_plan =
         build_layer_plan(options.request_id, l, layout, dst_layout.value(), src_blocks, plan->dst_blocks);
@@ -168,7 +176,8 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
                    link.session_id(),
                    source.data() + l * layout.layer_bytes(),
                    &source,
-                   dst_regions[l]};
+                   dst_regions[l],
+                   ready_event};
     scheduler.submit(std::move(send), [&](uint64_t, uint32_t layer, const Status& st) {
       std::lock_guard lock(mutex);
       outcome.layer_done_s[layer] = std::chrono::duration<double>(Clock::now() - start).count();

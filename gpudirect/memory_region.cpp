@@ -35,6 +35,30 @@ Result<MemoryRegion> MemoryRegion::allocate_host(std::shared_ptr<UcxContext> ucx
   return region;
 }
 
+Result<MemoryRegion> MemoryRegion::allocate_cuda(std::shared_ptr<UcxContext> ucx, int device, uint64_t bytes) {
+  if (bytes == 0) return Status(ErrorCode::kInvalidArgument, "allocate_cuda: zero bytes");
+  auto buffer = DeviceBuffer::allocate(device, bytes);
+  if (!buffer.ok()) return buffer.status();
+  auto blob = export_cuda_ipc(buffer->data(), bytes);
+  if (!blob.ok()) return Status(blob.status().code(), "exporting GPU memory for CUDA IPC: " + blob.status().message());
+  MemoryRegion region;
+  region.address_ = buffer->data();
+  region.bytes_ = bytes;
+  region.kind_ = protocol::MemoryKind::kCudaDevice;
+  region.ownership_ = Ownership::kCuda;
+  region.device_buffer_ = std::make_unique<DeviceBuffer>(std::move(buffer.value()));
+  // The importer maps the whole exported range and finds a descriptor's bytes by their distance
+  // from this address.
+  auto base = reinterpret_cast<uint64_t>(region.address_);
+  for (int i = 0; i < 8; ++i) region.cuda_ipc_.push_back(static_cast<uint8_t>(base >> (8 * i)));
+  region.cuda_ipc_.insert(region.cuda_ipc_.end(), blob->begin(), blob->end());
+  if (ucx && ucx->supports_cuda_memory()) {
+    region.ucx_ = std::move(ucx);
+    if (Status s = region.register_with_ucx(); !s.ok()) return s;
+  }
+  return region;
+}
+
 Result<MemoryRegion> MemoryRegion::allocate_ucx(std::shared_ptr<UcxContext> ucx, uint64_t bytes) {
   if (bytes == 0) return Status(ErrorCode::kInvalidArgument, "allocate_ucx: zero bytes");
   if (!ucx) return Status(ErrorCode::kInvalidArgument, "allocate_ucx needs a UCX context");
@@ -202,6 +226,7 @@ protocol::RegionDescriptor MemoryRegion::descriptor(uint64_t region_id, uint64_t
   d.length = length;
   d.kind = kind_;
   d.ucx_rkey = packed_rkey_;  // an rkey covers the whole mapping; the bounds travel beside it
+  d.cuda_ipc = cuda_ipc_;
   return d;
 }
 
@@ -218,6 +243,9 @@ void MemoryRegion::release() {
         munmap(address_, bytes_);
         shm_unlink(shm_name_.c_str());
         break;
+      case Ownership::kCuda:  // after ucp_mem_unmap: UCX may hold the pages until then
+        device_buffer_.reset();
+        break;
       case Ownership::kNone:
       case Ownership::kUcx:  // released by ucp_mem_unmap above
         break;
@@ -226,6 +254,7 @@ void MemoryRegion::release() {
   address_ = nullptr;
   bytes_ = 0;
   packed_rkey_.clear();
+  cuda_ipc_.clear();
 }
 
 MemoryRegion::MemoryRegion(MemoryRegion&& other) noexcept {
@@ -243,6 +272,8 @@ MemoryRegion& MemoryRegion::operator=(MemoryRegion&& other) noexcept {
     shm_name_ = std::move(other.shm_name_);
     memh_ = std::exchange(other.memh_, nullptr);
     packed_rkey_ = std::move(other.packed_rkey_);
+    device_buffer_ = std::move(other.device_buffer_);
+    cuda_ipc_ = std::move(other.cuda_ipc_);
   }
   return *this;
 }

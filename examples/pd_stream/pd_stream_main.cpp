@@ -159,8 +159,12 @@ int run_prefill(const Plan& plan, const cxxopts::ParseResult& args) {
   PatternStreamOptions options;
   options.request_id = 1;
   options.seed = args["seed"].as<uint64_t>();
-  options.before_layer = [&](uint32_t layer) {
-    fill_layer_pattern(source.value(), layout.value(), layer, options.seed);  // this layer's "compute"
+  Status compute_status;
+  options.before_layer = [&](uint32_t layer) -> void* {
+    // This layer's "compute"; host memory, so the layer is ready when the call returns.
+    Status s = fill_layer_pattern(source.value(), layout.value(), layer, options.seed);
+    if (!s.ok() && compute_status.ok()) compute_status = s;
+    return nullptr;
   };
   std::printf("[prefill %s] request of %u tokens (%u blocks, %.1f MiB of KV) -> %s at %s:%u\n",
               plan.prefill->name.c_str(), plan.tokens, plan.layout.num_blocks,
@@ -170,6 +174,7 @@ int run_prefill(const Plan& plan, const cxxopts::ParseResult& args) {
   auto outcome = send_pattern_stream(*link.value(), *transport.value(), scheduler, source.value(),
                                      layout.value(), options);
   if (!outcome.ok()) return fail("[prefill] " + outcome.status().to_string());
+  if (!compute_status.ok()) return fail("[prefill] filling the layers: " + compute_status.to_string());
   double last_compute = outcome->layer_ready_s.back();
   double last_done = outcome->layer_done_s.back();
   std::printf(

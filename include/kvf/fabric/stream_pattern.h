@@ -19,7 +19,10 @@ struct PatternKey {
 void fill_pattern(uint8_t* dst, uint64_t bytes, const PatternKey& key);
 // The offset of the first byte that differs from the pattern, or nullopt when all match.
 std::optional<uint64_t> find_pattern_mismatch(const uint8_t* src, uint64_t bytes, const PatternKey& key);
-// Fills with a fixed non-pattern value so unwritten bytes are caught by verification.
+// What unwritten destination bytes hold: a fixed value, so verification catches them (the
+// pattern is pseudo-random, so a whole block of it never matches).
+inline constexpr uint8_t kPoisonByte = 0xA5;
+// Fills with kPoisonByte.
 void poison(uint8_t* dst, uint64_t bytes);
 
 }  // namespace kvf::fabric

@@ -29,8 +29,18 @@ struct StreamReport {
   std::vector<uint64_t> layer_arrival_ns;  // since the offer was accepted
 };
 
+// Where granted KV buffers live: host memory (UCX-allocated, shared with same-host peers), or
+// one GPU's memory (exported with CUDA IPC for cuda_ipc peers, and registered with UCX where the
+// UCX build handles CUDA memory).
+struct BufferPlacement {
+  bool gpu = false;
+  int device = 0;
+  std::string to_string() const { return gpu ? "cuda:" + std::to_string(device) : "host"; }
+};
+
 struct StreamReceiverOptions {
   std::string name = "kvfabric";
+  BufferPlacement buffers;
   uint64_t max_request_bytes = 16ull << 30;  // larger offers are refused with a clear error
   std::chrono::milliseconds stream_timeout{120'000};
   // A granted region stays mapped this long after its stream ends (late puts of a dead or

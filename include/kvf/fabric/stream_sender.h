@@ -53,15 +53,19 @@ struct PatternStreamOptions {
   bool verify = true;
   bool shuffle = true;
   // Runs on the caller's thread before layer l is handed to the scheduler (the "compute" of the
-  // layer: the demo fills the layer's pattern here, so streaming overlaps it).
-  std::function<void(uint32_t layer)> before_layer;
+  // layer: the demo fills the layer's pattern here, so streaming overlaps it). A GPU engine
+  // enqueues the layer's compute and returns the cudaEvent_t recorded after it: the transfer then
+  // waits for that event on the GPU (nullptr: the layer is ready now).
+  std::function<void*(uint32_t layer)> before_layer;
   std::chrono::milliseconds timeout{120'000};
 };
 
 // All times are in seconds since just before before_layer(0).
 struct PatternStreamOutcome {
+  std::chrono::steady_clock::time_point start;  // what the times below count from
   double seconds = 0;                 // -> the last layer remotely complete
-  std::vector<double> layer_ready_s;  // per layer: before_layer returned (the layer was "computed")
+  std::vector<double> layer_ready_s;  // per layer: before_layer returned (the layer was "computed",
+                                      // or for GPU compute: enqueued)
   std::vector<double> layer_done_s;   // per layer: remotely complete and announced
   protocol::StreamResult result;      // the receiver's verdict
 };
@@ -74,8 +78,8 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
                                                  const protocol::KvLayout& layout,
                                                  const PatternStreamOptions& options);
 
-// Fills layer `layer` of `source` with the pattern the receiver will check.
-void fill_layer_pattern(const gpudirect::MemoryRegion& source, const protocol::KvLayout& layout,
+// Fills layer `layer` of `source` (host or GPU memory) with the pattern the receiver will check.
+Status fill_layer_pattern(const gpudirect::MemoryRegion& source, const protocol::KvLayout& layout,
                         uint32_t layer, uint64_t seed);
 
 }  // namespace kvf::fabric

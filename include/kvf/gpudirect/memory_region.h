@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/ucx_context.h"
 #include "kvf/protocol/messages.h"
 #include "kvf/protocol/status.h"
@@ -32,6 +33,10 @@ class MemoryRegion {
   static Result<MemoryRegion> create_shared(std::shared_ptr<UcxContext> ucx, const std::string& name,
                                             uint64_t bytes);
   static Result<MemoryRegion> open_shared(std::shared_ptr<UcxContext> ucx, const std::string& name);
+  // cudaMalloc'd memory on `device`, exported for CUDA IPC (its descriptors carry the handle, so
+  // a process on this host can map it: the cuda_ipc transport) and registered with UCX when the
+  // UCX build handles CUDA memory (`ucx` may be null: then it is not). data() is a device pointer.
+  static Result<MemoryRegion> allocate_cuda(std::shared_ptr<UcxContext> ucx, int device, uint64_t bytes);
   // Registers memory owned by the caller, which must outlive the region.
   static Result<MemoryRegion> register_external(std::shared_ptr<UcxContext> ucx, void* address,
                                                 uint64_t bytes, protocol::MemoryKind kind);
@@ -54,7 +59,7 @@ class MemoryRegion {
   protocol::RegionDescriptor descriptor(uint64_t region_id, uint64_t offset, uint64_t length) const;
 
  private:
-  enum class Ownership : uint8_t { kNone, kMmap, kSharedCreator, kSharedOpener, kUcx };
+  enum class Ownership : uint8_t { kNone, kMmap, kSharedCreator, kSharedOpener, kUcx, kCuda };
   MemoryRegion() = default;
   Status register_with_ucx();
   Status pack_rkey();
@@ -68,6 +73,8 @@ class MemoryRegion {
   std::string shm_name_;
   ucp_mem_h memh_ = nullptr;
   std::vector<uint8_t> packed_rkey_;
+  std::unique_ptr<DeviceBuffer> device_buffer_;  // kCuda: the allocation
+  std::vector<uint8_t> cuda_ipc_;                // kCuda: data() as u64, then the CUDA IPC blob
 };
 
 }  // namespace kvf::gpudirect
