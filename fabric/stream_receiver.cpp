@@ -13,6 +13,7 @@
 #include <spdlog/spdlog.h>
 
 #include "kvf/fabric/control_channel.h"
+#include "kvf/fabric/cuda_ipc_transport.h"
 #include "kvf/fabric/stream_pattern.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/memory_region.h"
@@ -205,9 +206,21 @@ class StreamReceiver::Impl {
     if (const auto* hello = std::get_if<protocol::Hello>(&message)) {
       if (hello->min_version > protocol::kProtocolVersion ||
           hello->max_version < protocol::kProtocolVersion) {
-        session->connection->send(
-            protocol::ErrorReply{ErrorCode::kUnsupportedVersion, "this receiver speaks version 1"});
+        session->connection->send(protocol::ErrorReply{
+            ErrorCode::kUnsupportedVersion,
+            "this receiver speaks version " + std::to_string(protocol::kProtocolVersion)});
         session->connection->close(Status(ErrorCode::kUnsupportedVersion, "version mismatch"));
+        return;
+      }
+      // Both ends must run the same transport; say so before the sender tries to connect to an
+      // address its transport cannot read.
+      if (std::string_view offered = transport_kind_of_address(hello->transport_address);
+          (offered == "cuda_ipc") != (transport_.name() == "cuda_ipc")) {
+        session->connection->send(protocol::ErrorReply{
+            ErrorCode::kUnavailable, "this receiver runs the " + std::string(transport_.name()) +
+                                         " transport and the sender offers " + std::string(offered) +
+                                         ": start both with the same --transport"});
+        session->connection->close(Status(ErrorCode::kUnavailable, "transport mismatch"));
         return;
       }
       session->name = hello->peer_name + "@" + session->connection->remote();
@@ -290,8 +303,9 @@ class StreamReceiver::Impl {
       }
     }
     if (!pool) {
-      auto region = options_.buffers.gpu ? gpudirect::MemoryRegion::allocate_cuda(ucx_, options_.buffers.device, total)
-                                         : gpudirect::MemoryRegion::allocate_ucx(ucx_, total);
+      auto region = options_.buffers.gpu
+                        ? gpudirect::MemoryRegion::allocate_cuda(ucx_, options_.buffers.device, total)
+                        : gpudirect::MemoryRegion::allocate_ucx(ucx_, total);
       if (!region.ok()) return refuse(ErrorCode::kOutOfMemory, region.status().message());
       pool.emplace(std::move(region.value()));
     }
@@ -444,8 +458,8 @@ class StreamReceiver::Impl {
         if (on_gpu) {
           // The bytes are checked where they landed, read back after the LayerReady said so.
           if (Status s = gpudirect::copy_sync(host_copy.data(), layer_base, layout.layer_bytes()); !s.ok()) {
-            report.status = Status(ErrorCode::kInternal, "reading back GPU layer " + std::to_string(l) + ": " +
-                                                             s.message());
+            report.status = Status(ErrorCode::kInternal,
+                                   "reading back GPU layer " + std::to_string(l) + ": " + s.message());
             break;
           }
           layer_base = host_copy.data();

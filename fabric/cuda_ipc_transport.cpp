@@ -1,0 +1,470 @@
+#include "kvf/fabric/cuda_ipc_transport.h"
+
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <future>
+#include <map>
+#include <optional>
+#include <unordered_map>
+
+#include <spdlog/spdlog.h>
+
+#include "kvf/gpudirect/cuda_memory.h"
+#include "kvf/gpudirect/paged_copy.h"
+#include "kvf/gpudirect/segment_copier.h"
+
+namespace kvf::fabric {
+namespace {
+
+// address(): magic, version, device, boot id (which host), the inner UCX worker address.
+constexpr uint32_t kAddressMagic = 0x4b564349;  // "KVCI"
+constexpr uint16_t kAddressVersion = 1;
+
+std::string this_boot_id() {
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  std::getline(in, id);
+  return id;
+}
+
+void put_u32(std::vector<uint8_t>& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<uint8_t>(v >> (8 * i)));
+}
+uint32_t get_u32(const uint8_t* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
+  return v;
+}
+uint64_t get_u64(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
+  return v;
+}
+
+struct ParsedAddress {
+  int device = 0;
+  std::string boot_id;
+  std::vector<uint8_t> ucx;
+};
+
+Result<ParsedAddress> parse_address(std::span<const uint8_t> a) {
+  // magic u32, version u16, device u32, boot id length u32 + bytes, then the UCX address.
+  if (a.size() < 14 || get_u32(a.data()) != kAddressMagic) {
+    return Status(ErrorCode::kUnavailable,
+                  "the peer offers no cuda_ipc transport (its address is not a cuda_ipc address; "
+                  "run both sides with --transport cuda_ipc)");
+  }
+  uint16_t version = static_cast<uint16_t>(a[4] | (a[5] << 8));
+  if (version != kAddressVersion) {
+    return Status(ErrorCode::kUnsupportedVersion, "cuda_ipc address version " + std::to_string(version) +
+                                                      ", this build speaks " +
+                                                      std::to_string(kAddressVersion));
+  }
+  ParsedAddress p;
+  p.device = static_cast<int>(get_u32(a.data() + 6));
+  uint32_t id_len = get_u32(a.data() + 10);
+  if (id_len > 64 || a.size() < 14 + id_len)
+    return Status(ErrorCode::kMalformed, "truncated cuda_ipc address");
+  p.boot_id.assign(reinterpret_cast<const char*>(a.data() + 14), id_len);
+  p.ucx.assign(a.begin() + 14 + id_len, a.end());
+  if (p.ucx.empty()) return Status(ErrorCode::kMalformed, "cuda_ipc address without a UCX address");
+  return p;
+}
+
+}  // namespace
+
+std::string_view transport_kind_of_address(std::span<const uint8_t> address) {
+  return address.size() >= 4 && get_u32(address.data()) == kAddressMagic ? "cuda_ipc" : "ucx";
+}
+
+class CudaIpcTransport::Impl {
+ public:
+  Impl(CudaIpcTransportOptions options, std::unique_ptr<UcxTransport> inner, gpudirect::CudaStream stream,
+       std::unique_ptr<gpudirect::SegmentCopier> copier)
+      : options_(options), inner_(std::move(inner)), stream_(std::move(stream)), copier_(std::move(copier)) {
+    address_.reserve(64);
+    put_u32(address_, kAddressMagic);
+    address_.push_back(static_cast<uint8_t>(kAddressVersion));
+    address_.push_back(static_cast<uint8_t>(kAddressVersion >> 8));
+    put_u32(address_, static_cast<uint32_t>(options_.device));
+    std::string boot = this_boot_id();
+    put_u32(address_, static_cast<uint32_t>(boot.size()));
+    address_.insert(address_.end(), boot.begin(), boot.end());
+    auto ucx = inner_->address();
+    address_.insert(address_.end(), ucx.begin(), ucx.end());
+  }
+
+  ~Impl() {
+    // Nothing may still write through a mapping that is about to be closed.
+    call<int>([this] {
+      (void)stream_.synchronize();
+      complete_all(Status(ErrorCode::kAborted, "transport shut down"));
+      regions_.clear();
+      peers_.clear();
+      events_.clear();
+      return 0;
+    });
+    inner_.reset();
+  }
+
+  const std::vector<uint8_t>& address() const { return address_; }
+  int device() const { return options_.device; }
+  Transport& inner() { return *inner_; }
+
+  Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& options) {
+    auto parsed = parse_address(address);
+    if (!parsed.ok()) return parsed.status();
+    if (parsed->boot_id != this_boot_id()) {
+      return Status(ErrorCode::kUnavailable,
+                    "cuda_ipc needs the peer on this host; it runs on another (boot id " + parsed->boot_id +
+                        "): use the ucx or nccl transport between hosts");
+    }
+    ConnectOptions inner_options = options;
+    inner_options.same_host = true;
+    auto peer = inner_->connect(parsed->ucx, inner_options);
+    if (!peer.ok()) return peer.status();
+    call<int>([&] {
+      peers_[peer.value()] = Peer{parsed->device, {}, 0};
+      return 0;
+    });
+    return peer;
+  }
+
+  Result<RemoteRegionId> import_region(PeerId peer, const protocol::RegionDescriptor& region) {
+    if (region.kind != protocol::MemoryKind::kCudaDevice) {
+      auto id = inner_->import_region(peer, region);
+      if (!id.ok()) return id.status();
+      return call<Result<RemoteRegionId>>([&]() -> Result<RemoteRegionId> {
+        RemoteRegionId mine = next_region_++;
+        regions_[mine] = Region{peer, false, nullptr, region.length, id.value(), nullptr};
+        return mine;
+      });
+    }
+    if (region.cuda_ipc.size() < 8) {
+      return Status(
+          ErrorCode::kInvalidArgument,
+          "region " + std::to_string(region.region_id) +
+              " is GPU memory without a CUDA IPC handle (the peer's build or memory cannot export one)");
+    }
+    return call<Result<RemoteRegionId>>([&]() -> Result<RemoteRegionId> {
+      auto p = peers_.find(peer);
+      if (p == peers_.end()) return Status(ErrorCode::kNotFound, "unknown peer " + std::to_string(peer));
+      // The blob is the exporter's base address of the allocation's exported range, then the
+      // CUDA IPC blob; one mapping per allocation serves every region cut from it.
+      uint64_t exported_base = get_u64(region.cuda_ipc.data());
+      std::vector<uint8_t> blob(region.cuda_ipc.begin() + 8, region.cuda_ipc.end());
+      std::shared_ptr<gpudirect::CudaIpcMapping>& mapping = p->second.mappings[blob];
+      if (!mapping) {
+        auto opened = gpudirect::CudaIpcMapping::open(blob, options_.device);
+        if (!opened.ok()) {
+          p->second.mappings.erase(blob);
+          return Status(opened.status().code(), "mapping the peer's GPU region " +
+                                                    std::to_string(region.region_id) + ": " +
+                                                    opened.status().message());
+        }
+        mapping = std::make_shared<gpudirect::CudaIpcMapping>(std::move(opened.value()));
+      }
+      if (region.base_address < exported_base || region.base_address - exported_base > mapping->size() ||
+          region.length > mapping->size() - (region.base_address - exported_base)) {
+        return Status(ErrorCode::kInvalidArgument,
+                      "region " + std::to_string(region.region_id) + " lies outside the allocation it names");
+      }
+      RemoteRegionId mine = next_region_++;
+      uint8_t* base = static_cast<uint8_t*>(mapping->data()) + (region.base_address - exported_base);
+      regions_[mine] = Region{peer, true, base, region.length, 0, mapping};
+      return mine;
+    });
+  }
+
+  void disconnect(PeerId peer) {
+    call<int>([&] {
+      (void)stream_.synchronize();  // no copy may still use the peer's mappings
+      poll();
+      for (auto it = regions_.begin(); it != regions_.end();) {
+        it = it->second.peer == peer ? regions_.erase(it) : std::next(it);
+      }
+      peers_.erase(peer);
+      return 0;
+    });
+    inner_->disconnect(peer);
+  }
+
+  void put(PeerId peer, std::vector<PutOp> ops, void* wait_event, Completion done) {
+    inner_->post([this, peer, ops = std::move(ops), wait_event, done = std::move(done)]() mutable {
+      start_put(peer, std::move(ops), wait_event, std::move(done));
+    });
+  }
+
+  void flush(PeerId peer, Completion done) {
+    inner_->post([this, peer, done = std::move(done)]() mutable {
+      auto p = peers_.find(peer);
+      if (p == peers_.end()) {
+        if (done) done(Status(ErrorCode::kNotFound, "flush: unknown peer " + std::to_string(peer)));
+        return;
+      }
+      bool host_puts = p->second.host_puts_since_flush > 0;
+      p->second.host_puts_since_flush = 0;
+      // Everything before this point on the stream is finished when this event is.
+      enqueue_event([this, peer, host_puts, done = std::move(done)](const Status& s) mutable {
+        if (!s.ok() || !host_puts) {
+          if (done) done(s);
+          return;
+        }
+        inner_->flush(peer, std::move(done));
+      });
+    });
+  }
+
+  template <typename T>
+  T call(const std::function<T()>& fn) {
+    std::promise<T> promise;
+    auto future = promise.get_future();
+    inner_->post([&] { promise.set_value(fn()); });
+    return future.get();
+  }
+
+ private:
+  struct Peer {
+    int device = 0;
+    std::map<std::vector<uint8_t>, std::shared_ptr<gpudirect::CudaIpcMapping>> mappings;
+    uint64_t host_puts_since_flush = 0;
+  };
+  struct Region {
+    PeerId peer = 0;
+    bool cuda = false;
+    uint8_t* mapped = nullptr;  // this process's address of the region's first byte
+    uint64_t length = 0;
+    RemoteRegionId inner = 0;  // host regions: the id on the inner transport
+    std::shared_ptr<gpudirect::CudaIpcMapping> mapping;
+  };
+  struct PendingEvent {
+    gpudirect::CudaEvent event;
+    std::function<void(const Status&)> done;
+  };
+
+  void start_put(PeerId peer, std::vector<PutOp> ops, void* wait_event, Completion done) {
+    auto fail = [&](Status s) {
+      if (done) done(std::move(s));
+    };
+    if (!broken_.ok()) return fail(broken_);
+    auto p = peers_.find(peer);
+    if (p == peers_.end())
+      return fail(Status(ErrorCode::kNotFound, "put: unknown peer " + std::to_string(peer)));
+    if (ops.empty()) return fail(Status::Ok());
+    auto first = regions_.find(ops.front().remote);
+    if (first == regions_.end() || first->second.peer != peer) {
+      return fail(Status(ErrorCode::kInvalidArgument, "put into region " +
+                                                          std::to_string(ops.front().remote) +
+                                                          " which was not imported from this peer"));
+    }
+    if (!first->second.cuda) {
+      // Host memory on the other side: the inner UCX transport moves it.
+      std::vector<PutOp> inner_ops;
+      inner_ops.reserve(ops.size());
+      for (PutOp op : ops) {
+        auto r = regions_.find(op.remote);
+        if (r == regions_.end() || r->second.peer != peer || r->second.cuda) {
+          return fail(Status(ErrorCode::kInvalidArgument, "a put batch mixes GPU and host regions"));
+        }
+        op.remote = r->second.inner;
+        inner_ops.push_back(op);
+      }
+      ++p->second.host_puts_since_flush;
+      if (wait_event != nullptr) {
+        inner_->put_after_event(peer, std::move(inner_ops), wait_event, std::move(done));
+      } else {
+        inner_->put(peer, std::move(inner_ops), std::move(done));
+      }
+      return;
+    }
+    segments_.clear();
+    segments_.reserve(ops.size());
+    for (const PutOp& op : ops) {
+      auto r = regions_.find(op.remote);
+      if (r == regions_.end() || r->second.peer != peer || !r->second.cuda) {
+        return fail(Status(ErrorCode::kInvalidArgument, "a put batch mixes GPU and host regions"));
+      }
+      if (op.remote_offset > r->second.length || op.length > r->second.length - op.remote_offset) {
+        return fail(Status(ErrorCode::kInvalidArgument,
+                           "put of " + std::to_string(op.length) + " bytes at offset " +
+                               std::to_string(op.remote_offset) + " overruns the peer's region of " +
+                               std::to_string(r->second.length) + " bytes"));
+      }
+      segments_.push_back(
+          gpudirect::CopySegment{reinterpret_cast<uint64_t>(op.local),
+                                 reinterpret_cast<uint64_t>(r->second.mapped + op.remote_offset), op.length});
+    }
+    if (wait_event != nullptr) {
+      if (Status s = stream_.wait_event(wait_event); !s.ok()) return fail(s);
+    }
+    Status launched = use_copy_engines(segments_)
+                          ? copier_->copy_with_copy_engines(segments_, stream_.handle())
+                          : copier_->copy(segments_, stream_.handle());
+    if (!launched.ok()) {
+      broken_ = Status(launched.code(), "cuda_ipc copy failed: " + launched.message());
+      spdlog::error("{}", broken_.to_string());
+      complete_all(broken_);
+      return fail(broken_);
+    }
+    enqueue_event(std::move(done));
+  }
+
+  bool use_copy_engines(const std::vector<gpudirect::CopySegment>& segments) const {
+    switch (options_.copy) {
+      case CudaCopyMethod::kKernel:
+        return false;
+      case CudaCopyMethod::kCopyEngine:
+        return true;
+      case CudaCopyMethod::kAuto:
+        break;
+    }
+    return gpudirect::total_bytes(segments) / segments.size() >= options_.copy_engine_min_extent;
+  }
+
+  // Records an event on the stream now; `done` runs once the stream has reached it.
+  void enqueue_event(std::function<void(const Status&)> done) {
+    if (free_events_.empty()) {
+      auto created = gpudirect::CudaEvent::create(options_.device);
+      if (!created.ok()) {
+        if (done) done(created.status());
+        return;
+      }
+      free_events_.push_back(std::move(created.value()));
+    }
+    gpudirect::CudaEvent event = std::move(free_events_.back());
+    free_events_.pop_back();
+    if (Status s = event.record(stream_.handle()); !s.ok()) {
+      if (done) done(s);
+      return;
+    }
+    events_.push_back(PendingEvent{std::move(event), std::move(done)});
+    if (!polling_) {
+      polling_ = true;
+      inner_->post_after(options_.poll_interval, [this] { poll_loop(); });
+    }
+  }
+
+  void poll_loop() {
+    poll();
+    if (events_.empty()) {
+      polling_ = false;
+      return;
+    }
+    inner_->post_after(options_.poll_interval, [this] { poll_loop(); });
+  }
+
+  // Completes finished events in stream order (one stream: they finish in order).
+  void poll() {
+    while (!events_.empty()) {
+      auto ready = gpudirect::event_done(events_.front().event.handle());
+      if (!ready.ok()) {
+        broken_ = Status(ready.status().code(), "cuda_ipc stream failed: " + ready.status().message());
+        spdlog::error("{}", broken_.to_string());
+        complete_all(broken_);
+        return;
+      }
+      if (!ready.value()) return;
+      PendingEvent done = std::move(events_.front());
+      events_.pop_front();
+      free_events_.push_back(std::move(done.event));
+      if (done.done) done.done(Status::Ok());
+    }
+  }
+
+  void complete_all(const Status& s) {
+    std::deque<PendingEvent> events;
+    events.swap(events_);
+    for (auto& e : events) {
+      if (e.done) e.done(s);
+    }
+  }
+
+  CudaIpcTransportOptions options_;
+  std::unique_ptr<UcxTransport> inner_;
+  std::vector<uint8_t> address_;
+  // Progress-thread state.
+  gpudirect::CudaStream stream_;
+  std::unique_ptr<gpudirect::SegmentCopier> copier_;
+  std::unordered_map<PeerId, Peer> peers_;
+  std::unordered_map<RemoteRegionId, Region> regions_;
+  RemoteRegionId next_region_ = 1;
+  std::deque<PendingEvent> events_;
+  std::vector<gpudirect::CudaEvent> free_events_;
+  std::vector<gpudirect::CopySegment> segments_;
+  bool polling_ = false;
+  Status broken_ = Status::Ok();  // a CUDA error is sticky: every later op fails with it
+};
+
+Result<std::unique_ptr<CudaIpcTransport>> CudaIpcTransport::create(
+    std::shared_ptr<gpudirect::UcxContext> context, CudaIpcTransportOptions options) {
+  auto inner = UcxTransport::create(std::move(context), options.ucx);
+  if (!inner.ok()) return inner.status();
+  // The stream and the copier are made on the progress thread, which issues all CUDA work.
+  std::promise<Status> made;
+  std::optional<gpudirect::CudaStream> stream;
+  std::unique_ptr<gpudirect::SegmentCopier> copier;
+  inner.value()->post([&] {
+    auto s = gpudirect::CudaStream::create(options.device);
+    if (!s.ok()) return made.set_value(s.status());
+    auto c = gpudirect::SegmentCopier::create(options.device);
+    if (!c.ok()) return made.set_value(c.status());
+    stream.emplace(std::move(s.value()));
+    copier = std::move(c.value());
+    made.set_value(Status::Ok());
+  });
+  if (Status s = made.get_future().get(); !s.ok()) {
+    return Status(s.code(),
+                  "cuda_ipc transport on GPU " + std::to_string(options.device) + ": " + s.message());
+  }
+  auto impl =
+      std::make_unique<Impl>(options, std::move(inner.value()), std::move(*stream), std::move(copier));
+  return std::unique_ptr<CudaIpcTransport>(new CudaIpcTransport(std::move(impl)));
+}
+
+CudaIpcTransport::CudaIpcTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaIpcTransport::~CudaIpcTransport() = default;
+
+std::vector<uint8_t> CudaIpcTransport::address() const {
+  return impl_->address();
+}
+int CudaIpcTransport::device() const {
+  return impl_->device();
+}
+Result<PeerId> CudaIpcTransport::connect(std::span<const uint8_t> address, const ConnectOptions& options) {
+  return impl_->connect(address, options);
+}
+Result<RemoteRegionId> CudaIpcTransport::import_region(PeerId peer,
+                                                       const protocol::RegionDescriptor& region) {
+  return impl_->import_region(peer, region);
+}
+void CudaIpcTransport::disconnect(PeerId peer) {
+  impl_->disconnect(peer);
+}
+void CudaIpcTransport::put(PeerId peer, std::vector<PutOp> ops, Completion done) {
+  impl_->put(peer, std::move(ops), nullptr, std::move(done));
+}
+void CudaIpcTransport::put_after_event(PeerId peer, std::vector<PutOp> ops, void* cuda_event,
+                                       Completion done) {
+  impl_->put(peer, std::move(ops), cuda_event, std::move(done));
+}
+void CudaIpcTransport::flush(PeerId peer, Completion done) {
+  impl_->flush(peer, std::move(done));
+}
+void CudaIpcTransport::notify(PeerId peer, std::span<const uint8_t> bytes, Completion done) {
+  impl_->inner().notify(peer, bytes, std::move(done));
+}
+void CudaIpcTransport::set_notification_handler(NotificationHandler handler) {
+  impl_->inner().set_notification_handler(std::move(handler));
+}
+void CudaIpcTransport::set_peer_failure_handler(PeerFailureHandler handler) {
+  impl_->inner().set_peer_failure_handler(std::move(handler));
+}
+void CudaIpcTransport::post(std::function<void()> fn) {
+  impl_->inner().post(std::move(fn));
+}
+void CudaIpcTransport::post_after(std::chrono::nanoseconds delay, std::function<void()> fn) {
+  impl_->inner().post_after(delay, std::move(fn));
+}
+
+}  // namespace kvf::fabric

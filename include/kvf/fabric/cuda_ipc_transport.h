@@ -1,0 +1,79 @@
+// CudaIpcTransport: the Transport between processes of one host whose KV lives in GPU memory.
+// Bytes move GPU to GPU through CUDA IPC mappings of the peer's regions (peer writes over NVLink
+// or PCIe, with no staging): one batched copy kernel per put batch for many small extents, or the
+// copy engines for large ones (the cost model below). Notifications, peer liveness and regions in
+// host memory go over an inner UcxTransport (shared memory or tcp), so notifications sent from a
+// flush's completion still land behind the data.
+//
+// Threads: as Transport (any thread calls; completions, timers and handlers on the inner UCX
+// transport's progress thread). All CUDA work is issued from that thread on one non-blocking
+// stream of `device`; flush completions come from CUDA events polled there.
+#pragma once
+
+#include <chrono>
+#include <memory>
+
+#include "kvf/fabric/transport.h"
+#include "kvf/fabric/ucx_transport.h"
+#include "kvf/gpudirect/ucx_context.h"
+
+namespace kvf::fabric {
+
+enum class CudaCopyMethod : uint8_t {
+  kAuto,        // the cost model: copy engines when extents are large, the kernel otherwise
+  kKernel,      // one batched copy kernel per put batch (SMs do the peer writes)
+  kCopyEngine,  // one cudaMemcpyAsync per extent (no SMs used: compute keeps the whole GPU)
+};
+
+struct CudaIpcTransportOptions {
+  int device = 0;  // the GPU whose memory this process sends from and receives into
+  CudaCopyMethod copy = CudaCopyMethod::kAuto;
+  // kAuto: batches whose mean extent is at least this many bytes go to the copy engines. A copy
+  // engine op costs a few microseconds to start, so for 32 KiB extents the kernel wins; for
+  // megabytes the engines reach the link rate without taking SMs from the engine's compute.
+  uint64_t copy_engine_min_extent = 512 << 10;
+  // How often the progress thread looks at outstanding CUDA events while any are pending.
+  std::chrono::microseconds poll_interval{4};
+  UcxTransportOptions ucx;
+};
+
+// Which transport wrote `address` ("cuda_ipc" or "ucx"), so that a receiver can refuse a sender
+// running another transport with a clear error instead of feeding one's address to the other.
+std::string_view transport_kind_of_address(std::span<const uint8_t> address);
+
+class CudaIpcTransport final : public Transport {
+ public:
+  // Fails (kUnavailable) when the build has no CUDA, the device does not exist, or UCX fails.
+  static Result<std::unique_ptr<CudaIpcTransport>> create(std::shared_ptr<gpudirect::UcxContext> context,
+                                                          CudaIpcTransportOptions options = {});
+  ~CudaIpcTransport() override;
+
+  std::string_view name() const override { return "cuda_ipc"; }
+  std::vector<uint8_t> address() const override;
+  // Refuses (kUnavailable) a peer on another host or one that offers no cuda_ipc address.
+  Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& options = {}) override;
+  // CUDA regions are mapped (cudaIpcOpenMemHandle, cached per peer and allocation); host regions
+  // are imported on the inner UCX transport.
+  Result<RemoteRegionId> import_region(PeerId peer, const protocol::RegionDescriptor& region) override;
+  void disconnect(PeerId peer) override;
+  // A batch goes either to GPU regions or to host regions, not both. `done` runs when the
+  // copies have finished (for GPU regions that is also remote completion).
+  void put(PeerId peer, std::vector<PutOp> ops, Completion done) override;
+  void put_after_event(PeerId peer, std::vector<PutOp> ops, void* cuda_event, Completion done) override;
+  void flush(PeerId peer, Completion done) override;
+  void notify(PeerId peer, std::span<const uint8_t> bytes, Completion done) override;
+  void set_notification_handler(NotificationHandler handler) override;
+  void set_peer_failure_handler(PeerFailureHandler handler) override;
+  void post(std::function<void()> fn) override;
+  void post_after(std::chrono::nanoseconds delay, std::function<void()> fn) override;
+
+  int device() const;
+
+  class Impl;
+
+ private:
+  explicit CudaIpcTransport(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvf::fabric

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Two real processes stream a paged KV request GPU to GPU over the cuda_ipc transport (CUDA IPC
+# mappings; NVLink between two GPUs, or one GPU's memory when there is only one) into shuffled,
+# poisoned receiver blocks, every byte checked by the receiver; with the copy kernel, the copy
+# engines and the cost model's choice. Then the error paths: a sender on another transport is
+# refused with a clear reason and the receiver keeps serving; a receiver killed mid-stream fails
+# the sender within its timeout (nothing hangs). Skips (77) where there is no GPU.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../integration/lib.sh"
+kvf_init stream_cuda_ipc 300
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+((gpus >= 1)) || kvf_skip "no GPU (nvidia-smi lists none)"
+src=0 dst=$((gpus >= 2 ? 1 : 0))
+kvf_log "GPUs: $gpus; sender on cuda:$src, receiver on cuda:$dst"
+
+port=$(kvf_free_port)
+kvf_start_bg srv "$KVF_PERF" server --listen 127.0.0.1:$port --transport cuda_ipc --mem cuda:$dst
+kvf_wait_for_line srv 'listening on ' 20 || kvf_die "cuda_ipc server did not start: $(tail -3 "$(kvf_logfile srv)")"
+
+LAYERS=8 BLOCKS=96 BLOCK_BYTES=32768
+total=$(kvf_layers_bytes $LAYERS $BLOCKS $BLOCK_BYTES)
+for copy in kernel ce auto; do
+  before=$(kvf_count_lines srv '^stream [0-9]+ from ')
+  if kvf_run "client-$copy" 120 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc \
+       --mem cuda:$src --mode layers --layers $LAYERS --blocks $BLOCKS --block-bytes $BLOCK_BYTES --shuffle \
+       --verify --iters 2 --copy $copy; then
+    kvf_check_grep "$(kvf_logfile "client-$copy")" "receiver verified $total bytes" "copy $copy: the client saw every byte verified"
+    kvf_check_verified srv "$total" "$before" 2 "copy $copy"
+  else
+    kvf_check_fail "cuda_ipc stream with copy $copy failed: $(tail -3 "$(kvf_logfile "client-$copy")")"
+  fi
+done
+
+# A ucx sender against the cuda_ipc receiver is refused with the reason.
+if kvf_run mismatch 60 "$KVF_PERF" client --connect 127.0.0.1:$port --mode layers --layers 2 --blocks 4 \
+     --block-bytes 4K --iters 1; then
+  kvf_check_fail "a ucx sender was accepted by a cuda_ipc receiver"
+else
+  kvf_check_grep "$(kvf_logfile mismatch)" "runs the cuda_ipc transport and the sender offers ucx" "transport mismatch refused clearly"
+fi
+kvf_check kvf_alive srv -- "the receiver survives the refused sender"
+kvf_run after 60 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc --mem cuda:$src --mode layers \
+  --layers 4 --blocks 16 --block-bytes 16K --shuffle --verify --iters 1
+kvf_check_eq "$?" 0 "a verified stream after the refused sender: exit status"
+
+# The receiver dies mid-stream: the sender reports an error within its timeout.
+(sleep 2; kill -9 "$(kvf_pid srv)") &
+killer=$!
+start=$(kvf_now_ms)
+kvf_run killed 90 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc --mem cuda:$src \
+  --mode layers --layers 32 --blocks 512 --block-bytes 32K --iters 400 --timeout-ms 5000
+rc=$?
+wait "$killer" 2>/dev/null
+kvf_forget srv
+kvf_check test "$rc" != 0 -a "$rc" != 124 -- "receiver killed mid-stream -> the sender fails (rc $rc) after $(( ($(kvf_now_ms) - start) / 1000 )) s, no hang: $(tail -1 "$(kvf_logfile killed)")"
+kvf_finish
