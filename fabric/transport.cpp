@@ -20,7 +20,9 @@ struct EventWait : std::enable_shared_from_this<EventWait> {
   void check() {
     auto ready = gpudirect::event_done(event);
     if (!ready.ok()) {
-      if (done) done(Status(ready.status().code(), "waiting for the layer's CUDA event: " + ready.status().message()));
+      if (done)
+        done(
+            Status(ready.status().code(), "waiting for the layer's CUDA event: " + ready.status().message()));
       return;
     }
     if (!ready.value()) {

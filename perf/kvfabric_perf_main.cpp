@@ -2,10 +2,13 @@
 //   kvfabric-perf server --listen HOST:PORT
 //   kvfabric-perf client --connect HOST:PORT --mode bw|lat|layers [--sizes 4K,64K,1M,4M] [--iters N]
 //                        [--layers L --blocks B --block-bytes S --shuffle --verify] [--json FILE]
+//   kvfabric-perf local --mem cuda:N --mode gather|scatter [--layers ... --shuffle --verify --copy ...]
 // bw: one-sided puts of each size back to back (a window in flight), flushed at the end, like
 // ucx_perftest's ucp_put_bw. lat: put + flush round trips. layers: a KV request of L layers of B
 // blocks (K and V of S bytes each) streamed layer by layer into the server's blocks (shuffled
 // when asked) through the TransferScheduler, every byte checked by the server with --verify.
+// GPU: --transport cuda_ipc on both sides, --mem cuda:N (the server's blocks / the client's source
+// on GPU N); layers mode then moves the blocks GPU to GPU (--copy picks kernel or copy engines).
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
@@ -19,12 +22,15 @@
 #include <nlohmann/json.hpp>
 
 #include "kvf/fabric/control_channel.h"
+#include "kvf/fabric/cuda_ipc_transport.h"
 #include "kvf/fabric/stream_pattern.h"
 #include "kvf/fabric/stream_receiver.h"
 #include "kvf/fabric/stream_sender.h"
 #include "kvf/fabric/transfer_scheduler.h"
 #include "kvf/fabric/ucx_transport.h"
 #include "kvf/fabric/version.h"
+#include "local_copy_run.h"
+#include "overlap_run.h"
 #include "perf_util.h"
 
 namespace {
@@ -47,24 +53,60 @@ PeerFailureDetection peer_failure_option(const cxxopts::ParseResult& args) {
 
 struct Setup {
   std::shared_ptr<gpudirect::UcxContext> ucx;
-  std::unique_ptr<UcxTransport> transport;
+  std::unique_ptr<Transport> transport;
+  BufferPlacement memory;  // where this side's KV buffers live
 };
 
-Result<Setup> make_transport(size_t window, PeerFailureDetection peer_failure) {
+// "host" or "cuda:N".
+Result<BufferPlacement> parse_memory(const std::string& text) {
+  if (text == "host") return BufferPlacement{};
+  if (text.rfind("cuda:", 0) == 0 && text.size() > 5 && text.size() < 9 &&
+      text.find_first_not_of("0123456789", 5) == std::string::npos) {
+    return BufferPlacement{true, std::stoi(text.substr(5))};
+  }
+  return Status(ErrorCode::kInvalidArgument, "--mem must be host or cuda:N, got '" + text + "'");
+}
+
+Result<Setup> make_transport(const cxxopts::ParseResult& args) {
+  auto memory = parse_memory(args["mem"].as<std::string>());
+  if (!memory.ok()) return memory.status();
   auto ucx = gpudirect::UcxContext::create();
   if (!ucx.ok()) return ucx.status();
   UcxTransportOptions options;
-  options.max_outstanding_puts = window;
-  options.peer_failure = peer_failure;
-  auto transport = UcxTransport::create(ucx.value(), options);
-  if (!transport.ok()) return transport.status();
-  return Setup{ucx.value(), std::move(transport.value())};
+  options.max_outstanding_puts = args["window"].as<size_t>();
+  options.peer_failure = peer_failure_option(args);
+  std::string kind = args["transport"].as<std::string>();
+  if (kind == "ucx") {
+    auto transport = UcxTransport::create(ucx.value(), options);
+    if (!transport.ok()) return transport.status();
+    return Setup{ucx.value(), std::move(transport.value()), memory.value()};
+  }
+  if (kind == "cuda_ipc") {
+    if (!memory->gpu) {
+      return Status(ErrorCode::kInvalidArgument, "--transport cuda_ipc moves GPU memory: add --mem cuda:N");
+    }
+    CudaIpcTransportOptions cuda;
+    cuda.device = memory->device;
+    cuda.ucx = options;
+    std::string copy = args["copy"].as<std::string>();
+    if (copy == "kernel") {
+      cuda.copy = CudaCopyMethod::kKernel;
+    } else if (copy == "ce") {
+      cuda.copy = CudaCopyMethod::kCopyEngine;
+    } else if (copy != "auto") {
+      return Status(ErrorCode::kInvalidArgument, "--copy must be auto, kernel or ce, got '" + copy + "'");
+    }
+    auto transport = CudaIpcTransport::create(ucx.value(), cuda);
+    if (!transport.ok()) return transport.status();
+    return Setup{ucx.value(), std::move(transport.value()), memory.value()};
+  }
+  return Status(ErrorCode::kInvalidArgument, "--transport must be ucx or cuda_ipc, got '" + kind + "'");
 }
 
 int run_server(const cxxopts::ParseResult& args) {
   auto hp = parse_host_port(args["listen"].as<std::string>());
   if (!hp.ok()) return fail("--listen: " + hp.status().message());
-  auto setup = make_transport(args["window"].as<size_t>(), peer_failure_option(args));
+  auto setup = make_transport(args);
   if (!setup.ok()) return fail(setup.status().to_string());
 
   sigset_t signals;
@@ -75,6 +117,7 @@ int run_server(const cxxopts::ParseResult& args) {
 
   StreamReceiverOptions options;
   options.name = "kvfabric-perf-server";
+  options.buffers = setup->memory;
   options.max_request_bytes = perf::parse_size(args["max-bytes"].as<std::string>()).value_or(16ull << 30);
   options.on_stream_done = [](const StreamReport& r) {
     double last_ms = r.layer_arrival_ns.empty() ? 0 : static_cast<double>(r.layer_arrival_ns.back()) / 1e6;
@@ -160,8 +203,9 @@ class Waiter {
 // Puts of `size` bytes, the i-th at offset (i * size) % footprint of a target of `footprint`
 // bytes (footprint = size: the same bytes every time, as ucx_perftest does; a large footprint
 // moves data through DRAM rather than cache, like a real KV stream).
-Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, uint64_t size, uint64_t footprint,
-                                  uint64_t iters, uint64_t run_id, std::chrono::milliseconds timeout) {
+Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, uint64_t size,
+                                  uint64_t footprint, uint64_t iters, uint64_t run_id,
+                                  std::chrono::milliseconds timeout) {
   footprint = std::max(footprint, size) / size * size;
   auto target = request_target(link, latency ? protocol::RunMode::kLatency : protocol::RunMode::kBandwidth,
                                footprint, iters, run_id);
@@ -236,8 +280,12 @@ int run_client(const cxxopts::ParseResult& args) {
   if (!footprint_arg) return fail("--footprint: bad size '" + args["footprint"].as<std::string>() + "'");
   const uint64_t footprint = *footprint_arg;
 
-  auto setup = make_transport(args["window"].as<size_t>(), peer_failure_option(args));
+  auto setup = make_transport(args);
   if (!setup.ok()) return fail(setup.status().to_string());
+  if (setup->memory.gpu && mode != "layers") {
+    return fail("--mem " + setup->memory.to_string() +
+                ": GPU memory is measured in layers mode (--mode layers)");
+  }
   auto link = PeerLink::connect(*setup->transport, hp->first, hp->second, "kvfabric-perf-client",
                                 std::chrono::seconds(10));
   if (!link.ok()) return fail(link.status().to_string());
@@ -274,12 +322,45 @@ int run_client(const cxxopts::ParseResult& args) {
     auto layout = protocol::KvLayout::create(desc);
     if (!layout.ok()) return fail("layout: " + layout.status().message());
     uint64_t total = layout->layer_bytes() * desc.num_layers;
-    auto source = gpudirect::MemoryRegion::allocate_host(setup->ucx, total);
+    auto source = setup->memory.gpu
+                      ? gpudirect::MemoryRegion::allocate_cuda(setup->ucx, setup->memory.device, total)
+                      : gpudirect::MemoryRegion::allocate_host(setup->ucx, total);
     if (!source.ok()) return fail(source.status().to_string());
     uint64_t iters = iters_arg != 0 ? iters_arg : 3;
     TransferSchedulerOptions scheduler_options;
     scheduler_options.layer_timeout = std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>());
     TransferScheduler scheduler(*setup->transport, scheduler_options);
+    if (args.count("compute") != 0) {
+      if (args["compute"].as<std::string>() != "llama8b") return fail("--compute: only llama8b is known");
+      if (!setup->memory.gpu) return fail("--compute runs on a GPU: add --mem cuda:N");
+      auto f = perf::run_overlap(*link.value(), *setup->transport, scheduler, source.value(), layout.value(),
+                                 setup->memory.device, args["tokens"].as<uint32_t>(), iters,
+                                 args["shuffle"].as<bool>(), run_id);
+      if (!f.ok()) return fail("overlap run: " + f.status().to_string());
+      std::printf(
+          "overlap: request alone %.1f GB/s (%.1f us a layer); compute alone %.2f ms, with transfers %.2f ms "
+          "(%+.2f%%); tail from the last layer's compute to its LayerReady %.1f us = %.2f x one layer's "
+          "transfer\n",
+          f->transfer_gbps, f->layer_transfer_us, f->compute_alone_ms, f->compute_with_transfer_ms,
+          f->slowdown_pct, f->tail_us, f->tail_ratio);
+      if (args.count("json") != 0) {
+        nlohmann::json j;
+        j["results"] = nlohmann::json::array({{{"mode", "overlap"},
+                                               {"bytes", total},
+                                               {"iters", iters},
+                                               {"gbps", f->transfer_gbps},
+                                               {"layer_transfer_us", f->layer_transfer_us},
+                                               {"compute_alone_ms", f->compute_alone_ms},
+                                               {"compute_with_transfer_ms", f->compute_with_transfer_ms},
+                                               {"slowdown_pct", f->slowdown_pct},
+                                               {"tail_us", f->tail_us},
+                                               {"tail_ratio", f->tail_ratio}}});
+        std::ofstream out(args["json"].as<std::string>());
+        if (!out) return fail("cannot write " + args["json"].as<std::string>());
+        out << j.dump(2) << "\n";
+      }
+      return 0;
+    }
     std::printf("layers: %u layers x %u blocks x 2 x %llu bytes = %.1f MiB per request, %s, %s\n",
                 desc.num_layers, desc.num_blocks, static_cast<unsigned long long>(*block_bytes),
                 static_cast<double>(total) / (1 << 20), args["shuffle"].as<bool>() ? "shuffled" : "in order",
@@ -287,8 +368,10 @@ int run_client(const cxxopts::ParseResult& args) {
     std::vector<double> seconds;
     for (uint64_t it = 0; it < iters; ++it) {
       uint64_t seed = run_id + it;
-      for (uint32_t l = 0; l < desc.num_layers; ++l)
-        fill_layer_pattern(source.value(), layout.value(), l, seed);
+      for (uint32_t l = 0; l < desc.num_layers; ++l) {
+        if (Status st = fill_layer_pattern(source.value(), layout.value(), l, seed); !st.ok())
+          return fail("filling layer " + std::to_string(l) + ": " + st.to_string());
+      }
       PatternStreamOptions options;
       options.request_id = ++run_id;
       options.seed = seed;
@@ -351,10 +434,10 @@ int main(int argc, char** argv) {
                            "  kvfabric-perf client --connect HOST:PORT --mode bw|lat|layers ...");
   // clang-format off
   options.add_options()
-      ("role", "server or client", cxxopts::value<std::string>())
+      ("role", "server, client or local", cxxopts::value<std::string>())
       ("listen", "server: HOST:PORT to listen on", cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))
       ("connect", "client: the server's HOST:PORT", cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))
-      ("mode", "bw | lat | layers", cxxopts::value<std::string>()->default_value("bw"))
+      ("mode", "client: bw | lat | layers; local: gather | scatter", cxxopts::value<std::string>()->default_value("bw"))
       ("sizes", "bw/lat message sizes", cxxopts::value<std::string>()->default_value("4K,64K,1M,4M"))
       ("iters", "iterations per size (0: automatic); layers: requests", cxxopts::value<uint64_t>()->default_value("0"))
       ("layers", "layers mode: layers per request", cxxopts::value<uint32_t>()->default_value("32"))
@@ -369,6 +452,12 @@ int main(int argc, char** argv) {
       ("peer-errors", "auto | on | off: UCX watches the peer (auto: remote hosts only; on a same-host peer "
        "UCX 1.13 then falls back to tcp)", cxxopts::value<std::string>()->default_value("auto"))
       ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
+      ("transport", "ucx | cuda_ipc (same host, GPU memory; both sides)", cxxopts::value<std::string>()->default_value("ucx"))
+      ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))
+      ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines)", cxxopts::value<std::string>()->default_value("auto"))
+      ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",
+       cxxopts::value<std::string>())
+      ("tokens", "--compute: prompt tokens", cxxopts::value<uint32_t>()->default_value("8192"))
       ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))
       ("json", "client: write results as JSON to FILE", cxxopts::value<std::string>())
       ("v,verbose", "log more")
@@ -376,7 +465,7 @@ int main(int argc, char** argv) {
       ("h,help", "print help");
   // clang-format on
   options.parse_positional({"role"});
-  options.positional_help("server|client");
+  options.positional_help("server|client|local");
   cxxopts::ParseResult args;
   try {
     args = options.parse(argc, argv);
@@ -392,12 +481,13 @@ int main(int argc, char** argv) {
     return 0;
   }
   spdlog::set_level(args.count("verbose") != 0 ? spdlog::level::info : spdlog::level::warn);
-  if (args.count("role") == 0) return fail("say server or client (see --help)");
+  if (args.count("role") == 0) return fail("say server, client or local (see --help)");
   if (std::string pe = args["peer-errors"].as<std::string>(); pe != "auto" && pe != "on" && pe != "off") {
     return fail("--peer-errors must be auto, on or off, got '" + pe + "'");
   }
   std::string role = args["role"].as<std::string>();
   if (role == "server") return run_server(args);
   if (role == "client") return run_client(args);
-  return fail("unknown role '" + role + "': say server or client");
+  if (role == "local") return perf::run_local_copy(args);
+  return fail("unknown role '" + role + "': say server, client or local");
 }

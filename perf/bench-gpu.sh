@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# bench-gpu.sh: kvfabric's GPU data path against the raw links, measured in one run on one machine,
+# alternating sides each round (raw, kvfabric, raw, ...), medians of R rounds and their ratio.
+#   peer:    raw cudaMemcpyPeerAsync of 1 GiB contiguous  vs  kvfabric cuda_ipc (two processes),
+#            the Llama-3-8B request (32 layers x 512 blocks x 32 KiB K + 32 KiB V = 1 GiB, 8192
+#            tokens of 16-token blocks, bf16, 8 KV heads x 128) into shuffled receiver blocks
+#            (copy kernel, copy engines, and the cost model's choice), and the same request
+#            unshuffled (contiguous);
+#   nccl:    raw ncclSend/ncclRecv of 1 GiB  vs  kvfabric's nccl path (when built);
+#   pinned:  raw pinned cudaMemcpyAsync D2H / H2D of 1 GiB  vs  kvfabric gather of the request's
+#            paged blocks into pinned host memory / scatter back (kvfabric-perf local);
+#   overlap: the request streamed over cuda_ipc while a compute stream runs Llama-3-8B-shaped
+#            prefill GEMMs of 8192 tokens per layer: compute slowdown and the tail from the last
+#            layer's compute to its LayerReady, against one layer's transfer time.
+# Every kvfabric path is run once with --verify first (the receiver checks every byte of random
+# data in poisoned blocks); a failed check fails the cell.
+# Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
+#   --only peer,nccl,pinned,overlap   (default: all)
+# Environment: KVF_BIN (default build/bin); needs 2 GPUs for peer/nccl/overlap.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
+
+rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap
+while (($#)); do
+  case $1 in
+    --rounds) rounds=${2:?}; shift 2 ;;
+    --iters) iters=${2:?}; shift 2 ;;
+    --out) out=${2:?}; shift 2 ;;
+    --json-dir) json_dir=${2:?}; shift 2 ;;
+    --only) only=${2:?}; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "bench-gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+bin=${KVF_BIN:-build/bin}
+perf=$bin/kvfabric-perf anchors=$bin/kvfabric-gpu-anchors
+for b in "$perf" "$anchors"; do [[ -x $b ]] || { echo "bench-gpu.sh: $b is not built" >&2; exit 2; }; done
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/bench-gpu.XXXXXX")
+json_dir=${json_dir:-$tmp}
+results=$tmp/results.tsv  # cell  side  round  GB/s (or a figure)
+: >"$results"
+server_pid=
+cleanup() {
+  [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null
+  wait 2>/dev/null
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+cell_wanted() { [[ ,$only, == *,$1,* ]]; }
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+echo "bench-gpu: $gpus GPU(s), rounds $rounds, $iters requests per kvfabric run"
+
+# field FILE KEY: the first result's KEY from a kvfabric JSON file.
+field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['results'][0][sys.argv[2]])" "$1" "$2" 2>/dev/null; }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$results"; }
+
+# raw CELL ROUND ANCHOR-ARGS...: one anchor run, its GB/s recorded.
+raw() {
+  local cell=$1 round=$2; shift 2
+  local j=$json_dir/raw-$cell-$round.json
+  if "$anchors" "$@" --json "$j" >"$tmp/last.log" 2>&1; then
+    record "$cell" raw "$round" "$(field "$j" gbps)"
+  else
+    record "$cell" raw "$round" fail; tail -3 "$tmp/last.log"
+  fi
+}
+
+start_server() {  # start_server ARGS...: a kvfabric-perf server on a fresh port
+  [[ -n $server_pid ]] && { kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; }
+  port=$((20000 + RANDOM % 20000))
+  "$perf" server --listen 127.0.0.1:$port --max-bytes 4G "$@" >"$tmp/server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 50); do grep -q listening "$tmp/server.log" && return 0; sleep 0.1; done
+  echo "bench-gpu: server did not start:"; cat "$tmp/server.log"; return 1
+}
+
+layers_args=(--mode layers --layers 32 --blocks 512 --block-bytes 32K)
+# kvf CELL ROUND CLIENT-ARGS...: one kvfabric-perf layers run against the running server.
+kvf() {
+  local cell=$1 round=$2; shift 2
+  local j=$json_dir/kvf-$cell-$round.json
+  if "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --json "$j" "$@" \
+       >"$tmp/last.log" 2>&1; then
+    record "$cell" kvfabric "$round" "$(field "$j" gbps)"
+  else
+    record "$cell" kvfabric "$round" fail; tail -3 "$tmp/last.log"
+  fi
+}
+verified() {  # verified CELL CLIENT-ARGS...: one verified request, or the cell is marked failed
+  local cell=$1; shift
+  if "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters 2 --verify "$@" >"$tmp/last.log" 2>&1 \
+     && grep -q "receiver verified" "$tmp/last.log"; then
+    echo "bench-gpu: $cell: every byte verified"
+  else
+    echo "bench-gpu: $cell: VERIFY FAILED"; tail -5 "$tmp/last.log"; record "$cell" verify 0 fail
+  fi
+}
+
+if cell_wanted peer && ((gpus >= 2)); then
+  start_server --transport cuda_ipc --mem cuda:1 || exit 1
+  for copy in kernel ce auto; do verified "peer-shuffled-$copy" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
+  verified peer-contiguous --transport cuda_ipc --mem cuda:0
+  for r in $(seq "$rounds"); do
+    echo "bench-gpu: peer round $r/$rounds"
+    if ((r % 2)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
+    for copy in kernel ce auto; do kvf "peer-shuffled-$copy" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
+    kvf peer-contiguous "$r" --transport cuda_ipc --mem cuda:0
+    if ((r % 2 == 0)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
+  done
+fi
+
+if cell_wanted nccl && ((gpus >= 2)); then
+  for r in $(seq "$rounds"); do
+    echo "bench-gpu: nccl round $r/$rounds"
+    raw nccl "$r" --mode nccl --bytes 1G --iters "$iters"
+  done
+fi
+
+if cell_wanted pinned; then
+  local_args=(local --mem cuda:0 --layers 32 --blocks 512 --block-bytes 32K --shuffle --iters "$iters")
+  for dir in gather scatter; do
+    if "$perf" "${local_args[@]}" --mode $dir --verify >"$tmp/last.log" 2>&1; then
+      echo "bench-gpu: pinned-$dir: $(grep -m1 verified "$tmp/last.log")"
+    else
+      echo "bench-gpu: pinned-$dir: FAILED"; tail -3 "$tmp/last.log"; record "pinned-$dir" verify 0 fail
+    fi
+  done
+  for r in $(seq "$rounds"); do
+    echo "bench-gpu: pinned round $r/$rounds"
+    for dir in gather scatter; do
+      anchor_mode=pinned-d2h; [[ $dir == scatter ]] && anchor_mode=pinned-h2d
+      j=$json_dir/kvf-pinned-$dir-$r.json
+      ((r % 2)) && raw "pinned-$dir" "$r" --mode $anchor_mode --bytes 1G --iters "$iters"
+      if "$perf" "${local_args[@]}" --mode $dir --json "$j" >"$tmp/last.log" 2>&1; then
+        record "pinned-$dir" kvfabric "$r" "$(field "$j" gbps)"
+      else
+        record "pinned-$dir" kvfabric "$r" fail; tail -3 "$tmp/last.log"
+      fi
+      ((r % 2 == 0)) && raw "pinned-$dir" "$r" --mode $anchor_mode --bytes 1G --iters "$iters"
+    done
+  done
+fi
+
+if cell_wanted overlap && ((gpus >= 2)); then
+  start_server --transport cuda_ipc --mem cuda:1 || exit 1
+  for r in $(seq "$rounds"); do
+    echo "bench-gpu: overlap round $r/$rounds"
+    j=$json_dir/kvf-overlap-$r.json
+    if "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --shuffle \
+         --transport cuda_ipc --mem cuda:0 --compute llama8b --tokens 8192 --json "$j" >"$tmp/last.log" 2>&1; then
+      for k in compute_alone_ms compute_with_transfer_ms slowdown_pct tail_us layer_transfer_us tail_ratio; do
+        record "overlap-$k" kvfabric "$r" "$(field "$j" $k)"
+      done
+    else
+      record overlap kvfabric "$r" fail; tail -5 "$tmp/last.log"
+    fi
+  done
+fi
+
+# --- summary -------------------------------------------------------------------------------------
+python3 - "$results" "$rounds" "$iters" ${out:+"$out"} <<'EOF'
+import sys, statistics, datetime, subprocess
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+rounds, iters = sys.argv[2], sys.argv[3]
+out = sys.argv[4] if len(sys.argv) > 4 else None
+def med(cell, side):
+    v = [r[3] for r in rows if r[0] == cell and r[1] == side]
+    if not v: return None, 0
+    if "fail" in v: return "fail", len(v)
+    return statistics.median(float(x) for x in v), len(v)
+failed = sorted({r[0] for r in rows if r[1] == "verify"})
+anchor = {"peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-auto": "peer",
+          "peer-contiguous": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
+lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
+for cell, raw_cell in anchor.items():
+    k, n = med(cell, "kvfabric")
+    if k is None: continue
+    r, _ = med(raw_cell, "raw")
+    ratio = f"{k / r:.2f}" if isinstance(k, float) and isinstance(r, float) and r > 0 else "-"
+    fmt = lambda x: f"{x:.1f}" if isinstance(x, float) else str(x)
+    lines.append(f"| {cell}{' (VERIFY FAILED)' if cell in failed else ''} | {fmt(k)} | {fmt(r)} | {ratio} | {n} |")
+r, n = med("nccl", "raw")
+if r is not None:
+    k, _ = med("nccl", "kvfabric")
+    lines.append(f"| nccl | {'not built' if k is None else f'{k:.1f}'} | {r if isinstance(r, str) else f'{r:.1f}'} | - | {n} |")
+ov = {k: med("overlap-" + k, "kvfabric")[0] for k in
+      ["compute_alone_ms", "compute_with_transfer_ms", "slowdown_pct", "tail_us", "layer_transfer_us", "tail_ratio"]}
+if any(v is not None for v in ov.values()):
+    lines.append("")
+    lines.append("| overlap (medians) | compute alone ms | compute with transfers ms | slowdown % | tail µs | one layer's transfer µs | tail / layer |")
+    lines.append("|---|---|---|---|---|---|---|")
+    f = lambda x: "-" if x is None else (x if isinstance(x, str) else f"{x:.2f}")
+    lines.append("| llama8b 8192 tokens | " + " | ".join(f(ov[k]) for k in ov) + " |")
+gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.split("\n")[0]
+head = [f"bench-gpu: {datetime.date.today()}, {gpu} x{len([l for l in subprocess.run(['nvidia-smi','-L'],capture_output=True,text=True).stdout.splitlines() if l])}, "
+        f"medians of {rounds} rounds, {iters} requests (or copies) per run, raw and kvfabric alternating"]
+text = "\n".join(head + [""] + lines)
+print(text)
+if out: open(out, "w").write(text + "\n")
+EOF

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# gpu-run.sh: on the GPU machine, in one call: set up what the machine lacks (from .gpu-deps/, made
+# by scripts/fetch-gpu-deps.sh on a networked machine), build kvfabric for sm_90, run the GPU and
+# unit tests (kernel tests also under compute-sanitizer memcheck) and perf/bench-gpu.sh. Logs and
+# results go under $OUT (or ./gpu-out when OUT is unset); a summary table is printed last.
+# Usage: scripts/gpu-run.sh [build] [test] [sanitize] [bench] [bench-args...]   (default: all four)
+#   e.g. scripts/gpu-run.sh build bench --rounds 3
+# Environment: KVF_GPU_BUILD (build dir, default build-gpu), BENCH_ARGS (extra args to bench-gpu.sh).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=${OUT:-$root/gpu-out}
+mkdir -p "$out"
+build=${KVF_GPU_BUILD:-build-gpu}
+deps=$root/.gpu-deps
+# Never let NCCL (or anything else) use NVLink multicast on the shared host.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+phases=() bench_args=()
+for a in "$@"; do
+  case $a in build|test|sanitize|bench) phases+=("$a") ;; *) bench_args+=("$a") ;; esac
+done
+((${#phases[@]})) || phases=(build test sanitize bench)
+want() { local p; for p in "${phases[@]}"; do [[ $p == "$1" ]] && return 0; done; return 1; }
+summary=()
+note() { summary+=("$*"); echo "gpu-run: $*"; }
+
+# --- what the machine lacks ---------------------------------------------------------------------
+[[ -f $deps/READY ]] || { echo "gpu-run: $deps missing: run scripts/fetch-gpu-deps.sh here first and carry .gpu-deps" >&2; exit 2; }
+sysroot=$deps/root
+mkdir -p "$sysroot"
+for d in "$deps"/debs/*.deb; do dpkg -x "$d" "$sysroot"; done
+ucx=$deps/libucx
+for f in "$ucx"/lib/*.so.0.0.0 "$ucx"/lib/ucx/*.so.0.0.0; do
+  ln -sf "$(basename "$f")" "${f%.0.0}"; ln -sf "$(basename "$f")" "${f%.0.0.0}"
+done
+pc=$deps/pkgconfig
+mkdir -p "$pc"
+for f in "$ucx"/lib/pkgconfig/*.pc; do sed "s|^prefix *=.*|prefix = $ucx|" "$f" >"$pc/$(basename "$f")"; done
+for f in "$sysroot"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do sed "s|^prefix=.*|prefix=$sysroot/usr|" "$f" >"$pc/$(basename "$f")"; done
+export PKG_CONFIG_PATH=$pc${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+export LD_LIBRARY_PATH=$ucx/lib:$sysroot/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PATH=$ucx/bin:$PATH
+{ nvidia-smi; nvidia-smi topo -m; ucx_info -v; ucx_info -d | grep -E "Transport|Memory domain" | sort | uniq -c; } >"$out/machine.txt" 2>&1
+note "GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs)"
+
+# --- build ---------------------------------------------------------------------------------------
+if want build; then
+  start=$SECONDS
+  if cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CUDA_ARCHITECTURES=90 \
+       >"$out/build.log" 2>&1 && cmake --build "$build" -j "$(nproc)" >>"$out/build.log" 2>&1; then
+    note "build: ok in $((SECONDS - start)) s"
+  else
+    note "build: FAILED (tail of build.log follows)"; tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1
+  fi
+fi
+bin=$root/$build/bin
+
+# --- tests ---------------------------------------------------------------------------------------
+if want test; then
+  (cd "$build" && ctest -L 'gpu|unit' --output-on-failure --timeout 300) >"$out/tests.log" 2>&1
+  note "tests (unit+gpu): $(grep -E 'tests passed|tests failed' "$out/tests.log" | tail -1)"
+  grep -E "Failed|\*\*\*|SKIP" "$out/tests.log" | head -20
+fi
+if want sanitize; then
+  : >"$out/sanitize.log"
+  for t in "$bin"/test_paged_copy_cuda "$bin"/test_cuda_memory; do
+    [[ -x $t ]] || { note "sanitize: $t not built"; continue; }
+    if compute-sanitizer --tool memcheck --error-exitcode 9 "$t" >>"$out/sanitize.log" 2>&1; then
+      note "memcheck $(basename "$t"): clean"
+    else
+      note "memcheck $(basename "$t"): FAILED (rc $?)"
+    fi
+  done
+  grep -E "ERROR SUMMARY" "$out/sanitize.log" | head
+fi
+
+# --- benchmarks ----------------------------------------------------------------------------------
+if want bench; then
+  KVF_BIN=$bin perf/bench-gpu.sh --out "$out/bench-gpu.md" --json-dir "$out" ${BENCH_ARGS:-} "${bench_args[@]}" \
+    2>&1 | tee "$out/bench.log" | tail -60
+  note "bench: see bench-gpu.md"
+fi
+echo "==== gpu-run summary ===="
+printf '%s\n' "${summary[@]}"
+[[ -f $out/bench-gpu.md ]] && cat "$out/bench-gpu.md"
+exit 0
