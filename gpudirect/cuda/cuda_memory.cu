@@ -447,7 +447,10 @@ Status copy_sync(void* dst, const void* src, uint64_t bytes) {
   if (bytes == 0) return Status::Ok();
   if (dst == nullptr || src == nullptr) return Status(ErrorCode::kInvalidArgument, "copy_sync: null pointer");
   if (Status s = require_cuda(); !s.ok()) return s;
+  // cudaMemcpy returns early for device-to-device copies and, from pageable memory, once the
+  // bytes are staged; waiting on the legacy stream it ran on makes the copy complete on return.
   cudaError_t err = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(nullptr);
   if (err != cudaSuccess) return cuda_error("cudaMemcpy of " + std::to_string(bytes) + " bytes", err);
   return Status::Ok();
 }
@@ -458,8 +461,9 @@ Status fill_device(void* p, uint8_t value, uint64_t bytes) {
   if (!device.ok()) return device.status();
   DeviceGuard guard(*device);
   if (Status s = guard.status(*device); !s.ok()) return s;
+  // The legacy stream, not the whole device: an engine's own non-blocking streams run on.
   cudaError_t err = cudaMemset(p, value, bytes);
-  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  if (err == cudaSuccess) err = cudaStreamSynchronize(nullptr);
   if (err != cudaSuccess) return cuda_error("cudaMemset of " + std::to_string(bytes) + " bytes", err);
   return Status::Ok();
 }

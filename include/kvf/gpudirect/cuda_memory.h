@@ -226,9 +226,11 @@ bool pointer_is_device(const void* p);
 // access already enabled is success. kUnavailable when the two GPUs cannot reach each other.
 Status enable_peer_access(int from, int to);
 
-// Synchronous copy between any two of host, pinned and device memory (cudaMemcpyDefault).
+// Copy between any two of host, pinned, device and IPC-mapped memory (cudaMemcpyDefault) on the
+// legacy default stream; the bytes are in place when it returns. For setup and tests: the data
+// path copies on its own streams.
 Status copy_sync(void* dst, const void* src, uint64_t bytes);
-// cudaMemset on device memory, synchronous.
+// cudaMemset on device memory; done when it returns.
 Status fill_device(void* p, uint8_t value, uint64_t bytes);
 
 // A non-blocking CUDA stream on one device (no implicit sync with the legacy default stream).
