@@ -1,5 +1,8 @@
 #include "kvf/fabric/cuda_ipc_transport.h"
 
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -80,9 +83,12 @@ std::string_view transport_kind_of_address(std::span<const uint8_t> address) {
 
 class CudaIpcTransport::Impl {
  public:
-  Impl(CudaIpcTransportOptions options, std::unique_ptr<UcxTransport> inner, gpudirect::CudaStream stream,
-       std::unique_ptr<gpudirect::SegmentCopier> copier)
-      : options_(options), inner_(std::move(inner)), stream_(std::move(stream)), copier_(std::move(copier)) {
+  Impl(CudaIpcTransportOptions options, std::unique_ptr<UcxTransport> inner,
+       std::vector<gpudirect::CudaStream> streams, std::unique_ptr<gpudirect::SegmentCopier> copier)
+      : options_(options),
+        inner_(std::move(inner)),
+        streams_(std::move(streams)),
+        copier_(std::move(copier)) {
     address_.reserve(64);
     put_u32(address_, kAddressMagic);
     address_.push_back(static_cast<uint8_t>(kAddressVersion));
@@ -98,7 +104,8 @@ class CudaIpcTransport::Impl {
   ~Impl() {
     // Nothing may still write through a mapping that is about to be closed.
     call<int>([this] {
-      (void)stream_.synchronize();
+      synchronize_all();
+      report_trace();
       complete_all(Status(ErrorCode::kAborted, "transport shut down"));
       regions_.clear();
       peers_.clear();
@@ -179,7 +186,7 @@ class CudaIpcTransport::Impl {
 
   void disconnect(PeerId peer) {
     call<int>([&] {
-      (void)stream_.synchronize();  // no copy may still use the peer's mappings
+      synchronize_all();  // no copy may still use the peer's mappings
       poll();
       for (auto it = regions_.begin(); it != regions_.end();) {
         it = it->second.peer == peer ? regions_.erase(it) : std::next(it);
@@ -205,14 +212,15 @@ class CudaIpcTransport::Impl {
       }
       bool host_puts = p->second.host_puts_since_flush > 0;
       p->second.host_puts_since_flush = 0;
-      // Everything before this point on the stream is finished when this event is.
-      enqueue_event([this, peer, host_puts, done = std::move(done)](const Status& s) mutable {
-        if (!s.ok() || !host_puts) {
-          if (done) done(s);
-          return;
-        }
-        inner_->flush(peer, std::move(done));
-      });
+      // Everything before this point on every stream is finished when these events are.
+      enqueue_events(streams_.size(),
+                     [this, peer, host_puts, done = std::move(done)](const Status& s) mutable {
+                       if (!s.ok() || !host_puts) {
+                         if (done) done(s);
+                         return;
+                       }
+                       inner_->flush(peer, std::move(done));
+                     });
     });
   }
 
@@ -239,7 +247,7 @@ class CudaIpcTransport::Impl {
     std::shared_ptr<gpudirect::CudaIpcMapping> mapping;
   };
   struct PendingEvent {
-    gpudirect::CudaEvent event;
+    std::vector<gpudirect::CudaEvent> events;  // all must have fired
     std::function<void(const Status&)> done;
   };
 
@@ -295,19 +303,23 @@ class CudaIpcTransport::Impl {
           gpudirect::CopySegment{reinterpret_cast<uint64_t>(op.local),
                                  reinterpret_cast<uint64_t>(r->second.mapped + op.remote_offset), op.length});
     }
+    const gpudirect::CudaStream& stream = streams_[next_stream_];
+    next_stream_ = (next_stream_ + 1) % streams_.size();
     if (wait_event != nullptr) {
-      if (Status s = stream_.wait_event(wait_event); !s.ok()) return fail(s);
+      if (Status s = stream.wait_event(wait_event); !s.ok()) return fail(s);
     }
+    std::optional<TracedPut> traced = begin_trace(stream);
     Status launched = use_copy_engines(segments_)
-                          ? copier_->copy_with_copy_engines(segments_, stream_.handle())
-                          : copier_->copy(segments_, stream_.handle());
+                          ? copier_->copy_with_copy_engines(segments_, stream.handle())
+                          : copier_->copy(segments_, stream.handle());
+    if (traced && launched.ok()) end_trace(std::move(*traced), stream);
     if (!launched.ok()) {
       broken_ = Status(launched.code(), "cuda_ipc copy failed: " + launched.message());
       spdlog::error("{}", broken_.to_string());
       complete_all(broken_);
       return fail(broken_);
     }
-    enqueue_event(std::move(done));
+    enqueue_events(1, std::move(done), &stream);
   }
 
   bool use_copy_engines(const std::vector<gpudirect::CopySegment>& segments) const {
@@ -322,23 +334,93 @@ class CudaIpcTransport::Impl {
     return gpudirect::total_bytes(segments) / segments.size() >= options_.copy_engine_min_extent;
   }
 
-  // Records an event on the stream now; `done` runs once the stream has reached it.
-  void enqueue_event(std::function<void(const Status&)> done) {
-    if (free_events_.empty()) {
-      auto created = gpudirect::CudaEvent::create(options_.device);
-      if (!created.ok()) {
-        if (done) done(created.status());
+  void synchronize_all() {
+    for (const auto& stream : streams_) (void)stream.synchronize();
+  }
+
+  // KVF_CUDA_IPC_TRACE=1: every put batch is bracketed by timing events, and a summary of where
+  // the GPU time went (copy time, idle gaps between batches) is printed when the transport ends,
+  // to tell a host-bound stream (gaps) from a slow copy (long batches).
+  struct TracedPut {
+    gpudirect::CudaEvent start;
+    std::optional<gpudirect::CudaEvent> end;
+    uint64_t bytes = 0;
+    size_t segments = 0;
+    bool copy_engines = false;
+  };
+  std::optional<TracedPut> begin_trace(const gpudirect::CudaStream& stream) {
+    if (!trace_ || traced_.size() >= 65536) return std::nullopt;
+    auto start = gpudirect::CudaEvent::create(options_.device, true);
+    if (!start.ok() || !start->record(stream.handle()).ok()) return std::nullopt;
+    return TracedPut{std::move(start.value()), std::nullopt, gpudirect::total_bytes(segments_),
+                     segments_.size(), use_copy_engines(segments_)};
+  }
+  void end_trace(TracedPut put, const gpudirect::CudaStream& stream) {
+    auto end = gpudirect::CudaEvent::create(options_.device, true);
+    if (!end.ok() || !end->record(stream.handle()).ok()) return;
+    put.end.emplace(std::move(end.value()));
+    traced_.push_back(std::move(put));
+  }
+  void report_trace() {
+    if (traced_.empty()) return;
+    std::vector<double> copy_us, gap_us;
+    double busy_ms = 0;
+    uint64_t bytes = 0;
+    size_t segments = 0, engine_puts = 0;
+    for (size_t i = 0; i < traced_.size(); ++i) {
+      auto ms = traced_[i].end->elapsed_ms_since(traced_[i].start);
+      if (!ms.ok()) continue;
+      copy_us.push_back(ms.value() * 1e3);
+      busy_ms += ms.value();
+      bytes += traced_[i].bytes;
+      segments += traced_[i].segments;
+      engine_puts += traced_[i].copy_engines ? 1 : 0;
+      if (i > 0) {
+        auto gap = traced_[i].start.elapsed_ms_since(*traced_[i - 1].end);
+        if (gap.ok() && gap.value() < 1.0) gap_us.push_back(gap.value() * 1e3);  // within a request
+      }
+    }
+    auto median = [](std::vector<double> v) {
+      if (v.empty()) return 0.0;
+      std::nth_element(v.begin(), v.begin() + static_cast<long>(v.size() / 2), v.end());
+      return v[v.size() / 2];
+    };
+    std::fprintf(
+        stderr,
+        "cuda_ipc trace (GPU %d, %zu stream(s)): %zu put batches (%zu on copy engines), %zu segments, "
+        "%.1f MiB; copy time %.2f ms = %.1f GB/s while copying; per batch median %.1f us; gap between "
+        "consecutive batches median %.1f us (%zu gaps under 1 ms)\n",
+        options_.device, streams_.size(), copy_us.size(), engine_puts, segments,
+        static_cast<double>(bytes) / (1 << 20), busy_ms,
+        busy_ms > 0 ? static_cast<double>(bytes) / (busy_ms / 1e3) / 1e9 : 0.0, median(copy_us),
+        median(gap_us), gap_us.size());
+    traced_.clear();
+  }
+
+  // Records `count` events now, one on each stream (or one on `only`); `done` runs once the
+  // streams have reached them.
+  void enqueue_events(size_t count, std::function<void(const Status&)> done,
+                      const gpudirect::CudaStream* only = nullptr) {
+    PendingEvent pending{{}, std::move(done)};
+    for (size_t i = 0; i < count; ++i) {
+      if (free_events_.empty()) {
+        auto created = gpudirect::CudaEvent::create(options_.device);
+        if (!created.ok()) {
+          if (pending.done) pending.done(created.status());
+          return;
+        }
+        free_events_.push_back(std::move(created.value()));
+      }
+      gpudirect::CudaEvent event = std::move(free_events_.back());
+      free_events_.pop_back();
+      const gpudirect::CudaStream& stream = only != nullptr ? *only : streams_[i];
+      if (Status s = event.record(stream.handle()); !s.ok()) {
+        if (pending.done) pending.done(s);
         return;
       }
-      free_events_.push_back(std::move(created.value()));
+      pending.events.push_back(std::move(event));
     }
-    gpudirect::CudaEvent event = std::move(free_events_.back());
-    free_events_.pop_back();
-    if (Status s = event.record(stream_.handle()); !s.ok()) {
-      if (done) done(s);
-      return;
-    }
-    events_.push_back(PendingEvent{std::move(event), std::move(done)});
+    events_.push_back(std::move(pending));
     if (!polling_) {
       polling_ = true;
       inner_->post_after(options_.poll_interval, [this] { poll_loop(); });
@@ -354,21 +436,26 @@ class CudaIpcTransport::Impl {
     inner_->post_after(options_.poll_interval, [this] { poll_loop(); });
   }
 
-  // Completes finished events in stream order (one stream: they finish in order).
+  // Completes entries in the order they were made, each once all its events have fired: a
+  // flush's events follow every earlier put's on each stream, so flushes finish in order too.
   void poll() {
     while (!events_.empty()) {
-      auto ready = gpudirect::event_done(events_.front().event.handle());
-      if (!ready.ok()) {
-        broken_ = Status(ready.status().code(), "cuda_ipc stream failed: " + ready.status().message());
-        spdlog::error("{}", broken_.to_string());
-        complete_all(broken_);
-        return;
+      PendingEvent& front = events_.front();
+      while (!front.events.empty()) {
+        auto ready = gpudirect::event_done(front.events.back().handle());
+        if (!ready.ok()) {
+          broken_ = Status(ready.status().code(), "cuda_ipc stream failed: " + ready.status().message());
+          spdlog::error("{}", broken_.to_string());
+          complete_all(broken_);
+          return;
+        }
+        if (!ready.value()) return;
+        free_events_.push_back(std::move(front.events.back()));
+        front.events.pop_back();
       }
-      if (!ready.value()) return;
-      PendingEvent done = std::move(events_.front());
+      auto done = std::move(front.done);
       events_.pop_front();
-      free_events_.push_back(std::move(done.event));
-      if (done.done) done.done(Status::Ok());
+      if (done) done(Status::Ok());
     }
   }
 
@@ -384,7 +471,13 @@ class CudaIpcTransport::Impl {
   std::unique_ptr<UcxTransport> inner_;
   std::vector<uint8_t> address_;
   // Progress-thread state.
-  gpudirect::CudaStream stream_;
+  std::vector<gpudirect::CudaStream> streams_;
+  size_t next_stream_ = 0;
+  const bool trace_ = [] {
+    const char* v = std::getenv("KVF_CUDA_IPC_TRACE");
+    return v != nullptr && *v != '\0' && *v != '0';
+  }();
+  std::vector<TracedPut> traced_;
   std::unique_ptr<gpudirect::SegmentCopier> copier_;
   std::unordered_map<PeerId, Peer> peers_;
   std::unordered_map<RemoteRegionId, Region> regions_;
@@ -400,25 +493,30 @@ Result<std::unique_ptr<CudaIpcTransport>> CudaIpcTransport::create(
     std::shared_ptr<gpudirect::UcxContext> context, CudaIpcTransportOptions options) {
   auto inner = UcxTransport::create(std::move(context), options.ucx);
   if (!inner.ok()) return inner.status();
-  // The stream and the copier are made on the progress thread, which issues all CUDA work.
+  // The streams and the copier are made on the progress thread, which issues all CUDA work.
+  if (options.streams == 0 || options.streams > 16) {
+    return Status(ErrorCode::kInvalidArgument, "cuda_ipc: streams must be 1..16");
+  }
   std::promise<Status> made;
-  std::optional<gpudirect::CudaStream> stream;
+  std::vector<gpudirect::CudaStream> streams;
   std::unique_ptr<gpudirect::SegmentCopier> copier;
   inner.value()->post([&] {
-    auto s = gpudirect::CudaStream::create(options.device);
-    if (!s.ok()) return made.set_value(s.status());
+    for (uint32_t i = 0; i < options.streams; ++i) {
+      auto stream = gpudirect::CudaStream::create(options.device);
+      if (!stream.ok()) return made.set_value(stream.status());
+      streams.push_back(std::move(stream.value()));
+    }
     auto c = gpudirect::SegmentCopier::create(options.device);
     if (!c.ok()) return made.set_value(c.status());
-    stream.emplace(std::move(s.value()));
     copier = std::move(c.value());
     made.set_value(Status::Ok());
   });
-  if (Status s = made.get_future().get(); !s.ok()) {
-    return Status(s.code(),
-                  "cuda_ipc transport on GPU " + std::to_string(options.device) + ": " + s.message());
+  if (Status st = made.get_future().get(); !st.ok()) {
+    return Status(st.code(),
+                  "cuda_ipc transport on GPU " + std::to_string(options.device) + ": " + st.message());
   }
   auto impl =
-      std::make_unique<Impl>(options, std::move(inner.value()), std::move(*stream), std::move(copier));
+      std::make_unique<Impl>(options, std::move(inner.value()), std::move(streams), std::move(copier));
   return std::unique_ptr<CudaIpcTransport>(new CudaIpcTransport(std::move(impl)));
 }
 

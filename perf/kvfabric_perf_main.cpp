@@ -88,6 +88,7 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
     CudaIpcTransportOptions cuda;
     cuda.device = memory->device;
     cuda.ucx = options;
+    cuda.streams = args["streams"].as<uint32_t>();
     std::string copy = args["copy"].as<std::string>();
     if (copy == "kernel") {
       cuda.copy = CudaCopyMethod::kKernel;
@@ -329,6 +330,10 @@ int run_client(const cxxopts::ParseResult& args) {
     uint64_t iters = iters_arg != 0 ? iters_arg : 3;
     TransferSchedulerOptions scheduler_options;
     scheduler_options.layer_timeout = std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>());
+    auto inflight = perf::parse_size(args["inflight"].as<std::string>());
+    if (!inflight || *inflight == 0)
+      return fail("--inflight: bad size '" + args["inflight"].as<std::string>() + "'");
+    scheduler_options.max_inflight_bytes = *inflight;
     TransferScheduler scheduler(*setup->transport, scheduler_options);
     if (args.count("compute") != 0) {
       if (args["compute"].as<std::string>() != "llama8b") return fail("--compute: only llama8b is known");
@@ -458,6 +463,8 @@ int main(int argc, char** argv) {
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",
        cxxopts::value<std::string>())
       ("tokens", "--compute: prompt tokens", cxxopts::value<uint32_t>()->default_value("8192"))
+      ("streams", "cuda_ipc: CUDA streams the copies go round-robin over", cxxopts::value<uint32_t>()->default_value("1"))
+      ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
       ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))
       ("json", "client: write results as JSON to FILE", cxxopts::value<std::string>())
       ("v,verbose", "log more")

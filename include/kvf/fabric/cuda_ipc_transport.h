@@ -32,6 +32,9 @@ struct CudaIpcTransportOptions {
   // engine op costs a few microseconds to start, so for 32 KiB extents the kernel wins; for
   // megabytes the engines reach the link rate without taking SMs from the engine's compute.
   uint64_t copy_engine_min_extent = 512 << 10;
+  // Put batches go round-robin over this many CUDA streams, so one layer's copy overlaps the
+  // previous one's tail (a kernel's last wave, its descriptor upload) instead of waiting for it.
+  uint32_t streams = 1;
   // How often the progress thread looks at outstanding CUDA events while any are pending.
   std::chrono::microseconds poll_interval{4};
   UcxTransportOptions ucx;
