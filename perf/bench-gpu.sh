@@ -15,7 +15,7 @@
 # Every kvfabric path is run once with --verify first (the receiver checks every byte of random
 # data in poisoned blocks); a failed check fails the cell.
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
-#   --only peer,nccl,pinned,overlap   (default: all)
+#   --only peer,nccl,pinned,overlap   (default: all; peer-sweep: the cuda_ipc knobs, for tuning)
 # Environment: KVF_BIN (default build/bin); needs 2 GPUs for peer/nccl/overlap.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
@@ -96,10 +96,69 @@ verified() {  # verified CELL CLIENT-ARGS...: one verified request, or the cell 
   fi
 }
 
+# --- summary (rewritten after every cell, so a run cut short still leaves its figures) -----------
+summarize() {
+  python3 - "$results" "$rounds" "$iters" ${out:+"$out"} <<'EOF'
+import sys, statistics, datetime, subprocess
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+rounds, iters = sys.argv[2], sys.argv[3]
+out = sys.argv[4] if len(sys.argv) > 4 else None
+def med(cell, side):
+    v = [r[3] for r in rows if r[0] == cell and r[1] == side]
+    if not v: return None, 0
+    if "fail" in v: return "fail", len(v)
+    return statistics.median(float(x) for x in v), len(v)
+failed = sorted({r[0] for r in rows if r[1] == "verify"})
+anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M", "s2-512M", "s4-512M"]
+             for k in ["shuffled", "contiguous"]},
+          "peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-auto": "peer",
+          "peer-contiguous": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
+lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
+for cell, raw_cell in anchor.items():
+    k, n = med(cell, "kvfabric")
+    if k is None: continue
+    r, _ = med(raw_cell, "raw")
+    ratio = f"{k / r:.2f}" if isinstance(k, float) and isinstance(r, float) and r > 0 else "-"
+    fmt = lambda x: f"{x:.1f}" if isinstance(x, float) else str(x)
+    lines.append(f"| {cell}{' (VERIFY FAILED)' if cell in failed else ''} | {fmt(k)} | {fmt(r)} | {ratio} | {n} |")
+r, n = med("nccl", "raw")
+if r is not None:
+    k, _ = med("nccl", "kvfabric")
+    lines.append(f"| nccl | {'not built' if k is None else f'{k:.1f}'} | {r if isinstance(r, str) else f'{r:.1f}'} | - | {n} |")
+ov = {k: med("overlap-" + k, "kvfabric")[0] for k in
+      ["compute_alone_ms", "compute_with_transfer_ms", "slowdown_pct", "tail_us", "layer_transfer_us", "tail_ratio"]}
+if any(v is not None for v in ov.values()):
+    lines.append("")
+    lines.append("| overlap (medians) | compute alone ms | compute with transfers ms | slowdown % | tail µs | one layer's transfer µs | tail / layer |")
+    lines.append("|---|---|---|---|---|---|---|")
+    f = lambda x: "-" if x is None else (x if isinstance(x, str) else f"{x:.2f}")
+    lines.append("| llama8b 8192 tokens | " + " | ".join(f(ov[k]) for k in ov) + " |")
+try:
+    names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True).stdout.split("\n")
+    names = [n for n in names if n]
+except OSError:
+    names = []
+gpu = f"{names[0]} x{len(names)}" if names else "no GPU visible"
+head = [f"bench-gpu: {datetime.date.today()}, {gpu}, "
+        f"medians of {rounds} rounds, {iters} requests (or copies) per run, raw and kvfabric alternating"]
+text = "\n".join(head + [""] + lines)
+print(text)
+if out: open(out, "w").write(text + "\n")
+EOF
+}
+
 if cell_wanted peer && ((gpus >= 2)); then
   start_server --transport cuda_ipc --mem cuda:1 || exit 1
   for copy in kernel ce auto; do verified "peer-shuffled-$copy" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
   verified peer-contiguous --transport cuda_ipc --mem cuda:0
+  # Where the GPU time goes (copy time vs gaps between layers), for each copy method.
+  for copy in kernel auto; do
+    KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+      --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: $copy: /"
+  done
+  KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+    --transport cuda_ipc --mem cuda:0 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: contiguous: /"
   for r in $(seq "$rounds"); do
     echo "bench-gpu: peer round $r/$rounds"
     if ((r % 2)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
@@ -108,6 +167,27 @@ if cell_wanted peer && ((gpus >= 2)); then
     if ((r % 2 == 0)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
   done
 fi
+summarize >/dev/null
+
+# peer-sweep: the cuda_ipc knobs (streams, bytes in flight) side by side, for tuning the defaults.
+if cell_wanted peer-sweep && ((gpus >= 2)); then
+  start_server --transport cuda_ipc --mem cuda:1 || exit 1
+  variants=("s1-128M --streams 1 --inflight 128M" "s2-128M --streams 2 --inflight 128M"
+            "s4-128M --streams 4 --inflight 128M" "s2-512M --streams 2 --inflight 512M"
+            "s4-512M --streams 4 --inflight 512M")
+  for r in $(seq "$rounds"); do
+    echo "bench-gpu: peer-sweep round $r/$rounds"
+    raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"
+    for v in "${variants[@]}"; do
+      read -r name flags <<<"$v"
+      # shellcheck disable=SC2086
+      kvf "sweep-shuffled-$name" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy kernel $flags
+      # shellcheck disable=SC2086
+      kvf "sweep-contiguous-$name" "$r" --transport cuda_ipc --mem cuda:0 $flags
+    done
+  done
+fi
+summarize >/dev/null
 
 if cell_wanted nccl && ((gpus >= 2)); then
   for r in $(seq "$rounds"); do
@@ -115,6 +195,7 @@ if cell_wanted nccl && ((gpus >= 2)); then
     raw nccl "$r" --mode nccl --bytes 1G --iters "$iters"
   done
 fi
+summarize >/dev/null
 
 if cell_wanted pinned; then
   local_args=(local --mem cuda:0 --layers 32 --blocks 512 --block-bytes 32K --shuffle --iters "$iters")
@@ -140,6 +221,7 @@ if cell_wanted pinned; then
     done
   done
 fi
+summarize >/dev/null
 
 if cell_wanted overlap && ((gpus >= 2)); then
   start_server --transport cuda_ipc --mem cuda:1 || exit 1
@@ -156,45 +238,7 @@ if cell_wanted overlap && ((gpus >= 2)); then
     fi
   done
 fi
-
-# --- summary -------------------------------------------------------------------------------------
-python3 - "$results" "$rounds" "$iters" ${out:+"$out"} <<'EOF'
-import sys, statistics, datetime, subprocess
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-rounds, iters = sys.argv[2], sys.argv[3]
-out = sys.argv[4] if len(sys.argv) > 4 else None
-def med(cell, side):
-    v = [r[3] for r in rows if r[0] == cell and r[1] == side]
-    if not v: return None, 0
-    if "fail" in v: return "fail", len(v)
-    return statistics.median(float(x) for x in v), len(v)
-failed = sorted({r[0] for r in rows if r[1] == "verify"})
-anchor = {"peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-auto": "peer",
-          "peer-contiguous": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
-lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
-for cell, raw_cell in anchor.items():
-    k, n = med(cell, "kvfabric")
-    if k is None: continue
-    r, _ = med(raw_cell, "raw")
-    ratio = f"{k / r:.2f}" if isinstance(k, float) and isinstance(r, float) and r > 0 else "-"
-    fmt = lambda x: f"{x:.1f}" if isinstance(x, float) else str(x)
-    lines.append(f"| {cell}{' (VERIFY FAILED)' if cell in failed else ''} | {fmt(k)} | {fmt(r)} | {ratio} | {n} |")
-r, n = med("nccl", "raw")
-if r is not None:
-    k, _ = med("nccl", "kvfabric")
-    lines.append(f"| nccl | {'not built' if k is None else f'{k:.1f}'} | {r if isinstance(r, str) else f'{r:.1f}'} | - | {n} |")
-ov = {k: med("overlap-" + k, "kvfabric")[0] for k in
-      ["compute_alone_ms", "compute_with_transfer_ms", "slowdown_pct", "tail_us", "layer_transfer_us", "tail_ratio"]}
-if any(v is not None for v in ov.values()):
-    lines.append("")
-    lines.append("| overlap (medians) | compute alone ms | compute with transfers ms | slowdown % | tail µs | one layer's transfer µs | tail / layer |")
-    lines.append("|---|---|---|---|---|---|---|")
-    f = lambda x: "-" if x is None else (x if isinstance(x, str) else f"{x:.2f}")
-    lines.append("| llama8b 8192 tokens | " + " | ".join(f(ov[k]) for k in ov) + " |")
-gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.split("\n")[0]
-head = [f"bench-gpu: {datetime.date.today()}, {gpu} x{len([l for l in subprocess.run(['nvidia-smi','-L'],capture_output=True,text=True).stdout.splitlines() if l])}, "
-        f"medians of {rounds} rounds, {iters} requests (or copies) per run, raw and kvfabric alternating"]
-text = "\n".join(head + [""] + lines)
-print(text)
-if out: open(out, "w").write(text + "\n")
-EOF
+summarize >/dev/null
+summarize
+[[ -n $out ]] && cp "$results" "${out%.md}.tsv"
+exit 0
