@@ -309,19 +309,11 @@ int run_client(const cxxopts::ParseResult& args) {
       results.push_back(m.value());
     }
   } else {
-    auto block_bytes = perf::parse_size(args["block-bytes"].as<std::string>());
-    if (!block_bytes || *block_bytes == 0 || *block_bytes % 8 != 0)
-      return fail("--block-bytes must be a positive multiple of 8");
-    protocol::KvLayoutDesc desc;
-    desc.kind = protocol::KvLayoutKind::kFlashAttention;
-    desc.num_layers = args["layers"].as<uint32_t>();
-    desc.num_blocks = args["blocks"].as<uint32_t>();
-    desc.block_tokens = 1;
-    desc.kv_heads = 1;
-    desc.dtype_bytes = 2;
-    desc.head_dim = static_cast<uint32_t>(*block_bytes / 2);
-    auto layout = protocol::KvLayout::create(desc);
-    if (!layout.ok()) return fail("layout: " + layout.status().message());
+    auto layout = perf::layers_layout(args["layers"].as<uint32_t>(), args["blocks"].as<uint32_t>(),
+                                      args["block-bytes"].as<std::string>());
+    if (!layout.ok()) return fail(layout.status().message());
+    const protocol::KvLayoutDesc& desc = layout->desc();
+    const uint64_t block_bytes = layout->part_bytes();
     uint64_t total = layout->layer_bytes() * desc.num_layers;
     auto source = setup->memory.gpu
                       ? gpudirect::MemoryRegion::allocate_cuda(setup->ucx, setup->memory.device, total)
@@ -367,7 +359,7 @@ int run_client(const cxxopts::ParseResult& args) {
       return 0;
     }
     std::printf("layers: %u layers x %u blocks x 2 x %llu bytes = %.1f MiB per request, %s, %s\n",
-                desc.num_layers, desc.num_blocks, static_cast<unsigned long long>(*block_bytes),
+                desc.num_layers, desc.num_blocks, static_cast<unsigned long long>(block_bytes),
                 static_cast<double>(total) / (1 << 20), args["shuffle"].as<bool>() ? "shuffled" : "in order",
                 args["verify"].as<bool>() ? "verified" : "unverified");
     std::vector<double> seconds;

@@ -49,19 +49,11 @@ int run_local_copy(const cxxopts::ParseResult& args) {
   const std::string copy_method = args["copy"].as<std::string>();
   if (copy_method != "auto" && copy_method != "kernel" && copy_method != "ce")
     return fail("--copy must be auto, kernel or ce", 2);
-  auto block_bytes = parse_size(args["block-bytes"].as<std::string>());
-  if (!block_bytes || *block_bytes == 0 || *block_bytes % 2 != 0) return fail("--block-bytes: bad size", 2);
-
-  protocol::KvLayoutDesc desc;
-  desc.kind = protocol::KvLayoutKind::kFlashAttention;
-  desc.num_layers = args["layers"].as<uint32_t>();
-  desc.num_blocks = args["blocks"].as<uint32_t>();
-  desc.block_tokens = 1;
-  desc.kv_heads = 1;
-  desc.dtype_bytes = 2;
-  desc.head_dim = static_cast<uint32_t>(*block_bytes / 2);
-  auto layout = protocol::KvLayout::create(desc);
-  if (!layout.ok()) return fail("layout: " + layout.status().message(), 2);
+  auto layout = layers_layout(args["layers"].as<uint32_t>(), args["blocks"].as<uint32_t>(),
+                              args["block-bytes"].as<std::string>());
+  if (!layout.ok()) return fail(layout.status().message(), 2);
+  const protocol::KvLayoutDesc& desc = layout->desc();
+  const uint64_t block_bytes = layout->part_bytes();
   const uint64_t layer_bytes = layout->layer_bytes();
   const uint64_t total = layer_bytes * desc.num_layers;
 
@@ -97,7 +89,7 @@ int run_local_copy(const cxxopts::ParseResult& args) {
   };
 
   std::printf("local %s: %u layers x %u blocks x 2 x %llu bytes = %.1f MiB, GPU %d %s pinned host, %s, %s\n",
-              mode.c_str(), desc.num_layers, desc.num_blocks, static_cast<unsigned long long>(*block_bytes),
+              mode.c_str(), desc.num_layers, desc.num_blocks, static_cast<unsigned long long>(block_bytes),
               static_cast<double>(total) / (1 << 20), device, mode == "gather" ? "->" : "<-",
               args["shuffle"].as<bool>() ? "shuffled blocks" : "blocks in order",
               use_ce ? "copy engines" : "copy kernel");

@@ -1,5 +1,5 @@
-// Small helpers of the benchmark tools: size parsing ("4K", "1M", "1GiB") and percentiles.
-// Free functions, no state.
+// Small helpers of the benchmark tools: size parsing ("4K", "1M", "1GiB"), percentiles, and the
+// KV layout of a layers-mode request. Free functions, no state.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include "kvf/protocol/kv_layout.h"
 #include "kvf/protocol/status.h"
 
 namespace kvf::perf {
@@ -64,6 +65,30 @@ inline double percentile(std::vector<double> values, double pct) {
   size_t hi = std::min(lo + 1, values.size() - 1);
   double frac = rank - static_cast<double>(lo);
   return values[lo] * (1 - frac) + values[hi] * frac;
+}
+
+// The layout of a layers-mode request: `layers` layer buffers of `blocks` blocks, each block a K
+// and a V part of `block_bytes` (FlashAttention order). Byte-for-byte the Llama-3-8B shape for 32
+// layers, 32K parts (16 tokens x 8 KV heads x 128 dims x bf16). The pattern generator fills 8-byte
+// words, so block_bytes must be a positive multiple of 8.
+inline Result<protocol::KvLayout> layers_layout(uint32_t layers, uint32_t blocks,
+                                                std::string_view block_bytes) {
+  auto part = parse_size(block_bytes);
+  if (!part || *part == 0 || *part % 8 != 0 || *part / 2 > UINT32_MAX) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "--block-bytes must be a positive multiple of 8, got '" + std::string(block_bytes) + "'");
+  }
+  protocol::KvLayoutDesc desc;
+  desc.kind = protocol::KvLayoutKind::kFlashAttention;
+  desc.num_layers = layers;
+  desc.num_blocks = blocks;
+  desc.block_tokens = 1;
+  desc.kv_heads = 1;
+  desc.dtype_bytes = 2;
+  desc.head_dim = static_cast<uint32_t>(*part / 2);
+  auto layout = protocol::KvLayout::create(desc);
+  if (!layout.ok()) return Status(ErrorCode::kInvalidArgument, "layout: " + layout.status().message());
+  return layout;
 }
 
 }  // namespace kvf::perf

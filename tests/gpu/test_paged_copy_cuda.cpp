@@ -21,10 +21,12 @@
 #include "kvf/gpudirect/cuda_probe.h"
 #include "kvf/gpudirect/paged_copy.h"
 #include "kvf/gpudirect/segment_copier.h"
+#include "paged_copy_fixtures.h"
 
 using namespace kvf;
 using namespace kvf::gpudirect;
 using namespace kvf::protocol;
+using namespace kvf::test;
 
 #define CUDA_REQUIRE(call)                                        \
   do {                                                            \
@@ -34,60 +36,6 @@ using namespace kvf::protocol;
   } while (0)
 
 namespace {
-
-constexpr uint8_t kPoison = 0xA5;
-
-uint64_t test_seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("KVF_TEST_SEED");
-    const uint64_t s = env != nullptr ? std::strtoull(env, nullptr, 10)
-                                      : (uint64_t{std::random_device{}()} << 32) ^ std::random_device{}();
-    std::printf("test_paged_copy_cuda: seed %llu (KVF_TEST_SEED=%llu repeats this run)\n",
-                static_cast<unsigned long long>(s), static_cast<unsigned long long>(s));
-    return s;
-  }();
-  return seed;
-}
-
-KvLayout make_layout(const KvLayoutDesc& d) {
-  Result<KvLayout> r = KvLayout::create(d);
-  INFO(r.status().to_string());
-  REQUIRE(r.ok());
-  return *r;
-}
-
-KvLayoutDesc with_blocks(KvLayoutDesc d, uint32_t blocks) {
-  d.num_blocks = blocks;
-  return d;
-}
-
-std::vector<KvLayoutDesc> small_shapes() {
-  return {
-      {KvLayoutKind::kFlashAttention, 4, 37, 16, 2, 64, 2},
-      {KvLayoutKind::kFlashInfer, 4, 37, 16, 2, 64, 2},
-      {KvLayoutKind::kMla, 4, 37, 16, 1, 128, 2},
-      {KvLayoutKind::kFlashAttention, 3, 29, 3, 3, 7, 1},  // part_bytes 63: nothing 16-byte sized
-      {KvLayoutKind::kFlashInfer, 3, 29, 3, 3, 7, 1},
-      {KvLayoutKind::kMla, 3, 29, 3, 1, 7, 1},
-  };
-}
-
-void randomize(std::vector<uint8_t>& v, std::mt19937_64& rng) {
-  size_t i = 0;
-  for (; i + 8 <= v.size(); i += 8) {
-    const uint64_t r = rng();
-    std::memcpy(v.data() + i, &r, 8);
-  }
-  for (; i < v.size(); ++i) v[i] = static_cast<uint8_t>(rng());
-}
-
-std::vector<uint32_t> shuffled_blocks(uint32_t pool, uint32_t count, std::mt19937_64& rng) {
-  std::vector<uint32_t> ids(pool);
-  std::iota(ids.begin(), ids.end(), 0u);
-  std::shuffle(ids.begin(), ids.end(), rng);
-  ids.resize(count);
-  return ids;
-}
 
 // cudaMalloc'd bytes on one device.
 class DeviceMemory {
@@ -347,13 +295,13 @@ void print_timings(SegmentCopier& copier, const Stream& stream, const std::vecto
 }  // namespace
 
 TEST_CASE("GPU gather and scatter match the CPU bitwise, for every layout, engine and alignment") {
-  std::mt19937_64 rng(test_seed());
+  std::mt19937_64 rng(test_seed("test_paged_copy_cuda"));
   auto copier = make_copier(0);
   Stream stream(0);
   // (src gap, dst gap, staging offset): aligned; then bases at 4-, 8- and 12-byte offsets against
   // odd ones, which sends pieces through the 16-, 8-, 4- and 1-byte paths of the kernel.
   const std::vector<std::array<uint64_t, 3>> gaps = {{256, 256, 0}, {4, 1, 8}, {20, 4, 3}};
-  for (const KvLayoutDesc& shape : small_shapes()) {
+  for (const KvLayoutDesc& shape : paged_shapes()) {
     const KvLayout sl = make_layout(shape);
     const KvLayout dl = make_layout(with_blocks(shape, shape.num_blocks + 11));
     for (const auto& [src_gap, dst_gap, staging_offset] : gaps) {
@@ -373,11 +321,11 @@ TEST_CASE("GPU gather and scatter match the CPU bitwise, for every layout, engin
 }
 
 TEST_CASE("GPU direct copies match the CPU bitwise, for every layout, engine and alignment") {
-  std::mt19937_64 rng(test_seed() + 1);
+  std::mt19937_64 rng(test_seed("test_paged_copy_cuda") + 1);
   auto copier = make_copier(0);
   Stream stream(0);
   const std::vector<std::pair<uint64_t, uint64_t>> gaps = {{256, 256}, {4, 1}, {8, 0}, {12, 3}};
-  for (const KvLayoutDesc& shape : small_shapes()) {
+  for (const KvLayoutDesc& shape : paged_shapes()) {
     const KvLayout sl = make_layout(shape);
     const KvLayout dl = make_layout(with_blocks(shape, shape.num_blocks * 2));
     for (const auto& [src_gap, dst_gap] : gaps) {
@@ -394,7 +342,7 @@ TEST_CASE("GPU direct copies match the CPU bitwise, for every layout, engine and
 }
 
 TEST_CASE("A call with more segments than one launch takes cycles through the slots") {
-  std::mt19937_64 rng(test_seed() + 2);
+  std::mt19937_64 rng(test_seed("test_paged_copy_cuda") + 2);
   // 7 segments a launch and 2 slots: a shuffled request needs many launches, and the third one
   // already reuses the first slot.
   auto copier = make_copier(0, 7, 2);
@@ -433,7 +381,7 @@ TEST_CASE("SegmentCopier refuses bad arguments without touching the GPU") {
 }
 
 TEST_CASE("A Llama-3-8B-sized request (32 layers, 512 blocks of 64 KiB, shuffled) matches the CPU") {
-  std::mt19937_64 rng(test_seed() + 3);
+  std::mt19937_64 rng(test_seed("test_paged_copy_cuda") + 3);
   auto copier = make_copier(0);
   Stream stream(0);
   // 32 layers x 8 KV heads x head dim 128 x bf16 x 16-token blocks: 32 KiB per (block, part),
@@ -471,7 +419,7 @@ TEST_CASE("Copies between two GPUs (peer access) match the CPU") {
     WARN("one GPU only: copies between GPUs not tested");
     return;
   }
-  std::mt19937_64 rng(test_seed() + 4);
+  std::mt19937_64 rng(test_seed("test_paged_copy_cuda") + 4);
   // Push: the kernel runs on the source GPU and writes the peer; pull: on the destination GPU,
   // reading the peer. The copy engines take both the same way.
   for (auto [src_dev, dst_dev, copier_dev] : {std::array<int, 3>{0, 1, 0}, {0, 1, 1}}) {
@@ -482,7 +430,7 @@ TEST_CASE("Copies between two GPUs (peer access) match the CPU") {
     }
     auto copier = make_copier(copier_dev);
     Stream stream(copier_dev);
-    std::vector<KvLayoutDesc> shapes = small_shapes();
+    std::vector<KvLayoutDesc> shapes = paged_shapes();
     shapes.push_back({KvLayoutKind::kFlashInfer, 8, 256, 16, 8, 128, 2});  // 8 x 16 MiB
     for (const KvLayoutDesc& shape : shapes) {
       const KvLayout sl = make_layout(shape);

@@ -15,52 +15,14 @@
 #include "kvf/gpudirect/cuda_probe.h"
 #include "kvf/gpudirect/paged_copy.h"
 #include "kvf/gpudirect/segment_copier.h"
+#include "paged_copy_fixtures.h"
 
 using namespace kvf;
 using namespace kvf::gpudirect;
 using namespace kvf::protocol;
+using namespace kvf::test;
 
 namespace {
-
-constexpr uint8_t kPoison = 0xA5;
-
-uint64_t test_seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("KVF_TEST_SEED");
-    const uint64_t s = env != nullptr ? std::strtoull(env, nullptr, 10)
-                                      : (uint64_t{std::random_device{}()} << 32) ^ std::random_device{}();
-    std::printf("test_paged_copy: seed %llu (KVF_TEST_SEED=%llu repeats this run)\n",
-                static_cast<unsigned long long>(s), static_cast<unsigned long long>(s));
-    return s;
-  }();
-  return seed;
-}
-
-KvLayout make_layout(const KvLayoutDesc& d) {
-  Result<KvLayout> r = KvLayout::create(d);
-  INFO(r.status().to_string());
-  REQUIRE(r.ok());
-  return *r;
-}
-
-KvLayoutDesc with_blocks(KvLayoutDesc d, uint32_t blocks) {
-  d.num_blocks = blocks;
-  return d;
-}
-
-// The shapes the brief asks for: 4 layers x 37 blocks x 16 tokens x 2 heads x 64 dims x 2 bytes,
-// MLA with one latent of 128, and dtype_bytes = 1 with odd dimensions (part_bytes 63 or 21), so
-// nothing is a multiple of 16.
-std::vector<KvLayoutDesc> shapes() {
-  return {
-      {KvLayoutKind::kFlashAttention, 4, 37, 16, 2, 64, 2},
-      {KvLayoutKind::kFlashInfer, 4, 37, 16, 2, 64, 2},
-      {KvLayoutKind::kMla, 4, 37, 16, 1, 128, 2},
-      {KvLayoutKind::kFlashAttention, 3, 29, 3, 3, 7, 1},
-      {KvLayoutKind::kFlashInfer, 3, 29, 3, 3, 7, 1},
-      {KvLayoutKind::kMla, 3, 29, 3, 1, 7, 1},
-  };
-}
 
 // One host allocation holding every layer buffer, `gap` poisoned bytes after each, so stray writes
 // past a layer show up and layer bases are not adjacent (no merging across layers).
@@ -77,24 +39,6 @@ struct Paged {
   std::vector<uint8_t> bytes;
   std::vector<uint64_t> bases;
 };
-
-void randomize(std::vector<uint8_t>& v, std::mt19937_64& rng) {
-  size_t i = 0;
-  for (; i + 8 <= v.size(); i += 8) {
-    const uint64_t r = rng();
-    std::memcpy(v.data() + i, &r, 8);
-  }
-  for (; i < v.size(); ++i) v[i] = static_cast<uint8_t>(rng());
-}
-
-// `count` distinct block ids of a pool, in random order.
-std::vector<uint32_t> shuffled_blocks(uint32_t pool, uint32_t count, std::mt19937_64& rng) {
-  std::vector<uint32_t> ids(pool);
-  std::iota(ids.begin(), ids.end(), 0u);
-  std::shuffle(ids.begin(), ids.end(), rng);
-  ids.resize(count);
-  return ids;
-}
 
 // The reference: what the destination must look like after moving block src_blocks[i] of each
 // layer in [first, first + count) to dst_blocks[i], computed block by block from extents alone.
@@ -149,8 +93,8 @@ void require_invalid(const Result<std::vector<CopySegment>>& r, const std::strin
 }  // namespace
 
 TEST_CASE("gather then scatter moves every block exactly, and nothing else") {
-  std::mt19937_64 rng(test_seed());
-  for (const KvLayoutDesc& shape : shapes()) {
+  std::mt19937_64 rng(test_seed("test_paged_copy"));
+  for (const KvLayoutDesc& shape : paged_shapes()) {
     const KvLayout src_layout = make_layout(shape);
     const KvLayout dst_layout = make_layout(with_blocks(shape, shape.num_blocks + 5));
     INFO(src_layout.to_string());
@@ -194,8 +138,8 @@ TEST_CASE("gather then scatter moves every block exactly, and nothing else") {
 }
 
 TEST_CASE("gather reads a repeated source block twice") {
-  std::mt19937_64 rng(test_seed() + 1);
-  const KvLayout layout = make_layout(shapes()[1]);
+  std::mt19937_64 rng(test_seed("test_paged_copy") + 1);
+  const KvLayout layout = make_layout(paged_shapes()[1]);
   Paged src(layout, 0, 0);
   randomize(src.bytes, rng);
   const std::vector<uint32_t> sb = {5, 9, 5};
@@ -207,8 +151,8 @@ TEST_CASE("gather reads a repeated source block twice") {
 }
 
 TEST_CASE("direct copies move every block exactly, and nothing else") {
-  std::mt19937_64 rng(test_seed() + 2);
-  for (const KvLayoutDesc& shape : shapes()) {
+  std::mt19937_64 rng(test_seed("test_paged_copy") + 2);
+  for (const KvLayoutDesc& shape : paged_shapes()) {
     const KvLayout src_layout = make_layout(shape);
     const KvLayout dst_layout = make_layout(with_blocks(shape, shape.num_blocks * 2));
     INFO(src_layout.to_string());
