@@ -309,9 +309,10 @@ class CudaIpcTransport::Impl {
       if (Status s = stream.wait_event(wait_event); !s.ok()) return fail(s);
     }
     std::optional<TracedPut> traced = begin_trace(stream);
-    Status launched = use_copy_engines(segments_)
-                          ? copier_->copy_with_copy_engines(segments_, stream.handle())
-                          : copier_->copy(segments_, stream.handle());
+    Status launched = use_copy_engines(segments_) ? copier_->copy_with_copy_engines(
+                                                        segments_, stream.handle(),
+                                                        options_.copy != CudaCopyMethod::kCopyEnginePerCopy)
+                                                  : copier_->copy(segments_, stream.handle());
     if (traced && launched.ok()) end_trace(std::move(*traced), stream);
     if (!launched.ok()) {
       broken_ = Status(launched.code(), "cuda_ipc copy failed: " + launched.message());
@@ -327,6 +328,7 @@ class CudaIpcTransport::Impl {
       case CudaCopyMethod::kKernel:
         return false;
       case CudaCopyMethod::kCopyEngine:
+      case CudaCopyMethod::kCopyEnginePerCopy:
         return true;
       case CudaCopyMethod::kAuto:
         break;

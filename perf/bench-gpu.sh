@@ -5,7 +5,7 @@
 #            the Llama-3-8B request (32 layers x 512 blocks x 32 KiB K + 32 KiB V = 1 GiB, 8192
 #            tokens of 16-token blocks, bf16, 8 KV heads x 128) into shuffled receiver blocks
 #            (copy kernel, copy engines, and the cost model's choice), and the same request
-#            unshuffled (contiguous);
+#            unshuffled (contiguous; copy engines through the batch API and one call per extent);
 #   nccl:    raw ncclSend/ncclRecv of 1 GiB  vs  kvfabric's nccl path (when built);
 #   pinned:  raw pinned cudaMemcpyAsync D2H / H2D of 1 GiB  vs  kvfabric gather of the request's
 #            paged blocks into pinned host memory / scatter back (kvfabric-perf local);
@@ -112,7 +112,7 @@ failed = sorted({r[0] for r in rows if r[1] == "verify"})
 anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M", "s2-512M", "s4-512M"]
              for k in ["shuffled", "contiguous"]},
           "peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-auto": "peer",
-          "peer-contiguous": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
+          "peer-contiguous": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
 lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
 for cell, raw_cell in anchor.items():
     k, n = med(cell, "kvfabric")
@@ -152,6 +152,7 @@ if cell_wanted peer && ((gpus >= 2)); then
   start_server --transport cuda_ipc --mem cuda:1 || exit 1
   for copy in kernel ce auto; do verified "peer-shuffled-$copy" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
   verified peer-contiguous --transport cuda_ipc --mem cuda:0
+  verified peer-contiguous-ce1 --transport cuda_ipc --mem cuda:0 --copy ce1
   # Where the GPU time goes (copy time vs gaps between layers), for each copy method.
   for copy in kernel auto; do
     KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
@@ -164,6 +165,7 @@ if cell_wanted peer && ((gpus >= 2)); then
     if ((r % 2)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
     for copy in kernel ce auto; do kvf "peer-shuffled-$copy" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
     kvf peer-contiguous "$r" --transport cuda_ipc --mem cuda:0
+    kvf peer-contiguous-ce1 "$r" --transport cuda_ipc --mem cuda:0 --copy ce1
     if ((r % 2 == 0)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
   done
 fi

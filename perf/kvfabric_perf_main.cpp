@@ -94,8 +94,11 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
       cuda.copy = CudaCopyMethod::kKernel;
     } else if (copy == "ce") {
       cuda.copy = CudaCopyMethod::kCopyEngine;
+    } else if (copy == "ce1") {
+      cuda.copy = CudaCopyMethod::kCopyEnginePerCopy;
     } else if (copy != "auto") {
-      return Status(ErrorCode::kInvalidArgument, "--copy must be auto, kernel or ce, got '" + copy + "'");
+      return Status(ErrorCode::kInvalidArgument,
+                    "--copy must be auto, kernel, ce or ce1, got '" + copy + "'");
     }
     auto transport = CudaIpcTransport::create(ucx.value(), cuda);
     if (!transport.ok()) return transport.status();
@@ -451,7 +454,7 @@ int main(int argc, char** argv) {
       ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
       ("transport", "ucx | cuda_ipc (same host, GPU memory; both sides)", cxxopts::value<std::string>()->default_value("ucx"))
       ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))
-      ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines)", cxxopts::value<std::string>()->default_value("auto"))
+      ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each)", cxxopts::value<std::string>()->default_value("auto"))
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",
        cxxopts::value<std::string>())
       ("tokens", "--compute: prompt tokens", cxxopts::value<uint32_t>()->default_value("8192"))

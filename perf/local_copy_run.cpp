@@ -47,8 +47,8 @@ int run_local_copy(const cxxopts::ParseResult& args) {
     return fail("no GPU " + std::to_string(device) + " (" + gpudirect::cuda_availability().reason + ")", 2);
   }
   const std::string copy_method = args["copy"].as<std::string>();
-  if (copy_method != "auto" && copy_method != "kernel" && copy_method != "ce")
-    return fail("--copy must be auto, kernel or ce", 2);
+  if (copy_method != "auto" && copy_method != "kernel" && copy_method != "ce" && copy_method != "ce1")
+    return fail("--copy must be auto, kernel, ce or ce1", 2);
   auto layout = layers_layout(args["layers"].as<uint32_t>(), args["blocks"].as<uint32_t>(),
                               args["block-bytes"].as<std::string>());
   if (!layout.ok()) return fail(layout.status().message(), 2);
@@ -82,9 +82,10 @@ int run_local_copy(const cxxopts::ParseResult& args) {
   auto segments =
       segments_for(reinterpret_cast<uint64_t>(gpu->data()), reinterpret_cast<uint64_t>(pinned->data()));
   if (!segments.ok()) return fail(segments.status().to_string());
-  const bool use_ce = copy_method == "ce";
+  const bool use_ce = copy_method == "ce" || copy_method == "ce1";
   auto run_once = [&]() -> Status {
-    return use_ce ? copier.value()->copy_with_copy_engines(segments.value(), stream->handle())
+    return use_ce ? copier.value()->copy_with_copy_engines(segments.value(), stream->handle(),
+                                                           copy_method == "ce")
                   : copier.value()->copy(segments.value(), stream->handle());
   };
 

@@ -266,7 +266,8 @@ Status SegmentCopier::copy(std::span<const CopySegment> segments, void* cuda_str
   return Status::Ok();
 }
 
-Status SegmentCopier::copy_with_copy_engines(std::span<const CopySegment> segments, void* cuda_stream) {
+Status SegmentCopier::copy_with_copy_engines(std::span<const CopySegment> segments, void* cuda_stream,
+                                             bool batched) {
   if (Status s = check_segments(segments); !s.ok()) return s;
   Impl& m = *impl_;
   DeviceScope scope;
@@ -276,7 +277,7 @@ Status SegmentCopier::copy_with_copy_engines(std::span<const CopySegment> segmen
 
 #if CUDART_VERSION >= 13000
   // The batch API refuses the legacy default stream; such callers get the per-copy loop below.
-  if (stream != nullptr) {
+  if (stream != nullptr && batched) {
     cudaMemcpyAttributes attr{};
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // sources may be written earlier on the stream
     size_t attr_index = 0;                                 // one attribute set for every copy

@@ -23,7 +23,7 @@ Status SegmentCopier::copy(std::span<const CopySegment>, void*) {
   return Status(ErrorCode::kUnavailable, "kvfabric was built without CUDA");
 }
 
-Status SegmentCopier::copy_with_copy_engines(std::span<const CopySegment>, void*) {
+Status SegmentCopier::copy_with_copy_engines(std::span<const CopySegment>, void*, bool) {
   return Status(ErrorCode::kUnavailable, "kvfabric was built without CUDA");
 }
 

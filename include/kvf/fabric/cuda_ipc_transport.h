@@ -20,9 +20,10 @@
 namespace kvf::fabric {
 
 enum class CudaCopyMethod : uint8_t {
-  kAuto,        // the cost model: copy engines when extents are large, the kernel otherwise
-  kKernel,      // one batched copy kernel per put batch (SMs do the peer writes)
-  kCopyEngine,  // one cudaMemcpyAsync per extent (no SMs used: compute keeps the whole GPU)
+  kAuto,               // the cost model: copy engines when extents are large, the kernel otherwise
+  kKernel,             // one batched copy kernel per put batch (SMs do the peer writes)
+  kCopyEngine,         // the copy engines, one batched call (no SMs used: compute keeps the whole GPU)
+  kCopyEnginePerCopy,  // the copy engines, one cudaMemcpyAsync per extent
 };
 
 struct CudaIpcTransportOptions {

@@ -51,7 +51,11 @@ class SegmentCopier {
   // The same copies issued to the copy engines (cudaMemcpyBatchAsync with CUDA 13 on a non-default
   // stream, one cudaMemcpyAsync per segment otherwise), so a benchmark or cost model can compare
   // them with the kernel. Segments are not split.
-  Status copy_with_copy_engines(std::span<const CopySegment> segments, void* cuda_stream);
+  // `batched` false: one cudaMemcpyAsync per segment even where the batch API exists (for a few
+  // large segments the two may differ in which engines and paths the driver picks; benchmarks
+  // compare them).
+  Status copy_with_copy_engines(std::span<const CopySegment> segments, void* cuda_stream,
+                                bool batched = true);
 
   int device() const;
   uint32_t max_segments_per_launch() const;
