@@ -12,6 +12,7 @@
 #include <unordered_map>
 
 #include <spdlog/spdlog.h>
+#include <xxhash.h>
 
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/paged_copy.h"
@@ -309,10 +310,15 @@ class CudaIpcTransport::Impl {
       if (Status s = stream.wait_event(wait_event); !s.ok()) return fail(s);
     }
     std::optional<TracedPut> traced = begin_trace(stream);
-    Status launched = use_copy_engines(segments_) ? copier_->copy_with_copy_engines(
-                                                        segments_, stream.handle(),
-                                                        options_.copy != CudaCopyMethod::kCopyEnginePerCopy)
-                                                  : copier_->copy(segments_, stream.handle());
+    Status launched;
+    if (use_copy_engines(segments_)) {
+      launched = copier_->copy_with_copy_engines(segments_, stream.handle(),
+                                                 options_.copy != CudaCopyMethod::kCopyEnginePerCopy);
+    } else if (const gpudirect::ResidentSegments* plan = resident_plan(ops); plan != nullptr) {
+      launched = copier_->copy_resident(*plan, resident_src_base_, resident_dst_base_, stream.handle());
+    } else {
+      launched = copier_->copy(segments_, stream.handle());
+    }
     if (traced && launched.ok()) end_trace(std::move(*traced), stream);
     if (!launched.ok()) {
       broken_ = Status(launched.code(), "cuda_ipc copy failed: " + launched.message());
@@ -321,6 +327,40 @@ class CudaIpcTransport::Impl {
       return fail(broken_);
     }
     enqueue_events(1, std::move(done), &stream);
+  }
+
+  // Layers of one request repeat the same extents at other bases. Seen relative to the batch's
+  // lowest source address and the destination region's start, they are identical, so they are
+  // uploaded once and every later layer is one launch with two bases: no descriptor packing or
+  // upload per layer. Returns null (use the plain path) for small or multi-region batches.
+  const gpudirect::ResidentSegments* resident_plan(const std::vector<PutOp>& ops) {
+    if (ops.size() < kResidentMinExtents) return nullptr;
+    const RemoteRegionId remote = ops.front().remote;
+    uint64_t src_base = UINT64_MAX;
+    for (const PutOp& op : ops) {
+      if (op.remote != remote) return nullptr;
+      src_base = std::min<uint64_t>(src_base, reinterpret_cast<uint64_t>(op.local));
+    }
+    const uint64_t dst_base = reinterpret_cast<uint64_t>(regions_.at(remote).mapped);
+    relative_.clear();
+    for (const gpudirect::CopySegment& seg : segments_) {
+      relative_.push_back(gpudirect::CopySegment{seg.src - src_base, seg.dst - dst_base, seg.bytes});
+    }
+    const XXH128_hash_t h = XXH3_128bits(relative_.data(), relative_.size() * sizeof(gpudirect::CopySegment));
+    const PlanKey key{h.low64, h.high64, relative_.size()};
+    auto it = resident_.find(key);
+    if (it == resident_.end()) {
+      if (resident_.size() >= kMaxResidentPlans) {
+        synchronize_all();  // no launch may still read a plan that goes
+        resident_.clear();
+      }
+      auto made = copier_->make_resident(relative_);
+      if (!made.ok()) return nullptr;  // too many pieces for one launch: the plain path splits
+      it = resident_.emplace(key, std::move(made.value())).first;
+    }
+    resident_src_base_ = src_base;
+    resident_dst_base_ = dst_base;
+    return &it->second;
   }
 
   bool use_copy_engines(const std::vector<gpudirect::CopySegment>& segments) const {
@@ -487,6 +527,20 @@ class CudaIpcTransport::Impl {
   std::deque<PendingEvent> events_;
   std::vector<gpudirect::CudaEvent> free_events_;
   std::vector<gpudirect::CopySegment> segments_;
+  // Uploaded request plans (see resident_plan), keyed by a 128-bit hash of the relative extents.
+  struct PlanKey {
+    uint64_t low = 0, high = 0, count = 0;
+    bool operator==(const PlanKey&) const = default;
+  };
+  struct PlanKeyHash {
+    size_t operator()(const PlanKey& k) const { return k.low ^ (k.high * 31) ^ k.count; }
+  };
+  static constexpr size_t kResidentMinExtents = 16;
+  static constexpr size_t kMaxResidentPlans = 64;
+  std::unordered_map<PlanKey, gpudirect::ResidentSegments, PlanKeyHash> resident_;
+  std::vector<gpudirect::CopySegment> relative_;
+  uint64_t resident_src_base_ = 0;
+  uint64_t resident_dst_base_ = 0;
   bool polling_ = false;
   Status broken_ = Status::Ok();  // a CUDA error is sticky: every later op fails with it
 };

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvf/gpudirect/cuda_probe.h"
@@ -98,13 +99,16 @@ __device__ void copy_aligned(const uint8_t* src, uint8_t* dst, uint64_t bytes) {
 // after splitting), so blocks never coordinate and no synchronization is needed. Bytes only: the
 // dtype does not matter.
 __global__ void __launch_bounds__(kThreads)
-    copy_segments_kernel(const CopySegment* __restrict__ segments, uint32_t count) {
+    copy_segments_kernel(const CopySegment* __restrict__ segments, uint32_t count, uint64_t src_base,
+                         uint64_t dst_base) {
   for (uint32_t i = blockIdx.x; i < count; i += gridDim.x) {
     const CopySegment seg = segments[i];
-    const auto* src = reinterpret_cast<const uint8_t*>(seg.src);
-    auto* dst = reinterpret_cast<uint8_t*>(seg.dst);
+    const uint64_t src_address = src_base + seg.src;  // bases are 0 for absolute segments
+    const uint64_t dst_address = dst_base + seg.dst;
+    const auto* src = reinterpret_cast<const uint8_t*>(src_address);
+    auto* dst = reinterpret_cast<uint8_t*>(dst_address);
     // Equal low bits in src and dst mean one head of bytes aligns both for the wide accesses.
-    const uint64_t skew = seg.src ^ seg.dst;
+    const uint64_t skew = src_address ^ dst_address;
     if ((skew & 15) == 0) {
       copy_aligned<uint4>(src, dst, seg.bytes);
     } else if ((skew & 7) == 0) {
@@ -255,7 +259,7 @@ Status SegmentCopier::copy(std::span<const CopySegment> segments, void* cuda_str
     KVF_CUDA_TRY(cudaMemcpyAsync(slot.device, slot.host, size_t{n} * sizeof(CopySegment),
                                  cudaMemcpyHostToDevice, stream),
                  "cudaMemcpyAsync (descriptor upload)");
-    copy_segments_kernel<<<std::min<unsigned>(n, m.grid_limit), kThreads, 0, stream>>>(slot.device, n);
+    copy_segments_kernel<<<std::min<unsigned>(n, m.grid_limit), kThreads, 0, stream>>>(slot.device, n, 0, 0);
     const cudaError_t launched = cudaGetLastError();
     // Recorded even after a failed launch: the upload above may still be reading slot.host.
     const cudaError_t recorded = cudaEventRecord(slot.done, stream);
@@ -263,6 +267,66 @@ Status SegmentCopier::copy(std::span<const CopySegment> segments, void* cuda_str
     KVF_CUDA_TRY(recorded, "cudaEventRecord (descriptor slot)");
     ++m.launches;
   }
+  return Status::Ok();
+}
+
+void ResidentSegments::reset() {
+  if (segments_ == nullptr) return;
+  DeviceScope scope;
+  if (scope.enter(device_).ok()) cudaFree(segments_);  // nothing to report to from a destructor
+  segments_ = nullptr;
+}
+
+Result<ResidentSegments> SegmentCopier::make_resident(std::span<const CopySegment> relative) {
+  Impl& m = *impl_;
+  std::vector<CopySegment> pieces;
+  pieces.reserve(relative.size());
+  uint64_t bytes = 0;
+  for (const CopySegment& s : relative) {
+    for (uint64_t offset = 0; offset < s.bytes; offset += kMaxSegmentBytes) {
+      const uint64_t len = std::min(kMaxSegmentBytes, s.bytes - offset);
+      pieces.push_back(CopySegment{s.src + offset, s.dst + offset, len});
+    }
+    bytes += s.bytes;
+  }
+  if (pieces.size() > m.max_segments) {
+    return Status(ErrorCode::kInvalidArgument, std::to_string(pieces.size()) + " pieces exceed the " +
+                                                   std::to_string(m.max_segments) + " of one launch");
+  }
+  DeviceScope scope;
+  if (Status s = scope.enter(m.device); !s.ok()) return s;
+  ResidentSegments r;
+  r.device_ = m.device;
+  r.count_ = static_cast<uint32_t>(pieces.size());
+  r.bytes_ = bytes;
+  if (pieces.empty()) return std::move(r);  // nvcc does not apply C++20 implicit move here
+  KVF_CUDA_TRY(cudaMalloc(&r.segments_, pieces.size() * sizeof(CopySegment)),
+               "cudaMalloc (resident segments)");
+  KVF_CUDA_TRY(
+      cudaMemcpy(r.segments_, pieces.data(), pieces.size() * sizeof(CopySegment), cudaMemcpyHostToDevice),
+      "cudaMemcpy (resident segments)");
+  return std::move(r);
+}
+
+Status SegmentCopier::copy_resident(const ResidentSegments& segments, uint64_t src_base, uint64_t dst_base,
+                                    void* cuda_stream) {
+  if (segments.count_ == 0) return Status::Ok();
+  if (src_base == 0 || dst_base == 0) {
+    return Status(ErrorCode::kInvalidArgument, "copy_resident: a zero base would address nothing valid");
+  }
+  if (segments.device_ != impl_->device) {
+    return Status(ErrorCode::kInvalidArgument, "copy_resident: segments made for GPU " +
+                                                   std::to_string(segments.device_) + ", copier on GPU " +
+                                                   std::to_string(impl_->device));
+  }
+  Impl& m = *impl_;
+  DeviceScope scope;
+  if (Status s = scope.enter(m.device); !s.ok()) return s;
+  copy_segments_kernel<<<std::min<unsigned>(segments.count_, m.grid_limit), kThreads, 0,
+                         static_cast<cudaStream_t>(cuda_stream)>>>(
+      static_cast<const CopySegment*>(segments.segments_), segments.count_, src_base, dst_base);
+  KVF_CUDA_TRY(cudaGetLastError(), "copy_segments_kernel launch (resident)");
+  ++m.launches;
   return Status::Ok();
 }
 

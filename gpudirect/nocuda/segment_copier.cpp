@@ -27,6 +27,16 @@ Status SegmentCopier::copy_with_copy_engines(std::span<const CopySegment>, void*
   return Status(ErrorCode::kUnavailable, "kvfabric was built without CUDA");
 }
 
+void ResidentSegments::reset() {}  // never holds device memory without CUDA
+
+Result<ResidentSegments> SegmentCopier::make_resident(std::span<const CopySegment>) {
+  return Status(ErrorCode::kUnavailable, "kvfabric was built without CUDA");
+}
+
+Status SegmentCopier::copy_resident(const ResidentSegments&, uint64_t, uint64_t, void*) {
+  return Status(ErrorCode::kUnavailable, "kvfabric was built without CUDA");
+}
+
 int SegmentCopier::device() const {
   return impl_->device;
 }

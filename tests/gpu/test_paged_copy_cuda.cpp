@@ -364,6 +364,42 @@ TEST_CASE("A call with more segments than one launch takes cycles through the sl
   require_same(dst.dev, dst.host, "destination");
 }
 
+TEST_CASE("A resident plan copies every layer from its own bases and matches the CPU") {
+  std::mt19937_64 rng(test_seed("test_paged_copy_cuda") + 5);
+  auto copier = make_copier(0);
+  Stream stream(0);
+  for (const KvLayoutDesc& shape : paged_shapes()) {
+    const KvLayout layout = make_layout(shape);
+    INFO(layout.to_string());
+    Side src(layout, 0, 48);
+    src.randomize_both(rng);
+    Side dst(layout, 0, 48);
+    const uint32_t blocks = shape.num_blocks;
+    const Request rq{0, shape.num_layers, shuffled_blocks(blocks, blocks, rng),
+                     shuffled_blocks(blocks, blocks, rng)};
+    // The plan of layer 0, relative to layer 0's bases, serves every layer.
+    const auto layer0 = require_ok(
+        direct_segments(layout, src.dev_bases, rq.src_blocks, layout, dst.dev_bases, rq.dst_blocks, 0, 1));
+    std::vector<CopySegment> relative;
+    for (const CopySegment& seg : layer0) {
+      relative.push_back(CopySegment{seg.src - src.dev_bases[0], seg.dst - dst.dev_bases[0], seg.bytes});
+    }
+    auto plan = copier->make_resident(relative);
+    INFO(plan.status().to_string());
+    REQUIRE(plan.ok());
+    for (uint32_t l = 0; l < shape.num_layers; ++l) {
+      Status st = copier->copy_resident(plan.value(), src.dev_bases[l], dst.dev_bases[l], stream.get());
+      INFO(st.to_string());
+      REQUIRE(st.ok());
+    }
+    CUDA_REQUIRE(cudaStreamSynchronize(stream.get()));
+    copy_segments_cpu(require_ok(direct_segments(layout, src.host_bases, rq.src_blocks, layout,
+                                                 dst.host_bases, rq.dst_blocks, 0, shape.num_layers)));
+    require_same(dst.dev, dst.host, "destination");
+    REQUIRE_FALSE(copier->copy_resident(plan.value(), 0, dst.dev_bases[0], stream.get()).ok());
+  }
+}
+
 TEST_CASE("SegmentCopier refuses bad arguments without touching the GPU") {
   REQUIRE(SegmentCopier::create(0, 0, 8).status().code() == ErrorCode::kInvalidArgument);
   REQUIRE(SegmentCopier::create(0, 16, 0).status().code() == ErrorCode::kInvalidArgument);

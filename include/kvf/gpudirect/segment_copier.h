@@ -16,11 +16,46 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <utility>
 
 #include "kvf/gpudirect/paged_copy.h"
 #include "kvf/protocol/status.h"
 
 namespace kvf::gpudirect {
+
+// Segments kept in device memory with addresses relative to a source and a destination base, so
+// that one request plan serves every layer: each layer's launch passes its two bases and uploads
+// nothing. Made by SegmentCopier::make_resident; must outlive every launch that uses it (destroy
+// it only after those streams have passed them). Move-only.
+class ResidentSegments {
+ public:
+  ResidentSegments() = default;
+  ResidentSegments(ResidentSegments&& o) noexcept { *this = std::move(o); }
+  ResidentSegments& operator=(ResidentSegments&& o) noexcept {
+    if (this != &o) {
+      reset();
+      segments_ = std::exchange(o.segments_, nullptr);
+      count_ = std::exchange(o.count_, 0);
+      bytes_ = std::exchange(o.bytes_, 0);
+      device_ = o.device_;
+    }
+    return *this;
+  }
+  ResidentSegments(const ResidentSegments&) = delete;
+  ResidentSegments& operator=(const ResidentSegments&) = delete;
+  ~ResidentSegments() { reset(); }
+
+  uint32_t count() const { return count_; }  // after splitting into kMaxSegmentBytes pieces
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  friend class SegmentCopier;
+  void reset();
+  void* segments_ = nullptr;  // device memory: count_ CopySegments
+  uint32_t count_ = 0;
+  uint64_t bytes_ = 0;
+  int device_ = -1;
+};
 
 class SegmentCopier {
  public:
@@ -56,6 +91,15 @@ class SegmentCopier {
   // compare them).
   Status copy_with_copy_engines(std::span<const CopySegment> segments, void* cuda_stream,
                                 bool batched = true);
+
+  // Uploads `relative` (src and dst are offsets from the bases given at launch), split into pieces
+  // of kMaxSegmentBytes, and returns once the copy to the device is done. kInvalidArgument when
+  // there are more pieces than max_segments_per_launch.
+  Result<ResidentSegments> make_resident(std::span<const CopySegment> relative);
+  // One launch of `segments` with every source at src_base + src and destination at dst_base +
+  // dst. Nothing is uploaded. kInvalidArgument for a zero base.
+  Status copy_resident(const ResidentSegments& segments, uint64_t src_base, uint64_t dst_base,
+                       void* cuda_stream);
 
   int device() const;
   uint32_t max_segments_per_launch() const;
