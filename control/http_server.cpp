@@ -1,9 +1,9 @@
 // HttpControlServer: an acceptor and one Session per connection, all on the server's io_context.
-// Each session lives on its own strand and reads one request at a time: head first (so that an
-// oversized Content-Length is refused before the body is read, and "Expect: 100-continue" is
-// answered), then the body. A request that cannot be parsed gets a reply and the connection is
-// closed, because the byte stream can no longer be trusted to be at a message boundary; a request
-// that parses but is invalid gets a 4xx and the connection stays open.
+// Each session runs on its own strand (or on the one io thread) and reads one request at a time:
+// head first (so that an oversized Content-Length is refused before the body is read, and
+// "Expect: 100-continue" is answered), then the body. A request that cannot be parsed gets a reply
+// and the connection is closed, because the byte stream can no longer be trusted to be at a
+// message boundary; a request that parses but is invalid gets a 4xx and the connection stays open.
 #include "kvf/control/http_server.h"
 
 #include <pthread.h>
@@ -108,7 +108,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   // From any thread: ends the connection at once (server shutdown); `done` runs on the session's
-  // strand once the socket is closed.
+  // executor once the socket is closed.
   void abort(std::function<void()> done) {
     asio::post(stream_.get_executor(), [self = shared_from_this(), done = std::move(done)] {
       error_code ignored;
@@ -169,7 +169,7 @@ class Session : public std::enable_shared_from_this<Session> {
     route_ = ControlRouter::route_of(sv(request_.target()));
     if (ControlRouter::runs_blocking(route_) && request_.method() == http::verb::post) {
       if (state_->stopping.load()) return close();
-      // Run the operation on the blocking pool; the reply comes back to this session's strand.
+      // Run the operation on the blocking pool; the reply comes back on this session's executor.
       asio::post(*state_->blocking, [self = shared_from_this()] {
         HttpReply reply = self->route_request();
         asio::post(self->stream_.get_executor(),
@@ -417,7 +417,7 @@ void HttpControlServer::stop() {
       if (auto session = weak.lock()) open.push_back(std::move(session));
     }
   }
-  // Sockets are closed on their own strands (asio objects are not thread-safe), and the io threads
+  // Sockets are closed on their own executors (asio objects are not thread-safe), and the io threads
   // keep running until that is done: stopping them first would leave clients connected to a server
   // that no longer answers.
   struct Latch {
