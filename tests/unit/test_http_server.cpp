@@ -879,8 +879,8 @@ TEST_CASE("concurrent clients each get their own answers", "[http]") {
     });
   }
   for (auto& t : threads) t.join();
-  CHECK(wrong == 0);
-  CHECK(served == kClients * (kRequests - kRequests / 10));
+  CHECK(wrong.load() == 0);
+  CHECK(served.load() == kClients * (kRequests - kRequests / 10));
 }
 
 TEST_CASE("a slow move does not hold up lookups or health", "[http]") {
