@@ -334,7 +334,7 @@ class CudaIpcTransport::Impl {
   // uploaded once and every later layer is one launch with two bases: no descriptor packing or
   // upload per layer. Returns null (use the plain path) for small or multi-region batches.
   const gpudirect::ResidentSegments* resident_plan(const std::vector<PutOp>& ops) {
-    if (ops.size() < kResidentMinExtents) return nullptr;
+    if (!options_.resident_plans || ops.size() < kResidentMinExtents) return nullptr;
     const RemoteRegionId remote = ops.front().remote;
     uint64_t src_base = UINT64_MAX;
     for (const PutOp& op : ops) {

@@ -112,7 +112,7 @@ failed = sorted({r[0] for r in rows if r[1] == "verify"})
 anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M", "s2-512M", "s4-512M"]
              for k in ["shuffled", "contiguous"]},
           "peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-auto": "peer",
-          "peer-contiguous": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
+          "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
 lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
 for cell, raw_cell in anchor.items():
     k, n = med(cell, "kvfabric")
@@ -152,6 +152,7 @@ if cell_wanted peer && ((gpus >= 2)); then
   start_server --transport cuda_ipc --mem cuda:1 || exit 1
   for copy in kernel ce auto; do verified "peer-shuffled-$copy" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
   verified peer-contiguous --transport cuda_ipc --mem cuda:0
+  verified peer-shuffled-resident --transport cuda_ipc --mem cuda:0 --shuffle --copy kernel --resident-plans
   verified peer-contiguous-ce1 --transport cuda_ipc --mem cuda:0 --copy ce1
   # Where the GPU time goes (copy time vs gaps between layers), for each copy method.
   for copy in kernel auto; do
@@ -165,6 +166,7 @@ if cell_wanted peer && ((gpus >= 2)); then
     if ((r % 2)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
     for copy in kernel ce auto; do kvf "peer-shuffled-$copy" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
     kvf peer-contiguous "$r" --transport cuda_ipc --mem cuda:0
+    kvf peer-shuffled-resident "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy kernel --resident-plans
     kvf peer-contiguous-ce1 "$r" --transport cuda_ipc --mem cuda:0 --copy ce1
     if ((r % 2 == 0)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
   done

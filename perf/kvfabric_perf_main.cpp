@@ -89,6 +89,7 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
     cuda.device = memory->device;
     cuda.ucx = options;
     cuda.streams = args["streams"].as<uint32_t>();
+    cuda.resident_plans = args["resident-plans"].as<bool>();
     std::string copy = args["copy"].as<std::string>();
     if (copy == "kernel") {
       cuda.copy = CudaCopyMethod::kKernel;
@@ -458,6 +459,8 @@ int main(int argc, char** argv) {
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",
        cxxopts::value<std::string>())
       ("tokens", "--compute: prompt tokens", cxxopts::value<uint32_t>()->default_value("8192"))
+      ("resident-plans", "cuda_ipc: upload a request's extents once, launch layers by base address",
+       cxxopts::value<bool>()->default_value("false"))
       ("streams", "cuda_ipc: CUDA streams the copies go round-robin over", cxxopts::value<uint32_t>()->default_value("1"))
       ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
       ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))

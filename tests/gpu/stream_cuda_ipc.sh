@@ -19,15 +19,16 @@ kvf_wait_for_line srv 'listening on ' 20 || kvf_die "cuda_ipc server did not sta
 
 LAYERS=8 BLOCKS=96 BLOCK_BYTES=32768
 total=$(kvf_layers_bytes $LAYERS $BLOCKS $BLOCK_BYTES)
-for copy in kernel ce auto; do
+for copy in kernel ce auto "kernel --resident-plans"; do
+  name=client-${copy//[ -]/}
   before=$(kvf_count_lines srv '^stream [0-9]+ from ')
-  if kvf_run "client-$copy" 120 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc \
+  if kvf_run "$name" 120 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc \
        --mem cuda:$src --mode layers --layers $LAYERS --blocks $BLOCKS --block-bytes $BLOCK_BYTES --shuffle \
-       --verify --iters 2 --copy $copy; then
-    kvf_check_grep "$(kvf_logfile "client-$copy")" "receiver verified $total bytes" "copy $copy: the client saw every byte verified"
+       --verify --iters 2 --copy $copy; then  # unquoted: $copy may carry a flag
+    kvf_check_grep "$(kvf_logfile "$name")" "receiver verified $total bytes" "copy $copy: the client saw every byte verified"
     kvf_check_verified srv "$total" "$before" 2 "copy $copy"
   else
-    kvf_check_fail "cuda_ipc stream with copy $copy failed: $(tail -3 "$(kvf_logfile "client-$copy")")"
+    kvf_check_fail "cuda_ipc stream with copy $copy failed: $(tail -3 "$(kvf_logfile "$name")")"
   fi
 done
 

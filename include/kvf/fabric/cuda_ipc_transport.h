@@ -36,6 +36,9 @@ struct CudaIpcTransportOptions {
   // Put batches go round-robin over this many CUDA streams, so one layer's copy overlaps the
   // previous one's tail (a kernel's last wave, its descriptor upload) instead of waiting for it.
   uint32_t streams = 1;
+  // Upload a request's extents once and launch each layer with two base addresses (no per-layer
+  // descriptor upload). Off until it has run on a GPU: its GPU test and stream test are written.
+  bool resident_plans = false;
   // How often the progress thread looks at outstanding CUDA events while any are pending.
   std::chrono::microseconds poll_interval{4};
   UcxTransportOptions ucx;
