@@ -27,18 +27,6 @@ Result<VerbsDevice> VerbsDevice::open_matching(std::string_view) {
 
 void VerbsDevice::reset() {}
 
-std::string_view registration_path_name(VerbsRegistrationPath path) {
-  switch (path) {
-    case VerbsRegistrationPath::kHost:
-      return "host";
-    case VerbsRegistrationPath::kDmaBuf:
-      return "dma-buf";
-    case VerbsRegistrationPath::kPeerMem:
-      return "nvidia-peermem";
-  }
-  return "unknown";
-}
-
 Result<VerbsMemoryRegion> VerbsMemoryRegion::register_host(ibv_pd*, void*, uint64_t) {
   return built_without_verbs("VerbsMemoryRegion::register_host");
 }

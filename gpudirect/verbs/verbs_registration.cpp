@@ -80,18 +80,6 @@ void VerbsDevice::reset() {
   context_ = nullptr;
 }
 
-std::string_view registration_path_name(VerbsRegistrationPath path) {
-  switch (path) {
-    case VerbsRegistrationPath::kHost:
-      return "host";
-    case VerbsRegistrationPath::kDmaBuf:
-      return "dma-buf";
-    case VerbsRegistrationPath::kPeerMem:
-      return "nvidia-peermem";
-  }
-  return "unknown";
-}
-
 Result<VerbsMemoryRegion> VerbsMemoryRegion::register_host(ibv_pd* pd, void* p, uint64_t bytes) {
   if (pd == nullptr || p == nullptr || bytes == 0) {
     return Status(ErrorCode::kInvalidArgument, "register_host: null pd, null pointer or zero bytes");

@@ -295,6 +295,40 @@ Status enable_peer_access(int a, int b) {
   return Status::Ok();
 }
 
+// The buffers of a GPU-to-GPU anchor: random bytes at the source (kept in `reference`), zeros at
+// the destination, so a copy that moved nothing fails verify().
+struct PeerBuffers {
+  HostPtr reference, readback;
+  DevicePtr src, dst;
+
+  static Result<PeerBuffers> make(const Config& cfg) {
+    auto reference = pinned_alloc(cfg.bytes);
+    if (!reference.ok()) return reference.status();
+    auto readback = pinned_alloc(cfg.bytes);
+    if (!readback.ok()) return readback.status();
+    auto src = device_alloc(cfg.src_gpu, cfg.bytes);
+    if (!src.ok()) return src.status();
+    auto dst = device_alloc(cfg.dst_gpu, cfg.bytes);
+    if (!dst.ok()) return dst.status();
+    PeerBuffers b{std::move(reference.value()), std::move(readback.value()), std::move(src.value()),
+                  std::move(dst.value())};
+    fill_random(b.reference.get(), cfg.bytes, std::random_device{}());
+    KVF_CUDA(cudaSetDevice(cfg.src_gpu));
+    KVF_CUDA(cudaMemcpy(b.src.get(), b.reference.get(), cfg.bytes, cudaMemcpyHostToDevice));
+    KVF_CUDA(cudaSetDevice(cfg.dst_gpu));
+    KVF_CUDA(cudaMemset(b.dst.get(), 0, cfg.bytes));
+    KVF_CUDA(cudaDeviceSynchronize());
+    return b;
+  }
+
+  // The destination holds the source's bytes.
+  Status verify(const Config& cfg, const std::string& what) {
+    KVF_CUDA(cudaSetDevice(cfg.dst_gpu));
+    KVF_CUDA(cudaMemcpy(readback.get(), dst.get(), cfg.bytes, cudaMemcpyDeviceToHost));
+    return compare(reference.get(), readback.get(), cfg.bytes, what);
+  }
+};
+
 Result<Measurement> run_peer_copy(const Config& cfg) {
   auto src_name = device_name(cfg.src_gpu);
   if (!src_name.ok()) return src_name.status();
@@ -305,27 +339,13 @@ Result<Measurement> run_peer_copy(const Config& cfg) {
               src_name->c_str(), dst_name->c_str(), cfg.src_gpu, plan(cfg).c_str());
   std::fflush(stdout);
 
-  auto reference = pinned_alloc(cfg.bytes);
-  if (!reference.ok()) return reference.status();
-  auto readback = pinned_alloc(cfg.bytes);
-  if (!readback.ok()) return readback.status();
-  auto src = device_alloc(cfg.src_gpu, cfg.bytes);
-  if (!src.ok()) return src.status();
-  auto dst = device_alloc(cfg.dst_gpu, cfg.bytes);
-  if (!dst.ok()) return dst.status();
+  auto buffers = PeerBuffers::make(cfg);
+  if (!buffers.ok()) return buffers.status();
   auto stream = make_stream(cfg.src_gpu);
   if (!stream.ok()) return stream.status();
-  unsigned char* s_ptr = src->get();
-  unsigned char* d_ptr = dst->get();
+  unsigned char* s_ptr = buffers->src.get();
+  unsigned char* d_ptr = buffers->dst.get();
   cudaStream_t st = stream->get();
-
-  fill_random(reference->get(), cfg.bytes, std::random_device{}());
-  KVF_CUDA(cudaSetDevice(cfg.src_gpu));
-  KVF_CUDA(cudaMemcpy(s_ptr, reference->get(), cfg.bytes, cudaMemcpyHostToDevice));
-  // Something other than the source at the destination, so that a copy that moved nothing fails.
-  KVF_CUDA(cudaSetDevice(cfg.dst_gpu));
-  KVF_CUDA(cudaMemset(d_ptr, 0, cfg.bytes));
-  KVF_CUDA(cudaDeviceSynchronize());
 
   auto timing = time_steps({{cfg.src_gpu, st}}, cfg.warmup, cfg.iters, [&]() -> Status {
     KVF_CUDA(cudaMemcpyPeerAsync(d_ptr, cfg.dst_gpu, s_ptr, cfg.src_gpu, cfg.bytes, st));
@@ -333,12 +353,7 @@ Result<Measurement> run_peer_copy(const Config& cfg) {
   });
   if (!timing.ok()) return timing.status();
 
-  KVF_CUDA(cudaSetDevice(cfg.dst_gpu));
-  KVF_CUDA(cudaMemcpy(readback->get(), d_ptr, cfg.bytes, cudaMemcpyDeviceToHost));
-  if (Status s = compare(reference->get(), readback->get(), cfg.bytes,
-                         "peer-copy at GPU " + std::to_string(cfg.dst_gpu));
-      !s.ok())
-    return s;
+  if (Status s = buffers->verify(cfg, "peer-copy at GPU " + std::to_string(cfg.dst_gpu)); !s.ok()) return s;
   return copy_measurement(cfg, timing.value());
 }
 
@@ -418,25 +433,12 @@ Result<Measurement> run_nccl(const Config& cfg) {
               nvls != nullptr ? nvls : "(unset)", plan(cfg).c_str());
   std::fflush(stdout);
 
-  auto reference = pinned_alloc(cfg.bytes);
-  if (!reference.ok()) return reference.status();
-  auto readback = pinned_alloc(cfg.bytes);
-  if (!readback.ok()) return readback.status();
-  auto src = device_alloc(cfg.src_gpu, cfg.bytes);
-  if (!src.ok()) return src.status();
-  auto dst = device_alloc(cfg.dst_gpu, cfg.bytes);
-  if (!dst.ok()) return dst.status();
+  auto buffers = PeerBuffers::make(cfg);
+  if (!buffers.ok()) return buffers.status();
   auto src_stream = make_stream(cfg.src_gpu);
   if (!src_stream.ok()) return src_stream.status();
   auto dst_stream = make_stream(cfg.dst_gpu);
   if (!dst_stream.ok()) return dst_stream.status();
-
-  fill_random(reference->get(), cfg.bytes, std::random_device{}());
-  KVF_CUDA(cudaSetDevice(cfg.src_gpu));
-  KVF_CUDA(cudaMemcpy(src->get(), reference->get(), cfg.bytes, cudaMemcpyHostToDevice));
-  KVF_CUDA(cudaSetDevice(cfg.dst_gpu));
-  KVF_CUDA(cudaMemset(dst->get(), 0, cfg.bytes));
-  KVF_CUDA(cudaDeviceSynchronize());
 
   // Rank 0 is GPU src, rank 1 GPU dst; one thread drives both, hence the group around each step.
   CommsDestroy comms;
@@ -444,8 +446,8 @@ Result<Measurement> run_nccl(const Config& cfg) {
   const int devices[2] = {cfg.src_gpu, cfg.dst_gpu};
   KVF_NCCL(ncclCommInitAll(comms.comms.data(), 2, devices));
 
-  const unsigned char* s_ptr = src->get();
-  unsigned char* d_ptr = dst->get();
+  const unsigned char* s_ptr = buffers->src.get();
+  unsigned char* d_ptr = buffers->dst.get();
   cudaStream_t s_st = src_stream->get();
   cudaStream_t d_st = dst_stream->get();
   auto timing =
@@ -458,12 +460,7 @@ Result<Measurement> run_nccl(const Config& cfg) {
       });
   if (!timing.ok()) return timing.status();
 
-  KVF_CUDA(cudaSetDevice(cfg.dst_gpu));
-  KVF_CUDA(cudaMemcpy(readback->get(), d_ptr, cfg.bytes, cudaMemcpyDeviceToHost));
-  if (Status s = compare(reference->get(), readback->get(), cfg.bytes,
-                         "nccl recv at GPU " + std::to_string(cfg.dst_gpu));
-      !s.ok())
-    return s;
+  if (Status s = buffers->verify(cfg, "nccl recv at GPU " + std::to_string(cfg.dst_gpu)); !s.ok()) return s;
   return copy_measurement(cfg, timing.value());
 }
 #endif
