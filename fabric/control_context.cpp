@@ -27,10 +27,12 @@ ControlContext::ControlContext() : work_(boost::asio::make_work_guard(io_)) {
   });
 }
 
-ControlContext::~ControlContext() {
+void ControlContext::stop() {
   work_.reset();
   io_.stop();
-  if (thread_.joinable()) thread_.join();
+  if (thread_.joinable() && std::this_thread::get_id() != thread_.get_id()) thread_.join();
 }
+
+ControlContext::~ControlContext() { stop(); }
 
 }  // namespace kvf::fabric

@@ -161,6 +161,9 @@ class StreamReceiver::Impl {
     });
     fenced.get_future().wait();
     transport_.set_notification_handler(nullptr);
+    // Control handlers (a sender's connection closing, say) post to the worker: stop them before
+    // the worker goes, or a late one posts to a destroyed worker.
+    if (control_) control_->stop();
     worker_.reset();
     server_.reset();
     control_.reset();

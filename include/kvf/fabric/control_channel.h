@@ -54,6 +54,9 @@ class ControlContext {
   ControlContext& operator=(const ControlContext&) = delete;
 
   boost::asio::io_context& io() { return io_; }
+  // Stops and joins the io thread; the io_context lives on (posts to it are dropped, not run), so
+  // owners can stop handlers first and then tear down what the handlers use. Idempotent.
+  void stop();
   bool in_io_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
 
  private:
