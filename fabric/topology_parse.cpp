@@ -150,7 +150,7 @@ void read_nic(const YAML::Node& node, const std::string& path, NicSpec& nic, Rea
 void read_store(const YAML::Node& node, const std::string& path, Pos fallback, NodeSpec& spec,
                 ReadContext& ctx) {
   if (!expect_map(node, path, fallback, ctx)) return;
-  MapReader map(node, path, {"dram", "ssd", "ssd_path"}, ctx);
+  MapReader map(node, path, {"dram", "ssd", "ssd_path", "socket"}, ctx);
   if (auto dram = map.get("dram")) {
     if (auto bytes = read_size(*dram, map.field("dram"), map.pos(), ctx)) spec.store_dram_bytes = *bytes;
   }
@@ -158,6 +158,20 @@ void read_store(const YAML::Node& node, const std::string& path, Pos fallback, N
     if (auto bytes = read_size(*ssd, map.field("ssd"), map.pos(), ctx)) spec.store_ssd_bytes = *bytes;
   }
   read_string_field(map, "ssd_path", false, spec.store_ssd_path, ctx);
+  std::string socket;
+  read_string_field(map, "socket", false, socket, ctx);
+  if (!socket.empty()) {
+    const std::string field = map.field("socket");
+    if (socket.front() != '/') {
+      ctx.report(field, ctx.where(field), field + ": expected an absolute path, got \"" + socket + "\"");
+    } else if (socket.size() > kMaxSocketPath) {
+      ctx.report(field, ctx.where(field),
+                 field + ": a Unix socket path holds at most " + std::to_string(kMaxSocketPath) +
+                     " bytes, this one has " + std::to_string(socket.size()));
+    } else {
+      spec.store_socket = socket;
+    }
+  }
   // An SSD tier needs both halves; one without the other is a half-finished edit.
   if (spec.store_ssd_bytes > 0 && spec.store_ssd_path.empty() && !ctx.broken(map.field("ssd_path"))) {
     ctx.report(map.field("ssd_path"), map.pos(),
@@ -190,6 +204,9 @@ void read_node(const YAML::Node& node, const std::string& path, NodeSpec& spec, 
   }
   spec.store_dram_bytes = kDefaultStoreDramBytes;
   if (auto store = map.get("store")) read_store(*store, map.field("store"), map.pos(), spec, ctx);
+  if (spec.store_socket.empty() && !ctx.broken(map.field("store") + ".socket")) {
+    spec.store_socket = default_store_socket(spec.name);
+  }
 }
 
 void read_engine(const YAML::Node& node, const std::string& path, EngineSpec& engine, ReadContext& ctx) {
@@ -288,6 +305,19 @@ Topology read_topology(const YAML::Node& root, ReadContext& ctx) {
         [&](const YAML::Node& n, const std::string& p, EngineSpec& e) { read_engine(n, p, e, ctx); });
   }
   return topo;
+}
+
+std::string default_store_socket(const std::string& node_name) {
+  std::string safe;
+  for (char c : node_name) {
+    const bool keep = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                      c == '.' || c == '_' || c == '-';
+    safe += keep ? c : '_';
+  }
+  std::string path = "/tmp/kvfabric-" + safe + ".sock";
+  // Very long node names: keep the path a socket address can hold.
+  if (path.size() > kMaxSocketPath) path = path.substr(0, kMaxSocketPath - 5) + ".sock";
+  return path;
 }
 
 }  // namespace kvf::fabric::topo

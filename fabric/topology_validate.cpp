@@ -154,6 +154,22 @@ void check_ports(const Topology& topo, ReadContext& ctx) {
   }
 }
 
+// Daemons of node entries on one address share its file system: each needs its own store socket.
+void check_sockets(const Topology& topo, ReadContext& ctx) {
+  std::map<std::pair<std::string, std::string>, size_t> first;  // (address, socket) -> node index
+  for (size_t n = 0; n < topo.nodes.size(); ++n) {
+    const NodeSpec& node = topo.nodes[n];
+    const std::string path = index_path("nodes", n) + ".store.socket";
+    if (node.address.empty() || node.store_socket.empty() || ctx.broken(path)) continue;
+    auto [it, fresh] = first.emplace(std::pair(node.address, node.store_socket), n);
+    if (fresh) continue;
+    const std::string where = ctx.find(path) ? path : index_path("nodes", n) + " (default store.socket)";
+    ctx.report(path, ctx.where(ctx.find(path) ? path : index_path("nodes", n)),
+               where + ": store socket " + node.store_socket + " on " + node.address +
+                   " is already used by " + index_path("nodes", it->second));
+  }
+}
+
 }  // namespace
 
 void validate_topology(const Topology& topo, ReadContext& ctx) {
@@ -163,6 +179,7 @@ void validate_topology(const Topology& topo, ReadContext& ctx) {
   check_nics(topo, ctx);
   check_engine_references(topo, ctx);
   check_ports(topo, ctx);
+  check_sockets(topo, ctx);
 }
 
 }  // namespace kvf::fabric::topo

@@ -464,6 +464,34 @@ nodes:
                  5, 12, {"nodes[0].store.ssd_path: required when store.ssd is set"});
 }
 
+TEST_CASE("the store socket defaults per node and must be an absolute path a socket can hold") {
+  auto with_socket = [](const std::string& socket) {
+    return load("cluster: c\nnodes:\n  - name: a\n    address: 10.0.0.1\n    store:\n      socket: " + socket +
+                "\n");
+  };
+  const TopologyLoad defaulted = load(kMinimal);
+  REQUIRE(defaulted.topology);
+  CHECK(defaulted.topology->nodes[0].store_socket == "/tmp/kvfabric-a.sock");
+  CHECK(with_socket("/run/kvf/a.sock").topology->nodes[0].store_socket == "/run/kvf/a.sock");
+  require_single(with_socket("kvf.sock"), 6, 15, {"nodes[0].store.socket: expected an absolute path"});
+  require_single(with_socket("/" + std::string(120, 'x')), 6, 15,
+                 {"nodes[0].store.socket", "at most 107 bytes", "121"});
+  // Two node entries on one address cannot share a socket (the second daemon could not bind it).
+  const TopologyLoad clash = load(R"(
+cluster: c
+nodes:
+  - name: a
+    address: 127.0.0.1
+    store: {socket: /tmp/s.sock}
+  - name: b
+    address: 127.0.0.1
+    http_port: 17081
+    control_port: 17001
+    store: {socket: /tmp/s.sock}
+)");
+  require_single(clash, 10, 21, {"nodes[1].store.socket: store socket /tmp/s.sock on 127.0.0.1", "nodes[0]"});
+}
+
 TEST_CASE("chunk_tokens must be a multiple of block_tokens") {
   require_single(load(R"(
 cluster: c

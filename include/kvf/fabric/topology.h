@@ -38,6 +38,7 @@ struct NodeSpec {
   uint64_t store_dram_bytes = 0;  // prefix store arena
   uint64_t store_ssd_bytes = 0;
   std::string store_ssd_path;
+  std::string store_socket;  // the daemon's Unix socket for engines (default /tmp/kvfabric-<name>.sock)
 };
 
 struct ModelSpec {
