@@ -462,6 +462,7 @@ ClearResult ChunkStore::clear_all() {
     auto current = it++;  // remove_visible erases or extracts only the current element
     if (current->second.state != EntryState::kCommitted) continue;
     if (current->second.leases > 0) ++r.deferred;
+    r.bytes += current->second.block.length;
     m.remove_visible(current, Impl::Removal::kCleared);
     ++r.removed;
   }
@@ -476,6 +477,7 @@ ClearResult ChunkStore::clear(std::span<const ChunkKey> keys) {
     auto it = m.index.find(key);
     if (it == m.index.end() || it->second.state != EntryState::kCommitted) continue;
     if (it->second.leases > 0) ++r.deferred;
+    r.bytes += it->second.block.length;
     m.remove_visible(it, Impl::Removal::kCleared);
     ++r.removed;
   }

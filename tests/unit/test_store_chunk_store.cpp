@@ -361,10 +361,12 @@ TEST_CASE("clear removes entries; leased ones keep their bytes until released") 
   auto one = store->clear(some);
   REQUIRE(one.removed == 1);
   REQUIRE(one.deferred == 0);
+  REQUIRE(one.bytes == 1024);
 
   auto all = store->clear_all();
   REQUIRE(all.removed == 3);  // 0 (pinned), 1 (leased), 2
   REQUIRE(all.deferred == 1);
+  REQUIRE(all.bytes == 3 * 1024);  // the leased entry's bytes count: they are freed on its release
   REQUIRE_FALSE(stored(*store, key(0)));
   REQUIRE_FALSE(stored(*store, key(1)));
   auto s = store->stats();

@@ -69,6 +69,7 @@ struct Lease {
 struct ClearResult {
   uint64_t removed = 0;   // entries that left the index
   uint64_t deferred = 0;  // of those, entries whose bytes stay until their leases are released
+  uint64_t bytes = 0;     // arena bytes of the removed entries (freed now, or on the last release)
 };
 
 struct ReapResult {
