@@ -1,0 +1,72 @@
+#include "kvf/store/store_stats_fields.h"
+
+#include <array>
+
+namespace kvf::store {
+
+namespace {
+
+constexpr std::array<StoreStatsField, 28> kFields{{
+    {"capacity_bytes", false, &StoreStats::capacity_bytes, "Bytes in the store arena."},
+    {"bytes_used", false, &StoreStats::bytes_used,
+     "Arena bytes allocated (entries, reservations, detached)."},
+    {"bytes_free", false, &StoreStats::bytes_free, "Arena bytes free."},
+    {"largest_free_block", false, &StoreStats::largest_free_block, "Largest free hole in the arena."},
+    {"bytes_entries", false, &StoreStats::bytes_entries, "Arena bytes of committed, visible entries."},
+    {"bytes_reserved", false, &StoreStats::bytes_reserved, "Arena bytes of reservations being written."},
+    {"bytes_detached", false, &StoreStats::bytes_detached, "Arena bytes of cleared entries still leased."},
+    {"entries", false, &StoreStats::entries, "Committed, visible entries."},
+    {"reservations", false, &StoreStats::reservations, "Reservations being written."},
+    {"detached", false, &StoreStats::detached, "Cleared entries kept until their leases end."},
+    {"pinned", false, &StoreStats::pinned, "Pinned entries."},
+    {"leased_entries", false, &StoreStats::leased_entries, "Entries with at least one lease."},
+    {"protected_entries", false, &StoreStats::protected_entries, "Visible entries pinned or leased."},
+    {"evictable", false, &StoreStats::evictable, "Visible entries the eviction policy may pick."},
+    {"active_leases", false, &StoreStats::active_leases, "Leases held by readers."},
+    {"hits", true, &StoreStats::hits, "Chunks found by lookup and acquire."},
+    {"misses", true, &StoreStats::misses, "Lookups and acquires that stopped at a missing chunk."},
+    {"reserves", true, &StoreStats::reserves, "Successful reservations."},
+    {"inserts", true, &StoreStats::inserts, "Commits."},
+    {"aborts", true, &StoreStats::aborts, "Reservations aborted by their writer."},
+    {"expired_reservations", true, &StoreStats::expired_reservations,
+     "Reservations freed because their writer missed the timeout."},
+    {"dropped_reservations", true, &StoreStats::dropped_reservations,
+     "Reservations freed because their writer disconnected."},
+    {"evictions", true, &StoreStats::evictions, "Entries evicted to make room."},
+    {"cleared", true, &StoreStats::cleared, "Entries removed by clear."},
+    {"leases_granted", true, &StoreStats::leases_granted, "Leases granted."},
+    {"leases_released", true, &StoreStats::leases_released, "Leases released by their reader."},
+    {"expired_leases", true, &StoreStats::expired_leases,
+     "Leases ended because their reader missed the timeout."},
+    {"dropped_leases", true, &StoreStats::dropped_leases, "Leases ended because their reader disconnected."},
+}};
+// Every field of StoreStats is in the table (all of them are uint64_t).
+static_assert(sizeof(StoreStats) == kFields.size() * sizeof(uint64_t), "a StoreStats field is missing here");
+
+}  // namespace
+
+std::span<const StoreStatsField> store_stats_fields() {
+  return kFields;
+}
+
+std::vector<std::pair<std::string, uint64_t>> store_stats_to_pairs(const StoreStats& s) {
+  std::vector<std::pair<std::string, uint64_t>> out;
+  out.reserve(kFields.size());
+  for (const auto& f : kFields) out.emplace_back(std::string(f.name), s.*f.member);
+  return out;
+}
+
+StoreStats store_stats_from_pairs(std::span<const std::pair<std::string, uint64_t>> pairs) {
+  StoreStats s;
+  for (const auto& [name, value] : pairs) {
+    for (const auto& f : kFields) {
+      if (f.name == name) {
+        s.*f.member = value;
+        break;
+      }
+    }
+  }
+  return s;
+}
+
+}  // namespace kvf::store
