@@ -85,10 +85,15 @@ expect_problem "$tmp/empty.yaml" 1:1 "empty document"
 grep -qF "$tmp/absent.yaml: cannot read topology file: No such file or directory" "$tmp/err" ||
   fail "missing file: stderr: $(cat "$tmp/err")"
 
-# The daemon mode is not there yet and must say so rather than pretend to run.
-"$daemon" --topology "$src/examples/topologies/local.yaml" --node local >"$tmp/out" 2>"$tmp/err"; rc=$?
-[[ $rc == 2 ]] || fail "--topology: exit $rc, want 2"
-grep -qF "not implemented yet" "$tmp/err" || fail "--topology: stderr: $(cat "$tmp/err")"
+# The daemon mode refuses a node the topology does not have, naming the ones it has, and a
+# topology with problems (daemon_store.sh runs the daemon for real).
+timeout 20 "$daemon" --topology "$src/examples/topologies/local.yaml" --node nowhere >"$tmp/out" 2>"$tmp/err"; rc=$?
+[[ $rc == 2 ]] || fail "--topology --node nowhere: exit $rc, want 2"
+grep -qF "no node 'nowhere'" "$tmp/err" "$tmp/out" || fail "--node nowhere: output: $(cat "$tmp/err" "$tmp/out")"
+timeout 20 "$daemon" --topology "$tmp/typo.yaml" --node a >"$tmp/out" 2>"$tmp/err"; rc=$?
+[[ $rc == 2 ]] || fail "--topology with problems: exit $rc, want 2"
+"$daemon" --topology "$src/examples/topologies/local.yaml" >"$tmp/out" 2>"$tmp/err"; rc=$?
+[[ $rc == 2 ]] || fail "--topology without --node: exit $rc, want 2"
 
 "$daemon" --version | grep -qE '^kvfabricd [0-9]+\.[0-9]+\.[0-9]+' || fail "--version"
 "$daemon" --help | grep -qF -- "--check-topology" || fail "--help"

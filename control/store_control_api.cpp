@@ -1,0 +1,143 @@
+#include "kvf/control/store_control_api.h"
+
+#include <utility>
+
+#include "kvf/fabric/version.h"
+#include "kvf/store/store_stats_fields.h"
+
+namespace kvf::control {
+
+StoreControlApi::StoreControlApi(const fabric::Topology& topology, std::string node, store::ChunkStore& store,
+                                 ExtraMetrics extra_metrics)
+    : topology_(topology),
+      node_(std::move(node)),
+      store_(store),
+      extra_metrics_(std::move(extra_metrics)),
+      started_(std::chrono::steady_clock::now()) {}
+
+Result<LookupResult> StoreControlApi::lookup(const LookupRequest& request) {
+  lookups_.fetch_add(1, std::memory_order_relaxed);
+  const fabric::ModelSpec* model = topology_.find_model(request.model);
+  if (model == nullptr) {
+    std::string known;
+    for (const auto& m : topology_.models) known += (known.empty() ? "" : ", ") + m.name;
+    return Status(ErrorCode::kInvalidArgument, "unknown model '" + request.model + "' (the topology has: " +
+                                                   (known.empty() ? "none" : known) + ")");
+  }
+  std::vector<ChunkKey> hashed;
+  if (request.by_tokens()) {
+    const protocol::ChunkHasher hasher(protocol::model_fingerprint(model->name, model->layout),
+                                       model->chunk_tokens);
+    hashed = hasher.hash(request.tokens());
+  }
+  const std::vector<ChunkKey>& keys = request.by_tokens() ? hashed : request.chunk_keys();
+  LookupResult result;
+  result.query_chunks = static_cast<uint32_t>(keys.size());
+  const size_t matched = keys.empty() ? 0 : store_.lookup(keys);
+  if (matched > 0) {
+    result.matches.push_back(LookupMatch{node_, "", static_cast<uint64_t>(matched) * model->chunk_tokens,
+                                         static_cast<uint32_t>(matched), Tier::kDram});
+  }
+  return result;
+}
+
+Result<PinResult> StoreControlApi::pin(const PinRequest& request) {
+  PinResult result;
+  for (const auto& key : request.keys) {
+    Status s = store_.pin(key);
+    if (s.ok()) {
+      ++result.changed;
+    } else if (s.code() == ErrorCode::kNotFound) {
+      result.not_found.push_back(key);
+    } else {
+      return s;
+    }
+  }
+  return result;
+}
+
+Result<PinResult> StoreControlApi::unpin(const PinRequest& request) {
+  PinResult result;
+  for (const auto& key : request.keys) {
+    Status s = store_.unpin(key);
+    if (s.ok()) {
+      ++result.changed;
+    } else if (s.code() == ErrorCode::kNotFound) {
+      result.not_found.push_back(key);
+    } else if (s.code() != ErrorCode::kInvalidArgument) {  // held but not pinned: nothing changed
+      return s;
+    }
+  }
+  return result;
+}
+
+Result<ClearResult> StoreControlApi::clear(const ClearRequest& request) {
+  store::ClearResult r;
+  switch (request.scope) {
+    case ClearRequest::Scope::kAll:
+      r = store_.clear_all();
+      break;
+    case ClearRequest::Scope::kKeys:
+      r = store_.clear(request.keys);
+      break;
+    case ClearRequest::Scope::kModel:
+      return Status(ErrorCode::kUnavailable,
+                    "clear by model is not available yet: the store does not record which model a chunk "
+                    "belongs to; clear by keys or all");
+  }
+  return ClearResult{r.removed, r.bytes};
+}
+
+Result<MoveResult> StoreControlApi::move(const MoveRequest&) {
+  return Status(ErrorCode::kUnavailable,
+                "move is not available yet: this kvfabricd does not join its peers (remote fetch between "
+                "nodes is not built)");
+}
+
+Result<CompressResult> StoreControlApi::compress(const CompressRequest&) {
+  return Status(ErrorCode::kUnavailable, "compress is not available yet: the store has no codecs");
+}
+
+HealthReport StoreControlApi::health() {
+  HealthReport report;
+  report.node = node_;
+  report.version = std::string(fabric::version());
+  report.uptime_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  const store::StoreStats s = store_.stats();
+  if (Status st = store::check_stats_invariants(s); !st.ok()) {
+    report.problems.push_back("store stats inconsistent: " + st.message());
+  }
+  report.healthy = report.problems.empty();
+  return report;
+}
+
+Result<ControlStats> StoreControlApi::stats() {
+  const store::StoreStats s = store_.stats();
+  ControlStats out;
+  out.node = node_;
+  out.entries = s.entries;
+  out.pinned_entries = s.pinned;
+  out.leased_entries = s.leased_entries;
+  out.lookups = lookups_.load(std::memory_order_relaxed);
+  out.tiers.push_back(
+      TierStats{Tier::kDram, s.capacity_bytes, s.bytes_used, s.entries, s.hits, s.misses, s.evictions});
+  return out;
+}
+
+Result<std::string> StoreControlApi::metrics() {
+  const store::StoreStats s = store_.stats();
+  std::string out;
+  for (const auto& f : store::store_stats_fields()) {
+    const std::string name = "kvf_store_" + std::string(f.name) + (f.counter ? "_total" : "");
+    out += "# HELP " + name + " " + std::string(f.help) + "\n";
+    out += "# TYPE " + name + (f.counter ? " counter\n" : " gauge\n");
+    out += name + " " + std::to_string(s.*f.member) + "\n";
+  }
+  out += "# HELP kvf_control_lookups_total Lookups served by the control API.\n";
+  out += "# TYPE kvf_control_lookups_total counter\n";
+  out += "kvf_control_lookups_total " + std::to_string(lookups_.load(std::memory_order_relaxed)) + "\n";
+  if (extra_metrics_) out += extra_metrics_();
+  return out;
+}
+
+}  // namespace kvf::control

@@ -1,0 +1,146 @@
+#include "node_daemon.h"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstring>
+#include <memory>
+
+#include <spdlog/spdlog.h>
+
+#include "kvf/control/http_server.h"
+#include "kvf/control/store_control_api.h"
+#include "kvf/fabric/topology.h"
+#include "kvf/fabric/version.h"
+#include "kvf/gpudirect/memory_region.h"
+#include "kvf/store/chunk_store.h"
+#include "kvf/store/shared_arena.h"
+#include "store_reaper.h"
+#include "store_rpc_server.h"
+
+namespace kvf::daemon {
+
+namespace {
+
+std::string mib(uint64_t bytes) {
+  return std::to_string(bytes >> 20) + " MiB";
+}
+
+}  // namespace
+
+int run_node_daemon(const NodeDaemonOptions& options) {
+  // Before any thread starts, so that every thread inherits the mask and only sigwait below sees them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  const fabric::TopologyLoad load = fabric::load_topology_file(options.topology_file);
+  if (!load.topology) {
+    for (const auto& problem : load.problems) spdlog::error("{}", problem.to_string());
+    spdlog::error("{} is not a valid topology ({} problem(s)); check it with kvfabricd --check-topology",
+                  options.topology_file, load.problems.size());
+    return kExitBadInput;
+  }
+  const fabric::Topology& topology = *load.topology;
+  const fabric::NodeSpec* node = topology.find_node(options.node);
+  if (node == nullptr) {
+    std::string names;
+    for (const auto& n : topology.nodes) names += (names.empty() ? "" : ", ") + n.name;
+    spdlog::error("no node '{}' in {} (nodes: {})", options.node, options.topology_file, names);
+    return kExitBadInput;
+  }
+  if (node->store_dram_bytes == 0) {
+    spdlog::error("node '{}' has store.dram 0 (no prefix store): kvfabricd has nothing to serve on it yet",
+                  node->name);
+    return kExitBadInput;
+  }
+  spdlog::info("kvfabricd {}: node '{}' of cluster '{}' ({})", fabric::version(), node->name,
+               topology.cluster, options.topology_file);
+
+  // The arena first: everything else points into it.
+  auto made = store::SharedArena::create(node->name, node->store_dram_bytes, options.huge_pages);
+  if (!made.ok()) {
+    spdlog::error("store arena: {}", made.status().to_string());
+    return kExitFailed;
+  }
+  auto arena = std::make_unique<store::SharedArena>(std::move(made.value()));
+  spdlog::info("store arena: {} ({} bytes); {}", arena->name(), arena->size(), arena->huge_pages_note());
+
+  auto region = gpudirect::MemoryRegion::register_external(nullptr, arena->data(), arena->size(),
+                                                           protocol::MemoryKind::kSharedMemory);
+  if (!region.ok()) {
+    spdlog::error("store arena region: {}", region.status().to_string());
+    return kExitFailed;
+  }
+  store::ChunkStoreOptions store_options;
+  store_options.reservation_timeout = options.reservation_timeout;
+  store_options.lease_timeout = options.lease_timeout;
+  auto created = store::ChunkStore::create(std::move(region.value()), std::move(store_options));
+  if (!created.ok()) {
+    spdlog::error("store: {}", created.status().to_string());
+    return kExitFailed;
+  }
+  std::unique_ptr<store::ChunkStore> chunk_store = std::move(created.value());
+  spdlog::info("store: {} of {}; reservation timeout {} ms, lease timeout {} ms, reaper every {} ms",
+               mib(chunk_store->stats().capacity_bytes), mib(arena->size()),
+               options.reservation_timeout.count(), options.lease_timeout.count(),
+               options.reap_interval.count());
+
+  StoreRpcServerOptions rpc_options;
+  rpc_options.socket_path = options.socket_path.empty() ? node->store_socket : options.socket_path;
+  rpc_options.node = node->name;
+  rpc_options.arena.arena_name = arena->name();
+  rpc_options.arena.backing = arena->backing();
+  rpc_options.arena.arena_bytes = arena->size();
+  rpc_options.io_threads = options.rpc_threads;
+  auto rpc = StoreRpcServer::start(*chunk_store, rpc_options);
+  if (!rpc.ok()) {
+    spdlog::error("store rpc: {}", rpc.status().to_string());
+    return kExitFailed;
+  }
+  std::unique_ptr<StoreRpcServer> rpc_server = std::move(rpc.value());
+  spdlog::info("store rpc: listening on {}", rpc_options.socket_path);
+
+  auto reaper = std::make_unique<StoreReaper>(*chunk_store, options.reap_interval);
+
+  StoreRpcServer* rpc_raw = rpc_server.get();
+  auto api = std::make_shared<control::StoreControlApi>(topology, node->name, *chunk_store,
+                                                        [rpc_raw] { return rpc_raw->metrics(); });
+  control::HttpServerOptions http_options;
+  http_options.host = options.http_host.empty() ? node->address : options.http_host;
+  http_options.port = options.http_port.value_or(node->http_port);
+  auto http = control::HttpControlServer::start(api, http_options);
+  if (!http.ok()) {
+    spdlog::error("http: {}", http.status().to_string());
+    rpc_server->drain(std::chrono::milliseconds(0));
+    return kExitFailed;
+  }
+  std::unique_ptr<control::HttpControlServer> http_server = std::move(http.value());
+  spdlog::info("http: listening on {}", http_server->address());
+  spdlog::info("ready: node '{}', store socket {}, http {}", node->name, rpc_options.socket_path,
+               http_server->address());
+
+  int signal = 0;
+  while (sigwait(&stop_signals, &signal) != 0) {
+  }
+  spdlog::info("stopping on signal {}: draining", signal == SIGTERM ? "SIGTERM" : "SIGINT");
+
+  // Operators first (no new control requests), then engines (finish what is in flight), then the
+  // reaper, the store and the arena, in the reverse order of their making.
+  http_server->stop();
+  http_server.reset();
+  rpc_server->drain(options.drain_grace);
+  rpc_server.reset();
+  reaper.reset();
+  api.reset();
+  const store::StoreStats final_stats = chunk_store->stats();
+  chunk_store.reset();
+  const std::string arena_name = arena->name();
+  arena.reset();  // unmaps and removes the name; engines keep their own mappings until they unmap
+  spdlog::info("stopped cleanly: {} entries dropped, arena {} removed", final_stats.entries, arena_name);
+  return kExitOk;
+}
+
+}  // namespace kvf::daemon
