@@ -1,0 +1,161 @@
+// StoreControlApi, the daemon's ControlApi over a real ChunkStore: a router's lookup by tokens
+// hashes them the way engines key their chunks (the topology's model fingerprint and chunk size),
+// pin/unpin/clear act on the store, stats and metrics read it, and what is not built says so.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "catch.h"
+#include "kvf/control/store_control_api.h"
+#include "kvf/fabric/topology.h"
+#include "kvf/gpudirect/memory_region.h"
+#include "kvf/store/chunk_store.h"
+
+using namespace kvf;
+using namespace kvf::control;
+
+namespace {
+
+constexpr const char* kTopology = R"(
+cluster: c
+models:
+  - name: m
+    layout: {kind: flash_attention, layers: 2, kv_heads: 2, head_dim: 64, dtype: bf16, block_tokens: 16, blocks: 64}
+    chunk_tokens: 32
+nodes:
+  - name: n
+    address: 127.0.0.1
+)";
+
+struct Fixture {
+  Fixture() {
+    auto load = fabric::load_topology_string(kTopology, "t.yaml");
+    REQUIRE(load.topology);
+    topology = *load.topology;
+    auto arena = gpudirect::MemoryRegion::allocate_host(nullptr, 1 << 20);
+    REQUIRE(arena.ok());
+    auto made = store::ChunkStore::create(std::move(arena.value()));
+    REQUIRE(made.ok());
+    store = std::move(made.value());
+    api = std::make_unique<StoreControlApi>(topology, "n", *store,
+                                            [] { return std::string("extra_metric 1\n"); });
+  }
+
+  // Stores the chunks of `tokens` as an engine serving model m would key them.
+  std::vector<ChunkKey> put_prompt(const std::vector<uint32_t>& tokens) {
+    const fabric::ModelSpec& m = *topology.find_model("m");
+    const protocol::ChunkHasher hasher(protocol::model_fingerprint(m.name, m.layout), m.chunk_tokens);
+    std::vector<ChunkKey> keys = hasher.hash(tokens);
+    for (const auto& key : keys) {
+      auto r = store->reserve(key, 1000, 1);
+      REQUIRE(r.ok());
+      REQUIRE(store->commit(key, r->id).ok());
+    }
+    return keys;
+  }
+
+  fabric::Topology topology;
+  std::unique_ptr<store::ChunkStore> store;
+  std::unique_ptr<StoreControlApi> api;
+};
+
+std::vector<uint32_t> prompt(size_t n) {
+  std::vector<uint32_t> t(n);
+  for (size_t i = 0; i < n; ++i) t[i] = static_cast<uint32_t>(i * 7 + 1);
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("store control api: lookup by tokens finds what engines stored under the model's keys") {
+  Fixture f;
+  const auto keys = f.put_prompt(prompt(96));  // 3 chunks of 32 tokens
+  REQUIRE(keys.size() == 3);
+
+  LookupRequest by_tokens{"m", prompt(130)};  // 4 full chunks; the first 3 are held
+  auto r = f.api->lookup(by_tokens);
+  REQUIRE(r.ok());
+  CHECK(r->query_chunks == 4);
+  REQUIRE(r->matches.size() == 1);
+  CHECK(r->matches[0].node == "n");
+  CHECK(r->matches[0].engine.empty());
+  CHECK(r->matches[0].matched_chunks == 3);
+  CHECK(r->matches[0].matched_tokens == 96);
+  CHECK(r->matches[0].tier == Tier::kDram);
+
+  LookupRequest by_keys{"m", std::vector<ChunkKey>{keys[0], ChunkKey{1, 2}}};
+  r = f.api->lookup(by_keys);
+  REQUIRE(r.ok());
+  CHECK(r->matches.at(0).matched_chunks == 1);
+
+  LookupRequest other{"m", std::vector<uint32_t>{9, 9, 9}};  // no full chunk: nothing to match
+  r = f.api->lookup(other);
+  REQUIRE(r.ok());
+  CHECK(r->query_chunks == 0);
+  CHECK(r->matches.empty());
+
+  auto unknown = f.api->lookup(LookupRequest{"llama", prompt(32)});
+  REQUIRE_FALSE(unknown.ok());
+  CHECK(unknown.status().code() == ErrorCode::kInvalidArgument);
+  CHECK(unknown.status().message().find("unknown model 'llama' (the topology has: m)") != std::string::npos);
+  CHECK(f.api->stats()->lookups == 4);
+}
+
+TEST_CASE("store control api: pin, unpin and clear act on the store") {
+  Fixture f;
+  const auto keys = f.put_prompt(prompt(64));
+  const ChunkKey absent{7, 7};
+
+  auto pinned = f.api->pin(PinRequest{{keys[0], absent}});
+  REQUIRE(pinned.ok());
+  CHECK(pinned->changed == 1);
+  CHECK(pinned->not_found == std::vector<ChunkKey>{absent});
+  CHECK(f.store->stats().pinned == 1);
+
+  auto unpinned = f.api->unpin(PinRequest{{keys[0], keys[1]}});  // keys[1] is held but not pinned
+  REQUIRE(unpinned.ok());
+  CHECK(unpinned->changed == 1);
+  CHECK(unpinned->not_found.empty());
+  CHECK(f.store->stats().pinned == 0);
+
+  auto cleared = f.api->clear(ClearRequest{ClearRequest::Scope::kKeys, "", {keys[1]}});
+  REQUIRE(cleared.ok());
+  CHECK(cleared->cleared == 1);
+  CHECK(cleared->freed_bytes == 1024);  // 1000 bytes rounded up to the store's 256-byte alignment
+  auto by_model = f.api->clear(ClearRequest{ClearRequest::Scope::kModel, "m", {}});
+  REQUIRE_FALSE(by_model.ok());
+  CHECK(by_model.status().code() == ErrorCode::kUnavailable);
+  auto all = f.api->clear(ClearRequest{});
+  REQUIRE(all.ok());
+  CHECK(all->cleared == 1);
+  CHECK(f.store->stats().entries == 0);
+}
+
+TEST_CASE("store control api: health, stats and metrics read the store; move and compress are not built") {
+  Fixture f;
+  f.put_prompt(prompt(64));
+  const HealthReport health = f.api->health();
+  CHECK(health.healthy);
+  CHECK(health.node == "n");
+  auto stats = f.api->stats();
+  REQUIRE(stats.ok());
+  CHECK(stats->entries == 2);
+  REQUIRE(stats->tiers.size() == 1);
+  CHECK(stats->tiers[0].capacity_bytes == 1 << 20);
+  CHECK(stats->tiers[0].used_bytes == 2048);
+  auto metrics = f.api->metrics();
+  REQUIRE(metrics.ok());
+  CHECK(metrics->find("\nkvf_store_entries 2\n") != std::string::npos);
+  CHECK(metrics->find("# TYPE kvf_store_inserts_total counter\nkvf_store_inserts_total 2\n") !=
+        std::string::npos);
+  CHECK(metrics->find("extra_metric 1\n") != std::string::npos);
+  CHECK(metrics->back() == '\n');
+
+  auto move = f.api->move(MoveRequest{"n", "m2", {}, false});
+  REQUIRE_FALSE(move.ok());
+  CHECK(move.status().code() == ErrorCode::kUnavailable);
+  CHECK(move.status().message().find("not available yet") != std::string::npos);
+  auto compress = f.api->compress(CompressRequest{true, {}, "identity"});
+  REQUIRE_FALSE(compress.ok());
+  CHECK(compress.status().code() == ErrorCode::kUnavailable);
+}
