@@ -193,6 +193,18 @@ kill -KILL "$(kvf_pid stuck)"
 kill -CONT "$(kvf_pid stuck)" 2>/dev/null
 kvf_forget stuck
 
+# --- a daemon that does not answer (stopped): a timeout, not a hang -------------------------------
+kill -STOP "$(kvf_pid d1)"
+started=$(kvf_now_ms)
+kvf_run frozen 10 "$tool" stats --socket "$sock" --timeout-ms 500
+rc=$?
+took=$(($(kvf_now_ms) - started))
+kill -CONT "$(kvf_pid d1)"
+kvf_check_eq $rc 3 "engine call to a stopped daemon: a store error (exit 3)"
+kvf_check_grep "$(kvf_logfile frozen)" '^stats: error: timeout: ' "it is a timeout"
+kvf_check test $took -lt 3000 -- "within its deadline (${took} ms for a 500 ms deadline)"
+kvf_check_eq "$(stat entries)" 15 "the daemon serves again once continued"
+
 # --- the daemon goes away and comes back: errors, not hangs; then success on the same client ------
 kvf_start_bg probe "$tool" probe --socket "$sock" --count 100 --interval-ms 100 --timeout-ms 1000
 kvf_wait_for_line probe '^probe [0-9]+: ok' 10 2 || kvf_die "probe client never succeeded: $(cat "$(kvf_logfile probe)")"
