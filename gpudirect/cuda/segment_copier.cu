@@ -12,8 +12,9 @@
 namespace kvf::gpudirect {
 namespace {
 
-// 512 threads: a 64 KiB segment is then 8 16-byte vectors per thread, two unrolled rounds of four
-// loads in flight, and four such thread blocks fill an SM's 2048 threads.
+// The most threads a block may have (KernelShape::threads). The default 512: a 64 KiB segment is
+// then 8 16-byte vectors per thread, two unrolled rounds of four loads in flight, and four such
+// thread blocks fill an SM's 2048 threads.
 constexpr int kThreads = 512;
 
 // A failed CUDA call as a Status that names the call and CUDA's own words for the error.
@@ -65,9 +66,8 @@ __device__ __forceinline__ void copy_bytes(const uint8_t* src, uint8_t* dst, uin
 
 // Consecutive threads take consecutive words (coalesced); each thread keeps four loads in flight
 // before it stores, which memory latency (and NVLink latency for peer destinations) needs.
-template <typename V>
+template <unsigned kUnroll, typename V>
 __device__ __forceinline__ void copy_words(const V* __restrict__ src, V* __restrict__ dst, uint64_t n) {
-  constexpr unsigned kUnroll = 4;
   const uint64_t stride = blockDim.x;
   uint64_t i = threadIdx.x;
   for (; i + (kUnroll - 1) * stride < n; i += kUnroll * stride) {
@@ -83,7 +83,7 @@ __device__ __forceinline__ void copy_words(const V* __restrict__ src, V* __restr
 // For src and dst with the same address modulo sizeof(V): bytes up to the first V-aligned address,
 // then whole Vs, then the tail bytes. Odd sizes (an fp8 layout with odd dimensions) thus still move
 // most bytes with wide accesses.
-template <typename V>
+template <unsigned kUnroll, typename V>
 __device__ void copy_aligned(const uint8_t* src, uint8_t* dst, uint64_t bytes) {
   constexpr uint64_t kAlign = sizeof(V);
   uint64_t head = (kAlign - reinterpret_cast<uintptr_t>(dst) % kAlign) % kAlign;
@@ -91,13 +91,14 @@ __device__ void copy_aligned(const uint8_t* src, uint8_t* dst, uint64_t bytes) {
   const uint64_t words = (bytes - head) / kAlign;
   const uint64_t body_end = head + words * kAlign;
   copy_bytes(src, dst, head);
-  copy_words(reinterpret_cast<const V*>(src + head), reinterpret_cast<V*>(dst + head), words);
+  copy_words<kUnroll>(reinterpret_cast<const V*>(src + head), reinterpret_cast<V*>(dst + head), words);
   copy_bytes(src + body_end, dst + body_end, bytes - body_end);
 }
 
 // Grid-stride over segments: each thread block copies whole segments (at most kMaxSegmentBytes
 // after splitting), so blocks never coordinate and no synchronization is needed. Bytes only: the
 // dtype does not matter.
+template <unsigned kUnroll>
 __global__ void __launch_bounds__(kThreads)
     copy_segments_kernel(const CopySegment* __restrict__ segments, uint32_t count, uint64_t src_base,
                          uint64_t dst_base) {
@@ -110,14 +111,29 @@ __global__ void __launch_bounds__(kThreads)
     // Equal low bits in src and dst mean one head of bytes aligns both for the wide accesses.
     const uint64_t skew = src_address ^ dst_address;
     if ((skew & 15) == 0) {
-      copy_aligned<uint4>(src, dst, seg.bytes);
+      copy_aligned<kUnroll, uint4>(src, dst, seg.bytes);
     } else if ((skew & 7) == 0) {
-      copy_aligned<uint64_t>(src, dst, seg.bytes);
+      copy_aligned<kUnroll, uint64_t>(src, dst, seg.bytes);
     } else if ((skew & 3) == 0) {
-      copy_aligned<uint32_t>(src, dst, seg.bytes);
+      copy_aligned<kUnroll, uint32_t>(src, dst, seg.bytes);
     } else {
       copy_bytes(src, dst, seg.bytes);
     }
+  }
+}
+
+using CopyKernel = void (*)(const CopySegment*, uint32_t, uint64_t, uint64_t);
+
+CopyKernel kernel_for(uint32_t unroll) {
+  switch (unroll) {
+    case 4:
+      return copy_segments_kernel<4>;
+    case 8:
+      return copy_segments_kernel<8>;
+    case 16:
+      return copy_segments_kernel<16>;
+    default:
+      return nullptr;
   }
 }
 
@@ -145,7 +161,10 @@ struct Slot {
 struct SegmentCopier::Impl {
   int device = 0;
   uint32_t max_segments = 0;
-  unsigned grid_limit = 1;  // thread blocks that are resident at once on this device
+  int sms = 1;
+  KernelShape shape;
+  CopyKernel kernel = copy_segments_kernel<4>;
+  unsigned grid_limit = 1;  // thread blocks launched at most: resident at once, or shape.max_blocks
   std::vector<Slot> slots;
   uint32_t next = 0;
   uint64_t launches = 0;
@@ -204,23 +223,48 @@ Result<std::unique_ptr<SegmentCopier>> SegmentCopier::create(int device, uint32_
   auto impl = std::make_unique<Impl>();
   impl->device = device;
   impl->max_segments = max_segments_per_launch;
-  int sms = 0;
-  int per_sm = 0;
-  KVF_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+  KVF_CUDA_TRY(cudaDeviceGetAttribute(&impl->sms, cudaDevAttrMultiProcessorCount, device),
                "cudaDeviceGetAttribute");
-  KVF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, copy_segments_kernel, kThreads, 0),
-               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  impl->grid_limit = static_cast<unsigned>(std::max(1, sms * per_sm));
+  std::unique_ptr<SegmentCopier> copier(new SegmentCopier(std::move(impl)));
+  if (Status s = copier->set_kernel_shape(KernelShape{}); !s.ok()) return s;
+  Impl& m = *copier->impl_;
 
   const size_t bytes = size_t{max_segments_per_launch} * sizeof(CopySegment);
-  impl->slots.resize(slots);
-  for (Slot& s : impl->slots) {  // on failure, ~Impl frees what was made so far
+  m.slots.resize(slots);
+  for (Slot& s : m.slots) {  // on failure, ~Impl frees what was made so far
     KVF_CUDA_TRY(cudaMallocHost(reinterpret_cast<void**>(&s.host), bytes),
                  "cudaMallocHost (descriptor staging)");
     KVF_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&s.device), bytes), "cudaMalloc (descriptors)");
     KVF_CUDA_TRY(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   }
-  return std::unique_ptr<SegmentCopier>(new SegmentCopier(std::move(impl)));
+  return std::move(copier);  // nvcc does not apply C++20 implicit move here
+}
+
+Status SegmentCopier::set_kernel_shape(const KernelShape& shape) {
+  const CopyKernel kernel = kernel_for(shape.unroll);
+  if (kernel == nullptr || (shape.threads != 128 && shape.threads != 256 && shape.threads != 512)) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "kernel shape: threads must be 128, 256 or 512 and unroll 4, 8 or "
+                  "16 (got " +
+                      std::to_string(shape.threads) + ", " + std::to_string(shape.unroll) + ")");
+  }
+  Impl& m = *impl_;
+  DeviceScope scope;
+  if (Status s = scope.enter(m.device); !s.ok()) return s;
+  int per_sm = 0;
+  KVF_CUDA_TRY(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, static_cast<int>(shape.threads), 0),
+      "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  unsigned limit = static_cast<unsigned>(std::max(1, m.sms * per_sm));
+  if (shape.max_blocks != 0) limit = std::min(limit, shape.max_blocks);
+  m.shape = shape;
+  m.kernel = kernel;
+  m.grid_limit = limit;
+  return Status::Ok();
+}
+
+KernelShape SegmentCopier::kernel_shape() const {
+  return impl_->shape;
 }
 
 Status SegmentCopier::copy(std::span<const CopySegment> segments, void* cuda_stream) {
@@ -259,7 +303,7 @@ Status SegmentCopier::copy(std::span<const CopySegment> segments, void* cuda_str
     KVF_CUDA_TRY(cudaMemcpyAsync(slot.device, slot.host, size_t{n} * sizeof(CopySegment),
                                  cudaMemcpyHostToDevice, stream),
                  "cudaMemcpyAsync (descriptor upload)");
-    copy_segments_kernel<<<std::min<unsigned>(n, m.grid_limit), kThreads, 0, stream>>>(slot.device, n, 0, 0);
+    m.kernel<<<std::min<unsigned>(n, m.grid_limit), m.shape.threads, 0, stream>>>(slot.device, n, 0, 0);
     const cudaError_t launched = cudaGetLastError();
     // Recorded even after a failed launch: the upload above may still be reading slot.host.
     const cudaError_t recorded = cudaEventRecord(slot.done, stream);
@@ -322,9 +366,9 @@ Status SegmentCopier::copy_resident(const ResidentSegments& segments, uint64_t s
   Impl& m = *impl_;
   DeviceScope scope;
   if (Status s = scope.enter(m.device); !s.ok()) return s;
-  copy_segments_kernel<<<std::min<unsigned>(segments.count_, m.grid_limit), kThreads, 0,
-                         static_cast<cudaStream_t>(cuda_stream)>>>(
-      static_cast<const CopySegment*>(segments.segments_), segments.count_, src_base, dst_base);
+  m.kernel<<<std::min<unsigned>(segments.count_, m.grid_limit), m.shape.threads, 0,
+             static_cast<cudaStream_t>(cuda_stream)>>>(static_cast<const CopySegment*>(segments.segments_),
+                                                       segments.count_, src_base, dst_base);
   KVF_CUDA_TRY(cudaGetLastError(), "copy_segments_kernel launch (resident)");
   ++m.launches;
   return Status::Ok();

@@ -37,6 +37,13 @@ Status SegmentCopier::copy_resident(const ResidentSegments&, uint64_t, uint64_t,
   return Status(ErrorCode::kUnavailable, "kvfabric was built without CUDA");
 }
 
+Status SegmentCopier::set_kernel_shape(const KernelShape&) {
+  return Status(ErrorCode::kUnavailable, "built without CUDA");
+}
+KernelShape SegmentCopier::kernel_shape() const {
+  return {};
+}
+
 int SegmentCopier::device() const {
   return impl_->device;
 }

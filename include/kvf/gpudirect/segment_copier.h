@@ -57,6 +57,16 @@ class ResidentSegments {
   int device_ = -1;
 };
 
+// How the copy kernel is launched: how many thread blocks at most (0: as many as are resident at
+// once on the device), threads per block, and how many 16-byte loads each thread keeps in flight
+// before storing. The defaults are what the transports use; the tuning sweep
+// (kvfabric-gpu-kernel-sweep) measures others against the raw link.
+struct KernelShape {
+  uint32_t max_blocks = 0;
+  uint32_t threads = 512;  // 128, 256 or 512
+  uint32_t unroll = 4;     // 4, 8 or 16
+};
+
 class SegmentCopier {
  public:
   // copy() splits longer segments into pieces of this size first, so the work spreads over all
@@ -100,6 +110,10 @@ class SegmentCopier {
   // dst. Nothing is uploaded. kInvalidArgument for a zero base.
   Status copy_resident(const ResidentSegments& segments, uint64_t src_base, uint64_t dst_base,
                        void* cuda_stream);
+
+  // kInvalidArgument for a shape the kernel is not built for. Applies to later launches.
+  Status set_kernel_shape(const KernelShape& shape);
+  KernelShape kernel_shape() const;
 
   int device() const;
   uint32_t max_segments_per_launch() const;
