@@ -4,8 +4,8 @@
 #   peer:    raw cudaMemcpyPeerAsync of 1 GiB contiguous  vs  kvfabric cuda_ipc (two processes),
 #            the Llama-3-8B request (32 layers x 512 blocks x 32 KiB K + 32 KiB V = 1 GiB, 8192
 #            tokens of 16-token blocks, bf16, 8 KV heads x 128) into shuffled receiver blocks
-#            (copy kernel, copy engines, and the cost model's choice), and the same request
-#            unshuffled (contiguous; copy engines through the batch API and one call per extent);
+#            (each copy method in PEER_COPIES, default "kernel staged auto"), and the same request
+#            unshuffled (contiguous, default choice);
 #   nccl:    raw ncclSend/ncclRecv of 1 GiB  vs  kvfabric's nccl path (when built);
 #   pinned:  raw pinned cudaMemcpyAsync D2H / H2D of 1 GiB  vs  kvfabric gather of the request's
 #            paged blocks into pinned host memory / scatter back (kvfabric-perf local);
@@ -16,11 +16,13 @@
 # data in poisoned blocks); a failed check fails the cell.
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
 #   --only peer,nccl,pinned,overlap   (default: all; peer-sweep: the cuda_ipc knobs, for tuning)
-# Environment: KVF_BIN (default build/bin); needs 2 GPUs for peer/nccl/overlap.
+# Environment: KVF_BIN (default build/bin); PEER_COPIES (see peer); needs 2 GPUs for
+# peer/nccl/overlap.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
 
 rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap
+peer_copies=${PEER_COPIES:-kernel staged auto}
 while (($#)); do
   case $1 in
     --rounds) rounds=${2:?}; shift 2 ;;
@@ -111,7 +113,8 @@ def med(cell, side):
 failed = sorted({r[0] for r in rows if r[1] == "verify"})
 anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M", "s2-512M", "s4-512M"]
              for k in ["shuffled", "contiguous"]},
-          "peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-auto": "peer",
+          "peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-staged": "peer",
+          "peer-shuffled-auto": "peer",
           "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
 lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
 for cell, raw_cell in anchor.items():
@@ -150,24 +153,21 @@ EOF
 
 if cell_wanted peer && ((gpus >= 2)); then
   start_server --transport cuda_ipc --mem cuda:1 || exit 1
-  for copy in kernel ce auto; do verified "peer-shuffled-$copy" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
+  # PEER_COPIES: the copy methods measured on the shuffled request (ce, ce1 and --resident-plans
+  # variants were measured on 2026-11-29 and are in perf/RESULTS.md; add them here to re-measure).
+  for copy in $peer_copies; do verified "peer-shuffled-$copy" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
   verified peer-contiguous --transport cuda_ipc --mem cuda:0
-  verified peer-shuffled-resident --transport cuda_ipc --mem cuda:0 --shuffle --copy kernel --resident-plans
-  verified peer-contiguous-ce1 --transport cuda_ipc --mem cuda:0 --copy ce1
-  # Where the GPU time goes (copy time vs gaps between layers), for each copy method.
-  for copy in kernel auto; do
-    KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
-      --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: $copy: /"
-  done
+  # Where the GPU time goes (copy time vs gaps between layers) for the direct kernel and the
+  # contiguous copy-engine path (staged copies span two GPUs' streams and are not traced).
+  KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+    --transport cuda_ipc --mem cuda:0 --shuffle --copy kernel 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: kernel: /"
   KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
     --transport cuda_ipc --mem cuda:0 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: contiguous: /"
   for r in $(seq "$rounds"); do
     echo "bench-gpu: peer round $r/$rounds"
     if ((r % 2)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
-    for copy in kernel ce auto; do kvf "peer-shuffled-$copy" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
+    for copy in $peer_copies; do kvf "peer-shuffled-$copy" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
     kvf peer-contiguous "$r" --transport cuda_ipc --mem cuda:0
-    kvf peer-shuffled-resident "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy kernel --resident-plans
-    kvf peer-contiguous-ce1 "$r" --transport cuda_ipc --mem cuda:0 --copy ce1
     if ((r % 2 == 0)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
   done
 fi

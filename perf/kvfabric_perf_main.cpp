@@ -90,6 +90,12 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
     cuda.ucx = options;
     cuda.streams = args["streams"].as<uint32_t>();
     cuda.resident_plans = args["resident-plans"].as<bool>();
+    auto staging = perf::parse_size(args["staging-bytes"].as<std::string>());
+    if (!staging || *staging == 0) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "--staging-bytes: bad size '" + args["staging-bytes"].as<std::string>() + "'");
+    }
+    cuda.staging_bytes = *staging;
     std::string copy = args["copy"].as<std::string>();
     if (copy == "kernel") {
       cuda.copy = CudaCopyMethod::kKernel;
@@ -97,9 +103,11 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
       cuda.copy = CudaCopyMethod::kCopyEngine;
     } else if (copy == "ce1") {
       cuda.copy = CudaCopyMethod::kCopyEnginePerCopy;
+    } else if (copy == "staged") {
+      cuda.copy = CudaCopyMethod::kStaged;
     } else if (copy != "auto") {
       return Status(ErrorCode::kInvalidArgument,
-                    "--copy must be auto, kernel, ce or ce1, got '" + copy + "'");
+                    "--copy must be auto, kernel, ce, ce1 or staged, got '" + copy + "'");
     }
     auto transport = CudaIpcTransport::create(ucx.value(), cuda);
     if (!transport.ok()) return transport.status();
@@ -455,7 +463,7 @@ int main(int argc, char** argv) {
       ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
       ("transport", "ucx | cuda_ipc (same host, GPU memory; both sides)", cxxopts::value<std::string>()->default_value("ucx"))
       ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))
-      ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each)", cxxopts::value<std::string>()->default_value("auto"))
+      ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each) | staged (cuda_ipc: gather, one copy, scatter on the peer GPU)", cxxopts::value<std::string>()->default_value("auto"))
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",
        cxxopts::value<std::string>())
       ("tokens", "--compute: prompt tokens", cxxopts::value<uint32_t>()->default_value("8192"))
@@ -463,6 +471,7 @@ int main(int argc, char** argv) {
        cxxopts::value<bool>()->default_value("false"))
       ("streams", "cuda_ipc: CUDA streams the copies go round-robin over", cxxopts::value<uint32_t>()->default_value("1"))
       ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
+      ("staging-bytes", "cuda_ipc staged copies: bytes per staging slot (two per GPU)", cxxopts::value<std::string>()->default_value("64M"))
       ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))
       ("json", "client: write results as JSON to FILE", cxxopts::value<std::string>())
       ("v,verbose", "log more")

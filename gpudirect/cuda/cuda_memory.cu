@@ -205,6 +205,15 @@ const std::vector<DeviceUuid>& device_uuids() {
   return uuids;
 }
 
+// The ordinal here of the GPU with `uuid`; -1 when it is not visible to this process.
+int ordinal_of(const DeviceUuid& uuid) {
+  const std::vector<DeviceUuid>& uuids = device_uuids();
+  for (size_t d = 0; d < uuids.size(); ++d) {
+    if (uuids[d] == uuid) return static_cast<int>(d);
+  }
+  return -1;
+}
+
 }  // namespace
 
 // --- DeviceBuffer -------------------------------------------------------------------------------
@@ -344,12 +353,13 @@ Result<CudaIpcMapping> CudaIpcMapping::open(std::span<const uint8_t> bytes, int 
                                              ") exceeds the mapped allocation of " +
                                              std::to_string(mapped->bytes) + " bytes");
   }
-  int source_device = -1;
-  const std::vector<DeviceUuid>& uuids = device_uuids();
-  for (size_t d = 0; d < uuids.size(); ++d) {
-    if (uuids[d] == blob->device_uuid) source_device = static_cast<int>(d);
-  }
-  return CudaIpcMapping(base, blob->offset, blob->length, source_device, local_device);
+  return CudaIpcMapping(base, blob->offset, blob->length, ordinal_of(blob->device_uuid), local_device);
+}
+
+Result<int> device_holding(std::span<const uint8_t> bytes) {
+  auto blob = decode_cuda_ipc_blob(bytes);
+  if (!blob.ok()) return blob.status();
+  return ordinal_of(blob->device_uuid);
 }
 
 void CudaIpcMapping::reset() {

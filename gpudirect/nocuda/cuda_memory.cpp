@@ -42,6 +42,10 @@ Result<DmaBufExport> DmaBufExport::create(const void*, uint64_t) {
 }
 void DmaBufExport::reset() {}
 
+Result<int> device_holding(std::span<const uint8_t>) {
+  return built_without_cuda("device_holding");
+}
+
 Result<int> device_of(const void*) {
   return built_without_cuda("device_of");
 }

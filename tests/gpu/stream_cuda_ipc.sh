@@ -2,7 +2,8 @@
 # Two real processes stream a paged KV request GPU to GPU over the cuda_ipc transport (CUDA IPC
 # mappings; NVLink between two GPUs, or one GPU's memory when there is only one) into shuffled,
 # poisoned receiver blocks, every byte checked by the receiver; with the copy kernel, the copy
-# engines and the cost model's choice. Then the error paths: a sender on another transport is
+# engines, staged copies (also through slots smaller than a layer, so extents straddle slots) and
+# the default choice. Then the error paths: a sender on another transport is
 # refused with a clear reason and the receiver keeps serving; a receiver killed mid-stream fails
 # the sender within its timeout (nothing hangs). Skips (77) where there is no GPU.
 set -uo pipefail
@@ -19,7 +20,7 @@ kvf_wait_for_line srv 'listening on ' 20 || kvf_die "cuda_ipc server did not sta
 
 LAYERS=8 BLOCKS=96 BLOCK_BYTES=32768
 total=$(kvf_layers_bytes $LAYERS $BLOCKS $BLOCK_BYTES)
-for copy in kernel ce auto "kernel --resident-plans"; do
+for copy in kernel ce staged "staged --staging-bytes 300K" auto "kernel --resident-plans"; do
   name=client-${copy//[ -]/}
   before=$(kvf_count_lines srv '^stream [0-9]+ from ')
   if kvf_run "$name" 120 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc \
@@ -31,6 +32,17 @@ for copy in kernel ce auto "kernel --resident-plans"; do
     kvf_check_fail "cuda_ipc stream with copy $copy failed: $(tail -3 "$(kvf_logfile "$name")")"
   fi
 done
+
+# Large unshuffled extents: the default sends them straight to the peer's memory on the copy
+# engines.
+before=$(kvf_count_lines srv '^stream [0-9]+ from ')
+big_total=$(kvf_layers_bytes 4 8 1048576)
+if kvf_run client-large 120 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc --mem cuda:$src \
+     --mode layers --layers 4 --blocks 8 --block-bytes 1M --verify --iters 2; then
+  kvf_check_verified srv "$big_total" "$before" 2 "large extents, default copy"
+else
+  kvf_check_fail "cuda_ipc stream of large extents failed: $(tail -3 "$(kvf_logfile client-large)")"
+fi
 
 # A ucx sender against the cuda_ipc receiver is refused with the reason.
 if kvf_run mismatch 60 "$KVF_PERF" client --connect 127.0.0.1:$port --mode layers --layers 2 --blocks 4 \

@@ -1,7 +1,14 @@
 // CudaIpcTransport: the Transport between processes of one host whose KV lives in GPU memory.
-// Bytes move GPU to GPU through CUDA IPC mappings of the peer's regions (peer writes over NVLink
-// or PCIe, with no staging): one batched copy kernel per put batch for many small extents, or the
-// copy engines for large ones (the cost model below). Notifications, peer liveness and regions in
+// Bytes move GPU to GPU through CUDA IPC mappings of the peer's regions, by default straight into
+// the peer's blocks: one batched copy kernel per put batch (SM peer writes) for many small
+// extents, or the copy engines for large ones (the cost model below). With kStaged, where this
+// process can see the peer's GPU, a put batch is staged instead: a kernel gathers its extents on
+// this GPU into a contiguous buffer, the copy engines move that buffer over NVLink in one copy,
+// and a kernel this process launches on the peer's GPU scatters it into the peer's blocks there;
+// the three are chained by CUDA events, so no host round trip sits between them and the peer
+// process does nothing. In one process this reached 0.945x the raw link on the Llama-3-8B request
+// (kvfabric-gpu-kernel-sweep); between two processes it measured 0.75x, so it is opt-in until
+// that gap is understood (perf/RESULTS.md). Notifications, peer liveness and regions in
 // host memory go over an inner UcxTransport (shared memory or tcp), so notifications sent from a
 // flush's completion still land behind the data.
 //
@@ -24,11 +31,15 @@ enum class CudaCopyMethod : uint8_t {
   kKernel,             // one batched copy kernel per put batch (SMs do the peer writes)
   kCopyEngine,         // the copy engines, one batched call (no SMs used: compute keeps the whole GPU)
   kCopyEnginePerCopy,  // the copy engines, one cudaMemcpyAsync per extent
+  kStaged,             // gather here -> one copy-engine copy -> scatter on the peer's GPU (see above)
 };
 
 struct CudaIpcTransportOptions {
   int device = 0;  // the GPU whose memory this process sends from and receives into
   CudaCopyMethod copy = CudaCopyMethod::kAuto;
+  // Staged copies: bytes per staging slot. Two slots on this GPU and two on each peer GPU a put
+  // went to, allocated on first use; larger batches go through them in pieces.
+  uint64_t staging_bytes = 64ull << 20;
   // kAuto: batches whose mean extent is at least this many bytes go to the copy engines. A copy
   // engine op costs a few microseconds to start, so for 32 KiB extents the kernel wins; for
   // megabytes the engines reach the link rate without taking SMs from the engine's compute.

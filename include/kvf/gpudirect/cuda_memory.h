@@ -180,6 +180,10 @@ class CudaIpcMapping {
   int local_device_ = -1;
 };
 
+// This process's ordinal of the GPU holding the memory a CUDA IPC blob exports (matched by UUID),
+// or -1 when that GPU is not visible here. kMalformed for a blob that does not decode.
+Result<int> device_holding(std::span<const uint8_t> blob);
+
 // A dma-buf file descriptor for device memory (cuMemGetHandleForAddressRange), so an RDMA NIC can
 // register it with ibv_reg_dmabuf_mr without nvidia-peermem. The range is widened to host pages,
 // as the driver requires; offset() is where device_ptr lies inside the dma-buf. Closes the fd on
