@@ -1,6 +1,7 @@
 #include "kvf/fabric/transport.h"
 
 #include <memory>
+#include <string>
 
 #include "kvf/gpudirect/cuda_memory.h"
 
@@ -42,6 +43,12 @@ void Transport::put_after_event(PeerId peer, std::vector<PutOp> ops, void* cuda_
   }
   auto wait = std::make_shared<EventWait>(*this, peer, std::move(ops), cuda_event, std::move(done));
   post([wait] { wait->check(); });
+}
+
+void Transport::get(PeerId, std::vector<GetOp>, Completion done) {
+  if (done)
+    done(Status(ErrorCode::kUnavailable,
+                "the " + std::string(name()) + " transport cannot read remote memory"));
 }
 
 }  // namespace kvf::fabric

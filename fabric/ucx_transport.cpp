@@ -91,7 +91,8 @@ struct RemoteRegion {
 };
 
 struct QueuedOp {
-  enum class Kind : uint8_t { kPut, kFlush } kind = Kind::kPut;
+  // kGet reuses `op` with `local` as the destination (GetOp's non-const pointer, stored const).
+  enum class Kind : uint8_t { kPut, kGet, kFlush } kind = Kind::kPut;
   PutOp op;
   PutBatch* batch = nullptr;
   Completion flush_done;
@@ -268,28 +269,42 @@ class UcxTransport::Impl {
     });
   }
 
+  void get(PeerId peer_id, std::vector<GetOp> ops, Completion done) {
+    std::vector<PutOp> as_puts;
+    as_puts.reserve(ops.size());
+    for (const GetOp& g : ops)
+      as_puts.push_back(PutOp{g.local, g.local_region, g.remote, g.remote_offset, g.length});
+    transfer(QueuedOp::Kind::kGet, peer_id, std::move(as_puts), std::move(done));
+  }
+
   void put(PeerId peer_id, std::vector<PutOp> ops, Completion done) {
-    tasks_.post([this, peer_id, ops = std::move(ops), done = std::move(done)]() mutable {
+    transfer(QueuedOp::Kind::kPut, peer_id, std::move(ops), std::move(done));
+  }
+
+  void transfer(QueuedOp::Kind kind, PeerId peer_id, std::vector<PutOp> ops, Completion done) {
+    tasks_.post([this, kind, peer_id, ops = std::move(ops), done = std::move(done)]() mutable {
+      const char* what = kind == QueuedOp::Kind::kGet ? "get" : "put";
       Peer* peer = find_peer(peer_id);
       if (peer == nullptr)
-        return done(Status(ErrorCode::kNotFound, "put: unknown peer " + std::to_string(peer_id)));
+        return done(
+            Status(ErrorCode::kNotFound, std::string(what) + ": unknown peer " + std::to_string(peer_id)));
       if (peer->closed) return done(peer->failure);
       if (ops.empty()) return done(Status::Ok());
       for (const PutOp& op : ops) {
         if (op.remote >= peer->regions.size()) {
-          return done(
-              Status(ErrorCode::kInvalidArgument, "put: unknown remote region " + std::to_string(op.remote)));
+          return done(Status(ErrorCode::kInvalidArgument,
+                             std::string(what) + ": unknown remote region " + std::to_string(op.remote)));
         }
         const RemoteRegion& r = peer->regions[op.remote];
         if (op.length > r.length || op.remote_offset > r.length - op.length) {
           return done(Status(ErrorCode::kInvalidArgument,
-                             "put: " + std::to_string(op.length) + " bytes at offset " +
+                             std::string(what) + ": " + std::to_string(op.length) + " bytes at offset " +
                                  std::to_string(op.remote_offset) + " overrun the granted region of " +
                                  std::to_string(r.length) + " bytes"));
         }
       }
       auto* batch = new PutBatch{ops.size(), Status::Ok(), std::move(done)};
-      for (const PutOp& op : ops) peer->queue.push_back(QueuedOp{QueuedOp::Kind::kPut, op, batch, nullptr});
+      for (const PutOp& op : ops) peer->queue.push_back(QueuedOp{kind, op, batch, nullptr});
       pump(*peer);
     });
   }
@@ -363,7 +378,7 @@ class UcxTransport::Impl {
   void pump_loop(Peer& peer) {
     while (!peer.queue.empty() && !peer.closed) {
       QueuedOp& front = peer.queue.front();
-      if (front.kind == QueuedOp::Kind::kPut) {
+      if (front.kind != QueuedOp::Kind::kFlush) {
         if (peer.outstanding_puts >= options_.max_outstanding_puts) return;
         QueuedOp item = std::move(front);
         peer.queue.pop_front();
@@ -405,6 +420,13 @@ class UcxTransport::Impl {
     }
     ++peer.outstanding_puts;
     ++in_flight_;
+    if (item.kind == QueuedOp::Kind::kGet) {
+      // A get's request completes when the bytes are in local memory.
+      ucs_status_ptr_t req = ucp_get_nbx(peer.ep, const_cast<void*>(op.local), op.length,
+                                         r.base + op.remote_offset, r.rkey, &param);
+      finish_post(req, ctx, "ucp_get_nbx");
+      return;
+    }
     ucs_status_ptr_t req =
         ucp_put_nbx(peer.ep, op.local, op.length, r.base + op.remote_offset, r.rkey, &param);
     finish_post(req, ctx, "ucp_put_nbx");
@@ -511,7 +533,7 @@ class UcxTransport::Impl {
     std::deque<QueuedOp> queued;
     queued.swap(peer.queue);
     for (QueuedOp& item : queued) {
-      if (item.kind == QueuedOp::Kind::kPut) {
+      if (item.kind != QueuedOp::Kind::kFlush) {
         item.batch->complete_one(reason);
       } else if (item.flush_done) {
         item.flush_done(reason);
@@ -611,6 +633,9 @@ Result<RemoteRegionId> UcxTransport::import_region(PeerId peer, const protocol::
 }
 void UcxTransport::disconnect(PeerId peer) {
   impl_->disconnect(peer);
+}
+void UcxTransport::get(PeerId peer, std::vector<GetOp> ops, Completion done) {
+  impl_->get(peer, std::move(ops), std::move(done));
 }
 void UcxTransport::put(PeerId peer, std::vector<PutOp> ops, Completion done) {
   impl_->put(peer, std::move(ops), std::move(done));

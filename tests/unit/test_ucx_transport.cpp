@@ -63,6 +63,27 @@ TEST_CASE("UcxTransport puts bytes into a peer's region and flushes") {
     REQUIRE(s.code() == ErrorCode::kInvalidArgument);
   }
 
+  SECTION("gets read a peer's region into poisoned local memory, in pieces and out of order") {
+    auto back = gpudirect::MemoryRegion::allocate_host(ucx.value(), bytes);
+    REQUIRE(back.ok());
+    poison(back->data(), bytes);
+    std::vector<GetOp> gets;
+    for (uint64_t off = 0; off < bytes; off += chunk) {
+      gets.push_back(GetOp{back->data() + (bytes - chunk - off), &back.value(), remote.value(), off, chunk});
+    }
+    REQUIRE(wait_for([&](Completion done) { a.value()->get(peer.value(), gets, done); }).ok());
+    // dst holds src's halves swapped; back holds dst's chunks in reverse order.
+    for (uint64_t off = 0; off < bytes; off += chunk) {
+      REQUIRE(std::memcmp(back->data() + (bytes - chunk - off), dst->data() + off, chunk) == 0);
+    }
+    GetOp bad{back->data(), &back.value(), remote.value(), bytes - 8, 16};
+    Status s = wait_for([&](Completion done) { a.value()->get(peer.value(), {bad}, done); });
+    REQUIRE(s.code() == ErrorCode::kInvalidArgument);
+    GetOp unknown{back->data(), &back.value(), remote.value() + 100, 0, 16};
+    s = wait_for([&](Completion done) { a.value()->get(peer.value(), {unknown}, done); });
+    REQUIRE(s.code() == ErrorCode::kInvalidArgument);
+  }
+
   SECTION("notifications arrive") {
     std::promise<std::vector<uint8_t>> got;
     b.value()->set_notification_handler([&](std::span<const uint8_t> m) {

@@ -1,4 +1,4 @@
-// Transport: moves bytes between registered regions of two peers (one-sided puts) and carries
+// Transport: moves bytes between registered regions of two peers (one-sided puts and gets) and carries
 // small notifications. Implementations: UcxTransport (tcp/shm/cma here, rc/dc verbs on RDMA
 // hardware) and LocalTransport (same process, for unit tests of logic).
 //
@@ -37,6 +37,16 @@ struct PutOp {
   uint64_t length = 0;
 };
 
+// One extent to read: `length` bytes from `remote_offset` bytes into the imported remote region
+// into `local` (inside `local_region`, registered for the transport where it needs that).
+struct GetOp {
+  void* local = nullptr;
+  const gpudirect::MemoryRegion* local_region = nullptr;
+  RemoteRegionId remote = 0;
+  uint64_t remote_offset = 0;
+  uint64_t length = 0;
+};
+
 // What the caller knows about a peer it connects to.
 struct ConnectOptions {
   bool same_host = false;  // the peer runs on this host (its control address is one of ours)
@@ -65,6 +75,10 @@ class Transport {
   // `done` runs. This default polls the event on the progress thread; transports with CUDA
   // streams make the stream wait instead.
   virtual void put_after_event(PeerId peer, std::vector<PutOp> ops, void* cuda_event, Completion done);
+  // One-sided reads from the peer's imported regions, in order. `done` runs when every byte has
+  // landed in local memory or the first error is known; bounds as put. This default answers
+  // kUnavailable (a transport that cannot read remote memory).
+  virtual void get(PeerId peer, std::vector<GetOp> ops, Completion done);
   // `done` runs when every put submitted to `peer` before this call is remotely complete.
   virtual void flush(PeerId peer, Completion done) = 0;
   // Sends a small message now (not ordered behind puts: send it from a flush's completion to put

@@ -45,6 +45,7 @@ class UcxTransport final : public Transport {
   Result<RemoteRegionId> import_region(PeerId peer, const protocol::RegionDescriptor& region) override;
   void disconnect(PeerId peer) override;
   void put(PeerId peer, std::vector<PutOp> ops, Completion done) override;
+  void get(PeerId peer, std::vector<GetOp> ops, Completion done) override;
   void flush(PeerId peer, Completion done) override;
   void notify(PeerId peer, std::span<const uint8_t> bytes, Completion done) override;
   void set_notification_handler(NotificationHandler handler) override;
