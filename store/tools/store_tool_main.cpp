@@ -5,10 +5,12 @@
 // error (printed).
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <thread>
@@ -37,8 +39,15 @@ uint64_t splitmix(uint64_t& state) {
   return z ^ (z >> 31);
 }
 
+// --keys-file: keys given by the caller (e.g. `kvfabric-ctl keys --model M --tokens ...`, so that a
+// router's lookup by tokens finds them) replace the seed's chain; the bytes still come from --seed.
+std::vector<protocol::ChunkKey> g_given_keys;
+
 // The chain of chunk keys of a synthetic prompt: chunk i's tokens are {seed, i}.
 std::vector<protocol::ChunkKey> chunk_keys(uint64_t seed, uint32_t chunks) {
+  if (!g_given_keys.empty()) {
+    return {g_given_keys.begin(), g_given_keys.begin() + std::min<size_t>(chunks, g_given_keys.size())};
+  }
   protocol::KvLayoutDesc layout;
   const protocol::ChunkHasher hasher(protocol::model_fingerprint("kvfabric-store-tool", layout), 2);
   std::vector<protocol::ChunkKey> keys;
@@ -190,6 +199,7 @@ int run(int argc, char** argv) {
       ("timeout-ms", "deadline of each call", cxxopts::value<int64_t>()->default_value("5000"), "MS")     //
       ("seed", "derives the chunk keys and bytes", cxxopts::value<uint64_t>()->default_value("1"))        //
       ("chunks", "chunks in the chain", cxxopts::value<uint32_t>()->default_value("8"))                   //
+      ("keys-file", "the chain's keys from a file, not --seed", cxxopts::value<std::string>(), "FILE")    //
       ("bytes", "bytes per chunk", cxxopts::value<uint64_t>()->default_value("65536"))                    //
       ("hold-before-commit", "put: after writing each chunk wait this many seconds before committing",    //
        cxxopts::value<double>()->default_value("0"), "S")                                                 //
@@ -205,7 +215,25 @@ int run(int argc, char** argv) {
   }
   const std::string command = args["command"].as<std::string>();
   const uint64_t seed = args["seed"].as<uint64_t>();
-  const uint32_t chunks = args["chunks"].as<uint32_t>();
+  uint32_t chunks = args["chunks"].as<uint32_t>();
+  if (args.count("keys-file")) {
+    std::ifstream in(args["keys-file"].as<std::string>());
+    std::string line;
+    while (in >> line) {
+      auto key = protocol::ChunkKey::from_hex(line);
+      if (!key.ok()) {
+        std::cerr << "kvfabric-store-tool: --keys-file: '" << line << "' is not a chunk key\n";
+        return kUsage;
+      }
+      g_given_keys.push_back(key.value());
+    }
+    if (g_given_keys.empty()) {
+      std::cerr << "kvfabric-store-tool: --keys-file holds no keys\n";
+      return kUsage;
+    }
+    if (args.count("chunks") == 0) chunks = static_cast<uint32_t>(g_given_keys.size());
+    chunks = std::min<uint32_t>(chunks, static_cast<uint32_t>(g_given_keys.size()));
+  }
   const uint64_t bytes = args["bytes"].as<uint64_t>();
   if (command == "keys") {  // the chain's keys as hex, one a line (for curl /lookup, /pin, /clear)
     for (const auto& key : chunk_keys(seed, chunks)) std::printf("%s\n", key.to_hex().c_str());
