@@ -1,5 +1,6 @@
 #include "kvf/control/store_control_api.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "kvf/fabric/version.h"
@@ -37,6 +38,17 @@ Result<LookupResult> StoreControlApi::lookup(const LookupRequest& request) {
   if (matched > 0) {
     result.matches.push_back(LookupMatch{node_, "", static_cast<uint64_t>(matched) * model->chunk_tokens,
                                          static_cast<uint32_t>(matched), Tier::kDram});
+  }
+  // The rest of the cluster: what a local miss (or a shorter local prefix) could fetch instead.
+  if (peers_.lookup && !keys.empty() && matched < keys.size()) {
+    for (const auto& [node, held] : peers_.lookup(keys)) {
+      if (held == 0) continue;
+      result.matches.push_back(LookupMatch{node, "", static_cast<uint64_t>(held) * model->chunk_tokens,
+                                           static_cast<uint32_t>(held), Tier::kDram});
+    }
+    std::stable_sort(
+        result.matches.begin(), result.matches.end(),
+        [](const LookupMatch& a, const LookupMatch& b) { return a.matched_tokens > b.matched_tokens; });
   }
   return result;
 }
@@ -88,10 +100,11 @@ Result<ClearResult> StoreControlApi::clear(const ClearRequest& request) {
   return ClearResult{r.removed, r.bytes};
 }
 
-Result<MoveResult> StoreControlApi::move(const MoveRequest&) {
-  return Status(ErrorCode::kUnavailable,
-                "move is not available yet: this kvfabricd does not join its peers (remote fetch between "
-                "nodes is not built)");
+Result<MoveResult> StoreControlApi::move(const MoveRequest& request) {
+  if (!peers_.move) {
+    return Status(ErrorCode::kUnavailable, "move is not available: this kvfabricd runs without peers");
+  }
+  return peers_.move(request);
 }
 
 Result<CompressResult> StoreControlApi::compress(const CompressRequest&) {

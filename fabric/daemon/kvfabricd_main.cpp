@@ -61,6 +61,10 @@ int run(int argc, char** argv) {
       ("drain-ms", "on SIGTERM, how long engines' requests in flight may take to finish",
        cxxopts::value<int64_t>()->default_value("5000"), "MS")  //
       ("no-huge-pages", "do not try hugetlbfs for the arena")   //
+      ("peer-port",
+       "port where the other nodes' daemons reach this one (default: the node's control_port; 0: any)",
+       cxxopts::value<uint16_t>())                                                //
+      ("no-peers", "serve this node alone: no remote lookups, fetches or moves")  //
       ("log-level", "trace, debug, info, warn, error", cxxopts::value<std::string>()->default_value("info"),
        "LEVEL")                                  //
       ("version", "print the version and exit")  //
@@ -111,6 +115,8 @@ int run(int argc, char** argv) {
   daemon.reap_interval = positive_ms(args, "reap-interval-ms");
   daemon.drain_grace = positive_ms(args, "drain-ms");
   daemon.huge_pages = args.count("no-huge-pages") == 0;
+  if (args.count("peer-port")) daemon.peer_port = args["peer-port"].as<uint16_t>();
+  daemon.peers = args.count("no-peers") == 0;
   return kvf::daemon::run_node_daemon(daemon);
 }
 

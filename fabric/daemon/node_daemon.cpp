@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -13,8 +14,10 @@
 #include "kvf/fabric/topology.h"
 #include "kvf/fabric/version.h"
 #include "kvf/gpudirect/memory_region.h"
+#include "kvf/gpudirect/ucx_context.h"
 #include "kvf/store/chunk_store.h"
 #include "kvf/store/shared_arena.h"
+#include "remote_store.h"
 #include "store_reaper.h"
 #include "store_rpc_server.h"
 
@@ -68,7 +71,18 @@ int run_node_daemon(const NodeDaemonOptions& options) {
   auto arena = std::make_unique<store::SharedArena>(std::move(made.value()));
   spdlog::info("store arena: {} ({} bytes); {}", arena->name(), arena->size(), arena->huge_pages_note());
 
-  auto region = gpudirect::MemoryRegion::register_external(nullptr, arena->data(), arena->size(),
+  // UCX registration lets the peers read the arena and remote fetches land in it.
+  std::shared_ptr<gpudirect::UcxContext> ucx;
+  if (options.peers) {
+    if (!topology.ucx_tls.empty()) setenv("UCX_TLS", topology.ucx_tls.c_str(), 0);  // the user's wins
+    auto made_ucx = gpudirect::UcxContext::create();
+    if (!made_ucx.ok()) {
+      spdlog::error("ucx: {}", made_ucx.status().to_string());
+      return kExitFailed;
+    }
+    ucx = made_ucx.value();
+  }
+  auto region = gpudirect::MemoryRegion::register_external(ucx, arena->data(), arena->size(),
                                                            protocol::MemoryKind::kSharedMemory);
   if (!region.ok()) {
     spdlog::error("store arena region: {}", region.status().to_string());
@@ -108,6 +122,42 @@ int run_node_daemon(const NodeDaemonOptions& options) {
   StoreRpcServer* rpc_raw = rpc_server.get();
   auto api = std::make_shared<control::StoreControlApi>(topology, node->name, *chunk_store,
                                                         [rpc_raw] { return rpc_raw->metrics(); });
+  std::unique_ptr<RemoteStore> remote;
+  if (options.peers) {
+    RemoteStoreOptions remote_options;
+    remote_options.node = node->name;
+    remote_options.listen_host = options.http_host;
+    remote_options.listen_port = options.peer_port;
+    auto made_remote = RemoteStore::create(ucx, topology, *chunk_store, remote_options);
+    if (made_remote.ok()) {
+      remote = std::move(made_remote.value());
+    } else {
+      // The node's own store still serves its engines; the operator sees why the cluster part is off.
+      spdlog::error("peers: {}; serving this node alone (no remote lookups, fetches or moves)",
+                    made_remote.status().to_string());
+    }
+  }
+  if (remote) {
+    RemoteStore* r = remote.get();
+    control::StoreControlApi::Peers peers;
+    peers.lookup = [r](const std::vector<protocol::ChunkKey>& keys) {
+      std::vector<std::pair<std::string, size_t>> out;
+      for (const PeerLookup& p : r->lookup_peers(keys)) {
+        if (!p.status.ok()) spdlog::debug("lookup at {}: {}", p.node, p.status.to_string());
+        out.emplace_back(p.node, p.matched);
+      }
+      return out;
+    };
+    peers.move = [r](const control::MoveRequest& m) -> Result<control::MoveResult> {
+      auto moved = r->move(m.from, m.to, m.keys, m.copy);
+      if (!moved.ok()) return moved.status();
+      return control::MoveResult{moved->fetched + moved->already_here, moved->bytes, moved->not_found};
+    };
+    api->set_peers(std::move(peers));
+    spdlog::info("peers: serving the other nodes on port {} (UCX_TLS={})", remote->port(),
+                 std::getenv("UCX_TLS") != nullptr ? std::getenv("UCX_TLS") : "UCX's default");
+  }
+
   control::HttpServerOptions http_options;
   http_options.host = options.http_host.empty() ? node->address : options.http_host;
   http_options.port = options.http_port.value_or(node->http_port);
@@ -131,6 +181,7 @@ int run_node_daemon(const NodeDaemonOptions& options) {
   // reaper, the store and the arena, in the reverse order of their making.
   http_server->stop();
   http_server.reset();
+  remote.reset();  // no peer reads this arena after this
   rpc_server->drain(options.drain_grace);
   rpc_server.reset();
   reaper.reset();

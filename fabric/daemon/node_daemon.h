@@ -3,7 +3,8 @@
 // HTTP/JSON control API on the node's http port and the reaper; then waits for SIGTERM or SIGINT
 // and drains: the HTTP server stops, the RPC server stops accepting, removes its socket and lets
 // each engine's request in progress finish, and the arena's name is removed.
-// Not built yet: joining the peers the topology names (remote lookups and fetches, move).
+// It also joins the other nodes of the topology (RemoteStore on the node's control_port): lookups
+// report what the peers hold, and /move fetches entries between arenas over UCX.
 // Thread rules: call run_node_daemon from the main thread before any other thread exists (it
 // blocks SIGTERM/SIGINT for every thread it starts, then waits for them with sigwait).
 #pragma once
@@ -27,6 +28,8 @@ struct NodeDaemonOptions {
   std::chrono::milliseconds reap_interval{1'000};
   std::chrono::milliseconds drain_grace{5'000};
   bool huge_pages = true;
+  bool peers = true;                  // join the other nodes (RemoteStore)
+  std::optional<uint16_t> peer_port;  // unset: the node's control_port; 0: any free port
   size_t rpc_threads = 2;
 };
 

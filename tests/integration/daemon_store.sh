@@ -123,8 +123,8 @@ kvf_check_eq "$(stat pinned)" 1 "stats: the pin reached the store"
 expect_ok unpin POST /unpin "{\"keys\": [\"${keys[0]}\"]}" 'd["unpinned"]' 1
 expect_ok clear_key POST /clear "{\"keys\": [\"${keys[15]}\"]}" '[d["cleared"], d["freed_bytes"]]' "[1, $bytes]"
 call move POST /move "{\"from\": \"it\", \"to\": \"other\", \"keys\": [\"${keys[0]}\"]}"
-kvf_check_eq "$CODE" 503 "POST /move: not built yet, said so"
-kvf_check_eq "$(field move '"not available yet" in d["error"]')" true "POST /move: the message says it is not available yet"
+kvf_check_eq "$CODE" 400 "POST /move to a node the topology lacks: refused"
+kvf_check_eq "$(field move '"no node '"'"'other'"'"'" in d["error"]')" true "POST /move: the message names the unknown node"
 call bad_json POST /lookup '{"model": "m", "tokens": [1,'
 kvf_check_eq "$CODE" 400 "malformed JSON: 400"
 call metrics GET /metrics

@@ -1,9 +1,10 @@
 // StoreControlApi: the ControlApi of one node, over that node's ChunkStore: what kvfabricd serves
 // on its HTTP port. Lookups hash tokens with the topology's model (fingerprint and chunk size), the
-// way engines do, and report the node's own store (tier dram); pin, unpin and clear (all or keys)
-// act on the store; health, stats and metrics read it. Not built yet, and answered with
-// kUnavailable saying so: move (needs remote fetch between daemons), compress (no codecs yet) and
-// clear by model (the store does not record which model a chunk belongs to).
+// way engines do, and report the node's own store (tier dram) and, with peers set, what the
+// other nodes' stores hold; pin, unpin and clear (all or keys) act on the store; move goes to the
+// peers (remote fetch between daemons); health, stats and metrics read it. Not built yet, and
+// answered with kUnavailable saying so: compress (no codecs yet) and clear by model (the store
+// does not record which model a chunk belongs to); move without peers.
 // Thread-safe: every method may be called from several threads at once (the store is).
 #pragma once
 
@@ -12,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvf/control/control_api.h"
@@ -29,6 +31,15 @@ class StoreControlApi final : public ControlApi {
   StoreControlApi(const fabric::Topology& topology, std::string node, store::ChunkStore& store,
                   ExtraMetrics extra_metrics = {});
 
+  // How this node reaches the other nodes' stores (the daemon's RemoteStore). Set before the API
+  // serves requests.
+  struct Peers {
+    // Per other node: how many leading keys it holds (0 or unreachable: left out).
+    std::function<std::vector<std::pair<std::string, size_t>>(const std::vector<ChunkKey>&)> lookup;
+    std::function<Result<MoveResult>(const MoveRequest&)> move;
+  };
+  void set_peers(Peers peers) { peers_ = std::move(peers); }
+
   Result<LookupResult> lookup(const LookupRequest& request) override;
   Result<PinResult> pin(const PinRequest& request) override;
   Result<PinResult> unpin(const PinRequest& request) override;
@@ -44,6 +55,7 @@ class StoreControlApi final : public ControlApi {
   std::string node_;
   store::ChunkStore& store_;
   ExtraMetrics extra_metrics_;
+  Peers peers_;
   std::chrono::steady_clock::time_point started_;
   std::atomic<uint64_t> lookups_{0};
 };
