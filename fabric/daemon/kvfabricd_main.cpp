@@ -65,6 +65,8 @@ int run(int argc, char** argv) {
        "port where the other nodes' daemons reach this one (default: the node's control_port; 0: any)",
        cxxopts::value<uint16_t>())                                                //
       ("no-peers", "serve this node alone: no remote lookups, fetches or moves")  //
+      ("fetch-by", "how fetched bytes cross: put (the holder writes; fast on tcp) or get (this node reads)",
+       cxxopts::value<std::string>()->default_value("put"), "put|get")  //
       ("log-level", "trace, debug, info, warn, error", cxxopts::value<std::string>()->default_value("info"),
        "LEVEL")                                  //
       ("version", "print the version and exit")  //
@@ -117,6 +119,12 @@ int run(int argc, char** argv) {
   daemon.huge_pages = args.count("no-huge-pages") == 0;
   if (args.count("peer-port")) daemon.peer_port = args["peer-port"].as<uint16_t>();
   daemon.peers = args.count("no-peers") == 0;
+  const std::string fetch_by = args["fetch-by"].as<std::string>();
+  if (fetch_by != "put" && fetch_by != "get") {
+    std::cerr << "kvfabricd: --fetch-by must be put or get, got '" << fetch_by << "'\n";
+    return kExitBadInput;
+  }
+  daemon.fetch_by_get = fetch_by == "get";
   return kvf::daemon::run_node_daemon(daemon);
 }
 

@@ -128,6 +128,7 @@ int run_node_daemon(const NodeDaemonOptions& options) {
     remote_options.node = node->name;
     remote_options.listen_host = options.http_host;
     remote_options.listen_port = options.peer_port;
+    remote_options.fetch_by = options.fetch_by_get ? FetchBy::kGet : FetchBy::kPut;
     auto made_remote = RemoteStore::create(ucx, topology, *chunk_store, remote_options);
     if (made_remote.ok()) {
       remote = std::move(made_remote.value());

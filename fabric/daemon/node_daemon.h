@@ -29,6 +29,7 @@ struct NodeDaemonOptions {
   std::chrono::milliseconds drain_grace{5'000};
   bool huge_pages = true;
   bool peers = true;                  // join the other nodes (RemoteStore)
+  bool fetch_by_get = false;          // fetches read the holder's arena (else the holder writes)
   std::optional<uint16_t> peer_port;  // unset: the node's control_port; 0: any free port
   size_t rpc_threads = 2;
 };
