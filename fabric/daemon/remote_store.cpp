@@ -12,6 +12,8 @@ namespace {
 // peer's leases are never dropped with an engine's connection.
 constexpr uint64_t kPeerClientBase = uint64_t{1} << 63;
 constexpr uint64_t kArenaRegionId = 1;
+// A fetch by put goes in pushes of about this many bytes (see fetch).
+constexpr uint64_t kPushBatchBytes = 32ull << 20;
 
 std::string to_hex(std::span<const uint8_t> bytes) {
   static const char* digits = "0123456789abcdef";
@@ -480,33 +482,80 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
     landings.push_back(Landing{&e, r.value()});
   }
 
-  double get_seconds = 0;
-  if (!gets.empty() && options_.fetch_by == FetchBy::kPut) {
-    // The holder writes the entries into the reservations and then releases its leases.
-    nlohmann::json items = nlohmann::json::array();
-    const auto arena_base = reinterpret_cast<uint64_t>(store_.arena().data());
-    for (size_t i = 0; i < gets.size(); ++i) {
-      items.push_back({{"lease", landings[i].entry->lease},
-                       {"offset", reinterpret_cast<uint64_t>(gets[i].local) - arena_base}});
+  // Checks each landed entry against the holder's checksum and commits it; a mismatch is never
+  // stored. Counts into `result`; the first problem into `bad`.
+  Status bad = Status::Ok();
+  double verify_seconds = 0;
+  auto verify_and_commit = [&](size_t begin, size_t end) {
+    const auto t = std::chrono::steady_clock::now();
+    for (size_t i = begin; i < end; ++i) {
+      const Landing& l = landings[i];
+      std::span<uint8_t> bytes = store_.bytes(l.reservation);
+      if (store::chunk_checksum(bytes.data(), bytes.size()) != l.entry->checksum) {
+        (void)store_.abort(l.entry->key, l.reservation.id);
+        if (bad.ok()) {
+          bad = Status(ErrorCode::kVerifyFailed, "chunk " + l.entry->key.to_hex() + " from " + from +
+                                                     " does not match the holder's checksum; not stored");
+        }
+        continue;
+      }
+      if (Status s = store_.commit(l.entry->key, l.reservation.id); !s.ok()) {
+        if (bad.ok()) bad = s;
+        continue;
+      }
+      ++result.fetched;
+      result.bytes += bytes.size();
     }
+    verify_seconds += seconds_since(t);
+  };
+
+  if (!gets.empty() && options_.fetch_by == FetchBy::kPut) {
+    // The holder writes the entries into the reservations (and then releases their leases), in
+    // batches of about kPushBatchBytes, so that checking one batch here overlaps the next one's
+    // crossing of the link.
+    const auto arena_base = reinterpret_cast<uint64_t>(store_.arena().data());
     const protocol::RegionDescriptor mine = store_.arena().descriptor(kArenaRegionId);
-    const auto remaining = options_.deadline - std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                   std::chrono::steady_clock::now() - start);
-    auto pushed = peer_request(
-        holder->address, holder->control_port,
-        {{"op", "push"},
-         {"ucx_address", to_hex(transport_->address())},
-         {"region", {{"base", mine.base_address}, {"length", mine.length}, {"rkey", to_hex(mine.ucx_rkey)}}},
-         {"items", std::move(items)}},
-        std::max(remaining, std::chrono::milliseconds(1)));
-    if (!pushed.ok()) {
-      // A push that timed out here may still be writing: these reservations are not reused until
-      // the holder's deadline has passed too (it waits for its puts before answering).
-      if (pushed.status().code() == ErrorCode::kTimeout) std::this_thread::sleep_for(options_.deadline);
-      store_.drop_client(client);
-      release_all();
-      return Status(pushed.status().code(),
-                    "node " + from + " writing the entries here: " + pushed.status().message());
+    const nlohmann::json region = {
+        {"base", mine.base_address}, {"length", mine.length}, {"rkey", to_hex(mine.ucx_rkey)}};
+    const std::string my_address = to_hex(transport_->address());
+    std::vector<size_t> cuts;
+    uint64_t batch = 0;
+    for (size_t i = 0; i < landings.size(); ++i) {
+      batch += landings[i].entry->length;
+      if (batch >= kPushBatchBytes || i + 1 == landings.size()) {
+        cuts.push_back(i + 1);
+        batch = 0;
+      }
+    }
+    auto push_batch = [&, arena_base](size_t begin, size_t end) {
+      nlohmann::json items = nlohmann::json::array();
+      for (size_t i = begin; i < end; ++i) {
+        items.push_back({{"lease", landings[i].entry->lease},
+                         {"offset", reinterpret_cast<uint64_t>(gets[i].local) - arena_base}});
+      }
+      const auto remaining = options_.deadline - std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                     std::chrono::steady_clock::now() - start);
+      return peer_request(holder->address, holder->control_port,
+                          {{"op", "push"}, {"ucx_address", my_address}, {"region", region}, {"items", items}},
+                          std::max(remaining, std::chrono::milliseconds(1)));
+    };
+    auto next = std::async(std::launch::async, push_batch, size_t{0}, cuts[0]);
+    size_t begin = 0;
+    for (size_t k = 0; k < cuts.size(); ++k) {
+      auto pushed = next.get();
+      if (!pushed.ok()) {
+        // A push that timed out here may still be writing: these reservations are not reused
+        // until the holder's deadline has passed too (it waits for its puts before answering).
+        if (pushed.status().code() == ErrorCode::kTimeout) std::this_thread::sleep_for(options_.deadline);
+        store_.drop_client(client);  // frees what is not committed yet
+        release_all();
+        return Status(pushed.status().code(),
+                      "node " + from + " writing the entries here: " + pushed.status().message());
+      }
+      result.transfer_seconds += pushed->value("seconds", 0.0);
+      if (k + 1 < cuts.size()) next = std::async(std::launch::async, push_batch, cuts[k], cuts[k + 1]);
+      verify_and_commit(begin, cuts[k]);
+      begin = cuts[k];
     }
     // The holder released what it pushed; what is left are the entries this node had already.
     std::vector<uint64_t> left;
@@ -516,7 +565,6 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
       if (!landed) left.push_back(e.lease);
     }
     leases = std::move(left);
-    result.transfer_seconds = pushed->value("seconds", 0.0);
   } else if (!gets.empty()) {
     const auto get_start = std::chrono::steady_clock::now();
     auto done = std::make_shared<std::promise<Status>>();
@@ -529,7 +577,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
             ? future.get()
             : Status(ErrorCode::kTimeout, "reading from node " + from + " took longer than " +
                                               std::to_string(options_.deadline.count()) + " ms");
-    get_seconds = seconds_since(get_start);
+    result.transfer_seconds = seconds_since(get_start);
     if (!got.ok()) {
       // The link may be broken (the holder died): make a new one next time. The reservations are
       // dropped only once no get can still write into them.
@@ -542,28 +590,9 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
       release_all();
       return Status(got.code(), "reading from node " + from + ": " + got.message());
     }
+    verify_and_commit(0, landings.size());
   }
-  if (options_.fetch_by == FetchBy::kGet) result.transfer_seconds = get_seconds;
-  const auto verify_start = std::chrono::steady_clock::now();
-  Status bad = Status::Ok();
-  for (const Landing& l : landings) {
-    std::span<uint8_t> bytes = store_.bytes(l.reservation);
-    if (store::chunk_checksum(bytes.data(), bytes.size()) != l.entry->checksum) {
-      (void)store_.abort(l.entry->key, l.reservation.id);
-      if (bad.ok()) {
-        bad = Status(ErrorCode::kVerifyFailed, "chunk " + l.entry->key.to_hex() + " from " + from +
-                                                   " does not match the holder's checksum; not stored");
-      }
-      continue;
-    }
-    if (Status s = store_.commit(l.entry->key, l.reservation.id); !s.ok()) {
-      if (bad.ok()) bad = s;
-      continue;
-    }
-    ++result.fetched;
-    result.bytes += bytes.size();
-  }
-  const double verify_seconds = seconds_since(verify_start);
+
   release_all();
   result.seconds = seconds_since(start);
   if (!bad.ok()) return bad;
