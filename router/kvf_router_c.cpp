@@ -129,6 +129,7 @@ kvf_router* kvf_router_create_from_topology(const char* topology_path, uint32_t 
     }
     auto* r = new kvf_router;
     r->client = std::move(client.value());
+    copy_text(error_buf, error_buf_len, "");
     return r;
   } catch (const std::exception& e) {
     copy_text(error_buf, error_buf_len, std::string("cannot create the router client: ") + e.what());
