@@ -3,9 +3,9 @@
  * an int status (KVF_ROUTER_OK or a kvf error code) and fill caller buffers, never allocate for the
  * caller, and never block past the handle's timeout. The text of the last error on a handle:
  * kvf_router_last_error(handle).
- * Thread rules: a handle may be used from any thread, one call at a time per handle is run (calls
- * serialize); kvf_router_last_error belongs to the thread's last call on that handle only when one
- * thread uses it, so give each thread its own handle. Link: -lkvfabric_router. */
+ * Thread rules: a handle may be used from any thread; calls on one handle run one at a time. The
+ * last error is the handle's, not the thread's: give each router thread its own handle (they are
+ * cheap) and read kvf_router_last_error right after the call. Link: -lkvfabric_router. */
 #ifndef KVF_ROUTER_KVF_ROUTER_H_
 #define KVF_ROUTER_KVF_ROUTER_H_
 
