@@ -143,10 +143,22 @@ RemoteStore::Link& RemoteStore::link_for(const std::string& node) {
   return *slot;
 }
 
+Result<nlohmann::json> RemoteStore::ask(const fabric::NodeSpec& node, nlohmann::json request,
+                                        std::chrono::milliseconds deadline) const {
+  request["to"] = node.name;  // the peer refuses a request meant for another node
+  return peer_request(node.address, node.control_port, request, deadline);
+}
+
 // --- serving peers ------------------------------------------------------------------------------
 
 nlohmann::json RemoteStore::handle(const nlohmann::json& request) {
   const std::string op = request["op"].get<std::string>();
+  if (auto to = request.find("to"); to != request.end() && (!to->is_string() || *to != options_.node)) {
+    // Two nodes of the topology share an address and control_port, or a stale topology.
+    return peer_error(Status(ErrorCode::kInvalidArgument,
+                             "this is node '" + options_.node + "', not " + to->dump() +
+                                 " (does the topology give two nodes the same address and control_port?)"));
+  }
   if (op == "lookup") {
     auto keys = keys_of(request);
     if (!keys.ok()) return peer_error(keys.status());
@@ -334,10 +346,10 @@ std::vector<PeerLookup> RemoteStore::lookup_peers(const std::vector<protocol::Ch
   const nlohmann::json request{{"op", "lookup"}, {"keys", keys_json(keys)}};
   for (const fabric::NodeSpec& n : topology_.nodes) {
     if (n.name == options_.node || n.control_port == 0) continue;
-    asks.push_back(std::async(std::launch::async, [&, host = n.address, port = n.control_port,
-                                                   name = n.name] {
+    asks.push_back(std::async(std::launch::async, [&, node = &n] {
+      const std::string& name = node->name;
       PeerLookup out{name, 0, Status::Ok()};
-      auto reply = peer_request(host, port, request, options_.lookup_deadline);
+      auto reply = ask(*node, request, options_.lookup_deadline);
       if (!reply.ok()) {
         out.status = reply.status();
       } else if (auto m = reply->find("matched"); m != reply->end() && m->is_number_unsigned()) {
@@ -362,7 +374,7 @@ Result<FetchResult> RemoteStore::move(const std::string& from, const std::string
   if (from == to) return Status(ErrorCode::kInvalidArgument, "move from '" + from + "' to itself");
   if (to != options_.node) {  // the destination fetches; ask it to
     nlohmann::json request{{"op", "pull"}, {"from", from}, {"keys", keys_json(keys)}, {"copy", copy}};
-    auto reply = peer_request(dest->address, dest->control_port, request, options_.deadline);
+    auto reply = ask(*dest, request, options_.deadline);
     if (!reply.ok()) return reply.status();
     FetchResult r;
     bool ok = true;
@@ -380,8 +392,7 @@ Result<FetchResult> RemoteStore::move(const std::string& from, const std::string
   if (!fetched.ok() || copy) return fetched;
   // Committed here: now the source may let go of them.
   const fabric::NodeSpec* source = topology_.find_node(from);
-  auto dropped = peer_request(source->address, source->control_port,
-                              {{"op", "drop"}, {"keys", keys_json(keys)}}, options_.deadline);
+  auto dropped = ask(*source, {{"op", "drop"}, {"keys", keys_json(keys)}}, options_.deadline);
   if (!dropped.ok()) {
     return Status(dropped.status().code(), "entries copied to " + to + " but not removed from " + from +
                                                ": " + dropped.status().message());
@@ -400,16 +411,14 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
 
   Link& link = link_for(from);
   std::lock_guard link_lock(link.mutex);
-  auto grant = peer_request(holder->address, holder->control_port,
-                            {{"op", "grant"}, {"keys", keys_json(keys)}}, options_.deadline);
+  auto grant = ask(*holder, {{"op", "grant"}, {"keys", keys_json(keys)}}, options_.deadline);
   if (!grant.ok()) return grant.status();
 
   // Whatever happens below, the holder's leases go back (or expire there on their own).
   std::vector<uint64_t> leases;
   auto release_all = [&] {
     if (leases.empty()) return;
-    auto r = peer_request(holder->address, holder->control_port, {{"op", "release"}, {"leases", leases}},
-                          options_.deadline);
+    auto r = ask(*holder, {{"op", "release"}, {"leases", leases}}, options_.deadline);
     if (!r.ok())
       spdlog::warn("fetch from {}: releasing {} leases: {}", from, leases.size(), r.status().to_string());
   };
@@ -535,9 +544,8 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
       }
       const auto remaining = options_.deadline - std::chrono::duration_cast<std::chrono::milliseconds>(
                                                      std::chrono::steady_clock::now() - start);
-      return peer_request(holder->address, holder->control_port,
-                          {{"op", "push"}, {"ucx_address", my_address}, {"region", region}, {"items", items}},
-                          std::max(remaining, std::chrono::milliseconds(1)));
+      return ask(*holder, {{"op", "push"}, {"ucx_address", my_address}, {"region", region}, {"items", items}},
+                 std::max(remaining, std::chrono::milliseconds(1)));
     };
     auto next = std::async(std::launch::async, push_batch, size_t{0}, cuts[0]);
     size_t begin = 0;

@@ -98,6 +98,9 @@ class RemoteStore {
   // The peer link to a UCX address (made on first use; also for peers that only fetch from here).
   Result<Link*> link_to_address(Link& link, const std::string& ucx_address_hex, const nlohmann::json& region);
   const fabric::NodeSpec* node_named(const std::string& name, Status& error) const;
+  // A request to `node`'s peer port, addressed to it by name.
+  Result<nlohmann::json> ask(const fabric::NodeSpec& node, nlohmann::json request,
+                             std::chrono::milliseconds deadline) const;
   Link& link_for(const std::string& node);
 
   std::shared_ptr<gpudirect::UcxContext> ucx_;

@@ -104,7 +104,11 @@ class Session : public std::enable_shared_from_this<Session> {
   ~Session() { server_->session_closed(id_); }
 
   void start() {
-    asio::post(socket_.get_executor(), [self = shared_from_this()] { self->read_header(); });
+    asio::post(socket_.get_executor(), [self = shared_from_this()] {
+      error_code ec;
+      self->socket_.non_blocking(true, ec);  // lets read_ready/write_ready take what is there now
+      self->read_header();
+    });
   }
 
   // From any thread: finish the request in hand, then close.
@@ -120,9 +124,38 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
  private:
+  // An engine's request usually arrives whole, and its reply fits the socket buffer: taking and
+  // giving what is there at once, on this strand, saves a trip through the io_context (and the
+  // payload timer) per step; only a frame that is not all there yet waits asynchronously.
+  size_t read_ready(uint8_t* p, size_t n) {
+    size_t got = 0;
+    error_code ec;
+    while (got < n) {
+      const size_t r = socket_.read_some(asio::buffer(p + got, n - got), ec);
+      if (ec) break;  // would_block (wait below) or an error the asynchronous read reports
+      got += r;
+    }
+    return got;
+  }
+  size_t write_ready(const std::vector<uint8_t>& out) {
+    size_t put = 0;
+    error_code ec;
+    while (put < out.size()) {
+      const size_t w = socket_.write_some(asio::buffer(out.data() + put, out.size() - put), ec);
+      if (ec) break;
+      put += w;
+    }
+    return put;
+  }
+
   void read_header() {
-    asio::async_read(socket_, asio::buffer(header_),
-                     [self = shared_from_this()](error_code ec, size_t) { self->on_header(ec); });
+    const size_t got = read_ready(header_.data(), header_.size());
+    if (got == header_.size()) return on_header({});
+    asio::async_read(socket_, asio::buffer(header_.data() + got, header_.size() - got),
+                     [self = shared_from_this()](error_code ec, size_t) {
+                       self->inline_depth_ = 0;
+                       self->on_header(ec);
+                     });
   }
 
   void on_header(error_code ec) {
@@ -137,6 +170,8 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     current_ = *header;
     payload_.resize(current_.payload_bytes);
+    const size_t got = read_ready(payload_.data(), payload_.size());
+    if (got == payload_.size()) return on_payload({});
     // The timer's handler may already be queued when the payload completes: it checks that the
     // frame it was armed for is still being read.
     const uint64_t frame = ++frames_;
@@ -147,11 +182,13 @@ class Session : public std::enable_shared_from_this<Session> {
         self->close("frame payload did not arrive within the frame timeout");
       }
     });
-    asio::async_read(socket_, asio::buffer(payload_), [self = shared_from_this()](error_code rec, size_t) {
-      self->awaiting_payload_ = false;
-      self->timer_.cancel();
-      self->on_payload(rec);
-    });
+    asio::async_read(socket_, asio::buffer(payload_.data() + got, payload_.size() - got),
+                     [self = shared_from_this()](error_code rec, size_t) {
+                       self->inline_depth_ = 0;
+                       self->awaiting_payload_ = false;
+                       self->timer_.cancel();
+                       self->on_payload(rec);
+                     });
   }
 
   void on_payload(error_code ec) {
@@ -174,12 +211,24 @@ class Session : public std::enable_shared_from_this<Session> {
       reply.body = rpc::EmptyReply{};
     }
     out_ = rpc::encode_reply(reply);
-    asio::async_write(socket_, asio::buffer(out_), [self = shared_from_this()](error_code wec, size_t) {
-      self->busy_ = false;
-      if (wec) return self->close("write: " + wec.message());
-      if (self->draining_) return self->close("daemon stopping");
-      self->read_header();
-    });
+    const size_t put = write_ready(out_);
+    if (put == out_.size()) {
+      busy_ = false;
+      if (draining_) return close("daemon stopping");
+      // A client that pipelines could keep this recursing: every so often, go round the io_context.
+      if (++inline_depth_ < kMaxInlineDepth) return read_header();
+      inline_depth_ = 0;
+      asio::post(socket_.get_executor(), [self = shared_from_this()] { self->read_header(); });
+      return;
+    }
+    asio::async_write(socket_, asio::buffer(out_.data() + put, out_.size() - put),
+                      [self = shared_from_this()](error_code wec, size_t) {
+                        self->inline_depth_ = 0;
+                        self->busy_ = false;
+                        if (wec) return self->close("write: " + wec.message());
+                        if (self->draining_) return self->close("daemon stopping");
+                        self->read_header();
+                      });
   }
 
   void handle(const rpc::Request& request, rpc::Reply& reply) {
@@ -306,6 +355,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool awaiting_payload_ = false;
   uint64_t frames_ = 0;
   std::array<uint8_t, rpc::kHeaderBytes> header_{};
+  static constexpr int kMaxInlineDepth = 16;
+  int inline_depth_ = 0;  // requests served back to back without returning to the io_context
   rpc::FrameHeader current_{};
   std::vector<uint8_t> payload_;
   std::vector<uint8_t> out_;
