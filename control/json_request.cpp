@@ -255,15 +255,21 @@ bool fast_keys(const FlatValue& value, std::vector<ChunkKey>& out) {
 std::optional<LookupRequest> decode_lookup_fast(std::string_view body) {
   auto fields = scan_flat_object(body);
   if (!fields) return std::nullopt;
-  std::array<FlatValue*, 3> slots{};
-  if (!pick(*fields, std::array<std::string_view, 3>{"model", "tokens", "chunk_keys"}, slots))
+  std::array<FlatValue*, 4> slots{};
+  if (!pick(*fields, std::array<std::string_view, 4>{"model", "tokens", "chunk_keys", "scope"}, slots))
     return std::nullopt;
-  auto [model, tokens, keys] = slots;
+  auto [model, tokens, keys, scope] = slots;
   if (model == nullptr || model->kind != FlatValue::Kind::kString || model->text.empty() ||
       model->text.size() > kMaxNameBytes || (tokens == nullptr) == (keys == nullptr)) {
     return std::nullopt;
   }
   LookupRequest request;
+  if (scope != nullptr) {  // anything but the two words: the full parser names the problem
+    if (scope->kind != FlatValue::Kind::kString || (scope->text != "node" && scope->text != "cluster")) {
+      return std::nullopt;
+    }
+    request.cluster = scope->text == "cluster";
+  }
   request.model = std::string(model->text);
   if (tokens != nullptr) {
     if (tokens->kind == FlatValue::Kind::kUints) {
@@ -307,11 +313,22 @@ Checked<PinRequest> decode_pin(std::string_view body) {
 Checked<LookupRequest> decode_lookup_full(std::string_view body) {
   auto parsed = parse_json(body);
   if (!parsed.ok()) return parsed.take_error();
-  auto object = top_object(parsed.value(), {"model", "tokens", "chunk_keys"});
+  auto object = top_object(parsed.value(), {"model", "tokens", "chunk_keys", "scope"});
   if (!object.ok()) return object.take_error();
   const json& o = *object.value();
 
   LookupRequest request;
+  if (const json* scope = field(o, "scope"); scope != nullptr) {
+    if (!scope->is_string()) return wrong_type("scope", "\"node\" or \"cluster\"", *scope);
+    const auto& text = scope->get_ref<const std::string&>();
+    if (text != "node" && text != "cluster") {
+      return bad("invalid_value",
+                 "scope: \"node\" (this node's store) or \"cluster\" (also the other nodes'), got \"" +
+                     text.substr(0, 64) + "\"",
+                 "scope");
+    }
+    request.cluster = text == "cluster";
+  }
   auto model = read_name(o, "model");
   if (!model.ok()) return model.take_error();
   request.model = std::move(model.value());

@@ -40,7 +40,7 @@ Result<LookupResult> StoreControlApi::lookup(const LookupRequest& request) {
                                          static_cast<uint32_t>(matched), Tier::kDram});
   }
   // The rest of the cluster: what a local miss (or a shorter local prefix) could fetch instead.
-  if (peers_.lookup && !keys.empty() && matched < keys.size()) {
+  if (request.cluster && peers_.lookup && !keys.empty() && matched < keys.size()) {
     for (const auto& [node, held] : peers_.lookup(keys)) {
       if (held == 0) continue;
       result.matches.push_back(LookupMatch{node, "", static_cast<uint64_t>(held) * model->chunk_tokens,

@@ -65,6 +65,9 @@ kvf_check_eq "$CODE" 200 "lookup at c: status"
 kvf_check_eq "$(field lookup_c '[(m["node"], m["matched_chunks"]) for m in d["matches"]]')" "[('a', $CHUNKS)]" \
   "lookup at c finds the whole prefix on a (and none at c)"
 
+http 3 lookup_c_node POST /lookup "{\"model\": \"m\", \"chunk_keys\": $keys_json, \"scope\": \"node\"}"
+kvf_check_eq "$(field lookup_c_node 'd["matches"]')" "[]" "lookup at c with scope node: c's own store only"
+
 http 3 move_ac POST /move "{\"from\": \"a\", \"to\": \"c\", \"keys\": $keys_json, \"copy\": true}"
 kvf_check_eq "$CODE" 200 "move a -> c (copy) asked at c: status"
 kvf_check_eq "$(field move_ac '[d["moved"], d["bytes"], d["not_found"]]')" "[$CHUNKS, $((CHUNKS * BYTES)), []]" \

@@ -394,6 +394,15 @@ TEST_CASE("every route's happy path", "[http]") {
     reply = client.post("/lookup", {{"model", "m"}, {"tokens", {0, 4294967295u}}});
     REQUIRE(reply.status == 200);
     CHECK(ts.api->get(&FakeControlApi::last_lookup).tokens() == std::vector<uint32_t>{0, 4294967295u});
+    CHECK(ts.api->get(&FakeControlApi::last_lookup).cluster);  // the default scope
+  }
+  SECTION("lookup scope: node or cluster") {
+    auto reply = client.post("/lookup", {{"model", "m"}, {"tokens", {1}}, {"scope", "node"}});
+    REQUIRE(reply.status == 200);
+    CHECK_FALSE(ts.api->get(&FakeControlApi::last_lookup).cluster);
+    reply = client.post("/lookup", {{"model", "m"}, {"chunk_keys", {hex_of(1)}}, {"scope", "cluster"}});
+    REQUIRE(reply.status == 200);
+    CHECK(ts.api->get(&FakeControlApi::last_lookup).cluster);
   }
   SECTION("an empty query is valid and matches nothing") {
     auto reply = client.post("/lookup", {{"model", "m"}, {"tokens", json::array()}});
@@ -602,6 +611,8 @@ TEST_CASE("bad request bodies get a 4xx naming the problem; the connection keeps
       {"/lookup", R"({"model": "m", "tokens": [4294967296]})", 400, "invalid_value", "tokens[0]"},
       {"/lookup", R"({"model": "m", "tokens": [18446744073709551616]})", 400, "wrong_type", "tokens[0]"},
       {"/lookup", R"({"model": "", "tokens": [1]})", 400, "invalid_value", "model"},
+      {"/lookup", R"({"model": "m", "tokens": [1], "scope": "everywhere"})", 400, "invalid_value", "scope"},
+      {"/lookup", R"({"model": "m", "tokens": [1], "scope": 1})", 400, "wrong_type", "scope"},
       {"/lookup", "{\"model\": \"" + std::string(300, 'm') + "\", \"tokens\": [1]}", 400, "invalid_value",
        "model"},
       {"/lookup", R"({"model": "m", "chunk_keys": ["0123456789abcdef0123456789abcde"]})", 400,
@@ -954,7 +965,7 @@ TEST_CASE("start refuses bad options and a taken port", "[http]") {
 namespace {
 
 bool same_lookup(const LookupRequest& a, const LookupRequest& b) {
-  return a.model == b.model && a.query == b.query;
+  return a.model == b.model && a.query == b.query && a.cluster == b.cluster;
 }
 
 template <typename T, typename Same>

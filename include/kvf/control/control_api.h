@@ -31,6 +31,9 @@ std::string_view tier_name(Tier tier);  // "gpu", "dram", "ssd"
 struct LookupRequest {
   std::string model;
   std::variant<std::vector<uint32_t>, std::vector<ChunkKey>> query;
+  // "scope": "cluster" (default): also what the other nodes hold where this one's prefix is short;
+  // "node": this node's store only (a router that asks every node itself).
+  bool cluster = true;
 
   bool by_tokens() const { return std::holds_alternative<std::vector<uint32_t>>(query); }
   const std::vector<uint32_t>& tokens() const { return std::get<std::vector<uint32_t>>(query); }
