@@ -67,7 +67,8 @@ std::string_view tier_name(Tier tier) {
 }
 
 std::string lookup_body_tokens(std::string_view model, std::span<const uint32_t> tokens) {
-  std::string out = dump(json{{"model", model}});
+  // "scope": "node": the router asks every node itself, so each answers for its own store only.
+  std::string out = dump(json{{"model", model}, {"scope", "node"}});
   out.pop_back();  // the token list is written by hand: prompts run to tens of thousands of tokens
   out += ",\"tokens\":[";
   for (size_t i = 0; i < tokens.size(); ++i) {
@@ -79,7 +80,7 @@ std::string lookup_body_tokens(std::string_view model, std::span<const uint32_t>
 }
 
 std::string lookup_body_keys(std::string_view model, std::span<const ChunkKey> keys) {
-  return dump({{"model", model}, {"chunk_keys", key_array(keys)}});
+  return dump({{"model", model}, {"scope", "node"}, {"chunk_keys", key_array(keys)}});
 }
 
 std::string keys_body(std::span<const ChunkKey> keys) {
