@@ -31,7 +31,7 @@ struct NodeDaemonOptions {
   bool peers = true;                  // join the other nodes (RemoteStore)
   bool fetch_by_get = false;          // fetches read the holder's arena (else the holder writes)
   std::optional<uint16_t> peer_port;  // unset: the node's control_port; 0: any free port
-  size_t rpc_threads = 2;
+  size_t rpc_threads = 1;  // requests take microseconds: a second thread only adds wake-ups
 };
 
 // Exit codes.
