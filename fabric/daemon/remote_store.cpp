@@ -1,5 +1,6 @@
 #include "remote_store.h"
 
+#include <cstdlib>
 #include <future>
 #include <thread>
 
@@ -74,6 +75,27 @@ uint64_t u64_of(const nlohmann::json& j, const char* field, bool& ok) {
   }
   return it->get<uint64_t>();
 }
+
+// While alive, keeps a transport's progress thread polling: a target of one-sided tcp puts gets
+// no wake-up for them and would otherwise look only every max_sleep (measured: fetches at a third
+// of the link rate). A task every 200 us counts as activity, so the thread spins meanwhile.
+class KeepPolling {
+ public:
+  explicit KeepPolling(fabric::Transport& transport) : alive_(std::make_shared<std::atomic<bool>>(true)) {
+    tick(transport, alive_);
+  }
+  ~KeepPolling() { alive_->store(false); }
+  KeepPolling(const KeepPolling&) = delete;
+  KeepPolling& operator=(const KeepPolling&) = delete;
+
+ private:
+  static void tick(fabric::Transport& transport, std::shared_ptr<std::atomic<bool>> alive) {
+    transport.post_after(std::chrono::microseconds(200), [&transport, alive] {
+      if (alive->load()) tick(transport, alive);
+    });
+  }
+  std::shared_ptr<std::atomic<bool>> alive_;
+};
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
@@ -547,6 +569,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
       return ask(*holder, {{"op", "push"}, {"ucx_address", my_address}, {"region", region}, {"items", items}},
                  std::max(remaining, std::chrono::milliseconds(1)));
     };
+    KeepPolling polling(*transport_);  // the holder's puts land only while this side polls
     auto next = std::async(std::launch::async, push_batch, size_t{0}, cuts[0]);
     size_t begin = 0;
     for (size_t k = 0; k < cuts.size(); ++k) {
