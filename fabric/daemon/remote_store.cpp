@@ -1,6 +1,7 @@
 #include "remote_store.h"
 
 #include <cstdlib>
+#include <deque>
 #include <future>
 #include <thread>
 
@@ -15,6 +16,7 @@ constexpr uint64_t kPeerClientBase = uint64_t{1} << 63;
 constexpr uint64_t kArenaRegionId = 1;
 // A fetch by put goes in pushes of about this many bytes (see fetch).
 constexpr uint64_t kPushBatchBytes = 32ull << 20;
+constexpr size_t kPushesInFlight = 2;
 
 std::string to_hex(std::span<const uint8_t> bytes) {
   static const char* digits = "0123456789abcdef";
@@ -570,11 +572,23 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
                  std::max(remaining, std::chrono::milliseconds(1)));
     };
     KeepPolling polling(*transport_);  // the holder's puts land only while this side polls
-    auto next = std::async(std::launch::async, push_batch, size_t{0}, cuts[0]);
+    // Two pushes in flight: the holder queues the second's puts behind the first's, so the link
+    // does not idle while a finished push's reply and the next request cross.
+    std::deque<std::future<Result<nlohmann::json>>> in_flight;
+    size_t launched = 0;
+    auto launch = [&] {
+      const size_t from_index = launched == 0 ? 0 : cuts[launched - 1];
+      in_flight.push_back(std::async(std::launch::async, push_batch, from_index, cuts[launched]));
+      ++launched;
+    };
+    const auto pushes_start = std::chrono::steady_clock::now();
+    while (launched < cuts.size() && in_flight.size() < kPushesInFlight) launch();
     size_t begin = 0;
     for (size_t k = 0; k < cuts.size(); ++k) {
-      auto pushed = next.get();
+      auto pushed = in_flight.front().get();
+      in_flight.pop_front();
       if (!pushed.ok()) {
+        for (auto& other : in_flight) other.wait();  // nothing may still be on its way here
         // A push that timed out here may still be writing: these reservations are not reused
         // until the holder's deadline has passed too (it waits for its puts before answering).
         if (pushed.status().code() == ErrorCode::kTimeout) std::this_thread::sleep_for(options_.deadline);
@@ -583,8 +597,8 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
         return Status(pushed.status().code(),
                       "node " + from + " writing the entries here: " + pushed.status().message());
       }
-      result.transfer_seconds += pushed->value("seconds", 0.0);
-      if (k + 1 < cuts.size()) next = std::async(std::launch::async, push_batch, cuts[k], cuts[k + 1]);
+      if (k + 1 == cuts.size()) result.transfer_seconds = seconds_since(pushes_start);
+      if (launched < cuts.size()) launch();
       verify_and_commit(begin, cuts[k]);
       begin = cuts[k];
     }
