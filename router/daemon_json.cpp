@@ -17,10 +17,7 @@ json key_array(std::span<const ChunkKey> keys) {
 }
 
 Result<Tier> tier_of(const std::string& name) {
-  if (name == "gpu") return Tier::kGpu;
-  if (name == "dram") return Tier::kDram;
-  if (name == "ssd") return Tier::kSsd;
-  return Status(ErrorCode::kMalformed, "unknown tier '" + name + "'");
+  return protocol::parse_tier(name);
 }
 
 Result<std::vector<ChunkKey>> keys_of(const json& array) {
@@ -54,17 +51,6 @@ std::string dump(const json& value) {
 
 }  // namespace
 
-std::string_view tier_name(Tier tier) {
-  switch (tier) {
-    case Tier::kGpu:
-      return "gpu";
-    case Tier::kDram:
-      return "dram";
-    case Tier::kSsd:
-      return "ssd";
-  }
-  return "unknown";
-}
 
 std::string lookup_body_tokens(std::string_view model, std::span<const uint32_t> tokens) {
   // "scope": "node": the router asks every node itself, so each answers for its own store only.

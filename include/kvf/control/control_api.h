@@ -13,18 +13,15 @@
 
 #include "kvf/protocol/chunk_key.h"
 #include "kvf/protocol/status.h"
+#include "kvf/protocol/tier.h"
 
 namespace kvf::control {
 
 using protocol::ChunkKey;
 
 // Where a matched prefix lives, fastest first.
-enum class Tier : uint8_t {
-  kGpu = 0,   // in an engine's GPU blocks
-  kDram = 1,  // in the node's CPU-memory store
-  kSsd = 2,   // in the node's SSD tier
-};
-std::string_view tier_name(Tier tier);  // "gpu", "dram", "ssd"
+using protocol::Tier;
+using protocol::tier_name;
 
 // POST /lookup. A router sends either the prompt's tokens (the node hashes them into chunk keys the
 // way its engines do) or the chunk keys it hashed itself (cheaper to send and to check).

@@ -9,14 +9,15 @@
 
 #include "kvf/protocol/chunk_key.h"
 #include "kvf/protocol/status.h"
+#include "kvf/protocol/tier.h"
 
 namespace kvf::router {
 
 using protocol::ChunkKey;
 
 // Where a matched prefix lives, fastest first (the daemon's tier names).
-enum class Tier : uint8_t { kGpu = 0, kDram = 1, kSsd = 2 };
-std::string_view tier_name(Tier tier);  // "gpu", "dram", "ssd"
+using protocol::Tier;
+using protocol::tier_name;
 
 // One node's answer to one call. `reached` tells a node that answered with an error (it is up; the
 // status holds its HTTP status and message) from one that is down or timed out.
