@@ -28,12 +28,23 @@ struct UsageError {
   std::string message;
 };
 
-// "1,2,3" or "1 2 3" (commas, spaces, newlines all separate).
+// The items of a list: commas, spaces, tabs and newlines all separate ("1,2,3" or "1 2 3").
+std::vector<std::string> list_items(const std::string& text) {
+  std::vector<std::string> items(1);
+  for (char c : text) {
+    if (c == ',' || c == ' ' || c == '\n' || c == '\t' || c == '\r') {
+      if (!items.back().empty()) items.emplace_back();
+    } else {
+      items.back() += c;
+    }
+  }
+  if (items.back().empty()) items.pop_back();
+  return items;
+}
+
 std::vector<uint32_t> parse_tokens(const std::string& text, const std::string& where) {
   std::vector<uint32_t> tokens;
-  std::string item;
-  auto flush = [&] {
-    if (item.empty()) return;
+  for (const std::string& item : list_items(text)) {
     size_t used = 0;
     unsigned long long v = 0;
     try {
@@ -45,37 +56,17 @@ std::vector<uint32_t> parse_tokens(const std::string& text, const std::string& w
       throw UsageError{where + ": '" + item + "' is not a token id (0..4294967295)"};
     }
     tokens.push_back(static_cast<uint32_t>(v));
-    item.clear();
-  };
-  for (char c : text) {
-    if (c == ',' || c == ' ' || c == '\n' || c == '\t' || c == '\r') {
-      flush();
-    } else {
-      item += c;
-    }
   }
-  flush();
   return tokens;
 }
 
 std::vector<ChunkKey> parse_keys(const std::string& text, const std::string& where) {
   std::vector<ChunkKey> keys;
-  std::string item;
-  auto flush = [&] {
-    if (item.empty()) return;
+  for (const std::string& item : list_items(text)) {
     auto key = ChunkKey::from_hex(item);
     if (!key.ok()) throw UsageError{where + ": '" + item + "' is not a chunk key (32 hex digits)"};
     keys.push_back(key.value());
-    item.clear();
-  };
-  for (char c : text) {
-    if (c == ',' || c == ' ' || c == '\n' || c == '\t' || c == '\r') {
-      flush();
-    } else {
-      item += c;
-    }
   }
-  flush();
   return keys;
 }
 
