@@ -220,6 +220,18 @@ nlohmann::json RemoteStore::grant(const nlohmann::json& request) {
   auto keys = keys_of(request);
   if (!keys.ok()) return peer_error(keys.status());
   const uint64_t client = kPeerClientBase | next_client_.fetch_add(1);
+  const auto now = std::chrono::steady_clock::now();
+  {
+    std::lock_guard lock(grants_mutex_);
+    for (auto it = grants_.begin(); it != grants_.end();) {
+      if (now - it->second.granted > 2 * options_.deadline) {
+        (void)store_.release(it->first);  // the peer never pushed nor released: it is gone
+        it = grants_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
   nlohmann::json entries = nlohmann::json::array();
   nlohmann::json missing = nlohmann::json::array();
   for (const auto& key : keys.value()) {
@@ -234,7 +246,7 @@ nlohmann::json RemoteStore::grant(const nlohmann::json& request) {
     }
     {
       std::lock_guard lock(grants_mutex_);
-      grants_[lease->id] = lease.value();
+      grants_[lease->id] = Grant{lease.value(), now};
     }
     entries.push_back({{"key", key.to_hex()},
                        {"offset", lease->offset},
@@ -329,7 +341,7 @@ nlohmann::json RemoteStore::push(const nlohmann::json& request) {
         return peer_error(Status(ErrorCode::kNotFound,
                                  "lease " + std::to_string(lease_id) + " was not granted here or has ended"));
       }
-      lease = it->second;
+      lease = it->second.lease;
     }
     puts.push_back(
         fabric::PutOp{store_.bytes(lease).data(), &store_.arena(), link.region, dst, lease.length});

@@ -111,9 +111,14 @@ class RemoteStore {
   std::unique_ptr<PeerServer> server_;
   std::mutex links_mutex_;
   std::unordered_map<std::string, std::unique_ptr<Link>> links_;
-  // Leases granted to peers, by id, until pushed or released (or the store expires them).
+  // Leases granted to peers, by id, until pushed or released; a peer that vanished in between
+  // loses them after twice the fetch deadline (the next grant sweeps them).
+  struct Grant {
+    store::Lease lease;
+    std::chrono::steady_clock::time_point granted;
+  };
   std::mutex grants_mutex_;
-  std::unordered_map<uint64_t, store::Lease> grants_;
+  std::unordered_map<uint64_t, Grant> grants_;
   std::atomic<uint64_t> next_client_{1};
 };
 
