@@ -1,16 +1,20 @@
 // kvfabric-store-rpc-bench: lookups per second over the store RPC against a running kvfabricd,
 // beside the anchor: the same request and reply sizes bounced off a bare Unix-socket echo server
-// in this process (one round trip per request, no framing checks, no store). Runs alternate
+// in this process (one round trip per request, no framing checks, no store; both ends wait for a
+// frame as StoreClient and the daemon do: a few hundred non-blocking reads, then poll). Runs alternate
 // between the two, each --duration seconds, --rounds rounds; prints medians and the ratio.
 //   kvfabric-store-rpc-bench --socket /tmp/kvfabric-local.sock [--chunks 64] [--connections 1]
 // Each connection is one thread with its own StoreClient (calls on one connection are serialized).
 // The first run stores the prompt's chunks (tiny ones) so that lookups are hits.
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -44,22 +48,40 @@ std::vector<protocol::ChunkKey> prompt_keys(uint32_t chunks, uint32_t salt) {
 bool write_all(int fd, const void* p, size_t n) {
   const auto* b = static_cast<const uint8_t*>(p);
   while (n > 0) {
-    const ssize_t w = ::write(fd, b, n);
+    const ssize_t w = ::send(fd, b, n, MSG_NOSIGNAL);
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
     if (w <= 0) return false;
     b += w;
     n -= static_cast<size_t>(w);
   }
   return true;
 }
+// Reads n bytes from a non-blocking socket the way StoreClient and the daemon wait for a frame:
+// a few hundred attempts, then poll. The anchor thus pays the same wake-ups as the RPC, no more.
 bool read_all(int fd, void* p, size_t n) {
   auto* b = static_cast<uint8_t*>(p);
+  int spun = 0;
   while (n > 0) {
-    const ssize_t r = ::read(fd, b, n);
-    if (r <= 0) return false;
-    b += r;
-    n -= static_cast<size_t>(r);
+    const ssize_t r = ::recv(fd, b, n, 0);
+    if (r > 0) {
+      b += r;
+      n -= static_cast<size_t>(r);
+      continue;
+    }
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (spun++ < 200) continue;
+      pollfd pfd{fd, POLLIN, 0};
+      ::poll(&pfd, 1, 1000);
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    return false;
   }
   return true;
+}
+
+void make_non_blocking(int fd) {
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
 }
 
 // The anchor: a Unix-socket server that answers each `request_bytes` with `reply_bytes`.
@@ -82,6 +104,7 @@ class EchoServer {
         const int fd = ::accept(listen_fd_, nullptr, nullptr);
         if (fd < 0) return;
         workers_.emplace_back([this, fd] {
+          make_non_blocking(fd);
           std::vector<uint8_t> in(request_), out(reply_);
           while (read_all(fd, in.data(), in.size()) && write_all(fd, out.data(), out.size())) {
           }
@@ -103,6 +126,7 @@ class EchoServer {
     addr.sun_family = AF_UNIX;
     std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path_.c_str());
     if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return -1;
+    make_non_blocking(fd);
     return fd;
   }
 

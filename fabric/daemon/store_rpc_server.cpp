@@ -149,7 +149,11 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void read_header() {
-    const size_t got = read_ready(header_.data(), header_.size());
+    // An engine often sends its next request within microseconds of a reply: look again a few
+    // times before waiting on epoll, whose wake-up costs tens of microseconds on an idle CPU.
+    size_t got = read_ready(header_.data(), header_.size());
+    for (int spin = 0; got == 0 && spin < kSpinReads; ++spin)
+      got = read_ready(header_.data(), header_.size());
     if (got == header_.size()) return on_header({});
     asio::async_read(socket_, asio::buffer(header_.data() + got, header_.size() - got),
                      [self = shared_from_this()](error_code ec, size_t) {
@@ -356,6 +360,7 @@ class Session : public std::enable_shared_from_this<Session> {
   uint64_t frames_ = 0;
   std::array<uint8_t, rpc::kHeaderBytes> header_{};
   static constexpr int kMaxInlineDepth = 16;
+  static constexpr int kSpinReads = 100;
   int inline_depth_ = 0;  // requests served back to back without returning to the io_context
   rpc::FrameHeader current_{};
   std::vector<uint8_t> payload_;
