@@ -1,44 +1,23 @@
 #!/usr/bin/env bash
-# Two "hosts" in network namespaces joined by a veth pair (10.77.0.1/24 <-> 10.77.0.2/24): the
-# kvfabric-perf server runs in one, the client in the other, over UCX tcp on the veth only.
+# Two "hosts" in network namespaces on a bridge of their own (10.77.1.1/24, 10.77.1.2/24; made by
+# tests/netns/lib.sh): the kvfabric-perf server runs in one, the client in the other, over UCX tcp
+# on their interface only.
 # Asserts: a shuffled, verified layers run (32 x 64 blocks x 2 x 16 KiB, 2 requests) exits 0 and the
-# server prints "every byte verified (N)" for the whole request, with the peer seen at 10.77.0.2;
-# a bw run at 1M (--json) exits 0 with gbps > 0. The namespaces (and with them the veth) are
+# server prints "every byte verified (N)" for the whole request, with the peer seen at 10.77.1.2;
+# a bw run at 1M (--json) exits 0 with gbps > 0. The namespaces (and with them the veths) are
 # always deleted at exit. Skips (77) when namespaces cannot be made here.
 # No traffic goes anywhere but these two namespace addresses.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../integration/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 kvf_init stream_veth 180
 
-command -v ip >/dev/null || kvf_skip "iproute2's ip is not installed"
-((EUID == 0)) || kvf_skip "network namespaces need root (running as uid $EUID)"
-
-NS_A=kvf-a-$$
-NS_B=kvf-b-$$
-ADDR_A=10.77.0.1
-ADDR_B=10.77.0.2
-DEV=kvf0  # the veth's name inside each namespace (the pair is created under unique names)
-
-kvf_on_exit 'ip netns del "$NS_A" 2>/dev/null; ip netns del "$NS_B" 2>/dev/null; ip link del "kvfva$$" 2>/dev/null'
-if ! err=$(ip netns add "$NS_A" 2>&1); then
-  kvf_skip "cannot create a network namespace: $err"
-fi
-ip netns add "$NS_B" || kvf_die "ip netns add $NS_B failed"
-if ! err=$(ip link add "kvfva$$" type veth peer name "kvfvb$$" 2>&1); then
-  kvf_skip "cannot create a veth pair: $err"
-fi
-setup() {
-  ip link set "kvfva$$" netns "$NS_A" &&
-    ip link set "kvfvb$$" netns "$NS_B" &&
-    ip -n "$NS_A" link set "kvfva$$" name $DEV &&
-    ip -n "$NS_B" link set "kvfvb$$" name $DEV &&
-    ip -n "$NS_A" addr add $ADDR_A/24 dev $DEV &&
-    ip -n "$NS_B" addr add $ADDR_B/24 dev $DEV &&
-    ip -n "$NS_A" link set lo up && ip -n "$NS_B" link set lo up &&
-    ip -n "$NS_A" link set $DEV up && ip -n "$NS_B" link set $DEV up
-}
-setup || kvf_die "could not configure the veth pair between $NS_A and $NS_B"
-kvf_log "namespaces $NS_A ($ADDR_A) and $NS_B ($ADDR_B) joined by a veth"
+kvf_on_exit 'kvf_netns_teardown'
+kvf_netns_cluster 2 || kvf_skip "$KVF_NETNS_ERROR"
+NS_A=${KVF_NS[1]} NS_B=${KVF_NS[2]}
+ADDR_A=${KVF_NS_ADDR[1]} ADDR_B=${KVF_NS_ADDR[2]}
+DEV=kvf0  # each host's interface on the bridge (tests/netns/lib.sh)
+kvf_log "namespaces $NS_A ($ADDR_A) and $NS_B ($ADDR_B) on a bridge of their own"
 
 # The link works before anything else is blamed on kvfabric.
 if command -v ping >/dev/null; then
