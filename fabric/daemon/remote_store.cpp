@@ -470,6 +470,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
   struct Entry {
     protocol::ChunkKey key;
     uint64_t offset, length, checksum, lease;
+    bool landing = false;  // room reserved here: it comes over the link
   };
   std::vector<Entry> entries;
   for (const auto& e : g["entries"]) {
@@ -510,7 +511,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
   };
   std::vector<Landing> landings;
   std::vector<fabric::GetOp> gets;
-  for (const Entry& e : entries) {
+  for (Entry& e : entries) {
     auto r = store_.reserve(e.key, e.length, client);
     if (!r.ok()) {
       if (r.status().code() == ErrorCode::kAborted) {  // stored here already (or being stored)
@@ -525,6 +526,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
     std::span<uint8_t> dst = store_.bytes(r.value());
     gets.push_back(fabric::GetOp{dst.data(), &store_.arena(), link.region, e.offset, e.length});
     landings.push_back(Landing{&e, r.value()});
+    e.landing = true;
   }
 
   // Checks each landed entry against the holder's checksum and commits it; a mismatch is never
@@ -617,9 +619,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
     // The holder released what it pushed; what is left are the entries this node had already.
     std::vector<uint64_t> left;
     for (const Entry& e : entries) {
-      bool landed = false;
-      for (const Landing& l : landings) landed = landed || l.entry == &e;
-      if (!landed) left.push_back(e.lease);
+      if (!e.landing) left.push_back(e.lease);
     }
     leases = std::move(left);
   } else if (!gets.empty()) {
