@@ -9,11 +9,15 @@
 #include <future>
 #include <map>
 #include <optional>
+#include <random>
+#include <thread>
 #include <unordered_map>
 
 #include <spdlog/spdlog.h>
 #include <xxhash.h>
 
+#include "cuda_staging_receiver.h"
+#include "cuda_staging_wire.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/paged_copy.h"
 #include "kvf/gpudirect/segment_copier.h"
@@ -100,22 +104,45 @@ class CudaIpcTransport::Impl {
     address_.insert(address_.end(), boot.begin(), boot.end());
     auto ucx = inner_->address();
     address_.insert(address_.end(), ucx.begin(), ucx.end());
+    receiver_ = std::make_unique<StagingReceiver>(
+        options_.device, *copier_,
+        [this](const gpudirect::CudaStream& stream, std::function<void(const Status&)> done) {
+          enqueue_events({&stream}, std::move(done));
+        },
+        options_.staging_receive_limit);
+    inner_->set_notification_handler([this](std::span<const uint8_t> bytes) { on_notification(bytes); });
+    inner_->set_peer_failure_handler([this](PeerId peer, const Status& s) { on_peer_failure(peer, s); });
   }
 
   ~Impl() {
+    for (std::thread& t : connectors_) t.join();
     // Nothing may still write through a mapping that is about to be closed.
     call<int>([this] {
       synchronize_all();
       report_trace();
-      complete_all(Status(ErrorCode::kAborted, "transport shut down"));
+      const Status down(ErrorCode::kAborted, "transport shut down");
+      for (auto& [peer, lane] : lanes_) fail_lane(*lane, down);
+      complete_all(down);
       regions_.clear();
       peers_.clear();
       events_.clear();
       lanes_.clear();
+      receiver_.reset();
       free_events_.clear();
+      user_notification_handler_ = nullptr;
+      user_failure_handler_ = nullptr;
       return 0;
     });
     inner_.reset();
+  }
+
+  void set_notification_handler(NotificationHandler handler) {
+    inner_->post(
+        [this, handler = std::move(handler)]() mutable { user_notification_handler_ = std::move(handler); });
+  }
+  void set_peer_failure_handler(PeerFailureHandler handler) {
+    inner_->post(
+        [this, handler = std::move(handler)]() mutable { user_failure_handler_ = std::move(handler); });
   }
 
   const std::vector<uint8_t>& address() const { return address_; }
@@ -164,13 +191,11 @@ class CudaIpcTransport::Impl {
       // CUDA IPC blob; one mapping per allocation serves every region cut from it.
       uint64_t exported_base = get_u64(region.cuda_ipc.data());
       std::vector<uint8_t> blob(region.cuda_ipc.begin() + 8, region.cuda_ipc.end());
-      // Staged puts scatter on the GPU that holds the region, so it is mapped there; direct puts
-      // write from this GPU, so it is mapped here. One mapping per allocation either way.
-      const int staged_device = staging_device_for(blob);
-      const int map_on = staged_device >= 0 ? staged_device : options_.device;
+      // Direct puts write from this GPU, so the allocation is mapped here, once. (Staged puts
+      // name the receiver's own addresses; the mapping checks the region lies inside it.)
       std::shared_ptr<gpudirect::CudaIpcMapping>& mapping = p->second.mappings[blob];
       if (!mapping) {
-        auto opened = gpudirect::CudaIpcMapping::open(blob, map_on);
+        auto opened = gpudirect::CudaIpcMapping::open(blob, options_.device);
         if (!opened.ok()) {
           p->second.mappings.erase(blob);
           return Status(opened.status().code(), "mapping the peer's GPU region " +
@@ -186,13 +211,7 @@ class CudaIpcTransport::Impl {
       }
       RemoteRegionId mine = next_region_++;
       uint8_t* base = static_cast<uint8_t*>(mapping->data()) + (region.base_address - exported_base);
-      regions_[mine] = Region{peer,
-                              true,
-                              base,
-                              region.length,
-                              0,
-                              mapping,
-                              mapping->local_device() != options_.device ? mapping->local_device() : -1};
+      regions_[mine] = Region{peer, true, base, region.length, 0, mapping, region.base_address};
       return mine;
     });
   }
@@ -205,6 +224,10 @@ class CudaIpcTransport::Impl {
         it = it->second.peer == peer ? regions_.erase(it) : std::next(it);
       }
       peers_.erase(peer);
+      if (auto lane = lanes_.find(peer); lane != lanes_.end()) {
+        fail_lane(*lane->second, Status(ErrorCode::kAborted, "disconnected"));
+        lanes_.erase(lane);
+      }
       return 0;
     });
     inner_->disconnect(peer);
@@ -225,6 +248,23 @@ class CudaIpcTransport::Impl {
       }
       bool host_puts = p->second.host_puts_since_flush > 0;
       p->second.host_puts_since_flush = 0;
+      // Staged puts are complete when the receiver has answered for them (they finish in order).
+      if (auto lane = lanes_.find(peer);
+          lane != lanes_.end() && lane->second->completed < lane->second->submitted) {
+        done = [this, peer, target = lane->second->submitted,
+                done = std::move(done)](const Status& s) mutable {
+          auto l = lanes_.find(peer);
+          if (s.ok() && l == lanes_.end()) {
+            if (done) done(Status(ErrorCode::kAborted, "disconnected before its staged puts finished"));
+            return;
+          }
+          if (!s.ok() || l->second->completed >= target) {
+            if (done) done(s);
+            return;
+          }
+          l->second->flushes.emplace_back(target, std::move(done));
+        };
+      }
       // Everything before this point on every stream is finished when these events are.
       enqueue_events(all_streams(), [this, peer, host_puts, done = std::move(done)](const Status& s) mutable {
         if (!s.ok() || !host_puts) {
@@ -257,133 +297,412 @@ class CudaIpcTransport::Impl {
     uint64_t length = 0;
     RemoteRegionId inner = 0;  // host regions: the id on the inner transport
     std::shared_ptr<gpudirect::CudaIpcMapping> mapping;
-    int staged_device = -1;  // >= 0: mapped on that (peer) GPU, puts into it are staged
+    uint64_t peer_address = 0;  // the peer's own address of the region's first byte
   };
   struct PendingEvent {
     std::vector<gpudirect::CudaEvent> events;  // all must have fired
     std::function<void(const Status&)> done;
   };
-  // The staging of puts into one peer GPU's regions (see the header): two slots of
-  // options_.staging_bytes on this GPU and on the peer's, a copy-engine stream here, and a stream
-  // and copier on the peer's GPU for the scatter. A slot is reused only after the scatter that
-  // read it (`scattered`), which the next gather into it waits for on the GPU.
-  struct StagedLane {
-    int device = -1;
-    gpudirect::DeviceBuffer here;
-    gpudirect::DeviceBuffer there;
-    gpudirect::CudaStream copy_stream;
-    gpudirect::CudaStream scatter_stream;
-    std::unique_ptr<gpudirect::SegmentCopier> scatter;
-    std::vector<gpudirect::CudaEvent> gathered = {}, copied = {}, scattered = {};
-    std::vector<bool> used = {};
-    uint32_t next_slot = 0;
-    std::vector<gpudirect::CopySegment> gathers = {}, scatters = {};
+  // Sender side of staged puts to one peer (see the header). A put is cut into chunks of at most
+  // one slot; a chunk takes a free slot on the receiver, is gathered into one of this GPU's two
+  // local slots on gather_stream, copied by the copy engines into the receiver's slot on
+  // copy_stream (events chain the two, so the host never waits), and once the copy has finished
+  // the receiver is told to scatter it. Its answer frees the slot and completes the chunk. Puts
+  // complete in order, because the receiver scatters one sender's chunks in order on one stream.
+  struct StagedPut {
+    std::vector<PutOp> ops;  // kept until the offer decides between staging and direct copies
+    void* wait_event = nullptr;
+    Completion done;
+    uint32_t chunks_left = 0;
+    Status status = Status::Ok();
   };
-  static constexpr uint32_t kStagingSlots = 2;
+  struct StagedChunk {
+    std::shared_ptr<StagedPut> put;
+    bool first_of_put = false;
+    std::vector<gpudirect::CopySegment> gathers;  // dst: the offset inside the slot
+    std::vector<staging::ScatterPiece> pieces;
+    uint64_t bytes = 0;
+  };
+  struct StagedLane {
+    enum class State { kRequested, kReady, kDirect } state = State::kRequested;
+    uint64_t token = 0;  // names this lane in the staging messages
+    gpudirect::DeviceBuffer here;
+    gpudirect::CudaStream gather_stream;
+    gpudirect::CudaStream copy_stream;
+    std::vector<gpudirect::CudaEvent> gathered, copied;  // per local slot
+    std::vector<bool> local_used;
+    uint32_t next_local = 0;
+    std::unique_ptr<gpudirect::CudaIpcMapping> remote;  // the receiver's slots, mapped here
+    uint32_t remote_slots = 0;
+    uint64_t slot_bytes = 0;
+    std::deque<uint32_t> free_remote;
+    std::deque<std::shared_ptr<StagedPut>> unoffered;          // puts made before the offer came
+    std::deque<StagedChunk> waiting;                           // chunks waiting for a receiver slot
+    std::map<uint64_t, std::shared_ptr<StagedPut>> in_flight;  // by batch
+    uint64_t next_batch = 1;
+    uint64_t submitted = 0, completed = 0;                 // staged puts
+    std::vector<std::pair<uint64_t, Completion>> flushes;  // run when completed >= first
+  };
+  static constexpr uint32_t kLocalSlots = 2;
 
-  // The peer GPU to stage through for memory exported in `blob`, or -1 for direct copies.
-  int staging_device_for(std::span<const uint8_t> blob) const {
-    if (options_.copy != CudaCopyMethod::kStaged) return -1;
-    auto holder = gpudirect::device_holding(blob);
-    if (!holder.ok() || holder.value() < 0 || holder.value() == options_.device) return -1;
-    return holder.value();
-  }
-
-  Result<StagedLane*> lane_for(int device) {
-    auto it = lanes_.find(device);
+  // The lane to `peer`, made (and staging asked for) on first use; null when it cannot be made,
+  // in which case puts go direct.
+  StagedLane* lane_for(PeerId peer) {
+    auto it = lanes_.find(peer);
     if (it != lanes_.end()) return it->second.get();
-    // This process copies into the peer GPU's staging and runs kernels there.
-    if (Status s = gpudirect::enable_peer_access(options_.device, device); !s.ok()) return s;
-    const uint64_t bytes = options_.staging_bytes * kStagingSlots;
-    auto here = gpudirect::DeviceBuffer::allocate(options_.device, bytes);
-    if (!here.ok()) return here.status();
-    auto there = gpudirect::DeviceBuffer::allocate(device, bytes);
-    if (!there.ok()) return there.status();
+    auto lane = std::make_unique<StagedLane>();
+    lane->token = token_base_ ^ peer;
+    lane->slot_bytes = options_.staging_bytes;
+    auto here = gpudirect::DeviceBuffer::allocate(options_.device, options_.staging_bytes * kLocalSlots);
+    auto gather_stream = gpudirect::CudaStream::create(options_.device);
     auto copy_stream = gpudirect::CudaStream::create(options_.device);
-    if (!copy_stream.ok()) return copy_stream.status();
-    auto scatter_stream = gpudirect::CudaStream::create(device);
-    if (!scatter_stream.ok()) return scatter_stream.status();
-    auto scatter = gpudirect::SegmentCopier::create(device);
-    if (!scatter.ok()) return scatter.status();
-    auto lane = std::make_unique<StagedLane>(
-        StagedLane{device, std::move(here.value()), std::move(there.value()), std::move(copy_stream.value()),
-                   std::move(scatter_stream.value()), std::move(scatter.value())});
-    for (uint32_t i = 0; i < kStagingSlots; ++i) {
+    Status made = !here.ok()            ? here.status()
+                  : !gather_stream.ok() ? gather_stream.status()
+                  : !copy_stream.ok()   ? copy_stream.status()
+                                        : Status::Ok();
+    for (uint32_t i = 0; made.ok() && i < kLocalSlots; ++i) {
       auto g = gpudirect::CudaEvent::create(options_.device);
       auto c = gpudirect::CudaEvent::create(options_.device);
-      auto d = gpudirect::CudaEvent::create(device);
-      if (!g.ok()) return g.status();
-      if (!c.ok()) return c.status();
-      if (!d.ok()) return d.status();
+      if (!g.ok() || !c.ok()) {
+        made = !g.ok() ? g.status() : c.status();
+        break;
+      }
       lane->gathered.push_back(std::move(g.value()));
       lane->copied.push_back(std::move(c.value()));
-      lane->scattered.push_back(std::move(d.value()));
-      lane->used.push_back(false);
+      lane->local_used.push_back(false);
     }
-    spdlog::info(
-        "cuda_ipc: staging puts into GPU {} through {} MiB slots (gather on GPU {}, copy engines, "
-        "scatter on GPU {})",
-        device, options_.staging_bytes >> 20, options_.device, device);
-    return lanes_.emplace(device, std::move(lane)).first->second.get();
+    if (!made.ok()) {
+      spdlog::warn("cuda_ipc: cannot stage puts to peer {} ({}); copying directly", peer, made.to_string());
+      lane->state = StagedLane::State::kDirect;
+      return lanes_.emplace(peer, std::move(lane)).first->second.get();
+    }
+    lane->here = std::move(here.value());
+    lane->gather_stream = std::move(gather_stream.value());
+    lane->copy_stream = std::move(copy_stream.value());
+    const uint64_t token = lane->token;
+    StagedLane* raw = lanes_.emplace(peer, std::move(lane)).first->second.get();
+    staging::StagingRequest request{token, options_.staging_remote_slots, options_.staging_bytes,
+                                    inner_->address()};
+    inner_->notify(peer, staging::encode(request), [this, peer, token](const Status& s) {
+      if (!s.ok()) staging_refused(peer, token, s);
+    });
+    // A receiver that never answers (an older build ignores the request) must not hold puts.
+    inner_->post_after(kOfferTimeout, [this, peer, token] {
+      staging_refused(peer, token,
+                      Status(ErrorCode::kTimeout,
+                             "no staging offer within " + std::to_string(kOfferTimeout.count()) + " s"));
+    });
+    return raw;
   }
 
-  // One staging slot's worth: gather on `stream`, copy, scatter on the lane's stream.
-  Status stage_slot(StagedLane& lane, const gpudirect::CudaStream& stream, uint32_t slot, uint64_t bytes) {
-    if (lane.used[slot]) {
-      if (Status s = stream.wait_event(lane.scattered[slot].handle()); !s.ok()) return s;
+  StagedLane* lane_by_token(uint64_t token, PeerId* peer_out) {
+    const PeerId peer = static_cast<PeerId>(token ^ token_base_);
+    auto it = lanes_.find(peer);
+    if ((token ^ token_base_) >> 32 != 0 || it == lanes_.end() || it->second->token != token) return nullptr;
+    if (peer_out != nullptr) *peer_out = peer;
+    return it->second.get();
+  }
+
+  // No staging from this peer: its puts go direct from now on, the held ones too.
+  void staging_refused(PeerId peer, uint64_t token, const Status& why) {
+    StagedLane* lane = lane_by_token(token, nullptr);
+    if (lane == nullptr || lane->state != StagedLane::State::kRequested) return;
+    spdlog::warn("cuda_ipc: peer {} offers no staging ({}); copying directly", peer, why.to_string());
+    lane->state = StagedLane::State::kDirect;
+    auto held = std::move(lane->unoffered);
+    for (auto& put : held) start_put(peer, std::move(put->ops), put->wait_event, std::move(put->done));
+  }
+
+  void staging_offered(const staging::StagingOffer& offer) {
+    PeerId peer = 0;
+    StagedLane* lane = lane_by_token(offer.sender, &peer);
+    if (lane == nullptr || lane->state != StagedLane::State::kRequested) return;
+    if (offer.error != 0) {
+      return staging_refused(
+          peer, offer.sender,
+          Status(static_cast<ErrorCode>(offer.error), "the receiver refused: " + offer.message));
     }
-    if (Status s = copier_->copy(lane.gathers, stream.handle()); !s.ok()) return s;
-    if (Status s = lane.gathered[slot].record(stream); !s.ok()) return s;
-    if (Status s = lane.copy_stream.wait_event(lane.gathered[slot].handle()); !s.ok()) return s;
-    const uint64_t offset = uint64_t{slot} * options_.staging_bytes;
-    if (Status s = lane.copy_stream.copy_async(static_cast<uint8_t*>(lane.there.data()) + offset,
-                                               static_cast<const uint8_t*>(lane.here.data()) + offset, bytes);
+    if (offer.slot_bytes != lane->slot_bytes || offer.slots == 0) {
+      return staging_refused(peer, offer.sender,
+                             Status(ErrorCode::kMalformed, "the offer's slots are not the ones asked for"));
+    }
+    auto mapping = gpudirect::CudaIpcMapping::open(offer.cuda_ipc, options_.device);
+    if (!mapping.ok()) return staging_refused(peer, offer.sender, mapping.status());
+    if (mapping->size() < uint64_t{offer.slots} * offer.slot_bytes) {
+      return staging_refused(peer, offer.sender,
+                             Status(ErrorCode::kMalformed, "the offered staging is smaller than its slots"));
+    }
+    lane->remote = std::make_unique<gpudirect::CudaIpcMapping>(std::move(mapping.value()));
+    lane->remote_slots = offer.slots;
+    for (uint32_t i = 0; i < offer.slots; ++i) lane->free_remote.push_back(i);
+    lane->state = StagedLane::State::kReady;
+    spdlog::info("cuda_ipc: staging puts to peer {} through {} slots of {} MiB on its GPU", peer, offer.slots,
+                 offer.slot_bytes >> 20);
+    auto held = std::move(lane->unoffered);
+    for (auto& put : held) stage(peer, *lane, std::move(put));
+  }
+
+  // Cuts a put (its ops already checked and turned into segments_) into chunks and queues them.
+  void stage(PeerId peer, StagedLane& lane, std::shared_ptr<StagedPut> put) {
+    if (lane.state == StagedLane::State::kRequested) {
+      lane.unoffered.push_back(std::move(put));
+      return;
+    }
+    if (!put->ops.empty()) {  // held before the offer: make its segments now
+      if (Status s = make_segments(peer, put->ops); !s.ok()) {
+        if (put->done) put->done(s);
+        return;
+      }
+      put->ops.clear();
+    }
+    const uint64_t slot_bytes = lane.slot_bytes;
+    StagedChunk chunk{put, true, {}, {}, 0};
+    auto close_chunk = [&] {
+      ++put->chunks_left;
+      lane.waiting.push_back(std::move(chunk));
+      chunk = StagedChunk{put, false, {}, {}, 0};
+    };
+    for (size_t i = 0; i < segments_.size(); ++i) {
+      const gpudirect::CopySegment& seg = segments_[i];
+      const uint64_t peer_dst = staged_destinations_[i];
+      for (uint64_t at = 0; at < seg.bytes;) {
+        const uint64_t take = std::min(seg.bytes - at, slot_bytes - chunk.bytes);
+        chunk.gathers.push_back(gpudirect::CopySegment{seg.src + at, chunk.bytes, take});
+        if (!chunk.pieces.empty() &&
+            chunk.pieces.back().destination + chunk.pieces.back().bytes == peer_dst + at) {
+          chunk.pieces.back().bytes += take;  // adjacent destinations: one piece
+        } else {
+          chunk.pieces.push_back(staging::ScatterPiece{peer_dst + at, take});
+        }
+        chunk.bytes += take;
+        at += take;
+        if (chunk.bytes == slot_bytes) close_chunk();
+      }
+    }
+    if (chunk.bytes > 0) close_chunk();
+    ++lane.submitted;
+    pump(peer, lane);
+  }
+
+  // Launches waiting chunks while the receiver has free slots.
+  void pump(PeerId peer, StagedLane& lane) {
+    while (lane.state == StagedLane::State::kReady && !lane.waiting.empty() && !lane.free_remote.empty()) {
+      StagedChunk chunk = std::move(lane.waiting.front());
+      lane.waiting.pop_front();
+      const uint32_t remote_slot = lane.free_remote.front();
+      lane.free_remote.pop_front();
+      if (Status s = launch_chunk(peer, lane, chunk, remote_slot); !s.ok()) {
+        broken_ = Status(s.code(), "cuda_ipc staged copy failed: " + s.message());
+        spdlog::error("{}", broken_.to_string());
+        fail_lane(lane, broken_);
+        complete_all(broken_);
+        return;
+      }
+    }
+  }
+
+  Status launch_chunk(PeerId peer, StagedLane& lane, StagedChunk& chunk, uint32_t remote_slot) {
+    const uint32_t local = lane.next_local;
+    lane.next_local = (local + 1) % kLocalSlots;
+    const gpudirect::CudaStream& gather = lane.gather_stream;
+    if (chunk.first_of_put && chunk.put->wait_event != nullptr) {
+      if (Status s = gather.wait_event(chunk.put->wait_event); !s.ok()) return s;
+    }
+    if (lane.local_used[local]) {  // the copy that last read this local slot
+      if (Status s = gather.wait_event(lane.copied[local].handle()); !s.ok()) return s;
+    }
+    const uint64_t here = reinterpret_cast<uint64_t>(lane.here.data()) + local * lane.slot_bytes;
+    for (gpudirect::CopySegment& g : chunk.gathers) g.dst += here;
+    if (Status s = copier_->copy(chunk.gathers, gather.handle()); !s.ok()) return s;
+    if (Status s = lane.gathered[local].record(gather); !s.ok()) return s;
+    if (Status s = lane.copy_stream.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
+    std::optional<TracedPut> traced = begin_trace(lane.copy_stream, chunk.bytes, chunk.pieces.size(), true);
+    if (Status s = lane.copy_stream.copy_async(
+            static_cast<uint8_t*>(lane.remote->data()) + remote_slot * lane.slot_bytes,
+            reinterpret_cast<const void*>(here), chunk.bytes);
         !s.ok()) {
       return s;
     }
-    if (Status s = lane.copied[slot].record(lane.copy_stream); !s.ok()) return s;
-    if (Status s = lane.scatter_stream.wait_event(lane.copied[slot].handle()); !s.ok()) return s;
-    if (Status s = lane.scatter->copy(lane.scatters, lane.scatter_stream.handle()); !s.ok()) return s;
-    if (Status s = lane.scattered[slot].record(lane.scatter_stream); !s.ok()) return s;
-    lane.used[slot] = true;
+    if (traced) end_trace(std::move(*traced), lane.copy_stream);
+    if (Status s = lane.copied[local].record(lane.copy_stream); !s.ok()) return s;
+    lane.local_used[local] = true;
+    const uint64_t batch = lane.next_batch++;
+    lane.in_flight.emplace(batch, chunk.put);
+    staging::Scatter scatter{lane.token, batch, remote_slot, std::move(chunk.pieces)};
+    // Once the bytes are in the receiver's slot, it may place them.
+    enqueue_events(
+        {&lane.copy_stream}, [this, peer, token = lane.token, scatter = std::move(scatter)](const Status& s) {
+          if (!s.ok()) return;  // the stream failed: complete_all has already failed everything
+          inner_->notify(peer, staging::encode(scatter),
+                         [this, token, batch = scatter.batch, slot = scatter.slot](const Status& sent) {
+                           if (!sent.ok())
+                             chunk_done(staging::Scattered{
+                                 token, batch, slot, static_cast<uint32_t>(sent.code()), sent.message()});
+                         });
+        });
     return Status::Ok();
   }
 
-  // The batch (already bounds-checked into segments_, destinations as mapped on the lane's GPU)
-  // through the staging slots; `done` when the last scatter has finished.
-  Status staged_put(StagedLane& lane, const gpudirect::CudaStream& stream) {
-    const uint64_t slot_bytes = options_.staging_bytes;
-    uint64_t fill = 0;
-    uint32_t slot = lane.next_slot;
-    lane.gathers.clear();
-    lane.scatters.clear();
-    auto here = [&](uint64_t at) {
-      return reinterpret_cast<uint64_t>(lane.here.data()) + slot * slot_bytes + at;
-    };
-    auto there = [&](uint64_t at) {
-      return reinterpret_cast<uint64_t>(lane.there.data()) + slot * slot_bytes + at;
-    };
-    for (const gpudirect::CopySegment& seg : segments_) {
-      for (uint64_t done_bytes = 0; done_bytes < seg.bytes;) {
-        const uint64_t take = std::min(seg.bytes - done_bytes, slot_bytes - fill);
-        lane.gathers.push_back(gpudirect::CopySegment{seg.src + done_bytes, here(fill), take});
-        lane.scatters.push_back(gpudirect::CopySegment{there(fill), seg.dst + done_bytes, take});
-        fill += take;
-        done_bytes += take;
-        if (fill == slot_bytes) {
-          if (Status s = stage_slot(lane, stream, slot, fill); !s.ok()) return s;
-          slot = (slot + 1) % kStagingSlots;
-          fill = 0;
-          lane.gathers.clear();
-          lane.scatters.clear();
+  // The receiver's answer for one chunk (or a failure to send it the chunk).
+  void chunk_done(const staging::Scattered& answer) {
+    PeerId peer = 0;
+    StagedLane* lane = lane_by_token(answer.sender, &peer);
+    if (lane == nullptr) return;
+    auto it = lane->in_flight.find(answer.batch);
+    if (it == lane->in_flight.end() || answer.slot >= lane->remote_slots) {
+      spdlog::warn("cuda_ipc: peer {} answered for batch {} slot {}, which is not in flight", peer,
+                   answer.batch, answer.slot);
+      return;
+    }
+    std::shared_ptr<StagedPut> put = std::move(it->second);
+    lane->in_flight.erase(it);
+    lane->free_remote.push_back(answer.slot);
+    if (answer.error != 0 && put->status.ok()) {
+      put->status = Status(static_cast<ErrorCode>(answer.error),
+                           "the receiver could not place a staged put: " + answer.message);
+    }
+    if (--put->chunks_left == 0) {
+      ++lane->completed;
+      if (put->done) put->done(put->status);
+      finish_flushes(*lane);
+    }
+    pump(peer, *lane);
+  }
+
+  void finish_flushes(StagedLane& lane) {
+    auto ready = std::stable_partition(lane.flushes.begin(), lane.flushes.end(),
+                                       [&](const auto& f) { return f.first > lane.completed; });
+    std::vector<std::pair<uint64_t, Completion>> run(std::make_move_iterator(ready),
+                                                     std::make_move_iterator(lane.flushes.end()));
+    lane.flushes.erase(ready, lane.flushes.end());
+    for (auto& f : run) {
+      if (f.second) f.second(Status::Ok());
+    }
+  }
+
+  // Completes everything the lane holds with `why`; the lane takes no more staged puts.
+  void fail_lane(StagedLane& lane, const Status& why) {
+    lane.state = StagedLane::State::kDirect;
+    std::vector<std::shared_ptr<StagedPut>> puts;
+    for (auto& p : lane.unoffered) puts.push_back(p);
+    for (auto& c : lane.waiting) puts.push_back(c.put);
+    for (auto& [batch, p] : lane.in_flight) puts.push_back(p);
+    lane.unoffered.clear();
+    lane.waiting.clear();
+    lane.in_flight.clear();
+    std::sort(puts.begin(), puts.end());
+    puts.erase(std::unique(puts.begin(), puts.end()), puts.end());
+    for (auto& p : puts) {
+      if (p->done) std::exchange(p->done, nullptr)(why);
+    }
+    auto flushes = std::move(lane.flushes);
+    lane.flushes.clear();
+    for (auto& f : flushes) {
+      if (f.second) f.second(why);
+    }
+  }
+
+  // Receiver side: a sender asked for staging. The answer goes over a connection back to the
+  // sender's worker, made on a helper thread (connect blocks until this thread has done it).
+  void staging_requested(staging::StagingRequest request) {
+    if (auto back = back_peers_.find(request.sender); back != back_peers_.end()) {
+      return send_offer(back->second, request);
+    }
+    connectors_.emplace_back([this, request = std::move(request)]() mutable {
+      auto back = inner_->connect(request.reply_address, ConnectOptions{true});
+      inner_->post([this, back, request = std::move(request)] {
+        if (!back.ok()) {
+          spdlog::warn("cuda_ipc: cannot answer sender {:016x}'s staging request: {}", request.sender,
+                       back.status().to_string());
+          return;
         }
+        back_peers_[request.sender] = back.value();
+        back_senders_[back.value()] = request.sender;
+        send_offer(back.value(), request);
+      });
+    });
+  }
+
+  void send_offer(PeerId back, const staging::StagingRequest& request) {
+    if (!receiver_) return;
+    inner_->notify(back, staging::encode(receiver_->offer(request)), nullptr);
+  }
+
+  void scatter_requested(const staging::Scatter& scatter) {
+    auto back = back_peers_.find(scatter.sender);
+    if (back == back_peers_.end() || !receiver_) {
+      spdlog::warn("cuda_ipc: scatter from sender {:016x}, which asked for no staging", scatter.sender);
+      return;
+    }
+    receiver_->scatter(scatter, [this, to = back->second](staging::Scattered answer) {
+      if (answer.error != 0) spdlog::warn("cuda_ipc: refused a staged put: {}", answer.message);
+      inner_->notify(to, staging::encode(answer), nullptr);
+    });
+  }
+
+  void on_notification(std::span<const uint8_t> bytes) {
+    if (!staging::is_staging_message(bytes)) {
+      if (user_notification_handler_) user_notification_handler_(bytes);
+      return;
+    }
+    auto message = staging::decode(bytes);
+    if (!message.ok()) {
+      spdlog::warn("cuda_ipc: dropped a staging message: {}", message.status().to_string());
+      return;
+    }
+    std::visit(
+        [this](auto& m) {
+          using T = std::decay_t<decltype(m)>;
+          if constexpr (std::is_same_v<T, staging::StagingRequest>) {
+            staging_requested(std::move(m));
+          } else if constexpr (std::is_same_v<T, staging::StagingOffer>) {
+            staging_offered(m);
+          } else if constexpr (std::is_same_v<T, staging::Scatter>) {
+            scatter_requested(m);
+          } else {
+            chunk_done(m);
+          }
+        },
+        message.value());
+  }
+
+  void on_peer_failure(PeerId peer, const Status& why) {
+    if (auto back = back_senders_.find(peer); back != back_senders_.end()) {
+      // A sender we staged for is gone: its slots go (its connection was ours, not the user's).
+      if (receiver_) receiver_->drop(back->second);
+      back_peers_.erase(back->second);
+      back_senders_.erase(back);
+      return;
+    }
+    if (auto lane = lanes_.find(peer); lane != lanes_.end()) {
+      (void)lane->second->copy_stream.synchronize();
+      fail_lane(*lane->second, Status(ErrorCode::kPeerLost, "peer lost: " + why.message()));
+    }
+    if (user_failure_handler_) user_failure_handler_(peer, why);
+  }
+
+  // segments_ (and, for staging, staged_destinations_: the peer's own address of each) for a
+  // batch into the peer's GPU regions, bounds-checked.
+  Status make_segments(PeerId peer, const std::vector<PutOp>& ops) {
+    segments_.clear();
+    staged_destinations_.clear();
+    segments_.reserve(ops.size());
+    for (const PutOp& op : ops) {
+      auto r = regions_.find(op.remote);
+      if (r == regions_.end() || r->second.peer != peer || !r->second.cuda) {
+        return Status(ErrorCode::kInvalidArgument, "a put batch mixes GPU and host regions");
       }
+      if (op.remote_offset > r->second.length || op.length > r->second.length - op.remote_offset) {
+        return Status(ErrorCode::kInvalidArgument,
+                      "put of " + std::to_string(op.length) + " bytes at offset " +
+                          std::to_string(op.remote_offset) + " overruns the peer's region of " +
+                          std::to_string(r->second.length) + " bytes");
+      }
+      segments_.push_back(
+          gpudirect::CopySegment{reinterpret_cast<uint64_t>(op.local),
+                                 reinterpret_cast<uint64_t>(r->second.mapped + op.remote_offset), op.length});
+      staged_destinations_.push_back(r->second.peer_address + op.remote_offset);
     }
-    if (fill > 0) {
-      if (Status s = stage_slot(lane, stream, slot, fill); !s.ok()) return s;
-      slot = (slot + 1) % kStagingSlots;
-    }
-    lane.next_slot = slot;
     return Status::Ok();
   }
 
@@ -422,47 +741,22 @@ class CudaIpcTransport::Impl {
       }
       return;
     }
-    const int staged_device = first->second.staged_device;
-    segments_.clear();
-    segments_.reserve(ops.size());
-    for (const PutOp& op : ops) {
-      auto r = regions_.find(op.remote);
-      if (r == regions_.end() || r->second.peer != peer || !r->second.cuda) {
-        return fail(Status(ErrorCode::kInvalidArgument, "a put batch mixes GPU and host regions"));
+    if (Status s = make_segments(peer, ops); !s.ok()) return fail(s);
+    if (options_.copy == CudaCopyMethod::kStaged) {
+      StagedLane* lane = lane_for(peer);
+      if (lane->state != StagedLane::State::kDirect) {
+        auto put = std::make_shared<StagedPut>(StagedPut{{}, wait_event, std::move(done), 0, Status::Ok()});
+        if (lane->state == StagedLane::State::kRequested) put->ops = std::move(ops);
+        return stage(peer, *lane, std::move(put));
       }
-      if (r->second.staged_device != staged_device) {
-        return fail(Status(ErrorCode::kInvalidArgument, "a put batch spans regions on different GPUs"));
-      }
-      if (op.remote_offset > r->second.length || op.length > r->second.length - op.remote_offset) {
-        return fail(Status(ErrorCode::kInvalidArgument,
-                           "put of " + std::to_string(op.length) + " bytes at offset " +
-                               std::to_string(op.remote_offset) + " overruns the peer's region of " +
-                               std::to_string(r->second.length) + " bytes"));
-      }
-      segments_.push_back(
-          gpudirect::CopySegment{reinterpret_cast<uint64_t>(op.local),
-                                 reinterpret_cast<uint64_t>(r->second.mapped + op.remote_offset), op.length});
     }
     const gpudirect::CudaStream& stream = streams_[next_stream_];
     next_stream_ = (next_stream_ + 1) % streams_.size();
     if (wait_event != nullptr) {
       if (Status s = stream.wait_event(wait_event); !s.ok()) return fail(s);
     }
-    // Every batch into a region mapped on its own GPU is staged: copy-engine copies from here
-    // into such a mapping were measured at 37 GB/s (the driver does not take the peer path).
-    if (staged_device >= 0) {
-      auto lane = lane_for(staged_device);
-      Status launched = lane.ok() ? staged_put(*lane.value(), stream) : lane.status();
-      if (!launched.ok()) {
-        broken_ = Status(launched.code(), "cuda_ipc staged copy failed: " + launched.message());
-        spdlog::error("{}", broken_.to_string());
-        complete_all(broken_);
-        return fail(broken_);
-      }
-      enqueue_events({&lane.value()->scatter_stream}, std::move(done));
-      return;
-    }
-    std::optional<TracedPut> traced = begin_trace(stream);
+    std::optional<TracedPut> traced =
+        begin_trace(stream, gpudirect::total_bytes(segments_), segments_.size(), use_copy_engines(segments_));
     Status launched;
     if (use_copy_engines(segments_)) {
       launched = copier_->copy_with_copy_engines(segments_, stream.handle(),
@@ -524,25 +818,22 @@ class CudaIpcTransport::Impl {
       case CudaCopyMethod::kCopyEnginePerCopy:
         return true;
       case CudaCopyMethod::kAuto:
-      case CudaCopyMethod::kStaged:  // here only when the peer's GPU is not visible here: as kAuto
+      case CudaCopyMethod::kStaged:  // here only when the peer offers no staging: as kAuto
         break;
     }
     return gpudirect::total_bytes(segments) / segments.size() >= options_.copy_engine_min_extent;
   }
 
-  // Every stream work is issued on: a staged put ends on its lane's scatter stream, which waits
-  // for the lane's copy stream, which waits for the gather on one of streams_.
+  // Every stream direct puts are issued on. (Staged puts finish when the receiver answers.)
   std::vector<const gpudirect::CudaStream*> all_streams() const {
     std::vector<const gpudirect::CudaStream*> out;
     for (const auto& stream : streams_) out.push_back(&stream);
-    for (const auto& [device, lane] : lanes_) out.push_back(&lane->scatter_stream);
     return out;
   }
 
   void synchronize_all() {
-    for (const auto& lane : lanes_) {
-      (void)lane.second->copy_stream.synchronize();
-      (void)lane.second->scatter_stream.synchronize();
+    for (const auto& [peer, lane] : lanes_) {
+      if (lane->copy_stream.handle() != nullptr) (void)lane->copy_stream.synchronize();
     }
     for (const auto& stream : streams_) (void)stream.synchronize();
   }
@@ -557,12 +848,12 @@ class CudaIpcTransport::Impl {
     size_t segments = 0;
     bool copy_engines = false;
   };
-  std::optional<TracedPut> begin_trace(const gpudirect::CudaStream& stream) {
+  std::optional<TracedPut> begin_trace(const gpudirect::CudaStream& stream, uint64_t bytes, size_t segments,
+                                       bool copy_engines) {
     if (!trace_ || traced_.size() >= 65536) return std::nullopt;
     auto start = gpudirect::CudaEvent::create(options_.device, true);
     if (!start.ok() || !start->record(stream.handle()).ok()) return std::nullopt;
-    return TracedPut{std::move(start.value()), std::nullopt, gpudirect::total_bytes(segments_),
-                     segments_.size(), use_copy_engines(segments_)};
+    return TracedPut{std::move(start.value()), std::nullopt, bytes, segments, copy_engines};
   }
   void end_trace(TracedPut put, const gpudirect::CudaStream& stream) {
     auto end = gpudirect::CudaEvent::create(options_.device, true);
@@ -693,8 +984,19 @@ class CudaIpcTransport::Impl {
   RemoteRegionId next_region_ = 1;
   std::deque<PendingEvent> events_;
   std::unordered_map<int, std::vector<gpudirect::CudaEvent>> free_events_;  // by device
-  std::map<int, std::unique_ptr<StagedLane>> lanes_;                        // by peer GPU
+  std::map<PeerId, std::unique_ptr<StagedLane>> lanes_;                     // staged puts, by peer
   std::vector<gpudirect::CopySegment> segments_;
+  std::vector<uint64_t> staged_destinations_;  // the peer's address of each of segments_' destinations
+  // Names this transport's staging lanes to receivers (xor the peer id); random per process.
+  const uint64_t token_base_ = std::random_device{}() | uint64_t{std::random_device{}()} << 32;
+  static constexpr std::chrono::seconds kOfferTimeout{10};
+  // Receiver side of staging: slots offered to senders, and the connections back to them.
+  std::unique_ptr<StagingReceiver> receiver_;
+  std::unordered_map<uint64_t, PeerId> back_peers_;    // by sender token
+  std::unordered_map<PeerId, uint64_t> back_senders_;  // by back connection
+  std::vector<std::thread> connectors_;
+  NotificationHandler user_notification_handler_;
+  PeerFailureHandler user_failure_handler_;
   // Uploaded request plans (see resident_plan), keyed by a 128-bit hash of the relative extents.
   struct PlanKey {
     uint64_t low = 0, high = 0, count = 0;
@@ -777,10 +1079,10 @@ void CudaIpcTransport::notify(PeerId peer, std::span<const uint8_t> bytes, Compl
   impl_->inner().notify(peer, bytes, std::move(done));
 }
 void CudaIpcTransport::set_notification_handler(NotificationHandler handler) {
-  impl_->inner().set_notification_handler(std::move(handler));
+  impl_->set_notification_handler(std::move(handler));
 }
 void CudaIpcTransport::set_peer_failure_handler(PeerFailureHandler handler) {
-  impl_->inner().set_peer_failure_handler(std::move(handler));
+  impl_->set_peer_failure_handler(std::move(handler));
 }
 void CudaIpcTransport::post(std::function<void()> fn) {
   impl_->inner().post(std::move(fn));

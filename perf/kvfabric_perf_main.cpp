@@ -96,6 +96,16 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
                     "--staging-bytes: bad size '" + args["staging-bytes"].as<std::string>() + "'");
     }
     cuda.staging_bytes = *staging;
+    cuda.staging_remote_slots = args["staging-slots"].as<uint32_t>();
+    if (cuda.staging_remote_slots == 0 || cuda.staging_remote_slots > 64) {
+      return Status(ErrorCode::kInvalidArgument, "--staging-slots must be 1..64");
+    }
+    auto limit = perf::parse_size(args["staging-limit"].as<std::string>());
+    if (!limit) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "--staging-limit: bad size '" + args["staging-limit"].as<std::string>() + "'");
+    }
+    cuda.staging_receive_limit = *limit;
     std::string copy = args["copy"].as<std::string>();
     if (copy == "kernel") {
       cuda.copy = CudaCopyMethod::kKernel;
@@ -463,7 +473,7 @@ int main(int argc, char** argv) {
       ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
       ("transport", "ucx | cuda_ipc (same host, GPU memory; both sides)", cxxopts::value<std::string>()->default_value("ucx"))
       ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))
-      ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each) | staged (cuda_ipc: gather, one copy, scatter on the peer GPU)", cxxopts::value<std::string>()->default_value("auto"))
+      ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each) | staged (cuda_ipc: gather, one copy-engine copy into the receiver's staging, the receiver scatters)", cxxopts::value<std::string>()->default_value("auto"))
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",
        cxxopts::value<std::string>())
       ("tokens", "--compute: prompt tokens", cxxopts::value<uint32_t>()->default_value("8192"))
@@ -471,7 +481,9 @@ int main(int argc, char** argv) {
        cxxopts::value<bool>()->default_value("false"))
       ("streams", "cuda_ipc: CUDA streams the copies go round-robin over", cxxopts::value<uint32_t>()->default_value("1"))
       ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
-      ("staging-bytes", "cuda_ipc staged copies: bytes per staging slot (two per GPU)", cxxopts::value<std::string>()->default_value("64M"))
+      ("staging-bytes", "cuda_ipc staged copies: bytes per staging slot (two on the sender's GPU per peer)", cxxopts::value<std::string>()->default_value("32M"))
+      ("staging-slots", "cuda_ipc staged copies: slots the sender asks of the receiver's GPU", cxxopts::value<uint32_t>()->default_value("4"))
+      ("staging-limit", "cuda_ipc receiver: the most GPU memory all senders' staging may take", cxxopts::value<std::string>()->default_value("1G"))
       ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))
       ("json", "client: write results as JSON to FILE", cxxopts::value<std::string>())
       ("v,verbose", "log more")

@@ -422,6 +422,16 @@ Result<int> device_of(const void* p) {
   return attr->device;
 }
 
+Result<DeviceAllocation> device_allocation_of(const void* p) {
+  Result<cudaPointerAttributes> attr = device_attributes_of(p, "device_allocation_of");
+  if (!attr.ok()) return attr.status();
+  DeviceGuard guard(attr->device);
+  if (Status s = guard.status(attr->device); !s.ok()) return s;
+  Result<AllocationRange> range = allocation_of(p);
+  if (!range.ok()) return range.status();
+  return DeviceAllocation{attr->device, range->base, range->bytes};
+}
+
 bool pointer_is_device(const void* p) {
   if (p == nullptr || cuda_availability().device_count == 0) return false;
   Result<cudaPointerAttributes> attr = attributes_of(p);

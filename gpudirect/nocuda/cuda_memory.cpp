@@ -50,6 +50,10 @@ Result<int> device_of(const void*) {
   return built_without_cuda("device_of");
 }
 
+Result<DeviceAllocation> device_allocation_of(const void*) {
+  return built_without_cuda("device_allocation_of");
+}
+
 bool pointer_is_device(const void*) {
   return false;
 }

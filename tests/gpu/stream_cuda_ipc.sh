@@ -2,8 +2,9 @@
 # Two real processes stream a paged KV request GPU to GPU over the cuda_ipc transport (CUDA IPC
 # mappings; NVLink between two GPUs, or one GPU's memory when there is only one) into shuffled,
 # poisoned receiver blocks, every byte checked by the receiver; with the copy kernel, the copy
-# engines, staged copies (also through slots smaller than a layer, so extents straddle slots) and
-# the default choice. Then the error paths: a sender on another transport is
+# engines, staged copies (the receiver scatters; also through slots smaller than a layer, so
+# extents straddle slots), staging refused by a full receiver (direct copies instead), and the
+# default choice. Then the error paths: a sender on another transport is
 # refused with a clear reason and the receiver keeps serving; a receiver killed mid-stream fails
 # the sender within its timeout (nothing hangs). Skips (77) where there is no GPU.
 set -uo pipefail
@@ -32,6 +33,21 @@ for copy in kernel ce staged "staged --staging-bytes 300K" auto "kernel --reside
     kvf_check_fail "cuda_ipc stream with copy $copy failed: $(tail -3 "$(kvf_logfile "$name")")"
   fi
 done
+
+# A receiver that cannot give staging (its limit is below one sender's slots) refuses the
+# request; the sender says why and copies directly, and every byte still arrives.
+port2=$(kvf_free_port)
+kvf_start_bg srv2 "$KVF_PERF" server --listen 127.0.0.1:$port2 --transport cuda_ipc --mem cuda:$dst --staging-limit 1M
+kvf_wait_for_line srv2 'listening on ' 20 || kvf_die "second cuda_ipc server did not start: $(tail -3 "$(kvf_logfile srv2)")"
+if kvf_run client-refused 120 "$KVF_PERF" client --connect 127.0.0.1:$port2 --transport cuda_ipc \
+     --mem cuda:$src --mode layers --layers $LAYERS --blocks $BLOCKS --block-bytes $BLOCK_BYTES --shuffle \
+     --verify --iters 2 --copy staged; then
+  kvf_check_grep "$(kvf_logfile client-refused)" "offers no staging" "refused staging: the sender says it copies directly"
+  kvf_check_grep "$(kvf_logfile client-refused)" "receiver verified $total bytes" "refused staging: every byte verified"
+else
+  kvf_check_fail "staged stream against a receiver without staging room failed: $(tail -3 "$(kvf_logfile client-refused)")"
+fi
+kill -TERM "$(kvf_pid srv2)" 2>/dev/null; kvf_forget srv2
 
 # Large unshuffled extents: the default sends them straight to the peer's memory on the copy
 # engines.

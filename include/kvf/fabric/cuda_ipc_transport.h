@@ -1,20 +1,22 @@
 // CudaIpcTransport: the Transport between processes of one host whose KV lives in GPU memory.
 // Bytes move GPU to GPU through CUDA IPC mappings of the peer's regions, by default straight into
 // the peer's blocks: one batched copy kernel per put batch (SM peer writes) for many small
-// extents, or the copy engines for large ones (the cost model below). With kStaged, where this
-// process can see the peer's GPU, a put batch is staged instead: a kernel gathers its extents on
-// this GPU into a contiguous buffer, the copy engines move that buffer over NVLink in one copy,
-// and a kernel this process launches on the peer's GPU scatters it into the peer's blocks there;
-// the three are chained by CUDA events, so no host round trip sits between them and the peer
-// process does nothing. In one process this reached 0.945x the raw link on the Llama-3-8B request
-// (kvfabric-gpu-kernel-sweep); between two processes it measured 0.75x, so it is opt-in until
-// that gap is understood (perf/RESULTS.md). Notifications, peer liveness and regions in
-// host memory go over an inner UcxTransport (shared memory or tcp), so notifications sent from a
+// extents, or the copy engines for large ones (the cost model below). With kStaged a put batch is
+// staged instead, and the receiver places it: a kernel gathers the extents on this GPU into a
+// contiguous slot, the copy engines move the slot over NVLink into a slot the receiver allocated
+// on its GPU and exported, and the receiver's transport scatters it into its blocks with one
+// kernel in its own CUDA context, then answers. So the link carries one large copy-engine copy per
+// layer (SM peer writes reach only ~0.8x of the link) and no process launches work on another
+// process's GPU (without MPS that time-slices the two contexts). Staging is set up on the first
+// staged put to a peer (request, offer: the receiver->sender reply path), at most
+// `staging_receive_limit` bytes per receiver; a receiver that cannot offer slots makes the sender
+// fall back to direct copies, with a warning. Notifications, peer liveness and regions in host
+// memory go over an inner UcxTransport (shared memory or tcp), so notifications sent from a
 // flush's completion still land behind the data.
 //
 // Threads: as Transport (any thread calls; completions, timers and handlers on the inner UCX
-// transport's progress thread). All CUDA work is issued from that thread on one non-blocking
-// stream of `device`; flush completions come from CUDA events polled there.
+// transport's progress thread). All CUDA work is issued from that thread on non-blocking streams
+// of `device`; completions come from CUDA events polled there.
 #pragma once
 
 #include <chrono>
@@ -31,15 +33,19 @@ enum class CudaCopyMethod : uint8_t {
   kKernel,             // one batched copy kernel per put batch (SMs do the peer writes)
   kCopyEngine,         // the copy engines, one batched call (no SMs used: compute keeps the whole GPU)
   kCopyEnginePerCopy,  // the copy engines, one cudaMemcpyAsync per extent
-  kStaged,             // gather here -> one copy-engine copy -> scatter on the peer's GPU (see above)
+  kStaged,             // gather here -> one copy-engine copy -> the receiver scatters (see above)
 };
 
 struct CudaIpcTransportOptions {
   int device = 0;  // the GPU whose memory this process sends from and receives into
   CudaCopyMethod copy = CudaCopyMethod::kAuto;
-  // Staged copies: bytes per staging slot. Two slots on this GPU and two on each peer GPU a put
-  // went to, allocated on first use; larger batches go through them in pieces.
-  uint64_t staging_bytes = 64ull << 20;
+  // Staged copies: bytes per staging slot (a Llama-3-8B layer of 8192 tokens is 32 MiB). Two slots
+  // on this GPU per peer and `staging_remote_slots` on the receiver's, allocated on the first staged
+  // put; larger batches go through them in pieces.
+  uint64_t staging_bytes = 32ull << 20;
+  uint32_t staging_remote_slots = 4;
+  // As a receiver: the most GPU memory all senders' staging slots may take together.
+  uint64_t staging_receive_limit = 1ull << 30;
   // kAuto: batches whose mean extent is at least this many bytes go to the copy engines. A copy
   // engine op costs a few microseconds to start, so for 32 KiB extents the kernel wins; for
   // megabytes the engines reach the link rate without taking SMs from the engine's compute.

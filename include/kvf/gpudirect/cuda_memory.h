@@ -22,6 +22,7 @@ namespace kvf::gpudirect {
 class DeviceBuffer {
  public:
   static Result<DeviceBuffer> allocate(int device, uint64_t bytes);
+  DeviceBuffer() = default;  // empty: holds nothing
 
   DeviceBuffer(DeviceBuffer&& o) noexcept
       : data_(std::exchange(o.data_, nullptr)), bytes_(std::exchange(o.bytes_, 0)), device_(o.device_) {}
@@ -226,6 +227,16 @@ Result<int> device_of(const void* p);
 // also when there is no CUDA.
 bool pointer_is_device(const void* p);
 
+// The cudaMalloc'd allocation `p` points into: its GPU, first byte and size (cuMemGetAddressRange).
+// kInvalidArgument for host, managed or unknown memory. For a receiver checking that addresses a
+// peer names lie inside its own device memory before it writes there.
+struct DeviceAllocation {
+  int device = -1;
+  uintptr_t base = 0;
+  uint64_t bytes = 0;
+};
+Result<DeviceAllocation> device_allocation_of(const void* p);
+
 // Lets kernels and copies on `from` reach memory on `to` directly (NVLink/PCIe P2P). Idempotent:
 // access already enabled is success. kUnavailable when the two GPUs cannot reach each other.
 Status enable_peer_access(int from, int to);
@@ -241,6 +252,7 @@ Status fill_device(void* p, uint8_t value, uint64_t bytes);
 class CudaStream {
  public:
   static Result<CudaStream> create(int device);
+  CudaStream() = default;  // empty: no stream
 
   CudaStream(CudaStream&& o) noexcept : stream_(std::exchange(o.stream_, nullptr)), device_(o.device_) {}
   CudaStream& operator=(CudaStream&& o) noexcept {

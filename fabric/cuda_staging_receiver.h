@@ -1,0 +1,62 @@
+// StagingReceiver: the receiving end of the cuda_ipc transport's staged puts (kStaged). A sender
+// asks for staging; this side allocates the slots on its own GPU and exports them; the sender's
+// copy engines fill a slot over NVLink; this side then scatters the slot into its own blocks with
+// one kernel launch on its own stream, in its own CUDA context, so no other process ever runs
+// kernels on this GPU. Every destination a sender names is checked first: it must lie inside one
+// cudaMalloc'd allocation on this GPU that is not staging, or the scatter is refused with the
+// reason and nothing is written.
+//
+// Threads: the transport's progress thread only (it issues all CUDA work of the transport).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <unordered_map>
+
+#include "cuda_staging_wire.h"
+#include "kvf/gpudirect/cuda_memory.h"
+#include "kvf/gpudirect/segment_copier.h"
+
+namespace kvf::fabric {
+
+class StagingReceiver {
+ public:
+  // Calls `done` once every CUDA operation enqueued on `stream` so far has finished (or failed).
+  using WhenStreamDone =
+      std::function<void(const gpudirect::CudaStream& stream, std::function<void(const Status&)> done)>;
+
+  // `copier` (on `device`) must outlive this object. At most `max_bytes` of staging in all.
+  StagingReceiver(int device, gpudirect::SegmentCopier& copier, WhenStreamDone when_done, uint64_t max_bytes);
+  ~StagingReceiver();
+
+  // Allocates and exports slots for `request.sender` (again: the same slots are offered again).
+  // The answer carries an error instead when this GPU cannot hold them.
+  staging::StagingOffer offer(const staging::StagingRequest& request);
+  // Places a filled slot; `reply` runs once with the outcome (after the bytes are in place).
+  void scatter(const staging::Scatter& scatter, std::function<void(staging::Scattered)> reply);
+  // Forgets a sender (it disconnected or died): waits for its scatters, frees its slots.
+  void drop(uint64_t sender);
+
+ private:
+  struct Slots {
+    gpudirect::DeviceBuffer buffer;
+    gpudirect::CudaStream stream;
+    uint32_t slots = 0;
+    uint64_t slot_bytes = 0;
+  };
+  Status check_destination(uint64_t destination, uint64_t bytes);
+
+  int device_;
+  gpudirect::SegmentCopier& copier_;
+  WhenStreamDone when_done_;
+  uint64_t max_bytes_;
+  uint64_t allocated_ = 0;
+  std::unordered_map<uint64_t, std::unique_ptr<Slots>> senders_;
+  // Allocations already checked to be this GPU's device memory: base -> end.
+  std::map<uintptr_t, uintptr_t> known_allocations_;
+  std::vector<gpudirect::CopySegment> segments_;
+};
+
+}  // namespace kvf::fabric

@@ -1,0 +1,75 @@
+// The messages of the cuda_ipc transport's receiver-side staging (CudaCopyMethod::kStaged), sent
+// as notifications on the transport's inner UCX connection, both ways:
+//   sender -> receiver  StagingRequest: "stage my puts through slots on your GPU; reach me here"
+//   receiver -> sender  StagingOffer:   the slots' CUDA IPC blob (or why there are none)
+//   sender -> receiver  Scatter:        slot S now holds these bytes; place them at these addresses
+//   receiver -> sender  Scattered:      slot S is placed (and free again), or why not
+// Every message starts with a magic that no stream frame ("KVF1") has, so the transport can take
+// its own messages out of the notification stream. Decoding checks every count against the bytes
+// present before allocating, and refuses unknown types, versions and trailing bytes.
+// Value types, no threads.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "kvf/protocol/status.h"
+
+namespace kvf::fabric::staging {
+
+inline constexpr uint32_t kMagic = 0x5343564b;  // "KVCS" little-endian
+inline constexpr uint16_t kVersion = 1;
+inline constexpr uint32_t kMaxSlots = 64;
+inline constexpr uint64_t kMaxSlotBytes = 1ull << 30;
+inline constexpr uint32_t kMaxPieces = 1u << 20;
+
+struct StagingRequest {
+  uint64_t sender = 0;  // the sending transport's token: names the sender in every later message
+  uint32_t slots = 0;
+  uint64_t slot_bytes = 0;
+  std::vector<uint8_t> reply_address;  // the sender's inner UCX worker address
+};
+
+struct StagingOffer {
+  uint64_t sender = 0;
+  uint32_t slots = 0;
+  uint64_t slot_bytes = 0;
+  std::vector<uint8_t> cuda_ipc;  // the slots' CUDA IPC blob (empty when refused)
+  uint32_t error = 0;             // an ErrorCode; 0: offered
+  std::string message;
+};
+
+// One contiguous run of the slot (pieces follow each other from the slot's start) and where the
+// receiver places it: an address in the receiver's own address space.
+struct ScatterPiece {
+  uint64_t destination = 0;
+  uint64_t bytes = 0;
+};
+
+struct Scatter {
+  uint64_t sender = 0;
+  uint64_t batch = 0;  // the sender's sequence number, echoed back
+  uint32_t slot = 0;
+  std::vector<ScatterPiece> pieces;
+};
+
+struct Scattered {
+  uint64_t sender = 0;
+  uint64_t batch = 0;
+  uint32_t slot = 0;
+  uint32_t error = 0;  // an ErrorCode; 0: placed
+  std::string message;
+};
+
+using Message = std::variant<StagingRequest, StagingOffer, Scatter, Scattered>;
+
+// True when `bytes` starts with kMagic (a staging message, well-formed or not).
+bool is_staging_message(std::span<const uint8_t> bytes);
+
+std::vector<uint8_t> encode(const Message& message);
+Result<Message> decode(std::span<const uint8_t> bytes);
+
+}  // namespace kvf::fabric::staging
