@@ -27,6 +27,7 @@ struct Entry {
   ArenaBlock block;    // what the allocator gave (aligned length)
   uint64_t bytes = 0;  // what the writer asked for; the chunk's length
   uint64_t checksum = 0;
+  ChunkKey model;  // the fingerprint the key was hashed with, as the writer said
   uint64_t reservation_id = 0;
   ClientId writer = 0;
   StoreClock::time_point deadline{};  // reservations only
@@ -270,7 +271,8 @@ std::span<const uint8_t> ChunkStore::bytes(const Lease& l) const {
   return {impl_->arena.data() + l.offset, static_cast<size_t>(l.length)};
 }
 
-Result<Reservation> ChunkStore::reserve(const ChunkKey& key, uint64_t bytes, ClientId writer) {
+Result<Reservation> ChunkStore::reserve(const ChunkKey& key, uint64_t bytes, ClientId writer,
+                                        const ChunkKey& model) {
   Impl& m = *impl_;
   if (bytes == 0) return Status(ErrorCode::kInvalidArgument, "reserve of chunk " + hex(key) + ": zero bytes");
   if (bytes > m.allocator.capacity()) {
@@ -291,6 +293,7 @@ Result<Reservation> ChunkStore::reserve(const ChunkKey& key, uint64_t bytes, Cli
   Entry e;
   e.block = block.value();
   e.bytes = bytes;
+  e.model = model;
   e.reservation_id = m.next_reservation_id++;
   e.writer = writer;
   e.deadline = m.now() + m.options.reservation_timeout;
@@ -379,6 +382,27 @@ size_t ChunkStore::lookup(std::span<const ChunkKey> keys) {
   return matched;
 }
 
+std::optional<EntryInfo> ChunkStore::peek(const ChunkKey& key) const {
+  const Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  auto it = m.index.find(key);
+  if (it == m.index.end() || it->second.state != EntryState::kCommitted) return std::nullopt;
+  const Entry& e = it->second;
+  return EntryInfo{e.bytes, e.model, e.pins, e.leases};
+}
+
+EntryTotals ChunkStore::totals() const {
+  const Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  EntryTotals t;
+  for (const auto& [key, e] : m.index) {
+    if (e.state != EntryState::kCommitted) continue;
+    ++t.entries;
+    t.bytes += e.bytes;
+  }
+  return t;
+}
+
 Result<Lease> ChunkStore::acquire(const ChunkKey& key, ClientId reader) {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
@@ -395,7 +419,7 @@ Result<Lease> ChunkStore::acquire(const ChunkKey& key, ClientId reader) {
   m.leases.emplace(id, LeaseRecord{key, &e, reader, m.now() + m.options.lease_timeout});
   ++m.s.leases_granted;
   ++m.s.active_leases;
-  return Lease{id, key, e.block.offset, e.bytes, e.checksum};
+  return Lease{id, key, e.block.offset, e.bytes, e.checksum, e.model};
 }
 
 Status ChunkStore::release(uint64_t lease_id) {
@@ -479,6 +503,22 @@ ClearResult ChunkStore::clear(std::span<const ChunkKey> keys) {
     if (it->second.leases > 0) ++r.deferred;
     r.bytes += it->second.block.length;
     m.remove_visible(it, Impl::Removal::kCleared);
+    ++r.removed;
+  }
+  return r;
+}
+
+ClearResult ChunkStore::clear_model(const ChunkKey& model) {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  ClearResult r;
+  for (auto it = m.index.begin(); it != m.index.end();) {
+    auto current = it++;  // remove_visible erases or extracts only the current element
+    const Entry& e = current->second;
+    if (e.state != EntryState::kCommitted || !(e.model == model)) continue;
+    if (e.leases > 0) ++r.deferred;
+    r.bytes += e.block.length;
+    m.remove_visible(current, Impl::Removal::kCleared);
     ++r.removed;
   }
   return r;

@@ -52,8 +52,9 @@ std::unique_ptr<ChunkStore> make_store(uint64_t capacity, ManualClock* clock = n
   return std::move(store.value());
 }
 
-Status put(ChunkStore& store, const ChunkKey& k, uint64_t bytes, ClientId writer = 1) {
-  auto r = store.reserve(k, bytes, writer);
+Status put(ChunkStore& store, const ChunkKey& k, uint64_t bytes, ClientId writer = 1,
+           const ChunkKey& model = {}) {
+  auto r = store.reserve(k, bytes, writer, model);
   if (!r.ok()) return r.status();
   auto data = content(k, bytes);
   std::copy(data.begin(), data.end(), store.bytes(r.value()).begin());
@@ -389,6 +390,88 @@ TEST_CASE("clear removes entries; leased ones keep their bytes until released") 
   require_consistent(*store);
 }
 
+TEST_CASE("clear_model removes exactly one model's entries, pinned and leased ones too") {
+  auto store = make_store(64 * 1024);
+  const ChunkKey model_a{0xa, 0xa1};
+  const ChunkKey model_b{0xb, 0xb1};
+  // Interleaved so that neither model's entries sit together in the arena or the LRU order.
+  std::vector<ChunkKey> of_a, of_b, unattributed;
+  for (uint64_t i = 0; i < 12; ++i) {
+    const ChunkKey k = key(i);
+    const ChunkKey& m = i % 3 == 0 ? model_a : i % 3 == 1 ? model_b : ChunkKey{};
+    REQUIRE(put(*store, k, 1000 + i, 1, m).ok());
+    (i % 3 == 0 ? of_a : i % 3 == 1 ? of_b : unattributed).push_back(k);
+  }
+  REQUIRE(store->peek(of_a[0])->model == model_a);
+  REQUIRE(store->peek(of_b[0])->model == model_b);
+  REQUIRE(store->peek(unattributed[0])->model.is_zero());
+  REQUIRE(store->pin(of_a[1]).ok());
+  REQUIRE(store->pin(of_b[1]).ok());
+  auto lease_a = store->acquire(of_a[2], 1);
+  REQUIRE(lease_a.ok());
+  REQUIRE(lease_a->model == model_a);
+  auto lease_b = store->acquire(of_b[2], 1);
+  REQUIRE(lease_b.ok());
+  // A reservation of model a in progress is not an entry yet: clear leaves it alone.
+  auto writing = store->reserve(key(50), 1000, 1, model_a);
+  REQUIRE(writing.ok());
+
+  const auto r = store->clear_model(model_a);
+  CHECK(r.removed == of_a.size());
+  CHECK(r.deferred == 1);  // of_a[2] is leased
+  CHECK(r.bytes == of_a.size() * 1024);
+  for (const auto& k : of_a) CHECK_FALSE(store->peek(k).has_value());
+  for (const auto& k : of_b) CHECK(store->peek(k).has_value());
+  for (const auto& k : unattributed) CHECK(store->peek(k).has_value());
+  CHECK(store->peek(of_b[1])->pins == 1);
+  CHECK(store->peek(of_b[2])->leases == 1);
+  auto s = store->stats();
+  CHECK(s.entries == of_b.size() + unattributed.size());
+  CHECK(s.pinned == 1);
+  CHECK(s.detached == 1);
+  CHECK(s.cleared == of_a.size());
+  CHECK(s.reservations == 1);
+  require_consistent(*store);
+  // The leased reader of a cleared entry still reads intact bytes.
+  REQUIRE(store->verify(lease_a.value()).ok());
+  REQUIRE(store->release(lease_a->id).ok());
+
+  // The reservation commits after the clear: a later clear of the model takes it.
+  REQUIRE(store->commit(key(50), writing->id).ok());
+  CHECK(store->clear_model(ChunkKey{0xdead, 0xbeef}).removed == 0);  // a model nothing was stored under
+  const auto again = store->clear_model(model_a);
+  CHECK(again.removed == 1);
+  CHECK_FALSE(store->peek(key(50)).has_value());
+
+  // The zero fingerprint names the entries stored without a model, and only those.
+  const auto none = store->clear_model(ChunkKey{});
+  CHECK(none.removed == unattributed.size());
+  for (const auto& k : of_b) CHECK(store->peek(k).has_value());
+  const EntryTotals t = store->totals();
+  CHECK(t.entries == of_b.size());
+  uint64_t b_bytes = 0;
+  for (const auto& k : of_b) b_bytes += store->peek(k)->bytes;
+  CHECK(t.bytes == b_bytes);
+  REQUIRE(store->release(lease_b->id).ok());
+  require_consistent(*store);
+}
+
+TEST_CASE("peek and totals count nothing: no hits, misses or LRU use") {
+  auto store = make_store(4 * 1024);
+  for (uint64_t i = 0; i < 4; ++i) REQUIRE(put(*store, key(i), 1000).ok());
+  const auto before = store->stats();
+  REQUIRE(store->peek(key(0)).has_value());  // the LRU victim: a peek must not make it recent
+  REQUIRE_FALSE(store->peek(key(99)).has_value());
+  CHECK(store->totals().entries == 4);
+  CHECK(store->totals().bytes == 4000);
+  const auto after = store->stats();
+  CHECK(after.hits == before.hits);
+  CHECK(after.misses == before.misses);
+  REQUIRE(put(*store, key(10), 1000).ok());  // evicts the least recently used: key(0)
+  CHECK_FALSE(store->peek(key(0)).has_value());
+  CHECK(store->peek(key(1)).has_value());
+}
+
 TEST_CASE("drop_client frees the reservations and leases of a connection at once") {
   auto store = make_store(8 * 1024);
   REQUIRE(put(*store, key(0), 1024).ok());
@@ -421,7 +504,7 @@ TEST_CASE("stats add up after every operation of a random sequence") {
     switch (rng() % 10) {
       case 0:
       case 1: {
-        auto r = store->reserve(k, 1 + rng() % 4000, rng() % 3);
+        auto r = store->reserve(k, 1 + rng() % 4000, rng() % 3, ChunkKey{0, k.lo % 3});  // 3 models
         if (r.ok()) open.push_back(r.value());
         break;
       }
@@ -456,6 +539,14 @@ TEST_CASE("stats add up after every operation of a random sequence") {
       case 7:
         if (rng() % 20 == 0) {
           (void)store->clear_all();
+        } else if (rng() % 10 == 0) {
+          const ChunkKey model{0, rng() % 3};
+          (void)store->clear_model(model);
+          // None of that model's committed entries is left.
+          for (uint64_t i = 0; i < 64; ++i) {
+            const auto info = store->peek(key(i));
+            REQUIRE_FALSE((info && info->model == model));
+          }
         } else {
           ChunkKey one[] = {k};
           (void)store->clear(one);

@@ -2,10 +2,12 @@
 // MemoryRegion: POSIX shared memory that engine processes map, so they write and read chunks in
 // place with no copy through the daemon; or plain host memory in tests and in-process use).
 //
-//   put: reserve(key, bytes, writer) -> Reservation {offset, length}; the writer fills
+//   put: reserve(key, bytes, writer, model) -> Reservation {offset, length}; the writer fills
 //        arena[offset, +length) (memcpy or DMA) -> commit(key, id) hashes the bytes (XXH3-64) and
 //        makes the entry visible; abort(key, id) gives the space back. A reservation that is not
 //        committed within reservation_timeout (its writer died) is freed by reap_expired().
+//        `model` is the fingerprint the key was hashed with (ChunkHasher::model()); the entry keeps
+//        it so that clear_model() can remove one model's chunks (a key alone does not tell).
 //   get: lookup(keys) -> the length of the stored prefix of a key chain (no lease, no LRU touch);
 //        acquire(key, reader) -> Lease {offset, length, checksum}: until release(lease id) the
 //        entry is neither evicted nor cleared nor its bytes reused. Leases also expire after
@@ -25,6 +27,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -63,7 +66,21 @@ struct Lease {
   protocol::ChunkKey key;
   uint64_t offset = 0;
   uint64_t length = 0;
-  uint64_t checksum = 0;  // chunk_checksum of the committed bytes
+  uint64_t checksum = 0;     // chunk_checksum of the committed bytes
+  protocol::ChunkKey model;  // the fingerprint the entry was stored under (zero: none recorded)
+};
+
+// A committed entry as peek() sees it.
+struct EntryInfo {
+  uint64_t bytes = 0;  // the chunk's length
+  protocol::ChunkKey model;
+  uint32_t pins = 0;
+  uint32_t leases = 0;
+};
+
+struct EntryTotals {
+  uint64_t entries = 0;  // committed, visible
+  uint64_t bytes = 0;    // their chunk lengths (not the aligned arena blocks)
 };
 
 struct ClearResult {
@@ -91,9 +108,12 @@ class ChunkStore {
   std::span<uint8_t> bytes(const Reservation& r) const;
   std::span<const uint8_t> bytes(const Lease& l) const;
 
+  // `model`: the model fingerprint `key` was hashed with; an entry reserved without one (zero) is
+  // cleared by clear_model() only when it is asked for the zero fingerprint.
   // Errors: kInvalidArgument (zero bytes; more than the arena can ever hold), kAborted (the key is
   // stored or being stored), kOutOfMemory (full of pinned, leased and reserved entries).
-  Result<Reservation> reserve(const protocol::ChunkKey& key, uint64_t bytes, ClientId writer);
+  Result<Reservation> reserve(const protocol::ChunkKey& key, uint64_t bytes, ClientId writer,
+                              const protocol::ChunkKey& model = {});
   // Errors: kNotFound (no such reservation: aborted, expired, dropped, or never made),
   // kInvalidArgument (already committed, or a commit of it is in progress).
   Status commit(const protocol::ChunkKey& key, uint64_t reservation_id);
@@ -103,6 +123,11 @@ class ChunkStore {
   // no lease and is a peek: it does not count as use for eviction, because routers probe every
   // node for a prompt and only the node that then serves it (acquire) should keep it warm.
   size_t lookup(std::span<const protocol::ChunkKey> keys);
+  // A committed entry's length, model and holds; nullopt when not stored. Counts nothing (no hit,
+  // no miss, no use for eviction): for the control API's bookkeeping, not for readers.
+  std::optional<EntryInfo> peek(const protocol::ChunkKey& key) const;
+  // Committed, visible entries and their chunk bytes, in one pass.
+  EntryTotals totals() const;
   // Errors: kNotFound (not stored or not yet committed).
   Result<Lease> acquire(const protocol::ChunkKey& key, ClientId reader);
   // Errors: kNotFound (unknown lease, already released, or expired: the bytes may have changed).
@@ -120,6 +145,8 @@ class ChunkStore {
   // are not touched. Unknown keys are skipped.
   ClearResult clear_all();
   ClearResult clear(std::span<const protocol::ChunkKey> keys);
+  // The committed entries reserved under `model` (O(entries): it walks the index).
+  ClearResult clear_model(const protocol::ChunkKey& model);
 
   // Frees reservations and leases whose deadline is at or before `now`. The daemon calls it
   // periodically; reserve also calls it before failing with kOutOfMemory.
