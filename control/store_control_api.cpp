@@ -16,15 +16,22 @@ StoreControlApi::StoreControlApi(const fabric::Topology& topology, std::string n
       extra_metrics_(std::move(extra_metrics)),
       started_(std::chrono::steady_clock::now()) {}
 
-Result<LookupResult> StoreControlApi::lookup(const LookupRequest& request) {
-  lookups_.fetch_add(1, std::memory_order_relaxed);
-  const fabric::ModelSpec* model = topology_.find_model(request.model);
+Result<const fabric::ModelSpec*> StoreControlApi::model_named(const std::string& name) const {
+  const fabric::ModelSpec* model = topology_.find_model(name);
   if (model == nullptr) {
     std::string known;
     for (const auto& m : topology_.models) known += (known.empty() ? "" : ", ") + m.name;
-    return Status(ErrorCode::kInvalidArgument, "unknown model '" + request.model + "' (the topology has: " +
+    return Status(ErrorCode::kInvalidArgument, "unknown model '" + name + "' (the topology has: " +
                                                    (known.empty() ? "none" : known) + ")");
   }
+  return model;
+}
+
+Result<LookupResult> StoreControlApi::lookup(const LookupRequest& request) {
+  lookups_.fetch_add(1, std::memory_order_relaxed);
+  auto named = model_named(request.model);
+  if (!named.ok()) return named.status();
+  const fabric::ModelSpec* model = named.value();
   std::vector<ChunkKey> hashed;
   if (request.by_tokens()) {
     const protocol::ChunkHasher hasher(protocol::model_fingerprint(model->name, model->layout),
@@ -92,10 +99,14 @@ Result<ClearResult> StoreControlApi::clear(const ClearRequest& request) {
     case ClearRequest::Scope::kKeys:
       r = store_.clear(request.keys);
       break;
-    case ClearRequest::Scope::kModel:
-      return Status(ErrorCode::kUnavailable,
-                    "clear by model is not available yet: the store does not record which model a chunk "
-                    "belongs to; clear by keys or all");
+    case ClearRequest::Scope::kModel: {
+      // Engines record the fingerprint they hash keys with (the model's name and KV geometry) with
+      // every chunk they store; the topology's model gives the same fingerprint.
+      auto model = model_named(request.model);
+      if (!model.ok()) return model.status();
+      r = store_.clear_model(protocol::model_fingerprint(model.value()->name, model.value()->layout));
+      break;
+    }
   }
   return ClearResult{r.removed, r.bytes};
 }
@@ -107,8 +118,30 @@ Result<MoveResult> StoreControlApi::move(const MoveRequest& request) {
   return peers_.move(request);
 }
 
-Result<CompressResult> StoreControlApi::compress(const CompressRequest&) {
-  return Status(ErrorCode::kUnavailable, "compress is not available yet: the store has no codecs");
+Result<CompressResult> StoreControlApi::compress(const CompressRequest& request) {
+  if (request.codec != "identity") {
+    return Status(
+        ErrorCode::kInvalidArgument,
+        "codec '" + request.codec + "' is not built (identity only: the store has no other codecs yet)");
+  }
+  // Identity re-encodes nothing: it reports the entries it covers, each the same size after.
+  CompressResult result;
+  if (request.all) {
+    const store::EntryTotals t = store_.totals();
+    result.compressed = t.entries;
+    result.bytes_before = t.bytes;
+  } else {
+    for (const auto& key : request.keys) {
+      if (auto info = store_.peek(key)) {
+        ++result.compressed;
+        result.bytes_before += info->bytes;
+      } else {
+        result.not_found.push_back(key);
+      }
+    }
+  }
+  result.bytes_after = result.bytes_before;
+  return result;
 }
 
 HealthReport StoreControlApi::health() {

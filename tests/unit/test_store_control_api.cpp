@@ -1,6 +1,7 @@
 // StoreControlApi, the daemon's ControlApi over a real ChunkStore: a router's lookup by tokens
 // hashes them the way engines key their chunks (the topology's model fingerprint and chunk size),
-// pin/unpin/clear act on the store, stats and metrics read it, and what is not built says so.
+// pin/unpin/clear (all, keys, model) act on the store, compress covers entries with the identity
+// codec, stats and metrics read it, and what is not built says so.
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,11 +17,18 @@ using namespace kvf::control;
 
 namespace {
 
+// m2 differs from m only in its name, m3 only in its geometry: each is a model of its own.
 constexpr const char* kTopology = R"(
 cluster: c
 models:
   - name: m
     layout: {kind: flash_attention, layers: 2, kv_heads: 2, head_dim: 64, dtype: bf16, block_tokens: 16, blocks: 64}
+    chunk_tokens: 32
+  - name: m2
+    layout: {kind: flash_attention, layers: 2, kv_heads: 2, head_dim: 64, dtype: bf16, block_tokens: 16, blocks: 64}
+    chunk_tokens: 32
+  - name: m3
+    layout: {kind: flash_attention, layers: 4, kv_heads: 2, head_dim: 64, dtype: bf16, block_tokens: 16, blocks: 64}
     chunk_tokens: 32
 nodes:
   - name: n
@@ -41,13 +49,15 @@ struct Fixture {
                                             [] { return std::string("extra_metric 1\n"); });
   }
 
-  // Stores the chunks of `tokens` as an engine serving model m would key them.
-  std::vector<ChunkKey> put_prompt(const std::vector<uint32_t>& tokens) {
-    const fabric::ModelSpec& m = *topology.find_model("m");
+  // Stores the chunks of `tokens` as an engine serving `model` would: keyed and recorded with the
+  // model's fingerprint.
+  std::vector<ChunkKey> put_prompt(const std::vector<uint32_t>& tokens, const std::string& model = "m",
+                                   uint64_t bytes = 1000) {
+    const fabric::ModelSpec& m = *topology.find_model(model);
     const protocol::ChunkHasher hasher(protocol::model_fingerprint(m.name, m.layout), m.chunk_tokens);
     std::vector<ChunkKey> keys = hasher.hash(tokens);
     for (const auto& key : keys) {
-      auto r = store->reserve(key, 1000, 1);
+      auto r = store->reserve(key, bytes, 1, hasher.model());
       REQUIRE(r.ok());
       REQUIRE(store->commit(key, r->id).ok());
     }
@@ -97,7 +107,7 @@ TEST_CASE("store control api: lookup by tokens finds what engines stored under t
   auto unknown = f.api->lookup(LookupRequest{"llama", prompt(32)});
   REQUIRE_FALSE(unknown.ok());
   CHECK(unknown.status().code() == ErrorCode::kInvalidArgument);
-  CHECK(unknown.status().message().find("unknown model 'llama' (the topology has: m)") != std::string::npos);
+  CHECK(unknown.status().message() == "unknown model 'llama' (the topology has: m, m2, m3)");
   CHECK(f.api->stats()->lookups == 4);
 }
 
@@ -122,16 +132,13 @@ TEST_CASE("store control api: pin, unpin and clear act on the store") {
   REQUIRE(cleared.ok());
   CHECK(cleared->cleared == 1);
   CHECK(cleared->freed_bytes == 1024);  // 1000 bytes rounded up to the store's 256-byte alignment
-  auto by_model = f.api->clear(ClearRequest{ClearRequest::Scope::kModel, "m", {}});
-  REQUIRE_FALSE(by_model.ok());
-  CHECK(by_model.status().code() == ErrorCode::kUnavailable);
   auto all = f.api->clear(ClearRequest{});
   REQUIRE(all.ok());
   CHECK(all->cleared == 1);
   CHECK(f.store->stats().entries == 0);
 }
 
-TEST_CASE("store control api: health, stats and metrics read the store; move and compress are not built") {
+TEST_CASE("store control api: health, stats and metrics read the store; move needs peers") {
   Fixture f;
   f.put_prompt(prompt(64));
   const HealthReport health = f.api->health();
@@ -155,7 +162,98 @@ TEST_CASE("store control api: health, stats and metrics read the store; move and
   REQUIRE_FALSE(move.ok());
   CHECK(move.status().code() == ErrorCode::kUnavailable);
   CHECK(move.status().message().find("without peers") != std::string::npos);
-  auto compress = f.api->compress(CompressRequest{true, {}, "identity"});
-  REQUIRE_FALSE(compress.ok());
-  CHECK(compress.status().code() == ErrorCode::kUnavailable);
+}
+
+TEST_CASE("store control api: clear by model removes that model's entries and no other's") {
+  Fixture f;
+  // The same tokens under three models: three distinct key chains in one store.
+  const auto of_m = f.put_prompt(prompt(96), "m", 1000);
+  const auto of_m2 = f.put_prompt(prompt(96), "m2", 2000);
+  const auto of_m3 = f.put_prompt(prompt(128), "m3", 3000);
+  REQUIRE(of_m.size() == 3);
+  REQUIRE(of_m3.size() == 4);
+  for (size_t i = 0; i < of_m.size(); ++i) {
+    REQUIRE_FALSE(of_m[i] == of_m2[i]);
+    REQUIRE_FALSE(of_m[i] == of_m3[i]);
+  }
+  // An entry stored without a model (an old engine) is no model's.
+  auto r = f.store->reserve(ChunkKey{5, 5}, 100, 1);
+  REQUIRE(r.ok());
+  REQUIRE(f.store->commit(ChunkKey{5, 5}, r->id).ok());
+  REQUIRE(f.api->pin(PinRequest{{of_m[0], of_m2[0]}})->changed == 2);  // a pin does not save it from clear
+  auto lease = f.store->acquire(of_m[1], 9);  // nor does a lease: the bytes stay until released
+  REQUIRE(lease.ok());
+
+  auto cleared = f.api->clear(ClearRequest{ClearRequest::Scope::kModel, "m", {}});
+  REQUIRE(cleared.ok());
+  CHECK(cleared->cleared == 3);
+  CHECK(cleared->freed_bytes == 3 * 1024);
+  for (const auto& k : of_m) CHECK_FALSE(f.store->peek(k).has_value());
+  for (const auto& k : of_m2) CHECK(f.store->peek(k).has_value());
+  for (const auto& k : of_m3) CHECK(f.store->peek(k).has_value());
+  CHECK(f.store->peek(ChunkKey{5, 5}).has_value());
+  CHECK(f.store->stats().pinned == 1);
+  CHECK(f.store->verify(lease.value()).ok());
+  REQUIRE(f.store->release(lease->id).ok());
+  // Lookups by tokens agree: m holds nothing now, m2 all of it.
+  CHECK(f.api->lookup(LookupRequest{"m", prompt(96)})->matches.empty());
+  CHECK(f.api->lookup(LookupRequest{"m2", prompt(96)})->matches.at(0).matched_chunks == 3);
+
+  // Again: nothing left of m.
+  cleared = f.api->clear(ClearRequest{ClearRequest::Scope::kModel, "m", {}});
+  REQUIRE(cleared.ok());
+  CHECK(cleared->cleared == 0);
+  CHECK(cleared->freed_bytes == 0);
+
+  cleared = f.api->clear(ClearRequest{ClearRequest::Scope::kModel, "m3", {}});
+  REQUIRE(cleared.ok());
+  CHECK(cleared->cleared == 4);
+  CHECK(cleared->freed_bytes == 4 * 3072);
+  for (const auto& k : of_m2) CHECK(f.store->peek(k).has_value());
+  CHECK(f.store->stats().entries == 4);  // m2's three and the unattributed one
+  REQUIRE(f.store->audit().ok());
+
+  auto unknown = f.api->clear(ClearRequest{ClearRequest::Scope::kModel, "llama", {}});
+  REQUIRE_FALSE(unknown.ok());
+  CHECK(unknown.status().code() == ErrorCode::kInvalidArgument);
+  CHECK(unknown.status().message() == "unknown model 'llama' (the topology has: m, m2, m3)");
+  CHECK(f.store->stats().entries == 4);  // an unknown name clears nothing
+}
+
+TEST_CASE("store control api: compress with identity reports what it covered; other codecs are refused") {
+  Fixture f;
+  const auto keys = f.put_prompt(prompt(64), "m", 1000);   // 2 entries
+  const auto more = f.put_prompt(prompt(96), "m2", 1500);  // 3 entries
+  const ChunkKey absent{7, 7};
+  const auto before = f.store->stats();
+
+  auto all = f.api->compress(CompressRequest{true, {}, "identity"});
+  REQUIRE(all.ok());
+  CHECK(all->compressed == 5);
+  CHECK(all->bytes_before == 2 * 1000 + 3 * 1500);
+  CHECK(all->bytes_after == all->bytes_before);
+  CHECK(all->not_found.empty());
+
+  auto some = f.api->compress(CompressRequest{false, {keys[1], absent, more[0]}, "identity"});
+  REQUIRE(some.ok());
+  CHECK(some->compressed == 2);
+  CHECK(some->bytes_before == 2500);
+  CHECK(some->bytes_after == 2500);
+  CHECK(some->not_found == std::vector<ChunkKey>{absent});
+
+  // Compressing counts no lookups and changes no entry.
+  const auto after = f.store->stats();
+  CHECK(after.hits == before.hits);
+  CHECK(after.misses == before.misses);
+  CHECK(after.entries == before.entries);
+  CHECK(after.bytes_used == before.bytes_used);
+
+  for (const char* codec : {"lz4", "fp8", "", "Identity"}) {
+    auto refused = f.api->compress(CompressRequest{true, {}, codec});
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.status().code() == ErrorCode::kInvalidArgument);
+    CHECK(refused.status().message() ==
+          "codec '" + std::string(codec) +
+              "' is not built (identity only: the store has no other codecs yet)");
+  }
 }
