@@ -105,7 +105,7 @@ Result<StoreResult> StoreConnector::store(std::span<const uint32_t> tokens,
   if (Status s = check_table(block_table, chunks); !s.ok()) return s;
   StoreResult result;
   for (uint32_t c = 0; c < chunks; ++c) {
-    auto r = client_->reserve(keys[c], chunk_bytes());
+    auto r = client_->reserve(keys[c], chunk_bytes(), hasher_.model());
     if (!r.ok()) {
       if (r.status().code() == ErrorCode::kAborted) {  // stored (or being stored) by someone
         ++result.already_stored;

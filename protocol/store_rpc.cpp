@@ -88,6 +88,7 @@ struct RequestEncoder {
   void operator()(const ReserveRequest& m) {
     put_key(w, m.key);
     w.u64(m.bytes);
+    put_key(w, m.model);
   }
   void operator()(const CommitRequest& m) {
     put_key(w, m.key);
@@ -97,8 +98,9 @@ struct RequestEncoder {
   void operator()(const KeyRequest& m) { put_key(w, m.key); }
   void operator()(const ReleaseRequest& m) { w.u64(m.lease_id); }
   void operator()(const ClearRequest& m) {
-    w.boolean(m.all);
+    w.u8(static_cast<uint8_t>(m.scope));
     put_keys(w, m.keys);
+    put_key(w, m.model);
   }
   void operator()(const EmptyRequest&) {}
 };
@@ -157,6 +159,7 @@ Result<RequestBody> decode_request_body(Op op, Reader& r) {
       get_key(r, "key", m.key);
       r.u64("bytes", m.bytes);
       if (r.ok() && m.bytes == 0) r.fail("bytes", "a chunk of zero bytes");
+      get_key(r, "model", m.model);
       return RequestBody(m);
     }
     case Op::kCommit:
@@ -185,9 +188,19 @@ Result<RequestBody> decode_request_body(Op op, Reader& r) {
     }
     case Op::kClear: {
       ClearRequest m;
-      r.boolean("all", m.all);
+      uint8_t scope = 0;
+      if (r.u8("scope", scope) && scope > static_cast<uint8_t>(ClearScope::kModel)) {
+        r.fail("scope", "unknown clear scope " + std::to_string(scope) + " (0 all, 1 keys, 2 model)");
+      }
+      m.scope = static_cast<ClearScope>(scope);
       get_keys(r, "keys", m.keys);
-      if (r.ok() && m.all && !m.keys.empty()) r.fail("keys", "must be empty when 'all' is set");
+      if (r.ok() && m.scope != ClearScope::kKeys && !m.keys.empty()) {
+        r.fail("keys", "must be empty unless the scope is keys");
+      }
+      get_key(r, "model", m.model);
+      if (r.ok() && m.scope != ClearScope::kModel && !m.model.is_zero()) {
+        r.fail("model", "must be zero unless the scope is model");
+      }
       return RequestBody(std::move(m));
     }
     case Op::kStats:
@@ -413,6 +426,50 @@ Result<FrameHeader> decode_header(std::span<const uint8_t> bytes) {
                                              " bytes exceeds the limit of " + std::to_string(kMaxPayload));
   }
   return h;
+}
+
+std::optional<VersionRefusal> version_refusal(std::span<const uint8_t> header_bytes) {
+  if (header_bytes.size() < kHeaderBytes) return std::nullopt;
+  Reader r(header_bytes.first(kHeaderBytes), "store rpc header");
+  uint32_t magic = 0;
+  uint8_t version = 0;
+  uint8_t kind = 0;
+  uint8_t op = 0;
+  uint8_t reserved = 0;
+  uint64_t id = 0;
+  uint32_t payload_bytes = 0;
+  r.u32("magic", magic);
+  r.u8("version", version);
+  r.u8("kind", kind);
+  r.u8("op", op);
+  r.u8("reserved", reserved);
+  r.u64("request_id", id);
+  r.u32("payload_bytes", payload_bytes);
+  if (!r.ok() || magic != kMagic || version == kVersion) return std::nullopt;
+  // An error reply: code u16, message string; the layout every version shares.
+  const std::string message = "store rpc version " + std::to_string(version) +
+                              " is not supported: this kvfabricd speaks version " + std::to_string(kVersion) +
+                              " (engines and kvfabricd must come from the same kvfabric release)";
+  Writer p;
+  p.u16(static_cast<uint16_t>(ErrorCode::kUnsupportedVersion));
+  p.string(message);
+  const std::vector<uint8_t>& payload = p.buffer();
+  Writer h;
+  h.u32(kMagic);
+  h.u8(version);
+  h.u8(static_cast<uint8_t>(FrameKind::kReply));
+  h.u8(op);
+  h.u8(0);
+  h.u64(id);
+  h.u32(static_cast<uint32_t>(payload.size()));
+  h.u32(XXH32(payload.data(), payload.size(),
+              (uint32_t{version} << 16) | (uint32_t{static_cast<uint8_t>(FrameKind::kReply)} << 8) | op));
+  VersionRefusal out;
+  out.version = version;
+  out.payload_bytes = payload_bytes;
+  out.reply = h.take();
+  out.reply.insert(out.reply.end(), payload.begin(), payload.end());
+  return out;
 }
 
 Result<Request> decode_request(const FrameHeader& header, std::span<const uint8_t> payload) {

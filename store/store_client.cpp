@@ -149,7 +149,15 @@ struct StoreClient::Impl {
       return fail(s);
     }
     auto header = rpc::decode_header(header_bytes);
-    if (!header.ok()) return fail(header.status());
+    if (!header.ok()) {
+      if (header.status().code() == ErrorCode::kUnsupportedVersion) {
+        return fail(Status(ErrorCode::kUnsupportedVersion,
+                           "store daemon at " + options.socket_path +
+                               " answered in another store RPC version: " + header.status().message() +
+                               " (engines and kvfabricd must come from the same kvfabric release)"));
+      }
+      return fail(header.status());
+    }
     if (header->kind != rpc::FrameKind::kReply || header->request_id != id || header->op != op) {
       return fail(Status(ErrorCode::kMalformed, "store daemon answered request " + std::to_string(id) + " (" +
                                                     std::string(rpc::op_name(op)) +
@@ -192,8 +200,12 @@ struct StoreClient::Impl {
       Status s = reply.status();
       if (s.code() == ErrorCode::kPeerLost) {
         // Accepted by the kernel, closed by the daemon before it said hello: it is stopping.
-        return Status(ErrorCode::kUnavailable, "store daemon at " + options.socket_path +
-                                                   " closed the connection during hello (stopping?)");
+        return Status(
+            ErrorCode::kUnavailable,
+            "store daemon at " + options.socket_path +
+                " closed the connection during hello (stopping? or a kvfabricd older than store RPC "
+                "version " +
+                std::to_string(rpc::kVersion) + ", which closes on newer frames: see its log)");
       }
       return s;
     }
@@ -277,9 +289,10 @@ uint64_t StoreClient::arena_bytes() const {
   return impl_->arena ? impl_->arena->size() : 0;
 }
 
-Result<ClientReservation> StoreClient::reserve(const protocol::ChunkKey& key, uint64_t bytes) {
+Result<ClientReservation> StoreClient::reserve(const protocol::ChunkKey& key, uint64_t bytes,
+                                               const protocol::ChunkKey& model) {
   std::lock_guard lock(impl_->mu);
-  auto reply = impl_->call(rpc::Op::kReserve, rpc::ReserveRequest{key, bytes});
+  auto reply = impl_->call(rpc::Op::kReserve, rpc::ReserveRequest{key, bytes, model});
   if (!reply.ok()) return reply.status();
   const auto& r = std::get<rpc::ReserveReply>(reply->body);
   if (r.length != bytes || r.offset > impl_->arena->size() || r.length > impl_->arena->size() - r.offset) {
@@ -311,8 +324,9 @@ Status StoreClient::abort(const ClientReservation& r) {
   return impl_->call(rpc::Op::kAbort, rpc::CommitRequest{r.reservation.key, r.reservation.id}).status();
 }
 
-Status StoreClient::put(const protocol::ChunkKey& key, std::span<const uint8_t> data) {
-  auto r = reserve(key, data.size());
+Status StoreClient::put(const protocol::ChunkKey& key, std::span<const uint8_t> data,
+                        const protocol::ChunkKey& model) {
+  auto r = reserve(key, data.size(), model);
   if (!r.ok()) return r.status();
   std::span<uint8_t> dst = bytes(*r);
   if (dst.size() != data.size()) {
@@ -345,7 +359,7 @@ Result<ClientLease> StoreClient::acquire(const protocol::ChunkKey& key) {
                                              std::to_string(a.length) + ") outside an arena of " +
                                              std::to_string(impl_->arena->size()));
   }
-  return ClientLease{Lease{a.lease_id, key, a.offset, a.length, a.checksum}, impl_->connection};
+  return ClientLease{Lease{a.lease_id, key, a.offset, a.length, a.checksum, {}}, impl_->connection};
 }
 
 std::span<const uint8_t> StoreClient::bytes(const ClientLease& l) const {
@@ -395,7 +409,7 @@ Result<ClientClearResult> clear_result(const Result<rpc::Reply>& reply) {
 
 Result<ClientClearResult> StoreClient::clear_all() {
   std::lock_guard lock(impl_->mu);
-  return clear_result(impl_->call(rpc::Op::kClear, rpc::ClearRequest{true, {}}));
+  return clear_result(impl_->call(rpc::Op::kClear, rpc::ClearRequest{rpc::ClearScope::kAll, {}, {}}));
 }
 
 Result<ClientClearResult> StoreClient::clear(std::span<const protocol::ChunkKey> keys) {
@@ -404,7 +418,13 @@ Result<ClientClearResult> StoreClient::clear(std::span<const protocol::ChunkKey>
                                                    std::to_string(rpc::kMaxKeys) + " per call)");
   }
   std::lock_guard lock(impl_->mu);
-  return clear_result(impl_->call(rpc::Op::kClear, rpc::ClearRequest{false, {keys.begin(), keys.end()}}));
+  return clear_result(impl_->call(rpc::Op::kClear,
+                                  rpc::ClearRequest{rpc::ClearScope::kKeys, {keys.begin(), keys.end()}, {}}));
+}
+
+Result<ClientClearResult> StoreClient::clear_model(const protocol::ChunkKey& model) {
+  std::lock_guard lock(impl_->mu);
+  return clear_result(impl_->call(rpc::Op::kClear, rpc::ClearRequest{rpc::ClearScope::kModel, {}, model}));
 }
 
 Result<StoreStats> StoreClient::stats() {

@@ -249,6 +249,7 @@ nlohmann::json RemoteStore::grant(const nlohmann::json& request) {
       grants_[lease->id] = Grant{lease.value(), now};
     }
     entries.push_back({{"key", key.to_hex()},
+                       {"model", lease->model.to_hex()},
                        {"offset", lease->offset},
                        {"length", lease->length},
                        {"checksum", lease->checksum},
@@ -469,6 +470,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
   }
   struct Entry {
     protocol::ChunkKey key;
+    protocol::ChunkKey model;  // kept here as the holder kept it, so clear by model finds the copy
     uint64_t offset, length, checksum, lease;
     bool landing = false;  // room reserved here: it comes over the link
   };
@@ -488,6 +490,14 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
                    : Result<protocol::ChunkKey>(Status(ErrorCode::kMalformed, "no key"));
     if (!ok || !key.ok()) return malformed("an entry without key, offset, length, checksum or lease");
     entry.key = key.value();
+    // A holder of an older build sends no model: the copy then records none.
+    if (e.contains("model")) {
+      auto model = e["model"].is_string()
+                       ? protocol::ChunkKey::from_hex(e["model"].get<std::string>())
+                       : Result<protocol::ChunkKey>(Status(ErrorCode::kMalformed, "bad model"));
+      if (!model.ok()) return malformed("an entry whose model is not a chunk key");
+      entry.model = model.value();
+    }
     entries.push_back(entry);
   }
   auto missing = keys_of(g, "missing");
@@ -512,7 +522,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
   std::vector<Landing> landings;
   std::vector<fabric::GetOp> gets;
   for (Entry& e : entries) {
-    auto r = store_.reserve(e.key, e.length, client);
+    auto r = store_.reserve(e.key, e.length, client, e.model);
     if (!r.ok()) {
       if (r.status().code() == ErrorCode::kAborted) {  // stored here already (or being stored)
         ++result.already_here;

@@ -165,6 +165,9 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_header(error_code ec) {
     if (ec) return close(ec == asio::error::eof ? "disconnected" : "read: " + ec.message());
     auto header = rpc::decode_header(header_);
+    if (!header.ok() && header.status().code() == ErrorCode::kUnsupportedVersion) {
+      if (auto refusal = rpc::version_refusal(header_)) return refuse_version(std::move(*refusal));
+    }
     if (!header.ok() || header->kind != rpc::FrameKind::kRequest) {
       // The stream is no longer at a frame boundary: nothing after this can be trusted.
       server_->malformed.fetch_add(1, std::memory_order_relaxed);
@@ -193,6 +196,22 @@ class Session : public std::enable_shared_from_this<Session> {
                        self->timer_.cancel();
                        self->on_payload(rec);
                      });
+  }
+
+  // An engine of another store RPC version: tell it so in its own version (it reads the error
+  // instead of a bare close), then close; nothing else it sends can be read.
+  void refuse_version(rpc::VersionRefusal refusal) {
+    server_->malformed.fetch_add(1, std::memory_order_relaxed);
+    spdlog::warn("store rpc: client {} speaks store RPC version {}, this daemon version {}: refused, closing",
+                 id_, refusal.version, rpc::kVersion);
+    busy_ = true;
+    out_ = std::move(refusal.reply);
+    const size_t put = write_ready(out_);
+    if (put == out_.size()) return close("refused: store rpc version " + std::to_string(refusal.version));
+    asio::async_write(socket_, asio::buffer(out_.data() + put, out_.size() - put),
+                      [self = shared_from_this(), v = refusal.version](error_code, size_t) {
+                        self->close("refused: store rpc version " + std::to_string(v));
+                      });
   }
 
   void on_payload(error_code ec) {
@@ -255,7 +274,7 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       case rpc::Op::kReserve: {
         const auto& m = std::get<rpc::ReserveRequest>(request.body);
-        auto r = store.reserve(m.key, m.bytes, id_);
+        auto r = store.reserve(m.key, m.bytes, id_, m.model);
         if (!r.ok()) {
           reply.status = r.status();
           return;
@@ -318,7 +337,9 @@ class Session : public std::enable_shared_from_this<Session> {
         return;
       case rpc::Op::kClear: {
         const auto& m = std::get<rpc::ClearRequest>(request.body);
-        const store::ClearResult r = m.all ? store.clear_all() : store.clear(m.keys);
+        const store::ClearResult r = m.scope == rpc::ClearScope::kAll     ? store.clear_all()
+                                     : m.scope == rpc::ClearScope::kModel ? store.clear_model(m.model)
+                                                                          : store.clear(m.keys);
         reply.body = rpc::ClearReply{r.removed, r.deferred, r.bytes};
         return;
       }

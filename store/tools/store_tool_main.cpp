@@ -1,8 +1,9 @@
 // kvfabric-store-tool: an engine's side of the node store, from the command line, on StoreClient.
 // It stores and loads synthetic chunks (keys and bytes derived from --seed, so a second process can
 // check the bytes independently) through the daemon's shared arena, and is what the integration
-// tests run as "engine" processes. Exit codes: 0 ok, 1 bytes did not verify, 2 usage, 3 a store
-// error (printed).
+// tests run as "engine" processes. Each put records the model fingerprint the keys were hashed with
+// (the tool's own model, or --model of --topology). Exit codes: 0 ok, 1 bytes did not verify, 2 usage, 3 a
+// store error (printed).
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 
 #include <cxxopts.hpp>
 
+#include "kvf/fabric/topology.h"
 #include "kvf/protocol/chunk_key.h"
 #include "kvf/store/store_client.h"
 #include "kvf/store/store_stats_fields.h"
@@ -43,13 +45,16 @@ uint64_t splitmix(uint64_t& state) {
 // router's lookup by tokens finds them) replace the seed's chain; the bytes still come from --seed.
 std::vector<protocol::ChunkKey> g_given_keys;
 
+// The model fingerprint the chain is hashed with and every put records: the tool's own model, or
+// --model of --topology (so that the daemon's /clear {"model": M} finds the chunks).
+protocol::ChunkKey g_model = protocol::model_fingerprint("kvfabric-store-tool", protocol::KvLayoutDesc{});
+
 // The chain of chunk keys of a synthetic prompt: chunk i's tokens are {seed, i}.
 std::vector<protocol::ChunkKey> chunk_keys(uint64_t seed, uint32_t chunks) {
   if (!g_given_keys.empty()) {
     return {g_given_keys.begin(), g_given_keys.begin() + std::min<size_t>(chunks, g_given_keys.size())};
   }
-  protocol::KvLayoutDesc layout;
-  const protocol::ChunkHasher hasher(protocol::model_fingerprint("kvfabric-store-tool", layout), 2);
+  const protocol::ChunkHasher hasher(g_model, 2);
   std::vector<protocol::ChunkKey> keys;
   protocol::ChunkKey previous;
   for (uint32_t i = 0; i < chunks; ++i) {
@@ -92,7 +97,7 @@ int put(store::StoreClient& client, uint64_t seed, uint32_t chunks, uint64_t byt
   for (uint32_t i = 0; i < chunks; ++i) {
     const std::vector<uint8_t> data = chunk_bytes(seed, i, bytes);
     sums.push_back(store::chunk_checksum(data.data(), data.size()));
-    auto r = client.reserve(keys[i], bytes);
+    auto r = client.reserve(keys[i], bytes, g_model);
     if (!r.ok() && r.status().code() == ErrorCode::kAborted) {
       ++present;  // stored already (or being stored): a content address is written once
       continue;
@@ -200,6 +205,10 @@ int run(int argc, char** argv) {
       ("seed", "derives the chunk keys and bytes", cxxopts::value<uint64_t>()->default_value("1"))        //
       ("chunks", "chunks in the chain", cxxopts::value<uint32_t>()->default_value("8"))                   //
       ("keys-file", "the chain's keys from a file, not --seed", cxxopts::value<std::string>(), "FILE")    //
+      ("topology", "with --model: the topology that names the model", cxxopts::value<std::string>())      //
+      ("model", "the topology's model the chunks belong to (keys and what put records)",                  //
+       cxxopts::value<std::string>(), "NAME")                                                             //
+      ("by-model", "clear: only the chunks of the model (--model, or the tool's own)")                    //
       ("bytes", "bytes per chunk", cxxopts::value<uint64_t>()->default_value("65536"))                    //
       ("hold-before-commit", "put: after writing each chunk wait this many seconds before committing",    //
        cxxopts::value<double>()->default_value("0"), "S")                                                 //
@@ -234,6 +243,26 @@ int run(int argc, char** argv) {
     if (args.count("chunks") == 0) chunks = static_cast<uint32_t>(g_given_keys.size());
     chunks = std::min<uint32_t>(chunks, static_cast<uint32_t>(g_given_keys.size()));
   }
+  if (args.count("model") != args.count("topology")) {
+    std::cerr << "kvfabric-store-tool: --model and --topology go together\n";
+    return kUsage;
+  }
+  if (args.count("model")) {
+    auto loaded = fabric::load_topology_file(args["topology"].as<std::string>());
+    if (!loaded.topology) {
+      std::cerr << "kvfabric-store-tool: --topology:";
+      for (const auto& problem : loaded.problems) std::cerr << "\n  " << problem.to_string();
+      std::cerr << "\n";
+      return kUsage;
+    }
+    const std::string name = args["model"].as<std::string>();
+    const fabric::ModelSpec* model = loaded.topology->find_model(name);
+    if (model == nullptr) {
+      std::cerr << "kvfabric-store-tool: --model: the topology has no model '" << name << "'\n";
+      return kUsage;
+    }
+    g_model = protocol::model_fingerprint(model->name, model->layout);
+  }
   const uint64_t bytes = args["bytes"].as<uint64_t>();
   if (command == "keys") {  // the chain's keys as hex, one a line (for curl /lookup, /pin, /clear)
     for (const auto& key : chunk_keys(seed, chunks)) std::printf("%s\n", key.to_hex().c_str());
@@ -264,7 +293,7 @@ int run(int argc, char** argv) {
     return probe(client, args["count"].as<uint32_t>(), args["interval-ms"].as<uint32_t>());
   if (command == "clear") {
     const auto started = Clock::now();
-    auto r = client.clear_all();
+    auto r = args.count("by-model") ? client.clear_model(g_model) : client.clear_all();
     if (!r.ok()) return store_error("clear", r.status(), started);
     std::printf("clear: removed %llu entries (%llu bytes)\n", static_cast<unsigned long long>(r->removed),
                 static_cast<unsigned long long>(r->bytes));

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # kvfabricd as an operator runs it, with real engine processes (kvfabric-store-tool on StoreClient):
 # one engine stores chunks in the shared arena and another loads and verifies the same bytes; the
-# HTTP control API answers curl about the same store; malformed RPC frames hurt only their sender;
-# a writer killed (or stopped) mid-put has its space freed; engines see errors, not hangs, while the
-# daemon is down and succeed again once it is back; SIGTERM drains, removes the socket and the
-# arena, and exits 0.
+# HTTP control API answers curl about the same store (clear by model takes one model's chunks,
+# compress with identity covers entries); malformed RPC frames and an engine of another RPC version
+# hurt only their sender; a writer killed (or stopped) mid-put has its space freed; engines see
+# errors, not hangs, while the daemon is down and succeed again once it is back; SIGTERM drains,
+# removes the socket and the arena, and exits 0.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 kvf_init daemon_store 150
@@ -127,6 +128,35 @@ kvf_check_eq "$CODE" 400 "POST /move to a node the topology lacks: refused"
 kvf_check_eq "$(field move '"no node '"'"'other'"'"'" in d["error"]')" true "POST /move: the message names the unknown node"
 call bad_json POST /lookup '{"model": "m", "tokens": [1,'
 kvf_check_eq "$CODE" 400 "malformed JSON: 400"
+# Clear by model: an engine of model m (the topology's) stores 3 chunks beside the 15 of the tool's
+# own model; POST /clear {"model": "m"} takes exactly those 3.
+kvf_run put_m 20 "$tool" put --socket "$sock" --seed 9 --chunks 3 --bytes 4096 --topology "$KVF_TMP/topology.yaml" --model m
+kvf_check_grep "$(kvf_logfile put_m)" '^put: stored 3 chunks' "engine of model m stored 3 chunks"
+kvf_check_eq "$(stat entries)" 18 "stats: 15 + 3 entries"
+expect_ok clear_model POST /clear '{"model": "m"}' '[d["cleared"], d["freed_bytes"]]' '[3, 12288]'
+kvf_check_eq "$(stat entries)" 15 "clear by model left the other model's 15 entries"
+kvf_run get_after_clear 20 "$tool" get --socket "$sock" --seed 42 --chunks 15 --bytes $bytes
+kvf_check_eq $? 0 "the other model's entries still read back verified"
+kvf_run lookup_m 20 "$tool" lookup --socket "$sock" --seed 9 --chunks 3 --topology "$KVF_TMP/topology.yaml" --model m
+kvf_check_grep "$(kvf_logfile lookup_m)" '^lookup: 0 of 3 chunks held' "model m's chunks are gone"
+call clear_unknown POST /clear '{"model": "nope"}'
+kvf_check_eq "$CODE" 400 "POST /clear of a model the topology lacks: 400"
+kvf_check_eq "$(field clear_unknown 'd["error"]')" '"unknown model '"'"'nope'"'"' (the topology has: m)"' \
+  "POST /clear of an unknown model: the message names the models there are"
+# The same over the store RPC, from an engine process.
+kvf_run put_m2 20 "$tool" put --socket "$sock" --seed 10 --chunks 2 --bytes 4096 --topology "$KVF_TMP/topology.yaml" --model m
+kvf_run clear_m_rpc 20 "$tool" clear --by-model --socket "$sock" --topology "$KVF_TMP/topology.yaml" --model m
+kvf_check_grep "$(kvf_logfile clear_m_rpc)" '^clear: removed 2 entries \(8192 bytes\)' "RPC clear by model: the 2 chunks of m"
+kvf_check_eq "$(stat entries)" 15 "RPC clear by model left the other model's entries"
+# Compress: identity covers entries and changes nothing; other codecs are refused by name.
+expect_ok compress_all POST /compress '{"all": true, "codec": "identity"}' \
+  '[d["codec"], d["compressed"], d["bytes_before"], d["bytes_after"]]' "[\"identity\", 15, $((15 * bytes)), $((15 * bytes))]"
+expect_ok compress_keys POST /compress "{\"keys\": [\"${keys[0]}\", \"${keys[19]}\"], \"codec\": \"identity\"}" \
+  '[d["compressed"], d["bytes_before"], d["not_found"]]' "[1, $bytes, [\"${keys[19]}\"]]"
+call compress_lz4 POST /compress '{"all": true, "codec": "lz4"}'
+kvf_check_eq "$CODE" 400 "POST /compress with a codec that is not built: 400"
+kvf_check_eq "$(field compress_lz4 '"codec '"'"'lz4'"'"' is not built (identity only" in d["error"]')" true \
+  "POST /compress lz4: the message says identity only"
 call metrics GET /metrics
 kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_store_entries 15$' "metrics: store entries"
 kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_store_rpc_requests_total [1-9][0-9]*$' "metrics: RPC counters"
@@ -147,7 +177,7 @@ s.close()
 # 2. A good header whose payload fails its checksum: an error reply, and the connection stays.
 s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(path)
 payload = b"\x00" * 24
-s.sendall(struct.pack("<IBBBBQII", 0x3153564B, 1, 1, 2, 0, 77, len(payload), 0xDEADBEEF) + payload)
+s.sendall(struct.pack("<IBBBBQII", 0x3153564B, 2, 1, 2, 0, 77, len(payload), 0xDEADBEEF) + payload)
 head = b""
 while len(head) < 24:
     chunk = s.recv(24 - len(head))
@@ -160,10 +190,37 @@ while len(body) < n:
 code = struct.unpack("<H", body[:2])[0]
 print(f"bad checksum -> reply kind={kind} op={op} id={rid} code={code} message={body[6:].decode(errors='replace')!r}")
 s.close()
+# 3. An engine of store RPC version 1 says hello: an error reply it can read (version 1 framing,
+# its request id, code 3 unsupported_version), then the daemon closes the connection.
+# (The version is refused from the header alone, before the payload's checksum is looked at.)
+s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(path)
+name = b"old engine"
+payload = struct.pack("<I", len(name)) + name
+s.sendall(struct.pack("<IBBBBQII", 0x3153564B, 1, 1, 1, 0, 501, len(payload), 0) + payload)
+head = b""
+while len(head) < 24:
+    chunk = s.recv(24 - len(head))
+    if not chunk: break
+    head += chunk
+magic, version, kind, op, _, rid, n, _ = struct.unpack("<IBBBBQII", head)
+body = b""
+while len(body) < n:
+    body += s.recv(n - len(body))
+code = struct.unpack("<H", body[:2])[0]
+print(f"old version -> reply version={version} kind={kind} op={op} id={rid} code={code} message={body[6:].decode(errors='replace')!r}")
+try:
+    closed = s.recv(64) == b""
+except ConnectionResetError:
+    closed = True
+print("old version -> closed" if closed else "old version -> still open")
+s.close()
 PY
 kvf_check_grep "$KVF_TMP/garbage.log" '^garbage header -> closed$' "a garbage header closes that connection"
 kvf_check_grep "$KVF_TMP/garbage.log" "^bad checksum -> reply kind=2 op=2 id=77 code=2 message='.*checksum mismatch" \
   "a bad payload gets an error reply naming it"
+kvf_check_grep "$KVF_TMP/garbage.log" "^old version -> reply version=1 kind=2 op=1 id=501 code=3 message='store rpc version 1 is not supported: this kvfabricd speaks version 2" \
+  "an engine of store RPC version 1 gets an error reply in its own version saying which versions meet"
+kvf_check_grep "$KVF_TMP/garbage.log" '^old version -> closed$' "and the daemon closes that connection"
 kvf_check kvf_alive d1 -- "daemon alive after malformed frames"
 kvf_check_eq "$(stat entries)" 15 "daemon still serves engines after malformed frames"
 

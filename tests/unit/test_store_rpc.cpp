@@ -17,6 +17,7 @@ using namespace kvf::protocol::store_rpc;
 namespace {
 
 const ChunkKey kKey{0x0123456789abcdefull, 0xfedcba9876543210ull};
+const ChunkKey kModel{0x1111222233334444ull, 0x5555666677778888ull};
 
 void put_le(std::vector<uint8_t>& b, size_t at, uint64_t v, int n) {
   for (int i = 0; i < n; ++i) b[at + static_cast<size_t>(i)] = static_cast<uint8_t>(v >> (8 * i));
@@ -77,7 +78,8 @@ void require_error(const Status& s, ErrorCode code, std::string_view part) {
 std::vector<Request> sample_requests() {
   return {
       {Op::kHello, 1, HelloRequest{"prefill0 pid 42"}},
-      {Op::kReserve, 2, ReserveRequest{kKey, 1 << 20}},
+      {Op::kReserve, 2, ReserveRequest{kKey, 1 << 20, kModel}},
+      {Op::kReserve, 2, ReserveRequest{kKey, 1, {}}},
       {Op::kCommit, 3, CommitRequest{kKey, 99}},
       {Op::kAbort, 4, CommitRequest{kKey, 100}},
       {Op::kLookup, 5, LookupRequest{{kKey, ChunkKey{1, 2}, ChunkKey{3, 4}}}},
@@ -86,8 +88,9 @@ std::vector<Request> sample_requests() {
       {Op::kRelease, 8, ReleaseRequest{12345}},
       {Op::kPin, 9, KeyRequest{kKey}},
       {Op::kUnpin, 10, KeyRequest{kKey}},
-      {Op::kClear, 11, ClearRequest{true, {}}},
-      {Op::kClear, 12, ClearRequest{false, {kKey}}},
+      {Op::kClear, 11, ClearRequest{ClearScope::kAll, {}, {}}},
+      {Op::kClear, 12, ClearRequest{ClearScope::kKeys, {kKey}, {}}},
+      {Op::kClear, 13, ClearRequest{ClearScope::kModel, {}, kModel}},
       {Op::kStats, 0xffffffffffffffffull, EmptyRequest{}},
   };
 }
@@ -159,7 +162,8 @@ TEST_CASE("store rpc: bad headers are refused before any payload is read") {
     return decode_header(f).status();
   };
   require_error(with(0, 0x46545448, 4), ErrorCode::kMalformed, "bad magic 0x46545448");
-  require_error(with(4, 2, 1), ErrorCode::kUnsupportedVersion, "version 2 is not supported");
+  require_error(with(4, 1, 1), ErrorCode::kUnsupportedVersion, "version 1 is not supported");
+  require_error(with(4, 3, 1), ErrorCode::kUnsupportedVersion, "version 3 is not supported");
   require_error(with(5, 3, 1), ErrorCode::kMalformed, "unknown frame kind 3");
   require_error(with(6, 0, 1), ErrorCode::kMalformed, "unknown op 0");
   require_error(with(6, 12, 1), ErrorCode::kMalformed, "unknown op 12");
@@ -169,14 +173,57 @@ TEST_CASE("store rpc: bad headers are refused before any payload is read") {
   require_error(with(16, 0xffffffffu, 4), ErrorCode::kMalformed, "exceeds the limit");
 }
 
+TEST_CASE("store rpc: a frame of another version gets an error reply that its sender can decode") {
+  // A version 1 engine's reserve (key, bytes: no model), framed as version 1 did.
+  std::vector<uint8_t> old = encode_request({Op::kReserve, 41, ReserveRequest{kKey, 4096, {}}});
+  old.resize(kHeaderBytes);
+  const std::vector<uint8_t> v1_payload = cat({le(kKey.hi, 8), le(kKey.lo, 8), le(4096, 8)});
+  old[4] = 1;
+  put_le(old, 16, v1_payload.size(), 4);
+  put_le(old, 20, XXH32(v1_payload.data(), v1_payload.size(), (1u << 16) | (1u << 8) | 2u), 4);
+  require_error(decode_header(old).status(), ErrorCode::kUnsupportedVersion, "version 1 is not supported");
+
+  auto refusal = version_refusal(old);
+  REQUIRE(refusal.has_value());
+  CHECK(refusal->version == 1);
+  CHECK(refusal->payload_bytes == v1_payload.size());
+  // Read as a version 1 engine reads a reply: header fields, then checksum seeded with version 1.
+  const std::vector<uint8_t>& f = refusal->reply;
+  REQUIRE(f.size() > kHeaderBytes + 2);
+  auto rd = [&](size_t at, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; ++i) v |= uint64_t{f[at + static_cast<size_t>(i)]} << (8 * i);
+    return v;
+  };
+  CHECK(rd(0, 4) == kMagic);
+  CHECK(f[4] == 1);
+  CHECK(f[5] == static_cast<uint8_t>(FrameKind::kReply));
+  CHECK(f[6] == static_cast<uint8_t>(Op::kReserve));
+  CHECK(rd(8, 8) == 41);
+  CHECK(rd(16, 4) == f.size() - kHeaderBytes);
+  CHECK(rd(20, 4) == XXH32(f.data() + kHeaderBytes, f.size() - kHeaderBytes, (1u << 16) | (2u << 8) | 2u));
+  CHECK(rd(kHeaderBytes, 2) == static_cast<uint16_t>(ErrorCode::kUnsupportedVersion));
+  const std::string message(f.begin() + kHeaderBytes + 6, f.end());
+  CHECK(rd(kHeaderBytes + 2, 4) == message.size());
+  CHECK(message.find("store rpc version 1 is not supported: this kvfabricd speaks version 2") !=
+        std::string::npos);
+
+  // A current frame, a bad magic or a short header is not refused for its version.
+  CHECK_FALSE(version_refusal(encode_request({Op::kStats, 1, EmptyRequest{}})).has_value());
+  std::vector<uint8_t> bad_magic = old;
+  bad_magic[0] ^= 0xff;
+  CHECK_FALSE(version_refusal(bad_magic).has_value());
+  CHECK_FALSE(version_refusal(std::span(old).first(kHeaderBytes - 1)).has_value());
+}
+
 TEST_CASE("store rpc: payloads that do not match their header are refused") {
-  const std::vector<uint8_t> frame = encode_request({Op::kReserve, 1, ReserveRequest{kKey, 4096}});
+  const std::vector<uint8_t> frame = encode_request({Op::kReserve, 1, ReserveRequest{kKey, 4096, {}}});
   auto header = decode_header(frame);
   REQUIRE(header.ok());
 
   // Length and checksum.
   require_error(decode_request(*header, payload_of(frame).first(10)).status(), ErrorCode::kMalformed,
-                "header says 24 payload bytes, got 10");
+                "header says 40 payload bytes, got 10");
   std::vector<uint8_t> flipped = frame;
   flipped.back() ^= 0x01;
   require_error(decode_request_frame(flipped).status(), ErrorCode::kMalformed, "checksum mismatch");
@@ -196,7 +243,9 @@ TEST_CASE("store rpc: malformed request payloads name the field") {
   require_error(request(Op::kReserve, cat({key})), ErrorCode::kMalformed, "reserve request.bytes: truncated");
   require_error(request(Op::kReserve, cat({key, le(0, 8)})), ErrorCode::kMalformed,
                 "bytes: a chunk of zero bytes");
-  require_error(request(Op::kReserve, cat({key, le(1, 8), le(0, 1)})), ErrorCode::kMalformed,
+  require_error(request(Op::kReserve, cat({key, le(1, 8)})), ErrorCode::kMalformed,
+                "reserve request.model: truncated");  // a version 1 reserve's payload
+  require_error(request(Op::kReserve, cat({key, le(1, 8), key, le(0, 1)})), ErrorCode::kMalformed,
                 "1 trailing bytes after the payload");
   require_error(request(Op::kCommit, le(1, 7)), ErrorCode::kMalformed, "commit request.key: truncated");
   require_error(request(Op::kAcquire, {}), ErrorCode::kMalformed, "acquire request.key: truncated");
@@ -208,10 +257,24 @@ TEST_CASE("store rpc: malformed request payloads name the field") {
                 "lookup request.keys: count 4294967295 of 16-byte items exceeds remaining 0 bytes");
   require_error(request(Op::kLookup, cat({le(2, 4), key})), ErrorCode::kMalformed,
                 "exceeds remaining 16 bytes");
-  require_error(request(Op::kClear, cat({le(2, 1), le(0, 4)})), ErrorCode::kMalformed,
-                "clear request.all: bool byte 2 is neither 0 nor 1");
-  require_error(request(Op::kClear, cat({le(1, 1), le(1, 4), key})), ErrorCode::kMalformed,
-                "must be empty when 'all' is set");
+  const std::vector<uint8_t> zero_key = le(0, 16);
+  require_error(request(Op::kClear, cat({le(3, 1), le(0, 4), zero_key})), ErrorCode::kMalformed,
+                "clear request.scope: unknown clear scope 3");
+  require_error(request(Op::kClear, cat({le(0, 1), le(1, 4), key, zero_key})), ErrorCode::kMalformed,
+                "clear request.keys: must be empty unless the scope is keys");
+  require_error(request(Op::kClear, cat({le(2, 1), le(1, 4), key, key})), ErrorCode::kMalformed,
+                "must be empty unless the scope is keys");
+  require_error(request(Op::kClear, cat({le(1, 1), le(1, 4), key, key})), ErrorCode::kMalformed,
+                "clear request.model: must be zero unless the scope is model");
+  require_error(request(Op::kClear, cat({le(0, 1), le(0, 4), key})), ErrorCode::kMalformed,
+                "must be zero unless the scope is model");
+  require_error(request(Op::kClear, cat({le(1, 1), le(0, 4)})), ErrorCode::kMalformed,
+                "clear request.model: truncated");  // a version 1 clear's payload
+  auto by_model =
+      decode_request_frame(frame_with(FrameKind::kRequest, Op::kClear, cat({le(2, 1), le(0, 4), key})));
+  REQUIRE(by_model.ok());
+  CHECK(std::get<ClearRequest>(by_model->body).scope == ClearScope::kModel);
+  CHECK(std::get<ClearRequest>(by_model->body).model == kKey);
   require_error(request(Op::kHello, le(5000, 4)), ErrorCode::kMalformed, "hello request.client_name");
   std::vector<uint8_t> long_name = le(5000, 4);
   long_name.resize(4 + 5000, 'a');

@@ -9,12 +9,17 @@
 // followed by the message string and nothing else, zero by the op's result fields. Decoding is
 // exact and bounds-checked like the control channel's (wire_codec): any malformed input is a
 // kMalformed/kUnsupportedVersion Status naming the field, never a crash or an oversized allocation.
+// Versions: 2 added the model fingerprint to reserve and the model scope to clear. The header and
+// an error reply's payload are laid out alike in every version, so a daemon answers a frame of
+// another version with an error reply in that version (version_refusal) that the engine can read,
+// saying which versions meet, and closes the connection.
 // Plain value types and free functions; no shared state.
 #pragma once
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -28,7 +33,7 @@
 namespace kvf::protocol::store_rpc {
 
 inline constexpr uint32_t kMagic = 0x3153564Bu;  // "KVS1" read as little-endian u32
-inline constexpr uint8_t kVersion = 1;
+inline constexpr uint8_t kVersion = 2;
 inline constexpr size_t kHeaderBytes = 24;
 // Requests and replies are metadata only; the largest is a lookup or clear of many keys
 // (16 bytes each: 64 Ki keys per MiB).
@@ -69,6 +74,7 @@ struct HelloRequest {
 struct ReserveRequest {
   ChunkKey key;
   uint64_t bytes = 0;
+  ChunkKey model;  // the fingerprint `key` was hashed with (zero: none), kept with the entry
 };
 struct CommitRequest {  // also abort
   ChunkKey key;
@@ -83,9 +89,11 @@ struct KeyRequest {  // acquire, pin, unpin
 struct ReleaseRequest {
   uint64_t lease_id = 0;
 };
+enum class ClearScope : uint8_t { kAll = 0, kKeys = 1, kModel = 2 };
 struct ClearRequest {
-  bool all = false;            // everything; else `keys`
-  std::vector<ChunkKey> keys;  // at most kMaxKeys; must be empty when `all`
+  ClearScope scope = ClearScope::kAll;
+  std::vector<ChunkKey> keys;  // kKeys: at most kMaxKeys; must be empty otherwise
+  ChunkKey model;              // kModel: the entries reserved under it; must be zero otherwise
 };
 struct EmptyRequest {};  // stats
 
@@ -160,6 +168,16 @@ Result<FrameHeader> decode_header(std::span<const uint8_t> bytes);
 // daemon answers it with an error reply and keeps the connection.
 Result<Request> decode_request(const FrameHeader& header, std::span<const uint8_t> payload);
 Result<Reply> decode_reply(const FrameHeader& header, std::span<const uint8_t> payload);
+
+// A header that decode_header refused only for its version (right magic, another version): the
+// error reply that tells the sender so, framed in the sender's version with its request id and op,
+// and how many payload bytes follow that header. nullopt for any other header.
+struct VersionRefusal {
+  uint8_t version = 0;  // the sender's
+  uint32_t payload_bytes = 0;
+  std::vector<uint8_t> reply;  // a whole frame
+};
+std::optional<VersionRefusal> version_refusal(std::span<const uint8_t> header_bytes);
 
 // Whether `body` is the request or reply type that `op` carries.
 bool request_body_matches(Op op, const RequestBody& body);

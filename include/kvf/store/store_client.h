@@ -67,15 +67,19 @@ class StoreClient {
   uint64_t arena_bytes() const;
 
   // --- put ---
+  // `model`: the fingerprint `key` was hashed with (ChunkHasher::model()); the daemon keeps it with
+  // the entry so that clearing a model finds its chunks. Zero records none.
   // Errors: kAborted when the key is stored or being stored (nothing to do), kOutOfMemory, and the
   // connection errors above.
-  Result<ClientReservation> reserve(const protocol::ChunkKey& key, uint64_t bytes);
+  Result<ClientReservation> reserve(const protocol::ChunkKey& key, uint64_t bytes,
+                                    const protocol::ChunkKey& model = {});
   // The reservation's bytes in the mapped arena; empty when it belongs to an older connection.
   std::span<uint8_t> bytes(const ClientReservation& r) const;
   Status commit(const ClientReservation& r);
   Status abort(const ClientReservation& r);
   // reserve -> memcpy -> commit (abort when the copy cannot be made). kAborted: already stored.
-  Status put(const protocol::ChunkKey& key, std::span<const uint8_t> data);
+  Status put(const protocol::ChunkKey& key, std::span<const uint8_t> data,
+             const protocol::ChunkKey& model = {});
 
   // --- get ---
   // How many leading keys of the chain the store holds.
@@ -92,6 +96,8 @@ class StoreClient {
   Status unpin(const protocol::ChunkKey& key);
   Result<ClientClearResult> clear_all();
   Result<ClientClearResult> clear(std::span<const protocol::ChunkKey> keys);
+  // The entries stored under a model fingerprint (zero: those stored without one).
+  Result<ClientClearResult> clear_model(const protocol::ChunkKey& model);
   Result<StoreStats> stats();
 
  private:
