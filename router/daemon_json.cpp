@@ -77,6 +77,10 @@ std::string clear_all_body() {
   return R"({"all":true})";
 }
 
+std::string clear_model_body(std::string_view model) {
+  return dump({{"model", model}});
+}
+
 std::string move_body(std::string_view from, std::string_view to, std::span<const ChunkKey> keys, bool copy) {
   return dump({{"from", from}, {"to", to}, {"keys", key_array(keys)}, {"copy", copy}});
 }

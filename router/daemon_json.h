@@ -17,6 +17,7 @@ std::string lookup_body_tokens(std::string_view model, std::span<const uint32_t>
 std::string lookup_body_keys(std::string_view model, std::span<const ChunkKey> keys);
 std::string keys_body(std::span<const ChunkKey> keys);  // {"keys": [...]}
 std::string clear_all_body();
+std::string clear_model_body(std::string_view model);  // {"model": "..."}
 std::string move_body(std::string_view from, std::string_view to, std::span<const ChunkKey> keys, bool copy);
 
 // The node's own entry of a /lookup reply (a node with no match has none: zero chunks).

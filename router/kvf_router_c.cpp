@@ -280,6 +280,19 @@ int kvf_router_clear(kvf_router* router, const kvf_router_key* keys, size_t num_
   });
 }
 
+int kvf_router_clear_model(kvf_router* router, const char* model, const char* node,
+                           kvf_router_node_result* results, size_t* count) {
+  return guarded(router, [&]() -> int {
+    if (model == nullptr || *model == '\0')
+      return fail(router, KVF_ROUTER_INVALID_ARGUMENT, "model is NULL or empty");
+    return per_node(router, router->client->clear_model(model, node_of(node)), results, count,
+                    [](const kvf::router::ClearCount& c, kvf_router_node_result& o) {
+                      o.changed = c.cleared;
+                      o.not_found = c.freed_bytes;
+                    });
+  });
+}
+
 int kvf_router_move(kvf_router* router, const char* from, const char* to, const kvf_router_key* keys,
                     size_t num_keys, int copy, uint64_t* moved) {
   return guarded(router, [&]() -> int {

@@ -235,6 +235,15 @@ Result<std::vector<NodeReply<ClearCount>>> RouterClient::clear_keys(std::span<co
                                      [](const std::string&, const std::string& b) { return parse_clear(b); });
 }
 
+Result<std::vector<NodeReply<ClearCount>>> RouterClient::clear_model(std::string_view model,
+                                                                     std::string_view node) {
+  std::lock_guard lock(impl_->mutex);
+  auto picked = impl_->select(node);
+  if (!picked.ok()) return picked.status();
+  return impl_->exchange<ClearCount>(*picked, http::verb::post, "/clear", clear_model_body(model),
+                                     [](const std::string&, const std::string& b) { return parse_clear(b); });
+}
+
 Result<MoveCount> RouterClient::move(std::string_view from, std::string_view to,
                                      std::span<const ChunkKey> keys, bool copy) {
   std::lock_guard lock(impl_->mutex);

@@ -151,7 +151,7 @@ int run(int argc, char** argv) {
       "  kvfabric-ctl --topology FILE [--node N] COMMAND [options]\n"
       "  commands: lookup | best-engine | keys (--model M --tokens 1,2,3 | --tokens-file F)\n"
       "            pin | unpin (--keys K,K | --model M --tokens ...)\n"
-      "            clear (--all | --keys K,K | --model M --tokens ...)\n"
+      "            clear (--all | --model M | --keys K,K | --model M --tokens ...)\n"
       "            move --from A --to B (--keys ... | --model M --tokens ...) [--copy]\n"
       "            health | stats\n"
       "  exit status: 0 ok, 1 the operation failed (lookup/best-engine: no node answered;\n"
@@ -167,7 +167,7 @@ int run(int argc, char** argv) {
       ("tokens-file", "file of token ids (commas or whitespace)", cxxopts::value<std::string>())  //
       ("keys", "chunk keys (32 hex digits), comma separated", cxxopts::value<std::string>())      //
       ("keys-file", "file of chunk keys, one a line", cxxopts::value<std::string>())              //
-      ("all", "clear: every entry")                                                               //
+      ("all", "clear: every entry (--model M alone: every entry of that model)")                  //
       ("from", "move: source node", cxxopts::value<std::string>())                                //
       ("to", "move: destination node", cxxopts::value<std::string>())                             //
       ("copy", "move: keep the entries at the source too")                                        //
@@ -286,9 +286,16 @@ int run(int argc, char** argv) {
   if (command == "clear") {
     const bool all = args.count("all") > 0;
     const bool some = args.count("keys") || args.count("keys-file") || has_tokens();
-    if (all == some)
-      throw UsageError{"clear needs --all or keys (--keys, --keys-file, --model with --tokens)"};
-    auto replies = all ? client.clear_all(node) : client.clear_keys(keys(), node);
+    // --model without keys or tokens: that model's entries (with --tokens it only hashes them).
+    const bool by_model = args.count("model") > 0 && !some;
+    if ((all ? 1 : 0) + (some ? 1 : 0) + (by_model ? 1 : 0) != 1) {
+      throw UsageError{
+          "clear needs exactly one of --all, --model M (its entries), or keys (--keys, --keys-file, --model "
+          "with --tokens)"};
+    }
+    auto replies = all        ? client.clear_all(node)
+                   : by_model ? client.clear_model(args["model"].as<std::string>(), node)
+                              : client.clear_keys(keys(), node);
     return print_nodes(replies, [](const ClearCount& c) {
       std::printf("cleared=%llu freed_bytes=%llu", static_cast<unsigned long long>(c.cleared),
                   static_cast<unsigned long long>(c.freed_bytes));

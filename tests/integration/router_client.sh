@@ -3,8 +3,9 @@
 # free ports); an engine (kvfabric-store-tool) stores a prompt's first chunks on a, under the keys
 # kvfabric-ctl hashes from the tokens; kvfabric-ctl lookup and best-engine then pick node a and its
 # engine with the held prefix, the daemon's own /lookup by tokens agrees, pin/unpin/clear act on the
-# right node, move reports the daemon's 503 text, a stopped daemon is reported DOWN while the other
-# still answers, and the C ABI test (compiled as C) passes against the same daemons.
+# right node (clear --model takes that model's entries, copies moved between nodes included, and
+# leaves another model's), move copies between the daemons, a stopped daemon is reported DOWN while
+# the other still answers, and the C ABI test (compiled as C) passes against the same daemons.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 kvf_init router_client 150
@@ -82,9 +83,12 @@ ctl keys_file keys --model m --tokens-file "$KVF_TMP/tokens.txt"
 kvf_check_eq "$(out keys_file)" "$(out keys)" "--tokens-file gives the same keys as --tokens"
 
 # --- an engine stores the first 3 chunks on a, the first one on b ----------------------------------
-kvf_run put_a 20 "$tool" put --socket "$KVF_TMP/a.sock" --keys-file "$KVF_TMP/keys_a.txt" --bytes 4096
+# --topology/--model: each put records m's fingerprint, as an engine of m does.
+kvf_run put_a 20 "$tool" put --socket "$KVF_TMP/a.sock" --keys-file "$KVF_TMP/keys_a.txt" --bytes 4096 \
+  --topology "$topo" --model m
 kvf_check_grep "$KVF_TMP/put_a.log" '^put: stored 3 chunks, 0 already present' "engine on a stored 3 chunks"
-kvf_run put_b 20 "$tool" put --socket "$KVF_TMP/b.sock" --keys-file "$KVF_TMP/keys_b.txt" --bytes 4096
+kvf_run put_b 20 "$tool" put --socket "$KVF_TMP/b.sock" --keys-file "$KVF_TMP/keys_b.txt" --bytes 4096 \
+  --topology "$topo" --model m
 kvf_check_grep "$KVF_TMP/put_b.log" '^put: stored 1 chunks, 0 already present' "engine on b stored 1 chunk"
 
 # The daemon's own /lookup by tokens (it hashes them itself) finds what was stored under ctl's keys.
@@ -142,8 +146,25 @@ ctl move_bad move --from a --to zzz --keys-file "$KVF_TMP/keys_a.txt"
 kvf_check_eq "$RC" 1 "move to an unknown node: exit status 1"
 kvf_check_grep "$KVF_TMP/move_bad.log" "move: invalid_argument: node a \(127.0.0.1:$port_a\): HTTP 400: .*zzz" \
   "move to an unknown node: the daemon's text, naming the node asked"
-ctl clear_b2 clear --node b --keys-file "$KVF_TMP/keys_a.txt"
-kvf_check_eq "$(out clear_b2)" "node b (127.0.0.1:$port_b): cleared=3 freed_bytes=12288" "clear the copies on b"
+# Two chunks of another model on b (the store tool's own), then clear model m on b: the copies go
+# (the move carried their model), the other model's chunks stay.
+kvf_run put_other 20 "$tool" put --socket "$KVF_TMP/b.sock" --seed 5 --chunks 2 --bytes 8192
+kvf_check_grep "$KVF_TMP/put_other.log" '^put: stored 2 chunks' "engine of another model stored 2 chunks on b"
+ctl clear_b2 clear --node b --model m
+kvf_check_eq "$RC" 0 "clear --model m on b: exit status"
+kvf_check_eq "$(out clear_b2)" "node b (127.0.0.1:$port_b): cleared=3 freed_bytes=12288" "clear --model m: the 3 copies on b"
+ctl stats_b stats --node b
+kvf_check_grep "$KVF_TMP/stats_b.log" "^node b .*: entries=2 " "the other model's 2 entries stay on b"
+kvf_run lookup_other 20 "$tool" get --socket "$KVF_TMP/b.sock" --seed 5 --chunks 2 --bytes 8192
+kvf_check_eq $? 0 "the other model's chunks still read back verified"
+ctl stats_a stats --node a
+kvf_check_grep "$KVF_TMP/stats_a.log" "^node a .*: entries=3 " "clear --node b left a's entries of m alone"
+ctl clear_nope clear --node b --model nope
+kvf_check_eq "$RC" 1 "clear --model of a model the topology lacks: exit status 1"
+kvf_check_grep "$KVF_TMP/clear_nope.log" "HTTP 400: unknown model 'nope' \(the topology has: m\)" \
+  "clear --model nope: the daemon's 400 names the models it has"
+ctl clear_b3 clear --node b --all
+kvf_check_eq "$(out clear_b3)" "node b (127.0.0.1:$port_b): cleared=2 freed_bytes=16384" "clear --all on b: the other 2"
 
 # --- usage errors ------------------------------------------------------------------------------------
 ctl usage1 lookup --tokens 1,2,3

@@ -1,5 +1,6 @@
 /* The router C ABI used from C against running kvfabricd daemons (tests/integration/router_client.sh
- * starts them): hashing, lookup, best engine, pin/unpin, stats, health, move's refusal, a node that
+ * starts them): hashing, lookup, best engine, pin/unpin, stats, health, move's refusal, clear by an
+ * unknown model, a node that
  * is down, buffers too small. Compiled as C11.
  *   c_abi_test TOPOLOGY MODEL TOKENS_CSV EXPECT_NODE EXPECT_TOKENS [DOWN_NODE]
  * Prints the first chunk key (so the script can compare it with kvfabric-ctl keys) and one line per
@@ -156,6 +157,20 @@ int main(int argc, char** argv) {
   CHECK(rc == KVF_ROUTER_INVALID_ARGUMENT && strstr(kvf_router_last_error(router), "no-such-node") != NULL &&
             strstr(kvf_router_last_error(router), "HTTP 400") != NULL,
         "move to an unknown node: rc %d, '%s'", rc, kvf_router_last_error(router));
+
+  /* Clear by a model the daemons do not know: each node answers 400, nothing is cleared. */
+  num_results = 16;
+  rc = kvf_router_clear_model(router, "no-such-model", expect_node, results, &num_results);
+  CHECK(rc == KVF_ROUTER_OK && num_results == 1 && results[0].status == KVF_ROUTER_INVALID_ARGUMENT &&
+            strstr(kvf_router_last_error(router), "unknown model 'no-such-model'") != NULL,
+        "clear_model of an unknown model: rc %d, node status %d, '%s'", rc, results[0].status,
+        kvf_router_last_error(router));
+  rc = kvf_router_clear_model(router, NULL, expect_node, results, &num_results);
+  CHECK(rc == KVF_ROUTER_INVALID_ARGUMENT, "clear_model of NULL: rc %d", rc);
+  num_results = 16;
+  rc = kvf_router_stats(router, expect_node, results, &num_results);
+  CHECK(rc == KVF_ROUTER_OK && results[0].entries >= held_chunks && held_chunks > 0,
+        "after the refused clears node %s still holds %" PRIu64 " entries", expect_node, results[0].entries);
 
   rc = kvf_router_pin(router, keys, num_keys, "no-such-node", results, &num_results);
   CHECK(rc == KVF_ROUTER_NOT_FOUND, "pin on an unknown node: rc %d, '%s'", rc, kvf_router_last_error(router));

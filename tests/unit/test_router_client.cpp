@@ -61,9 +61,10 @@ Node start_node(const fabric::Topology& topo, const std::string& name, std::chro
   return node;
 }
 
-void put(store::ChunkStore& store, const std::vector<protocol::ChunkKey>& keys) {
+void put(store::ChunkStore& store, const std::vector<protocol::ChunkKey>& keys,
+         const protocol::ChunkKey& model = {}) {
   for (const auto& key : keys) {
-    auto r = store.reserve(key, 100, 1);
+    auto r = store.reserve(key, 100, 1, model);
     REQUIRE(r.ok());
     REQUIRE(store.commit(key, r->id).ok());
   }
@@ -172,6 +173,46 @@ TEST_CASE("router client: lookup and best_engine pick the node holding the longe
   REQUIRE(r2->engines.size() == 2);
   CHECK(r2->engines[0].engine.empty());
   CHECK(r2->engines[0].node == "a");
+}
+
+TEST_CASE("router client: clear_model clears that model's entries on every node, and no other's") {
+  Cluster c;
+  router::RouterClient client(c.config);
+  const fabric::ModelSpec& m = *c.topo.find_model("m");
+  const protocol::ChunkKey fingerprint = protocol::model_fingerprint(m.name, m.layout);
+  auto keys = client.chunk_keys("m", prompt(32 * 3));
+  REQUIRE(keys.ok());
+  put(*c.a.store, keys.value(), fingerprint);
+  put(*c.b.store, std::vector<protocol::ChunkKey>(keys->begin(), keys->begin() + 2), fingerprint);
+  // Another model's chunks on both nodes.
+  const protocol::ChunkKey other_model{0x07, 0x07e4};
+  const std::vector<protocol::ChunkKey> other{{1, 1}, {2, 2}};
+  put(*c.a.store, other, other_model);
+  put(*c.b.store, other, other_model);
+
+  auto cleared = client.clear_model("m");
+  REQUIRE(cleared.ok());
+  REQUIRE(cleared->size() == 2);
+  CHECK((*cleared)[0].node == "a");
+  CHECK((*cleared)[0].result->cleared == 3);
+  CHECK((*cleared)[1].result->cleared == 2);
+  CHECK((*cleared)[1].result->freed_bytes == 2 * 256);
+  CHECK(c.a.store->stats().entries == 2);
+  CHECK(c.b.store->stats().entries == 2);
+  for (const auto& k : other) {
+    CHECK(c.a.store->peek(k).has_value());
+    CHECK(c.b.store->peek(k).has_value());
+  }
+  for (const auto& k : keys.value()) CHECK_FALSE(c.a.store->peek(k).has_value());
+
+  auto unknown = client.clear_model("nope", "b");
+  REQUIRE(unknown.ok());
+  REQUIRE(unknown->size() == 1);
+  REQUIRE_FALSE((*unknown)[0].result.ok());
+  CHECK((*unknown)[0].result.status().code() == ErrorCode::kInvalidArgument);
+  CHECK((*unknown)[0].result.status().message().find("unknown model 'nope' (the topology has: m)") !=
+        std::string::npos);
+  CHECK(c.b.store->stats().entries == 2);
 }
 
 TEST_CASE("router client: pin, unpin, clear, stats, health, move") {

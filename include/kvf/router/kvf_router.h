@@ -113,6 +113,9 @@ KVF_ROUTER_API int kvf_router_unpin(kvf_router* router, const kvf_router_key* ke
 /* keys NULL and num_keys 0: clear everything. */
 KVF_ROUTER_API int kvf_router_clear(kvf_router* router, const kvf_router_key* keys, size_t num_keys,
                                     const char* node, kvf_router_node_result* results, size_t* count);
+/* One model's entries (by its name in the daemons' topology). */
+KVF_ROUTER_API int kvf_router_clear_model(kvf_router* router, const char* model, const char* node,
+                                          kvf_router_node_result* results, size_t* count);
 KVF_ROUTER_API int kvf_router_move(kvf_router* router, const char* from, const char* to,
                                    const kvf_router_key* keys, size_t num_keys, int copy, uint64_t* moved);
 KVF_ROUTER_API int kvf_router_health(kvf_router* router, const char* node, kvf_router_node_result* results,

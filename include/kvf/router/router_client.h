@@ -61,6 +61,9 @@ class RouterClient {
   Result<std::vector<NodeReply<ClearCount>>> clear_all(std::string_view node = {});
   Result<std::vector<NodeReply<ClearCount>>> clear_keys(std::span<const ChunkKey> keys,
                                                         std::string_view node = {});
+  // Clears one model's entries (every chunk engines stored under its fingerprint). Each daemon
+  // resolves the name through its topology: a name it does not know is that node's kInvalidArgument.
+  Result<std::vector<NodeReply<ClearCount>>> clear_model(std::string_view model, std::string_view node = {});
   // Asks node `from`'s daemon to move (or copy) the entries to node `to`. The daemon's refusal (503
   // "not available yet" today) comes back as its status: kUnavailable and the daemon's own text.
   Result<MoveCount> move(std::string_view from, std::string_view to, std::span<const ChunkKey> keys,
