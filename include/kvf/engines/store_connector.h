@@ -1,7 +1,9 @@
 // StoreConnector: what an engine calls to reuse prefixes through its node's store (kvfabricd).
 // The engine registers its paged KV layer buffers once; per request it then
 //   lookup(tokens)                      how many leading tokens the store holds (whole chunks)
-//   store(tokens, block_table)          its computed blocks -> the store, chunk by chunk
+//   store(tokens, block_table)          its computed blocks -> the store, chunk by chunk (each
+//                                       recorded under the model's fingerprint, so that the
+//                                       daemon's /clear {"model": ...} finds them)
 //   load(tokens, block_table)           the stored prefix -> its blocks (all layers at once)
 //   load_layers(..., on_layer)          the same, layer by layer: on_layer(l) runs as soon as
 //                                       layer l of every loaded chunk is in place, so the engine
