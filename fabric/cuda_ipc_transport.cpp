@@ -332,6 +332,7 @@ class CudaIpcTransport::Impl {
     std::vector<gpudirect::CudaEvent> gathered, copied;  // per local slot
     std::vector<bool> local_used;
     uint32_t next_local = 0;
+    std::vector<gpudirect::CudaEvent> filled;           // per receiver slot (interprocess): its copy is done
     std::unique_ptr<gpudirect::CudaIpcMapping> remote;  // the receiver's slots, mapped here
     uint32_t remote_slots = 0;
     uint64_t slot_bytes = 0;
@@ -360,6 +361,17 @@ class CudaIpcTransport::Impl {
                   : !gather_stream.ok() ? gather_stream.status()
                   : !copy_stream.ok()   ? copy_stream.status()
                                         : Status::Ok();
+    std::vector<std::vector<uint8_t>> event_handles;
+    for (uint32_t i = 0; made.ok() && i < options_.staging_remote_slots; ++i) {
+      auto e = gpudirect::CudaEvent::create_interprocess(options_.device);
+      auto h = e.ok() ? e->ipc_handle() : Result<std::vector<uint8_t>>(e.status());
+      if (!h.ok()) {
+        made = h.status();
+        break;
+      }
+      event_handles.push_back(std::move(h.value()));
+      lane->filled.push_back(std::move(e.value()));
+    }
     for (uint32_t i = 0; made.ok() && i < kLocalSlots; ++i) {
       auto g = gpudirect::CudaEvent::create(options_.device);
       auto c = gpudirect::CudaEvent::create(options_.device);
@@ -382,7 +394,7 @@ class CudaIpcTransport::Impl {
     const uint64_t token = lane->token;
     StagedLane* raw = lanes_.emplace(peer, std::move(lane)).first->second.get();
     staging::StagingRequest request{token, options_.staging_remote_slots, options_.staging_bytes,
-                                    inner_->address()};
+                                    inner_->address(), std::move(event_handles)};
     inner_->notify(peer, staging::encode(request), [this, peer, token](const Status& s) {
       if (!s.ok()) staging_refused(peer, token, s);
     });
@@ -410,7 +422,17 @@ class CudaIpcTransport::Impl {
     spdlog::warn("cuda_ipc: peer {} offers no staging ({}); copying directly", peer, why.to_string());
     lane->state = StagedLane::State::kDirect;
     auto held = std::move(lane->unoffered);
-    for (auto& put : held) start_put(peer, std::move(put->ops), put->wait_event, std::move(put->done));
+    for (auto& put : held) {
+      // Counted as staged when it came: the lane's count moves on when its direct copy is done.
+      start_put(peer, std::move(put->ops), put->wait_event,
+                [this, peer, done = std::move(put->done)](const Status& s) {
+                  if (done) done(s);
+                  if (auto l = lanes_.find(peer); l != lanes_.end()) {
+                    ++l->second->completed;
+                    finish_flushes(*l->second);
+                  }
+                });
+    }
   }
 
   void staging_offered(const staging::StagingOffer& offer) {
@@ -480,7 +502,6 @@ class CudaIpcTransport::Impl {
       }
     }
     if (chunk.bytes > 0) close_chunk();
-    ++lane.submitted;
     pump(peer, lane);
   }
 
@@ -525,21 +546,20 @@ class CudaIpcTransport::Impl {
     }
     if (traced) end_trace(std::move(*traced), lane.copy_stream);
     if (Status s = lane.copied[local].record(lane.copy_stream); !s.ok()) return s;
+    // The receiver's scatter waits for this on its GPU, so it is told now, not when the copy ends.
+    if (Status s = lane.filled[remote_slot].record(lane.copy_stream); !s.ok()) return s;
     lane.local_used[local] = true;
     const uint64_t batch = lane.next_batch++;
     lane.in_flight.emplace(batch, chunk.put);
+    if (trace_) staged_sent_at_.emplace(batch, std::chrono::steady_clock::now());
     staging::Scatter scatter{lane.token, batch, remote_slot, std::move(chunk.pieces)};
-    // Once the bytes are in the receiver's slot, it may place them.
-    enqueue_events(
-        {&lane.copy_stream}, [this, peer, token = lane.token, scatter = std::move(scatter)](const Status& s) {
-          if (!s.ok()) return;  // the stream failed: complete_all has already failed everything
-          inner_->notify(peer, staging::encode(scatter),
-                         [this, token, batch = scatter.batch, slot = scatter.slot](const Status& sent) {
-                           if (!sent.ok())
-                             chunk_done(staging::Scattered{
-                                 token, batch, slot, static_cast<uint32_t>(sent.code()), sent.message()});
-                         });
-        });
+    inner_->notify(peer, staging::encode(scatter),
+                   [this, token = lane.token, batch, remote_slot](const Status& sent) {
+                     if (!sent.ok()) {
+                       chunk_done(staging::Scattered{token, batch, remote_slot,
+                                                     static_cast<uint32_t>(sent.code()), sent.message()});
+                     }
+                   });
     return Status::Ok();
   }
 
@@ -556,6 +576,11 @@ class CudaIpcTransport::Impl {
     }
     std::shared_ptr<StagedPut> put = std::move(it->second);
     lane->in_flight.erase(it);
+    if (auto sent = staged_sent_at_.find(answer.batch); sent != staged_sent_at_.end()) {
+      staged_round_trip_us_.push_back(
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - sent->second).count());
+      staged_sent_at_.erase(sent);
+    }
     lane->free_remote.push_back(answer.slot);
     if (answer.error != 0 && put->status.ok()) {
       put->status = Status(static_cast<ErrorCode>(answer.error),
@@ -595,6 +620,7 @@ class CudaIpcTransport::Impl {
     for (auto& p : puts) {
       if (p->done) std::exchange(p->done, nullptr)(why);
     }
+    lane.completed = lane.submitted;
     auto flushes = std::move(lane.flushes);
     lane.flushes.clear();
     for (auto& f : flushes) {
@@ -634,7 +660,12 @@ class CudaIpcTransport::Impl {
       spdlog::warn("cuda_ipc: scatter from sender {:016x}, which asked for no staging", scatter.sender);
       return;
     }
-    receiver_->scatter(scatter, [this, to = back->second](staging::Scattered answer) {
+    const auto asked = std::chrono::steady_clock::now();
+    receiver_->scatter(scatter, [this, to = back->second, asked](staging::Scattered answer) {
+      if (trace_ && scatter_us_.size() < 65536) {
+        scatter_us_.push_back(
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - asked).count());
+      }
       if (answer.error != 0) spdlog::warn("cuda_ipc: refused a staged put: {}", answer.message);
       inner_->notify(to, staging::encode(answer), nullptr);
     });
@@ -745,8 +776,11 @@ class CudaIpcTransport::Impl {
     if (options_.copy == CudaCopyMethod::kStaged) {
       StagedLane* lane = lane_for(peer);
       if (lane->state != StagedLane::State::kDirect) {
-        auto put = std::make_shared<StagedPut>(StagedPut{{}, wait_event, std::move(done), 0, Status::Ok()});
+        auto put = std::make_shared<StagedPut>();
+        put->wait_event = wait_event;
+        put->done = std::move(done);
         if (lane->state == StagedLane::State::kRequested) put->ops = std::move(ops);
+        ++lane->submitted;  // flushes from now on wait for it
         return stage(peer, *lane, std::move(put));
       }
     }
@@ -861,7 +895,28 @@ class CudaIpcTransport::Impl {
     put.end.emplace(std::move(end.value()));
     traced_.push_back(std::move(put));
   }
+  static double median_of(std::vector<double> v) {
+    if (v.empty()) return 0.0;
+    std::nth_element(v.begin(), v.begin() + static_cast<long>(v.size() / 2), v.end());
+    return v[v.size() / 2];
+  }
+
   void report_trace() {
+    if (!staged_round_trip_us_.empty()) {
+      std::fprintf(
+          stderr,
+          "cuda_ipc trace (GPU %d, staged sender): %zu chunks; from handing a chunk to the receiver to "
+          "its answer median %.1f us\n",
+          options_.device, staged_round_trip_us_.size(), median_of(staged_round_trip_us_));
+      staged_round_trip_us_.clear();
+    }
+    if (!scatter_us_.empty()) {
+      std::fprintf(stderr,
+                   "cuda_ipc trace (GPU %d, staged receiver): %zu scatters; from the request to the answer "
+                   "median %.1f us\n",
+                   options_.device, scatter_us_.size(), median_of(scatter_us_));
+      scatter_us_.clear();
+    }
     if (traced_.empty()) return;
     std::vector<double> copy_us, gap_us;
     double busy_ms = 0;
@@ -986,7 +1041,13 @@ class CudaIpcTransport::Impl {
   std::unordered_map<int, std::vector<gpudirect::CudaEvent>> free_events_;  // by device
   std::map<PeerId, std::unique_ptr<StagedLane>> lanes_;                     // staged puts, by peer
   std::vector<gpudirect::CopySegment> segments_;
-  std::vector<uint64_t> staged_destinations_;  // the peer's address of each of segments_' destinations
+  std::vector<uint64_t> staged_destinations_;
+  // KVF_CUDA_IPC_TRACE: when each staged chunk was handed to the receiver, and how long until
+  // its answer came (copy + scatter + two messages).
+  std::unordered_map<uint64_t, std::chrono::steady_clock::time_point> staged_sent_at_;
+  std::vector<double> staged_round_trip_us_;
+  std::vector<double>
+      scatter_us_;  // receiver: request to answer  // the peer's address of each of segments_' destinations
   // Names this transport's staging lanes to receivers (xor the peer id); random per process.
   const uint64_t token_base_ = std::random_device{}() | uint64_t{std::random_device{}()} << 32;
   static constexpr std::chrono::seconds kOfferTimeout{10};

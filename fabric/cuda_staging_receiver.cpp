@@ -1,5 +1,7 @@
 #include "cuda_staging_receiver.h"
 
+#include <algorithm>
+
 #include <spdlog/spdlog.h>
 
 namespace kvf::fabric {
@@ -8,9 +10,15 @@ StagingReceiver::StagingReceiver(int device, gpudirect::SegmentCopier& copier, W
                                  uint64_t max_bytes)
     : device_(device), copier_(copier), when_done_(std::move(when_done)), max_bytes_(max_bytes) {}
 
-StagingReceiver::~StagingReceiver() {
-  // A scatter may still read a slot.
-  for (auto& [sender, slots] : senders_) (void)slots->stream.synchronize();
+StagingReceiver::~StagingReceiver() = default;  // cudaFree waits for the work that uses a slot
+
+void StagingReceiver::free_retired() {
+  std::erase_if(retired_, [&](const std::unique_ptr<Slots>& s) {
+    auto done = s->idle.done();
+    if (!done.ok() || !done.value()) return false;
+    allocated_ -= s->buffer.size();
+    return true;
+  });
 }
 
 staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& request) {
@@ -20,6 +28,7 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
     out.message = s.message();
     return out;
   };
+  free_retired();
   auto it = senders_.find(request.sender);
   if (it == senders_.end()) {
     const uint64_t bytes = uint64_t{request.slots} * request.slot_bytes;
@@ -33,8 +42,18 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
     if (!buffer.ok()) return refuse(buffer.status());
     auto stream = gpudirect::CudaStream::create(device_);
     if (!stream.ok()) return refuse(stream.status());
-    auto slots = std::make_unique<Slots>(
-        Slots{std::move(buffer.value()), std::move(stream.value()), request.slots, request.slot_bytes});
+    std::vector<gpudirect::CudaEvent> filled;
+    for (const std::vector<uint8_t>& handle : request.slot_events) {
+      auto event = gpudirect::CudaEvent::open_ipc(handle, device_);
+      if (!event.ok()) return refuse(event.status());
+      filled.push_back(std::move(event.value()));
+    }
+    auto slots = std::make_unique<Slots>(Slots{std::move(buffer.value()),
+                                               std::move(stream.value()),
+                                               request.slots,
+                                               request.slot_bytes,
+                                               std::move(filled),
+                                               {}});
     allocated_ += bytes;
     it = senders_.emplace(request.sender, std::move(slots)).first;
     spdlog::info("cuda_ipc: staging {} slots of {} MiB on GPU {} for sender {:016x}", request.slots,
@@ -64,11 +83,15 @@ Status StagingReceiver::check_destination(uint64_t destination, uint64_t bytes) 
                                                      " is on GPU " + std::to_string(allocation->device) +
                                                      ", this receiver's is GPU " + std::to_string(device_));
     }
-    for (const auto& [sender, slots] : senders_) {
-      if (allocation->base == reinterpret_cast<uintptr_t>(slots->buffer.data())) {
-        return Status(ErrorCode::kInvalidArgument,
-                      "destination 0x" + fmt::format("{:x}", destination) + " lies in staging memory");
-      }
+    auto is_staging = [&](const Slots& slots) {
+      return allocation->base == reinterpret_cast<uintptr_t>(slots.buffer.data());
+    };
+    bool staging =
+        std::any_of(senders_.begin(), senders_.end(), [&](const auto& s) { return is_staging(*s.second); }) ||
+        std::any_of(retired_.begin(), retired_.end(), [&](const auto& s) { return is_staging(*s); });
+    if (staging) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "destination 0x" + fmt::format("{:x}", destination) + " lies in staging memory");
     }
     known = known_allocations_.insert_or_assign(allocation->base, allocation->base + allocation->bytes).first;
     ++known;
@@ -109,6 +132,8 @@ void StagingReceiver::scatter(const staging::Scatter& request,
     segments_.push_back(gpudirect::CopySegment{slot_base + offset, piece.destination, piece.bytes});
     offset += piece.bytes;
   }
+  // The sender's copy into the slot was enqueued before it sent this; the GPU waits for its end.
+  if (Status c = s.stream.wait_event(s.filled[request.slot].handle()); !c.ok()) return fail(c);
   if (Status c = copier_.copy(segments_, s.stream.handle()); !c.ok()) return fail(c);
   when_done_(s.stream, [out = std::move(out), reply = std::move(reply)](const Status& st) mutable {
     if (!st.ok()) {
@@ -122,9 +147,16 @@ void StagingReceiver::scatter(const staging::Scatter& request,
 void StagingReceiver::drop(uint64_t sender) {
   auto it = senders_.find(sender);
   if (it == senders_.end()) return;
-  (void)it->second->stream.synchronize();
-  allocated_ -= it->second->buffer.size();
+  std::unique_ptr<Slots> slots = std::move(it->second);
   senders_.erase(it);
+  auto idle = gpudirect::CudaEvent::create(device_);
+  if (idle.ok() && idle->record(slots->stream).ok()) {
+    slots->idle = std::move(idle.value());
+    retired_.push_back(std::move(slots));
+  } else {
+    allocated_ -= slots->buffer.size();  // no event to wait for: let cudaFree wait
+  }
+  free_retired();
 }
 
 }  // namespace kvf::fabric

@@ -36,7 +36,7 @@ class StagingReceiver {
   staging::StagingOffer offer(const staging::StagingRequest& request);
   // Places a filled slot; `reply` runs once with the outcome (after the bytes are in place).
   void scatter(const staging::Scatter& scatter, std::function<void(staging::Scattered)> reply);
-  // Forgets a sender (it disconnected or died): waits for its scatters, frees its slots.
+  // Forgets a sender (it disconnected or died); its slots are freed once nothing queued uses them.
   void drop(uint64_t sender);
 
  private:
@@ -45,7 +45,10 @@ class StagingReceiver {
     gpudirect::CudaStream stream;
     uint32_t slots = 0;
     uint64_t slot_bytes = 0;
+    std::vector<gpudirect::CudaEvent> filled;  // the sender's per-slot events, opened here
+    gpudirect::CudaEvent idle;                 // recorded when dropped: freed once it fires
   };
+  void free_retired();
   Status check_destination(uint64_t destination, uint64_t bytes);
 
   int device_;
@@ -54,6 +57,9 @@ class StagingReceiver {
   uint64_t max_bytes_;
   uint64_t allocated_ = 0;
   std::unordered_map<uint64_t, std::unique_ptr<Slots>> senders_;
+  // Dropped senders' slots, kept until their stream has passed everything queued on it: a dead
+  // sender's copy may never signal its event, and waiting for it here would stop this thread.
+  std::vector<std::unique_ptr<Slots>> retired_;
   // Allocations already checked to be this GPU's device memory: base -> end.
   std::map<uintptr_t, uintptr_t> known_allocations_;
   std::vector<gpudirect::CopySegment> segments_;

@@ -10,6 +10,7 @@ enum class Type : uint16_t { kRequest = 1, kOffer = 2, kScatter = 3, kScattered 
 
 constexpr size_t kMaxString = 4096;
 constexpr size_t kMaxBlob = 4096;
+constexpr size_t kMaxEventHandle = 256;
 
 class Writer {
  public:
@@ -97,6 +98,8 @@ std::vector<uint8_t> encode(const Message& message) {
           w.u32(m.slots);
           w.u64(m.slot_bytes);
           w.bytes(m.reply_address);
+          w.u32(static_cast<uint32_t>(m.slot_events.size()));
+          for (const auto& e : m.slot_events) w.bytes(e);
           return w.take();
         } else if constexpr (std::is_same_v<T, StagingOffer>) {
           Writer w(Type::kOffer);
@@ -152,6 +155,12 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
         return malformed("staging request for " + std::to_string(m.slots) + " slots of " +
                          std::to_string(m.slot_bytes) + " bytes");
       if (m.reply_address.empty()) return malformed("staging request without a reply address");
+      uint32_t events = 0;
+      if (!r.u32(events) || events != m.slots) return malformed("staging request without one event per slot");
+      m.slot_events.resize(events);
+      for (auto& e : m.slot_events) {
+        if (!r.bytes(e, kMaxEventHandle) || e.empty()) return malformed("truncated slot event");
+      }
       out = std::move(m);
       break;
     }

@@ -2,7 +2,8 @@
 // as notifications on the transport's inner UCX connection, both ways:
 //   sender -> receiver  StagingRequest: "stage my puts through slots on your GPU; reach me here"
 //   receiver -> sender  StagingOffer:   the slots' CUDA IPC blob (or why there are none)
-//   sender -> receiver  Scatter:        slot S now holds these bytes; place them at these addresses
+//   sender -> receiver  Scatter:        slot S is being filled (its event fires when it is full);
+//                                       place its bytes at these addresses
 //   receiver -> sender  Scattered:      slot S is placed (and free again), or why not
 // Every message starts with a magic that no stream frame ("KVF1") has, so the transport can take
 // its own messages out of the notification stream. Decoding checks every count against the bytes
@@ -31,6 +32,9 @@ struct StagingRequest {
   uint32_t slots = 0;
   uint64_t slot_bytes = 0;
   std::vector<uint8_t> reply_address;  // the sender's inner UCX worker address
+  // Per slot, a CUDA IPC event the sender records once its copy into that slot is enqueued; the
+  // receiver's scatter waits for it on the GPU, so a Scatter can be sent before the copy ends.
+  std::vector<std::vector<uint8_t>> slot_events;
 };
 
 struct StagingOffer {

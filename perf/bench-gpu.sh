@@ -157,10 +157,13 @@ if cell_wanted peer && ((gpus >= 2)); then
   # variants were measured on 2026-11-29 and are in perf/RESULTS.md; add them here to re-measure).
   for copy in $peer_copies; do verified "peer-shuffled-$copy" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
   verified peer-contiguous --transport cuda_ipc --mem cuda:0
-  # Where the GPU time goes (copy time vs gaps between layers) for the direct kernel and the
-  # contiguous copy-engine path (staged copies span two GPUs' streams and are not traced).
+  # Where the GPU time goes (copy time vs gaps between layers) for the direct kernel, staged
+  # copies (their copy-engine copies, and the round trip to the receiver's scatter) and the
+  # contiguous copy-engine path.
   KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
     --transport cuda_ipc --mem cuda:0 --shuffle --copy kernel 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: kernel: /"
+  KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+    --transport cuda_ipc --mem cuda:0 --shuffle --copy staged 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: staged: /"
   KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
     --transport cuda_ipc --mem cuda:0 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: contiguous: /"
   for r in $(seq "$rounds"); do

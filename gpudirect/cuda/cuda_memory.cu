@@ -544,6 +544,42 @@ Result<CudaEvent> CudaEvent::create(int device, bool timing) {
   return CudaEvent(event, device);
 }
 
+Result<CudaEvent> CudaEvent::create_interprocess(int device) {
+  if (Status s = require_device(device); !s.ok()) return s;
+  DeviceGuard guard(device);
+  if (Status s = guard.status(device); !s.ok()) return s;
+  cudaEvent_t event = nullptr;
+  cudaError_t err = cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventInterprocess);
+  if (err != cudaSuccess) return cuda_error("cudaEventCreateWithFlags(interprocess)", err);
+  return CudaEvent(event, device);
+}
+
+Result<std::vector<uint8_t>> CudaEvent::ipc_handle() const {
+  if (event_ == nullptr) return Status(ErrorCode::kInvalidArgument, "ipc_handle of an empty event");
+  cudaIpcEventHandle_t handle{};
+  cudaError_t err = cudaIpcGetEventHandle(&handle, static_cast<cudaEvent_t>(event_));
+  if (err != cudaSuccess) return cuda_error("cudaIpcGetEventHandle", err, ErrorCode::kInvalidArgument);
+  const auto* p = reinterpret_cast<const uint8_t*>(&handle);
+  return std::vector<uint8_t>(p, p + sizeof(handle));
+}
+
+Result<CudaEvent> CudaEvent::open_ipc(std::span<const uint8_t> bytes, int device) {
+  if (bytes.size() != sizeof(cudaIpcEventHandle_t)) {
+    return Status(ErrorCode::kMalformed, "a CUDA IPC event handle is " +
+                                             std::to_string(sizeof(cudaIpcEventHandle_t)) + " bytes, got " +
+                                             std::to_string(bytes.size()));
+  }
+  if (Status s = require_device(device); !s.ok()) return s;
+  DeviceGuard guard(device);
+  if (Status s = guard.status(device); !s.ok()) return s;
+  cudaIpcEventHandle_t handle{};
+  std::memcpy(&handle, bytes.data(), sizeof(handle));
+  cudaEvent_t event = nullptr;
+  cudaError_t err = cudaIpcOpenEventHandle(&event, handle);
+  if (err != cudaSuccess) return cuda_error("cudaIpcOpenEventHandle", err, ErrorCode::kInvalidArgument);
+  return CudaEvent(event, device);
+}
+
 void CudaEvent::reset() {
   if (event_ == nullptr) return;
   DeviceGuard guard(device_);

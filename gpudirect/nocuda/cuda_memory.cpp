@@ -87,6 +87,15 @@ Status CudaStream::synchronize() const {
 Result<CudaEvent> CudaEvent::create(int, bool) {
   return built_without_cuda("CudaEvent::create");
 }
+Result<CudaEvent> CudaEvent::create_interprocess(int) {
+  return built_without_cuda("CudaEvent::create_interprocess");
+}
+Result<std::vector<uint8_t>> CudaEvent::ipc_handle() const {
+  return built_without_cuda("CudaEvent::ipc_handle");
+}
+Result<CudaEvent> CudaEvent::open_ipc(std::span<const uint8_t>, int) {
+  return built_without_cuda("CudaEvent::open_ipc");
+}
 void CudaEvent::reset() {}
 Status CudaEvent::record(void*) const {
   return built_without_cuda("CudaEvent::record");

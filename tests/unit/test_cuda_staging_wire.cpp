@@ -16,7 +16,8 @@ std::vector<Message> samples() {
   std::mt19937_64 rng(7);
   Scatter scatter{rng(), rng(), 3, {}};
   for (int i = 0; i < 100; ++i) scatter.pieces.push_back(ScatterPiece{(rng() >> 8) + 1, (rng() % 65536) + 1});
-  return {StagingRequest{rng(), 4, 32ull << 20, {1, 2, 3, 4, 5}},
+  const std::vector<std::vector<uint8_t>> events(4, std::vector<uint8_t>(64, 0x5a));
+  return {StagingRequest{rng(), 4, 32ull << 20, {1, 2, 3, 4, 5}, events},
           StagingOffer{rng(), 4, 32ull << 20, std::vector<uint8_t>(72, 0xab), 0, ""},
           StagingOffer{rng(), 0, 0, {}, static_cast<uint32_t>(ErrorCode::kOutOfMemory), "no room"},
           scatter,
@@ -82,9 +83,14 @@ TEST_CASE("bad versions, types, counts and sizes are refused") {
   REQUIRE(decode(bytes).status().code() == ErrorCode::kMalformed);
 
   // A request for too many slots, or for slots larger than any GPU staging should be.
-  REQUIRE_FALSE(decode(encode(StagingRequest{1, kMaxSlots + 1, 1 << 20, {1}})).ok());
-  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, kMaxSlotBytes + 1, {1}})).ok());
-  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, 1 << 20, {}})).ok());
+  const std::vector<std::vector<uint8_t>> four(4, std::vector<uint8_t>(64, 1));
+  REQUIRE(decode(encode(StagingRequest{1, 4, 1 << 20, {1}, four})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, kMaxSlots + 1, 1 << 20, {1}, four})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, kMaxSlotBytes + 1, {1}, four})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, 1 << 20, {}, four})).ok());
+  // One event per slot, none empty.
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 3, 1 << 20, {1}, four})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 1, 1 << 20, {1}, {{}}})).ok());
   // An offer that says yes but gives nothing to map.
   REQUIRE_FALSE(decode(encode(StagingOffer{1, 4, 1 << 20, {}, 0, ""})).ok());
   // Error codes outside the enum.

@@ -288,6 +288,14 @@ class CudaStream {
 class CudaEvent {
  public:
   static Result<CudaEvent> create(int device, bool timing = false);
+  // An event another process of this host can wait on (cudaEventInterprocess, no timing): it
+  // records here; the other side opens ipc_handle() with open_ipc and makes a stream wait for it.
+  // A wait sees the last record made before it was enqueued, so the recorder must tell the
+  // waiter (a message) after recording, and must not record again until the waiter has passed.
+  static Result<CudaEvent> create_interprocess(int device);
+  Result<std::vector<uint8_t>> ipc_handle() const;  // 64 bytes (cudaIpcEventHandle_t)
+  static Result<CudaEvent> open_ipc(std::span<const uint8_t> handle, int device);
+  CudaEvent() = default;  // empty: no event
 
   CudaEvent(CudaEvent&& o) noexcept : event_(std::exchange(o.event_, nullptr)), device_(o.device_) {}
   CudaEvent& operator=(CudaEvent&& o) noexcept {
