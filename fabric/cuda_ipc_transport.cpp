@@ -444,7 +444,7 @@ class CudaIpcTransport::Impl {
           peer, offer.sender,
           Status(static_cast<ErrorCode>(offer.error), "the receiver refused: " + offer.message));
     }
-    if (offer.slot_bytes != lane->slot_bytes || offer.slots == 0) {
+    if (offer.slot_bytes != lane->slot_bytes || offer.slots != lane->filled.size()) {
       return staging_refused(peer, offer.sender,
                              Status(ErrorCode::kMalformed, "the offer's slots are not the ones asked for"));
     }
@@ -473,6 +473,8 @@ class CudaIpcTransport::Impl {
     if (!put->ops.empty()) {  // held before the offer: make its segments now
       if (Status s = make_segments(peer, put->ops); !s.ok()) {
         if (put->done) put->done(s);
+        ++lane.completed;
+        finish_flushes(lane);
         return;
       }
       put->ops.clear();
