@@ -329,6 +329,10 @@ class CudaIpcTransport::Impl {
     gpudirect::DeviceBuffer here;
     gpudirect::CudaStream gather_stream;
     gpudirect::CudaStream copy_stream;
+    // staging_copy_streams > 1: the other parts of each copy, and an event each that
+    // copy_stream waits for before it marks the copy done.
+    std::vector<gpudirect::CudaStream> extra_copy_streams;
+    std::vector<gpudirect::CudaEvent> extra_copied;
     std::vector<gpudirect::CudaEvent> gathered, copied;  // per local slot
     std::vector<bool> local_used;
     uint32_t next_local = 0;
@@ -371,6 +375,16 @@ class CudaIpcTransport::Impl {
       }
       event_handles.push_back(std::move(h.value()));
       lane->filled.push_back(std::move(e.value()));
+    }
+    for (uint32_t i = 1; made.ok() && i < options_.staging_copy_streams; ++i) {
+      auto extra = gpudirect::CudaStream::create(options_.device);
+      auto e = gpudirect::CudaEvent::create(options_.device);
+      if (!extra.ok() || !e.ok()) {
+        made = !extra.ok() ? extra.status() : e.status();
+        break;
+      }
+      lane->extra_copy_streams.push_back(std::move(extra.value()));
+      lane->extra_copied.push_back(std::move(e.value()));
     }
     for (uint32_t i = 0; made.ok() && i < kLocalSlots; ++i) {
       auto g = gpudirect::CudaEvent::create(options_.device);
@@ -540,11 +554,28 @@ class CudaIpcTransport::Impl {
     if (Status s = lane.gathered[local].record(gather); !s.ok()) return s;
     if (Status s = lane.copy_stream.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
     std::optional<TracedPut> traced = begin_trace(lane.copy_stream, chunk.bytes, chunk.pieces.size(), true);
-    if (Status s = lane.copy_stream.copy_async(
-            static_cast<uint8_t*>(lane.remote->data()) + remote_slot * lane.slot_bytes,
-            reinterpret_cast<const void*>(here), chunk.bytes);
+    uint8_t* there = static_cast<uint8_t*>(lane.remote->data()) + remote_slot * lane.slot_bytes;
+    // Split over the copy streams in 64 KiB-aligned parts; copy_stream takes the first.
+    const uint64_t parts = lane.extra_copy_streams.size() + 1;
+    const uint64_t part = ((chunk.bytes + parts - 1) / parts + 65535) & ~uint64_t{65535};
+    for (uint64_t i = 1; i < parts && i * part < chunk.bytes; ++i) {
+      const gpudirect::CudaStream& extra = lane.extra_copy_streams[i - 1];
+      const uint64_t at = i * part;
+      if (Status s = extra.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
+      if (Status s = extra.copy_async(there + at, reinterpret_cast<const void*>(here + at),
+                                      std::min(part, chunk.bytes - at));
+          !s.ok()) {
+        return s;
+      }
+      if (Status s = lane.extra_copied[i - 1].record(extra); !s.ok()) return s;
+    }
+    if (Status s = lane.copy_stream.copy_async(there, reinterpret_cast<const void*>(here),
+                                               std::min(part, chunk.bytes));
         !s.ok()) {
       return s;
+    }
+    for (uint64_t i = 1; i < parts && i * part < chunk.bytes; ++i) {
+      if (Status s = lane.copy_stream.wait_event(lane.extra_copied[i - 1].handle()); !s.ok()) return s;
     }
     if (traced) end_trace(std::move(*traced), lane.copy_stream);
     if (Status s = lane.copied[local].record(lane.copy_stream); !s.ok()) return s;
@@ -870,6 +901,7 @@ class CudaIpcTransport::Impl {
   void synchronize_all() {
     for (const auto& [peer, lane] : lanes_) {
       if (lane->copy_stream.handle() != nullptr) (void)lane->copy_stream.synchronize();
+      for (const auto& extra : lane->extra_copy_streams) (void)extra.synchronize();
     }
     for (const auto& stream : streams_) (void)stream.synchronize();
   }

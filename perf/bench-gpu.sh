@@ -15,7 +15,8 @@
 # Every kvfabric path is run once with --verify first (the receiver checks every byte of random
 # data in poisoned blocks); a failed check fails the cell.
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
-#   --only peer,nccl,pinned,overlap   (default: all; peer-sweep: the cuda_ipc knobs, for tuning)
+#   --only peer,nccl,pinned,overlap   (default: all; peer-sweep and staged-sweep: the cuda_ipc
+#   knobs, for tuning)
 # Environment: KVF_BIN (default build/bin); PEER_COPIES (see peer); needs 2 GPUs for
 # peer/nccl/overlap.
 set -uo pipefail
@@ -116,6 +117,8 @@ anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M",
           "peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-staged": "peer",
           "peer-shuffled-auto": "peer",
           "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
+for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("staged-")):
+    anchor[cell] = "peer"  # staged-sweep variants, named by STAGED_VARIANTS
 lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
 for cell, raw_cell in anchor.items():
     k, n = med(cell, "kvfabric")
@@ -192,6 +195,34 @@ if cell_wanted peer-sweep && ((gpus >= 2)); then
       # shellcheck disable=SC2086
       kvf "sweep-contiguous-$name" "$r" --transport cuda_ipc --mem cuda:0 $flags
     done
+  done
+fi
+summarize >/dev/null
+
+# staged-sweep: the staged path's knobs (bytes in flight, receiver slots, copy streams per chunk)
+# on the shuffled request, for tuning its defaults. STAGED_VARIANTS overrides the list.
+if cell_wanted staged-sweep && ((gpus >= 2)); then
+  start_server --transport cuda_ipc --mem cuda:1 || exit 1
+  if [[ -n ${STAGED_VARIANTS:-} ]]; then
+    IFS=';' read -r -a variants <<<"$STAGED_VARIANTS"
+  else
+    variants=("i128M --inflight 128M" "i512M --inflight 512M" "i512M-c2 --inflight 512M --staging-copy-streams 2"
+              "i512M-s8 --inflight 512M --staging-slots 8" "i1G-s8-c2 --inflight 1G --staging-slots 8 --staging-copy-streams 2")
+  fi
+  for v in "${variants[@]}"; do
+    read -r name flags <<<"$v"
+    # shellcheck disable=SC2086
+    verified "staged-$name" --transport cuda_ipc --mem cuda:0 --shuffle --copy staged $flags
+  done
+  for r in $(seq "$rounds"); do
+    echo "bench-gpu: staged-sweep round $r/$rounds"
+    if ((r % 2)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
+    for v in "${variants[@]}"; do
+      read -r name flags <<<"$v"
+      # shellcheck disable=SC2086
+      kvf "staged-$name" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy staged $flags
+    done
+    if ((r % 2 == 0)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
   done
 fi
 summarize >/dev/null

@@ -97,6 +97,10 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
     }
     cuda.staging_bytes = *staging;
     cuda.staging_remote_slots = args["staging-slots"].as<uint32_t>();
+    cuda.staging_copy_streams = args["staging-copy-streams"].as<uint32_t>();
+    if (cuda.staging_copy_streams == 0 || cuda.staging_copy_streams > 4) {
+      return Status(ErrorCode::kInvalidArgument, "--staging-copy-streams must be 1..4");
+    }
     if (cuda.staging_remote_slots == 0 || cuda.staging_remote_slots > 64) {
       return Status(ErrorCode::kInvalidArgument, "--staging-slots must be 1..64");
     }
@@ -483,6 +487,7 @@ int main(int argc, char** argv) {
       ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
       ("staging-bytes", "cuda_ipc staged copies: bytes per staging slot (two on the sender's GPU per peer)", cxxopts::value<std::string>()->default_value("32M"))
       ("staging-slots", "cuda_ipc staged copies: slots the sender asks of the receiver's GPU", cxxopts::value<uint32_t>()->default_value("4"))
+      ("staging-copy-streams", "cuda_ipc staged copies: streams each chunk's copy is split over", cxxopts::value<uint32_t>()->default_value("1"))
       ("staging-limit", "cuda_ipc receiver: the most GPU memory all senders' staging may take", cxxopts::value<std::string>()->default_value("1G"))
       ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))
       ("json", "client: write results as JSON to FILE", cxxopts::value<std::string>())

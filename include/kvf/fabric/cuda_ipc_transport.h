@@ -44,6 +44,9 @@ struct CudaIpcTransportOptions {
   // put; larger batches go through them in pieces.
   uint64_t staging_bytes = 32ull << 20;
   uint32_t staging_remote_slots = 4;
+  // Each staged chunk's copy is split over this many streams (1..4), so several copy engines
+  // can carry one chunk.
+  uint32_t staging_copy_streams = 1;
   // As a receiver: the most GPU memory all senders' staging slots may take together.
   uint64_t staging_receive_limit = 1ull << 30;
   // kAuto: batches whose mean extent is at least this many bytes go to the copy engines. A copy
