@@ -550,7 +550,15 @@ class CudaIpcTransport::Impl {
     }
     const uint64_t here = reinterpret_cast<uint64_t>(lane.here.data()) + local * lane.slot_bytes;
     for (gpudirect::CopySegment& g : chunk.gathers) g.dst += here;
+    std::optional<TracedPut> traced_gather = begin_trace(gather, chunk.bytes, chunk.gathers.size(), false);
     if (Status s = copier_->copy(chunk.gathers, gather.handle()); !s.ok()) return s;
+    if (traced_gather) {
+      auto end = gpudirect::CudaEvent::create(options_.device, true);
+      if (end.ok() && end->record(gather.handle()).ok()) {
+        traced_gather->end.emplace(std::move(end.value()));
+        traced_gathers_.push_back(std::move(*traced_gather));
+      }
+    }
     if (Status s = lane.gathered[local].record(gather); !s.ok()) return s;
     if (Status s = lane.copy_stream.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
     std::optional<TracedPut> traced = begin_trace(lane.copy_stream, chunk.bytes, chunk.pieces.size(), true);
@@ -814,6 +822,14 @@ class CudaIpcTransport::Impl {
         put->done = std::move(done);
         if (lane->state == StagedLane::State::kRequested) put->ops = std::move(ops);
         ++lane->submitted;  // flushes from now on wait for it
+        if (trace_) {
+          const auto now = std::chrono::steady_clock::now();
+          if (last_put_at_) {
+            put_interval_us_.push_back(
+                std::chrono::duration<double, std::micro>(now - *last_put_at_).count());
+          }
+          last_put_at_ = now;
+        }
         return stage(peer, *lane, std::move(put));
       }
     }
@@ -944,6 +960,20 @@ class CudaIpcTransport::Impl {
           options_.device, staged_round_trip_us_.size(), median_of(staged_round_trip_us_));
       staged_round_trip_us_.clear();
     }
+    if (!put_interval_us_.empty() || !traced_gathers_.empty()) {
+      std::vector<double> gather_us;
+      for (const TracedPut& g : traced_gathers_) {
+        auto ms = g.end->elapsed_ms_since(g.start);
+        if (ms.ok()) gather_us.push_back(ms.value() * 1e3);
+      }
+      std::fprintf(
+          stderr,
+          "cuda_ipc trace (GPU %d, staged sender): %zu gathers, median %.1f us on the GPU; staged puts "
+          "arrive every %.1f us (median)\n",
+          options_.device, gather_us.size(), median_of(gather_us), median_of(put_interval_us_));
+      traced_gathers_.clear();
+      put_interval_us_.clear();
+    }
     if (!scatter_us_.empty()) {
       std::fprintf(stderr,
                    "cuda_ipc trace (GPU %d, staged receiver): %zu scatters; from the request to the answer "
@@ -983,6 +1013,14 @@ class CudaIpcTransport::Impl {
         static_cast<double>(bytes) / (1 << 20), busy_ms,
         busy_ms > 0 ? static_cast<double>(bytes) / (busy_ms / 1e3) / 1e9 : 0.0, median(copy_us),
         median(gap_us), gap_us.size());
+    if (!gap_us.empty()) {
+      std::sort(gap_us.begin(), gap_us.end());
+      double idle = 0;
+      for (double g : gap_us) idle += g;
+      std::fprintf(stderr,
+                   "cuda_ipc trace (GPU %d): gaps under 1 ms: p90 %.1f us, max %.1f us, %.2f ms in all\n",
+                   options_.device, gap_us[gap_us.size() * 9 / 10], gap_us.back(), idle / 1e3);
+    }
     traced_.clear();
   }
 
@@ -1075,13 +1113,15 @@ class CudaIpcTransport::Impl {
   std::unordered_map<int, std::vector<gpudirect::CudaEvent>> free_events_;  // by device
   std::map<PeerId, std::unique_ptr<StagedLane>> lanes_;                     // staged puts, by peer
   std::vector<gpudirect::CopySegment> segments_;
-  std::vector<uint64_t> staged_destinations_;
+  std::vector<uint64_t> staged_destinations_;  // the peer's address of each of segments_' destinations
   // KVF_CUDA_IPC_TRACE: when each staged chunk was handed to the receiver, and how long until
   // its answer came (copy + scatter + two messages).
   std::unordered_map<uint64_t, std::chrono::steady_clock::time_point> staged_sent_at_;
   std::vector<double> staged_round_trip_us_;
-  std::vector<double>
-      scatter_us_;  // receiver: request to answer  // the peer's address of each of segments_' destinations
+  std::vector<double> scatter_us_;  // receiver: request to answer
+  std::vector<TracedPut> traced_gathers_;
+  std::vector<double> put_interval_us_;
+  std::optional<std::chrono::steady_clock::time_point> last_put_at_;
   // Names this transport's staging lanes to receivers (xor the peer id); random per process.
   const uint64_t token_base_ = std::random_device{}() | uint64_t{std::random_device{}()} << 32;
   static constexpr std::chrono::seconds kOfferTimeout{10};

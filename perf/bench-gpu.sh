@@ -214,6 +214,13 @@ if cell_wanted staged-sweep && ((gpus >= 2)); then
     # shellcheck disable=SC2086
     verified "staged-$name" --transport cuda_ipc --mem cuda:0 --shuffle --copy staged $flags
   done
+  # Where the time goes, both sides: a traced client, then the server's own trace as it stops.
+  read -r name flags <<<"${variants[0]}"
+  # shellcheck disable=SC2086
+  KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+    --transport cuda_ipc --mem cuda:0 --shuffle --copy staged $flags 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: staged-$name: /"
+  kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
+  KVF_CUDA_IPC_TRACE=1 start_server --transport cuda_ipc --mem cuda:1 || exit 1
   for r in $(seq "$rounds"); do
     echo "bench-gpu: staged-sweep round $r/$rounds"
     if ((r % 2)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
@@ -224,6 +231,8 @@ if cell_wanted staged-sweep && ((gpus >= 2)); then
     done
     if ((r % 2 == 0)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
   done
+  kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
+  grep "cuda_ipc trace" "$tmp/server.log" | sed "s/^/bench-gpu: staged receiver: /"
 fi
 summarize >/dev/null
 
