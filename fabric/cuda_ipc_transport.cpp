@@ -495,6 +495,8 @@ class CudaIpcTransport::Impl {
     }
     const uint64_t slot_bytes = lane.slot_bytes;
     StagedChunk chunk{put, true, {}, {}, 0};
+    chunk.gathers.reserve(std::min<size_t>(segments_.size(), 1u << 16));
+    chunk.pieces.reserve(std::min<size_t>(segments_.size(), 1u << 16));
     auto close_chunk = [&] {
       ++put->chunks_left;
       lane.waiting.push_back(std::move(chunk));
@@ -549,9 +551,16 @@ class CudaIpcTransport::Impl {
       if (Status s = gather.wait_event(lane.copied[local].handle()); !s.ok()) return s;
     }
     const uint64_t here = reinterpret_cast<uint64_t>(lane.here.data()) + local * lane.slot_bytes;
-    for (gpudirect::CopySegment& g : chunk.gathers) g.dst += here;
     std::optional<TracedPut> traced_gather = begin_trace(gather, chunk.bytes, chunk.gathers.size(), false);
-    if (Status s = copier_->copy(chunk.gathers, gather.handle()); !s.ok()) return s;
+    // Every layer gathers the same extents at another base: the plan is uploaded once and each
+    // layer is one launch with two bases (no descriptor packing or upload per layer).
+    uint64_t src_base = 0;
+    if (const gpudirect::ResidentSegments* plan = gather_plan(chunk.gathers, &src_base); plan != nullptr) {
+      if (Status s = copier_->copy_resident(*plan, src_base, here, gather.handle()); !s.ok()) return s;
+    } else {
+      for (gpudirect::CopySegment& g : chunk.gathers) g.dst += here;
+      if (Status s = copier_->copy(chunk.gathers, gather.handle()); !s.ok()) return s;
+    }
     if (traced_gather) {
       auto end = gpudirect::CudaEvent::create(options_.device, true);
       if (end.ok() && end->record(gather.handle()).ok()) {
@@ -602,6 +611,32 @@ class CudaIpcTransport::Impl {
                      }
                    });
     return Status::Ok();
+  }
+
+  // The uploaded plan for gathers whose destinations are slot offsets, with sources relative to
+  // their lowest address (returned in `src_base`); null for small batches or when a plan cannot
+  // be made (the caller uploads the batch instead).
+  const gpudirect::ResidentSegments* gather_plan(const std::vector<gpudirect::CopySegment>& gathers,
+                                                 uint64_t* src_base) {
+    if (gathers.size() < kResidentMinExtents) return nullptr;
+    uint64_t base = UINT64_MAX;
+    for (const gpudirect::CopySegment& g : gathers) base = std::min(base, g.src);
+    relative_.clear();
+    for (const gpudirect::CopySegment& g : gathers) relative_.push_back({g.src - base, g.dst, g.bytes});
+    const XXH128_hash_t h = XXH3_128bits(relative_.data(), relative_.size() * sizeof(gpudirect::CopySegment));
+    const PlanKey key{h.low64, h.high64, relative_.size()};
+    auto it = gather_plans_.find(key);
+    if (it == gather_plans_.end()) {
+      if (gather_plans_.size() >= kMaxResidentPlans) {
+        for (const auto& [peer, lane] : lanes_) (void)lane->gather_stream.synchronize();
+        gather_plans_.clear();
+      }
+      auto made = copier_->make_resident(relative_);
+      if (!made.ok()) return nullptr;
+      it = gather_plans_.emplace(key, std::move(made.value())).first;
+    }
+    *src_base = base;
+    return &it->second;
   }
 
   // The receiver's answer for one chunk (or a failure to send it the chunk).
@@ -759,21 +794,29 @@ class CudaIpcTransport::Impl {
     segments_.clear();
     staged_destinations_.clear();
     segments_.reserve(ops.size());
+    staged_destinations_.reserve(ops.size());
+    // A layer's extents all go to one region: look it up once, not per extent.
+    RemoteRegionId cached_id = 0;
+    const Region* r = nullptr;
     for (const PutOp& op : ops) {
-      auto r = regions_.find(op.remote);
-      if (r == regions_.end() || r->second.peer != peer || !r->second.cuda) {
-        return Status(ErrorCode::kInvalidArgument, "a put batch mixes GPU and host regions");
+      if (r == nullptr || op.remote != cached_id) {
+        auto it = regions_.find(op.remote);
+        if (it == regions_.end() || it->second.peer != peer || !it->second.cuda) {
+          return Status(ErrorCode::kInvalidArgument, "a put batch mixes GPU and host regions");
+        }
+        cached_id = op.remote;
+        r = &it->second;
       }
-      if (op.remote_offset > r->second.length || op.length > r->second.length - op.remote_offset) {
+      if (op.remote_offset > r->length || op.length > r->length - op.remote_offset) {
         return Status(ErrorCode::kInvalidArgument,
                       "put of " + std::to_string(op.length) + " bytes at offset " +
                           std::to_string(op.remote_offset) + " overruns the peer's region of " +
-                          std::to_string(r->second.length) + " bytes");
+                          std::to_string(r->length) + " bytes");
       }
-      segments_.push_back(
-          gpudirect::CopySegment{reinterpret_cast<uint64_t>(op.local),
-                                 reinterpret_cast<uint64_t>(r->second.mapped + op.remote_offset), op.length});
-      staged_destinations_.push_back(r->second.peer_address + op.remote_offset);
+      segments_.push_back(gpudirect::CopySegment{reinterpret_cast<uint64_t>(op.local),
+                                                 reinterpret_cast<uint64_t>(r->mapped + op.remote_offset),
+                                                 op.length});
+      staged_destinations_.push_back(r->peer_address + op.remote_offset);
     }
     return Status::Ok();
   }
@@ -1143,6 +1186,7 @@ class CudaIpcTransport::Impl {
   static constexpr size_t kResidentMinExtents = 16;
   static constexpr size_t kMaxResidentPlans = 64;
   std::unordered_map<PlanKey, gpudirect::ResidentSegments, PlanKeyHash> resident_;
+  std::unordered_map<PlanKey, gpudirect::ResidentSegments, PlanKeyHash> gather_plans_;  // staged gathers
   std::vector<gpudirect::CopySegment> relative_;
   uint64_t resident_src_base_ = 0;
   uint64_t resident_dst_base_ = 0;

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include <spdlog/spdlog.h>
+#include <xxhash.h>
 
 namespace kvf::fabric {
 
@@ -69,6 +70,11 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
 }
 
 Status StagingReceiver::check_destination(uint64_t destination, uint64_t bytes) {
+  // A layer's pieces all lie in one allocation: the last one checked answers most of them.
+  if (destination >= last_checked_.first && destination < last_checked_.second &&
+      bytes <= last_checked_.second - destination) {
+    return Status::Ok();
+  }
   auto known = known_allocations_.upper_bound(destination);
   if (known == known_allocations_.begin() || std::prev(known)->second < destination ||
       std::prev(known)->second - destination < bytes) {
@@ -101,6 +107,7 @@ Status StagingReceiver::check_destination(uint64_t destination, uint64_t bytes) 
     return Status(ErrorCode::kInvalidArgument, "destination 0x" + fmt::format("{:x}", destination) + " + " +
                                                    std::to_string(bytes) + " bytes runs past its allocation");
   }
+  last_checked_ = *std::prev(known);
   return Status::Ok();
 }
 
@@ -134,7 +141,12 @@ void StagingReceiver::scatter(const staging::Scatter& request,
   }
   // The sender's copy into the slot was enqueued before it sent this; the GPU waits for its end.
   if (Status c = s.stream.wait_event(s.filled[request.slot].handle()); !c.ok()) return fail(c);
-  if (Status c = copier_.copy(segments_, s.stream.handle()); !c.ok()) return fail(c);
+  if (const gpudirect::ResidentSegments* plan = plan_for(slot_base); plan != nullptr) {
+    if (Status c = copier_.copy_resident(*plan, slot_base, plan_dst_base_, s.stream.handle()); !c.ok())
+      return fail(c);
+  } else if (Status c = copier_.copy(segments_, s.stream.handle()); !c.ok()) {
+    return fail(c);
+  }
   when_done_(s.stream, [out = std::move(out), reply = std::move(reply)](const Status& st) mutable {
     if (!st.ok()) {
       out.error = static_cast<uint32_t>(st.code());
@@ -142,6 +154,28 @@ void StagingReceiver::scatter(const staging::Scatter& request,
     }
     reply(std::move(out));
   });
+}
+
+const gpudirect::ResidentSegments* StagingReceiver::plan_for(uint64_t slot_base) {
+  // Layers of a request repeat one block mapping at other destinations: relative to the slot and
+  // to their lowest destination, their pieces are the same, so the plan is uploaded once.
+  if (segments_.size() < 16) return nullptr;
+  uint64_t dst_base = UINT64_MAX;
+  for (const gpudirect::CopySegment& seg : segments_) dst_base = std::min(dst_base, seg.dst);
+  relative_.clear();
+  for (const gpudirect::CopySegment& seg : segments_)
+    relative_.push_back({seg.src - slot_base, seg.dst - dst_base, seg.bytes});
+  const XXH128_hash_t h = XXH3_128bits(relative_.data(), relative_.size() * sizeof(gpudirect::CopySegment));
+  const PlanKey key{h.low64, h.high64, relative_.size()};
+  auto it = plans_.find(key);
+  if (it == plans_.end()) {
+    if (plans_.size() >= kMaxPlans) return nullptr;  // plans are dropped only with this object
+    auto made = copier_.make_resident(relative_);
+    if (!made.ok()) return nullptr;
+    it = plans_.emplace(key, std::move(made.value())).first;
+  }
+  plan_dst_base_ = dst_base;
+  return &it->second;
 }
 
 void StagingReceiver::drop(uint64_t sender) {

@@ -50,6 +50,16 @@ class StagingReceiver {
   };
   void free_retired();
   Status check_destination(uint64_t destination, uint64_t bytes);
+  const gpudirect::ResidentSegments* plan_for(uint64_t slot_base);
+
+  struct PlanKey {
+    uint64_t low = 0, high = 0, count = 0;
+    bool operator==(const PlanKey&) const = default;
+  };
+  struct PlanKeyHash {
+    size_t operator()(const PlanKey& k) const { return k.low ^ (k.high * 31) ^ k.count; }
+  };
+  static constexpr size_t kMaxPlans = 256;
 
   int device_;
   gpudirect::SegmentCopier& copier_;
@@ -62,7 +72,13 @@ class StagingReceiver {
   std::vector<std::unique_ptr<Slots>> retired_;
   // Allocations already checked to be this GPU's device memory: base -> end.
   std::map<uintptr_t, uintptr_t> known_allocations_;
+  std::pair<uintptr_t, uintptr_t> last_checked_{0, 0};
   std::vector<gpudirect::CopySegment> segments_;
+  std::vector<gpudirect::CopySegment> relative_;
+  // Uploaded scatter plans (see plan_for), kept for this object's life: a launch may still use
+  // one, and a dead sender's stream may never let us know when it is safe to free.
+  std::unordered_map<PlanKey, gpudirect::ResidentSegments, PlanKeyHash> plans_;
+  uint64_t plan_dst_base_ = 0;
 };
 
 }  // namespace kvf::fabric
