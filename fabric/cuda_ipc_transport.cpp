@@ -19,6 +19,7 @@
 #include "cuda_staging_receiver.h"
 #include "cuda_staging_wire.h"
 #include "kvf/gpudirect/cuda_memory.h"
+#include "kvf/gpudirect/nccl_comm.h"
 #include "kvf/gpudirect/paged_copy.h"
 #include "kvf/gpudirect/segment_copier.h"
 
@@ -26,7 +27,8 @@ namespace kvf::fabric {
 namespace {
 
 // address(): magic, version, device, boot id (which host), the inner UCX worker address.
-constexpr uint32_t kAddressMagic = 0x4b564349;  // "KVCI"
+constexpr uint32_t kAddressMagic = 0x4b564349;      // "KVCI"
+constexpr uint32_t kNcclAddressMagic = 0x4b56434e;  // "KVCN": the same address, nccl transport
 constexpr uint16_t kAddressVersion = 1;
 
 std::string this_boot_id() {
@@ -58,7 +60,7 @@ struct ParsedAddress {
 
 Result<ParsedAddress> parse_address(std::span<const uint8_t> a) {
   // magic u32, version u16, device u32, boot id length u32 + bytes, then the UCX address.
-  if (a.size() < 14 || get_u32(a.data()) != kAddressMagic) {
+  if (a.size() < 14 || (get_u32(a.data()) != kAddressMagic && get_u32(a.data()) != kNcclAddressMagic)) {
     return Status(ErrorCode::kUnavailable,
                   "the peer offers no cuda_ipc transport (its address is not a cuda_ipc address; "
                   "run both sides with --transport cuda_ipc)");
@@ -83,7 +85,10 @@ Result<ParsedAddress> parse_address(std::span<const uint8_t> a) {
 }  // namespace
 
 std::string_view transport_kind_of_address(std::span<const uint8_t> address) {
-  return address.size() >= 4 && get_u32(address.data()) == kAddressMagic ? "cuda_ipc" : "ucx";
+  if (address.size() < 4) return "ucx";
+  if (get_u32(address.data()) == kAddressMagic) return "cuda_ipc";
+  if (get_u32(address.data()) == kNcclAddressMagic) return "nccl";
+  return "ucx";
 }
 
 class CudaIpcTransport::Impl {
@@ -95,7 +100,7 @@ class CudaIpcTransport::Impl {
         streams_(std::move(streams)),
         copier_(std::move(copier)) {
     address_.reserve(64);
-    put_u32(address_, kAddressMagic);
+    put_u32(address_, nccl() ? kNcclAddressMagic : kAddressMagic);
     address_.push_back(static_cast<uint8_t>(kAddressVersion));
     address_.push_back(static_cast<uint8_t>(kAddressVersion >> 8));
     put_u32(address_, static_cast<uint32_t>(options_.device));
@@ -146,19 +151,27 @@ class CudaIpcTransport::Impl {
   }
 
   const std::vector<uint8_t>& address() const { return address_; }
+  bool nccl() const { return options_.copy == CudaCopyMethod::kNccl; }
+  std::string_view name() const { return nccl() ? "nccl" : "cuda_ipc"; }
   int device() const { return options_.device; }
   Transport& inner() { return *inner_; }
 
   Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& options) {
     auto parsed = parse_address(address);
     if (!parsed.ok()) return parsed.status();
-    if (parsed->boot_id != this_boot_id()) {
+    if (transport_kind_of_address(address) != name()) {
+      return Status(ErrorCode::kUnavailable, "the peer runs the " +
+                                                 std::string(transport_kind_of_address(address)) +
+                                                 " transport and this side " + std::string(name()) +
+                                                 ": start both with the same --transport");
+    }
+    if (!nccl() && parsed->boot_id != this_boot_id()) {
       return Status(ErrorCode::kUnavailable,
                     "cuda_ipc needs the peer on this host; it runs on another (boot id " + parsed->boot_id +
                         "): use the ucx or nccl transport between hosts");
     }
     ConnectOptions inner_options = options;
-    inner_options.same_host = true;
+    inner_options.same_host = options.same_host || parsed->boot_id == this_boot_id();
     auto peer = inner_->connect(parsed->ucx, inner_options);
     if (!peer.ok()) return peer.status();
     call<int>([&] {
@@ -183,6 +196,17 @@ class CudaIpcTransport::Impl {
           ErrorCode::kInvalidArgument,
           "region " + std::to_string(region.region_id) +
               " is GPU memory without a CUDA IPC handle (the peer's build or memory cannot export one)");
+    }
+    if (nccl()) {
+      // NCCL moves the bytes and the receiver places them: nothing of the peer is mapped here
+      // (it may run on another host); the receiver checks every destination it is given.
+      return call<Result<RemoteRegionId>>([&]() -> Result<RemoteRegionId> {
+        if (peers_.find(peer) == peers_.end())
+          return Status(ErrorCode::kNotFound, "unknown peer " + std::to_string(peer));
+        RemoteRegionId mine = next_region_++;
+        regions_[mine] = Region{peer, true, nullptr, region.length, 0, nullptr, region.base_address};
+        return mine;
+      });
     }
     return call<Result<RemoteRegionId>>([&]() -> Result<RemoteRegionId> {
       auto p = peers_.find(peer);
@@ -337,6 +361,9 @@ class CudaIpcTransport::Impl {
     std::vector<bool> local_used;
     uint32_t next_local = 0;
     std::vector<gpudirect::CudaEvent> filled;           // per receiver slot (interprocess): its copy is done
+    gpudirect::NcclComm comm;                           // the nccl transport: slots go by ncclSend
+    bool offered = false, joined = false;               // nccl: ready once both have happened
+    Status failure;                                     // why the lane copies directly (or, nccl, fails)
     std::unique_ptr<gpudirect::CudaIpcMapping> remote;  // the receiver's slots, mapped here
     uint32_t remote_slots = 0;
     uint64_t slot_bytes = 0;
@@ -366,7 +393,16 @@ class CudaIpcTransport::Impl {
                   : !copy_stream.ok()   ? copy_stream.status()
                                         : Status::Ok();
     std::vector<std::vector<uint8_t>> event_handles;
-    for (uint32_t i = 0; made.ok() && i < options_.staging_remote_slots; ++i) {
+    std::vector<uint8_t> nccl_id;
+    if (made.ok() && nccl()) {
+      auto id = gpudirect::NcclComm::unique_id();
+      if (id.ok()) {
+        nccl_id = std::move(id.value());
+      } else {
+        made = id.status();
+      }
+    }
+    for (uint32_t i = 0; made.ok() && !nccl() && i < options_.staging_remote_slots; ++i) {
       auto e = gpudirect::CudaEvent::create_interprocess(options_.device);
       auto h = e.ok() ? e->ipc_handle() : Result<std::vector<uint8_t>>(e.status());
       if (!h.ok()) {
@@ -398,8 +434,10 @@ class CudaIpcTransport::Impl {
       lane->local_used.push_back(false);
     }
     if (!made.ok()) {
-      spdlog::warn("cuda_ipc: cannot stage puts to peer {} ({}); copying directly", peer, made.to_string());
+      spdlog::warn("{}: cannot stage puts to peer {} ({}){}", name(), peer, made.to_string(),
+                   nccl() ? "" : "; copying directly");
       lane->state = StagedLane::State::kDirect;
+      lane->failure = made;
       return lanes_.emplace(peer, std::move(lane)).first->second.get();
     }
     lane->here = std::move(here.value());
@@ -407,8 +445,27 @@ class CudaIpcTransport::Impl {
     lane->copy_stream = std::move(copy_stream.value());
     const uint64_t token = lane->token;
     StagedLane* raw = lanes_.emplace(peer, std::move(lane)).first->second.get();
-    staging::StagingRequest request{token, options_.staging_remote_slots, options_.staging_bytes,
-                                    inner_->address(), std::move(event_handles)};
+    staging::StagingRequest request{token,
+                                    options_.staging_remote_slots,
+                                    options_.staging_bytes,
+                                    inner_->address(),
+                                    std::move(event_handles),
+                                    nccl_id};
+    if (nccl()) {
+      // Join the communicator as rank 0 off this thread: it blocks until the receiver joins.
+      connectors_.emplace_back([this, token, id = std::move(nccl_id), device = options_.device]() {
+        auto comm = std::make_shared<Result<gpudirect::NcclComm>>(gpudirect::NcclComm::create(id, 0, device));
+        inner_->post([this, token, comm]() {
+          PeerId p = 0;
+          StagedLane* l = lane_by_token(token, &p);
+          if (l == nullptr || l->state != StagedLane::State::kRequested) return;
+          if (!comm->ok()) return staging_refused(p, token, comm->status());
+          l->comm = std::move(comm->value());
+          l->joined = true;
+          lane_ready_if_complete(p, *l);
+        });
+      });
+    }
     inner_->notify(peer, staging::encode(request), [this, peer, token](const Status& s) {
       if (!s.ok()) staging_refused(peer, token, s);
     });
@@ -433,8 +490,15 @@ class CudaIpcTransport::Impl {
   void staging_refused(PeerId peer, uint64_t token, const Status& why) {
     StagedLane* lane = lane_by_token(token, nullptr);
     if (lane == nullptr || lane->state != StagedLane::State::kRequested) return;
+    if (nccl()) {  // nothing else can carry the bytes: the lane and its puts fail with the reason
+      spdlog::error("nccl: no staging with peer {}: {}", peer, why.to_string());
+      lane->failure = Status(why.code(), "nccl staging with the peer failed: " + why.message());
+      fail_lane(*lane, lane->failure);
+      return;
+    }
     spdlog::warn("cuda_ipc: peer {} offers no staging ({}); copying directly", peer, why.to_string());
     lane->state = StagedLane::State::kDirect;
+    lane->failure = why;
     auto held = std::move(lane->unoffered);
     for (auto& put : held) {
       // Counted as staged when it came: the lane's count moves on when its direct copy is done.
@@ -458,24 +522,36 @@ class CudaIpcTransport::Impl {
           peer, offer.sender,
           Status(static_cast<ErrorCode>(offer.error), "the receiver refused: " + offer.message));
     }
-    if (offer.slot_bytes != lane->slot_bytes || offer.slots != lane->filled.size()) {
+    const uint32_t asked =
+        nccl() ? options_.staging_remote_slots : static_cast<uint32_t>(lane->filled.size());
+    if (offer.slot_bytes != lane->slot_bytes || offer.slots != asked) {
       return staging_refused(peer, offer.sender,
                              Status(ErrorCode::kMalformed, "the offer's slots are not the ones asked for"));
     }
-    auto mapping = gpudirect::CudaIpcMapping::open(offer.cuda_ipc, options_.device);
-    if (!mapping.ok()) return staging_refused(peer, offer.sender, mapping.status());
-    if (mapping->size() < uint64_t{offer.slots} * offer.slot_bytes) {
-      return staging_refused(peer, offer.sender,
-                             Status(ErrorCode::kMalformed, "the offered staging is smaller than its slots"));
+    if (!nccl()) {  // the copy engines write into the receiver's slots through a mapping
+      auto mapping = gpudirect::CudaIpcMapping::open(offer.cuda_ipc, options_.device);
+      if (!mapping.ok()) return staging_refused(peer, offer.sender, mapping.status());
+      if (mapping->size() < uint64_t{offer.slots} * offer.slot_bytes) {
+        return staging_refused(
+            peer, offer.sender,
+            Status(ErrorCode::kMalformed, "the offered staging is smaller than its slots"));
+      }
+      lane->remote = std::make_unique<gpudirect::CudaIpcMapping>(std::move(mapping.value()));
     }
-    lane->remote = std::make_unique<gpudirect::CudaIpcMapping>(std::move(mapping.value()));
     lane->remote_slots = offer.slots;
     for (uint32_t i = 0; i < offer.slots; ++i) lane->free_remote.push_back(i);
-    lane->state = StagedLane::State::kReady;
-    spdlog::info("cuda_ipc: staging puts to peer {} through {} slots of {} MiB on its GPU", peer, offer.slots,
-                 offer.slot_bytes >> 20);
-    auto held = std::move(lane->unoffered);
-    for (auto& put : held) stage(peer, *lane, std::move(put));
+    lane->offered = true;
+    lane_ready_if_complete(peer, *lane);
+  }
+
+  // Staging is usable once the receiver offered slots (and, nccl, both joined the communicator).
+  void lane_ready_if_complete(PeerId peer, StagedLane& lane) {
+    if (!lane.offered || (nccl() && !lane.joined)) return;
+    lane.state = StagedLane::State::kReady;
+    spdlog::info("{}: staging puts to peer {} through {} slots of {} MiB on its GPU", name(), peer,
+                 lane.remote_slots, lane.slot_bytes >> 20);
+    auto held = std::move(lane.unoffered);
+    for (auto& put : held) stage(peer, lane, std::move(put));
   }
 
   // Cuts a put (its ops already checked and turned into segments_) into chunks and queues them.
@@ -571,33 +647,46 @@ class CudaIpcTransport::Impl {
     if (Status s = lane.gathered[local].record(gather); !s.ok()) return s;
     if (Status s = lane.copy_stream.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
     std::optional<TracedPut> traced = begin_trace(lane.copy_stream, chunk.bytes, chunk.pieces.size(), true);
-    uint8_t* there = static_cast<uint8_t*>(lane.remote->data()) + remote_slot * lane.slot_bytes;
-    // Split over the copy streams in 64 KiB-aligned parts; copy_stream takes the first.
-    const uint64_t parts = lane.extra_copy_streams.size() + 1;
-    const uint64_t part = ((chunk.bytes + parts - 1) / parts + 65535) & ~uint64_t{65535};
-    for (uint64_t i = 1; i < parts && i * part < chunk.bytes; ++i) {
-      const gpudirect::CudaStream& extra = lane.extra_copy_streams[i - 1];
-      const uint64_t at = i * part;
-      if (Status s = extra.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
-      if (Status s = extra.copy_async(there + at, reinterpret_cast<const void*>(here + at),
-                                      std::min(part, chunk.bytes - at));
+    if (nccl()) {
+      // The receiver posts the matching receive into `remote_slot` when the Scatter arrives.
+      if (Status s =
+              lane.comm.send(reinterpret_cast<const void*>(here), chunk.bytes, lane.copy_stream.handle());
           !s.ok()) {
         return s;
       }
-      if (Status s = lane.extra_copied[i - 1].record(extra); !s.ok()) return s;
     }
-    if (Status s = lane.copy_stream.copy_async(there, reinterpret_cast<const void*>(here),
-                                               std::min(part, chunk.bytes));
-        !s.ok()) {
-      return s;
-    }
-    for (uint64_t i = 1; i < parts && i * part < chunk.bytes; ++i) {
-      if (Status s = lane.copy_stream.wait_event(lane.extra_copied[i - 1].handle()); !s.ok()) return s;
+    uint8_t* there =
+        nccl() ? nullptr : static_cast<uint8_t*>(lane.remote->data()) + remote_slot * lane.slot_bytes;
+    if (!nccl()) {
+      // Split over the copy streams in 64 KiB-aligned parts; copy_stream takes the first.
+      const uint64_t parts = lane.extra_copy_streams.size() + 1;
+      const uint64_t part = ((chunk.bytes + parts - 1) / parts + 65535) & ~uint64_t{65535};
+      for (uint64_t i = 1; i < parts && i * part < chunk.bytes; ++i) {
+        const gpudirect::CudaStream& extra = lane.extra_copy_streams[i - 1];
+        const uint64_t at = i * part;
+        if (Status s = extra.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
+        if (Status s = extra.copy_async(there + at, reinterpret_cast<const void*>(here + at),
+                                        std::min(part, chunk.bytes - at));
+            !s.ok()) {
+          return s;
+        }
+        if (Status s = lane.extra_copied[i - 1].record(extra); !s.ok()) return s;
+      }
+      if (Status s = lane.copy_stream.copy_async(there, reinterpret_cast<const void*>(here),
+                                                 std::min(part, chunk.bytes));
+          !s.ok()) {
+        return s;
+      }
+      for (uint64_t i = 1; i < parts && i * part < chunk.bytes; ++i) {
+        if (Status s = lane.copy_stream.wait_event(lane.extra_copied[i - 1].handle()); !s.ok()) return s;
+      }
     }
     if (traced) end_trace(std::move(*traced), lane.copy_stream);
     if (Status s = lane.copied[local].record(lane.copy_stream); !s.ok()) return s;
     // The receiver's scatter waits for this on its GPU, so it is told now, not when the copy ends.
-    if (Status s = lane.filled[remote_slot].record(lane.copy_stream); !s.ok()) return s;
+    if (!nccl()) {
+      if (Status s = lane.filled[remote_slot].record(lane.copy_stream); !s.ok()) return s;
+    }
     lane.local_used[local] = true;
     const uint64_t batch = lane.next_batch++;
     lane.in_flight.emplace(batch, chunk.put);
@@ -708,26 +797,43 @@ class CudaIpcTransport::Impl {
   // sender's worker, made on a helper thread (connect blocks until this thread has done it).
   void staging_requested(staging::StagingRequest request) {
     if (auto back = back_peers_.find(request.sender); back != back_peers_.end()) {
-      return send_offer(back->second, request);
+      if (!request.nccl_id.empty()) return;  // a communicator is joined once; the first offer stands
+      return send_offer(back->second, request, {});
     }
+    // The answer goes over a connection back to the sender's worker, made on a helper thread
+    // (connect blocks until this thread has done it); for nccl the communicator is joined there
+    // too (it blocks until the sender has joined).
     connectors_.emplace_back([this, request = std::move(request)]() mutable {
-      auto back = inner_->connect(request.reply_address, ConnectOptions{true});
-      inner_->post([this, back, request = std::move(request)] {
+      auto back = inner_->connect(request.reply_address, ConnectOptions{request.nccl_id.empty()});
+      auto comm = std::make_shared<Result<gpudirect::NcclComm>>(gpudirect::NcclComm{});
+      if (back.ok() && !request.nccl_id.empty())
+        *comm = gpudirect::NcclComm::create(request.nccl_id, 1, options_.device);
+      inner_->post([this, back, comm, request = std::move(request)] {
         if (!back.ok()) {
-          spdlog::warn("cuda_ipc: cannot answer sender {:016x}'s staging request: {}", request.sender,
+          spdlog::warn("{}: cannot answer sender {:016x}'s staging request: {}", name(), request.sender,
                        back.status().to_string());
           return;
         }
         back_peers_[request.sender] = back.value();
         back_senders_[back.value()] = request.sender;
-        send_offer(back.value(), request);
+        if (!comm->ok()) {
+          staging::StagingOffer refused{request.sender,
+                                        0,
+                                        0,
+                                        {},
+                                        static_cast<uint32_t>(comm->status().code()),
+                                        "joining the NCCL communicator: " + comm->status().message()};
+          inner_->notify(back.value(), staging::encode(refused), nullptr);
+          return;
+        }
+        send_offer(back.value(), request, std::move(comm->value()));
       });
     });
   }
 
-  void send_offer(PeerId back, const staging::StagingRequest& request) {
+  void send_offer(PeerId back, const staging::StagingRequest& request, gpudirect::NcclComm comm) {
     if (!receiver_) return;
-    inner_->notify(back, staging::encode(receiver_->offer(request)), nullptr);
+    inner_->notify(back, staging::encode(receiver_->offer(request, std::move(comm))), nullptr);
   }
 
   void scatter_requested(const staging::Scatter& scatter) {
@@ -782,6 +888,7 @@ class CudaIpcTransport::Impl {
       return;
     }
     if (auto lane = lanes_.find(peer); lane != lanes_.end()) {
+      lane->second->comm.abort();  // a send to a dead peer would hold the stream forever
       (void)lane->second->copy_stream.synchronize();
       fail_lane(*lane->second, Status(ErrorCode::kPeerLost, "peer lost: " + why.message()));
     }
@@ -857,8 +964,9 @@ class CudaIpcTransport::Impl {
       return;
     }
     if (Status s = make_segments(peer, ops); !s.ok()) return fail(s);
-    if (options_.copy == CudaCopyMethod::kStaged) {
+    if (options_.copy == CudaCopyMethod::kStaged || nccl()) {
       StagedLane* lane = lane_for(peer);
+      if (lane->state == StagedLane::State::kDirect && nccl()) return fail(lane->failure);
       if (lane->state != StagedLane::State::kDirect) {
         auto put = std::make_shared<StagedPut>();
         put->wait_event = wait_event;
@@ -945,6 +1053,7 @@ class CudaIpcTransport::Impl {
         return true;
       case CudaCopyMethod::kAuto:
       case CudaCopyMethod::kStaged:  // here only when the peer offers no staging: as kAuto
+      case CudaCopyMethod::kNccl:    // never here: nccl puts are always staged
         break;
     }
     return gpudirect::total_bytes(segments) / segments.size() >= options_.copy_engine_min_extent;
@@ -1228,6 +1337,9 @@ Result<std::unique_ptr<CudaIpcTransport>> CudaIpcTransport::create(
 CudaIpcTransport::CudaIpcTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudaIpcTransport::~CudaIpcTransport() = default;
 
+std::string_view CudaIpcTransport::name() const {
+  return impl_->name();
+}
 std::vector<uint8_t> CudaIpcTransport::address() const {
   return impl_->address();
 }

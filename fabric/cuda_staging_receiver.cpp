@@ -22,7 +22,8 @@ void StagingReceiver::free_retired() {
   });
 }
 
-staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& request) {
+staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& request,
+                                             gpudirect::NcclComm comm) {
   staging::StagingOffer out{request.sender, 0, 0, {}, 0, {}};
   auto refuse = [&](const Status& s) {
     out.error = static_cast<uint32_t>(s.code());
@@ -54,7 +55,8 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
                                                request.slots,
                                                request.slot_bytes,
                                                std::move(filled),
-                                               {}});
+                                               {},
+                                               std::move(comm)});
     allocated_ += bytes;
     it = senders_.emplace(request.sender, std::move(slots)).first;
     spdlog::info("cuda_ipc: staging {} slots of {} MiB on GPU {} for sender {:016x}", request.slots,
@@ -127,9 +129,23 @@ void StagingReceiver::scatter(const staging::Scatter& request,
     return fail(Status(ErrorCode::kInvalidArgument,
                        "slot " + std::to_string(request.slot) + " of " + std::to_string(s.slots)));
   }
+  const uint64_t slot_base = reinterpret_cast<uint64_t>(s.buffer.data()) + request.slot * s.slot_bytes;
+  if (s.comm.valid()) {
+    // Over NCCL the sender's send is already queued: receive it before anything can refuse the
+    // scatter, or the sender's stream would wait for this receive forever.
+    uint64_t total = 0;
+    for (const staging::ScatterPiece& piece : request.pieces) total += piece.bytes;
+    if (total > s.slot_bytes) {
+      return fail(Status(ErrorCode::kInvalidArgument, "the scatter names more bytes than a slot holds"));
+    }
+    if (Status c = s.comm.recv(reinterpret_cast<void*>(slot_base), total, s.stream.handle()); !c.ok())
+      return fail(c);
+  } else {
+    // The sender's copy into the slot was enqueued before it sent this; the GPU waits for its end.
+    if (Status c = s.stream.wait_event(s.filled[request.slot].handle()); !c.ok()) return fail(c);
+  }
   segments_.clear();
   uint64_t offset = 0;
-  const uint64_t slot_base = reinterpret_cast<uint64_t>(s.buffer.data()) + request.slot * s.slot_bytes;
   for (const staging::ScatterPiece& piece : request.pieces) {
     if (piece.bytes > s.slot_bytes - offset) {
       return fail(Status(ErrorCode::kInvalidArgument, "the scatter names more bytes than a slot holds (" +
@@ -139,8 +155,6 @@ void StagingReceiver::scatter(const staging::Scatter& request,
     segments_.push_back(gpudirect::CopySegment{slot_base + offset, piece.destination, piece.bytes});
     offset += piece.bytes;
   }
-  // The sender's copy into the slot was enqueued before it sent this; the GPU waits for its end.
-  if (Status c = s.stream.wait_event(s.filled[request.slot].handle()); !c.ok()) return fail(c);
   if (const gpudirect::ResidentSegments* plan = plan_for(slot_base); plan != nullptr) {
     if (Status c = copier_.copy_resident(*plan, slot_base, plan_dst_base_, s.stream.handle()); !c.ok())
       return fail(c);
@@ -183,6 +197,7 @@ void StagingReceiver::drop(uint64_t sender) {
   if (it == senders_.end()) return;
   std::unique_ptr<Slots> slots = std::move(it->second);
   senders_.erase(it);
+  slots->comm.abort();  // a receive from a dead sender would hold the stream forever
   auto idle = gpudirect::CudaEvent::create(device_);
   if (idle.ok() && idle->record(slots->stream).ok()) {
     slots->idle = std::move(idle.value());

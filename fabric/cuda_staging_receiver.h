@@ -17,6 +17,7 @@
 
 #include "cuda_staging_wire.h"
 #include "kvf/gpudirect/cuda_memory.h"
+#include "kvf/gpudirect/nccl_comm.h"
 #include "kvf/gpudirect/segment_copier.h"
 
 namespace kvf::fabric {
@@ -33,7 +34,8 @@ class StagingReceiver {
 
   // Allocates and exports slots for `request.sender` (again: the same slots are offered again).
   // The answer carries an error instead when this GPU cannot hold them.
-  staging::StagingOffer offer(const staging::StagingRequest& request);
+  // With `comm` (the nccl transport, joined by the caller) slots are filled by receives on it.
+  staging::StagingOffer offer(const staging::StagingRequest& request, gpudirect::NcclComm comm = {});
   // Places a filled slot; `reply` runs once with the outcome (after the bytes are in place).
   void scatter(const staging::Scatter& scatter, std::function<void(staging::Scattered)> reply);
   // Forgets a sender (it disconnected or died); its slots are freed once nothing queued uses them.
@@ -47,6 +49,7 @@ class StagingReceiver {
     uint64_t slot_bytes = 0;
     std::vector<gpudirect::CudaEvent> filled;  // the sender's per-slot events, opened here
     gpudirect::CudaEvent idle;                 // recorded when dropped: freed once it fires
+    gpudirect::NcclComm comm;                  // the nccl transport: slots arrive by ncclRecv
   };
   void free_retired();
   Status check_destination(uint64_t destination, uint64_t bytes);

@@ -100,6 +100,7 @@ std::vector<uint8_t> encode(const Message& message) {
           w.bytes(m.reply_address);
           w.u32(static_cast<uint32_t>(m.slot_events.size()));
           for (const auto& e : m.slot_events) w.bytes(e);
+          w.bytes(m.nccl_id);
           return w.take();
         } else if constexpr (std::is_same_v<T, StagingOffer>) {
           Writer w(Type::kOffer);
@@ -156,11 +157,15 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
                          std::to_string(m.slot_bytes) + " bytes");
       if (m.reply_address.empty()) return malformed("staging request without a reply address");
       uint32_t events = 0;
-      if (!r.u32(events) || events != m.slots) return malformed("staging request without one event per slot");
+      if (!r.u32(events) || (events != m.slots && events != 0))
+        return malformed("staging request without one event per slot");
       m.slot_events.resize(events);
       for (auto& e : m.slot_events) {
         if (!r.bytes(e, kMaxEventHandle) || e.empty()) return malformed("truncated slot event");
       }
+      if (!r.bytes(m.nccl_id, kMaxEventHandle)) return malformed("truncated NCCL id");
+      if (m.nccl_id.empty() == m.slot_events.empty())
+        return malformed("a staging request names either slot events or an NCCL communicator");
       out = std::move(m);
       break;
     }

@@ -35,6 +35,9 @@ struct StagingRequest {
   // Per slot, a CUDA IPC event the sender records once its copy into that slot is enqueued; the
   // receiver's scatter waits for it on the GPU, so a Scatter can be sent before the copy ends.
   std::vector<std::vector<uint8_t>> slot_events;
+  // The nccl transport instead: the id of a two-rank NCCL communicator (the sender is rank 0) that
+  // carries the slots with send/recv; then slot_events is empty. Exactly one of the two is given.
+  std::vector<uint8_t> nccl_id;
 };
 
 struct StagingOffer {

@@ -217,8 +217,13 @@ class StreamReceiver::Impl {
       }
       // Both ends must run the same transport; say so before the sender tries to connect to an
       // address its transport cannot read.
+      // (GPU transports name themselves in their address; ucx and the in-process local one are
+      // one family here.)
+      auto family = [](std::string_view kind) {
+        return kind == "cuda_ipc" || kind == "nccl" ? kind : std::string_view("ucx");
+      };
       if (std::string_view offered = transport_kind_of_address(hello->transport_address);
-          (offered == "cuda_ipc") != (transport_.name() == "cuda_ipc")) {
+          family(offered) != family(transport_.name())) {
         session->connection->send(protocol::ErrorReply{
             ErrorCode::kUnavailable, "this receiver runs the " + std::string(transport_.name()) +
                                          " transport and the sender offers " + std::string(offered) +

@@ -115,7 +115,7 @@ failed = sorted({r[0] for r in rows if r[1] == "verify"})
 anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M", "s2-512M", "s4-512M"]
              for k in ["shuffled", "contiguous"]},
           "peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-staged": "peer",
-          "peer-shuffled-auto": "peer",
+          "peer-shuffled-auto": "peer", "nccl-shuffled": "nccl",
           "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
 for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("staged-")):
     anchor[cell] = "peer"  # staged-sweep variants, named by STAGED_VARIANTS
@@ -237,9 +237,13 @@ fi
 summarize >/dev/null
 
 if cell_wanted nccl && ((gpus >= 2)); then
+  start_server --transport nccl --mem cuda:1 || exit 1
+  verified nccl-shuffled --transport nccl --mem cuda:0 --shuffle
   for r in $(seq "$rounds"); do
     echo "bench-gpu: nccl round $r/$rounds"
-    raw nccl "$r" --mode nccl --bytes 1G --iters "$iters"
+    if ((r % 2)); then raw nccl "$r" --mode nccl --bytes 1G --iters "$iters"; fi
+    kvf nccl-shuffled "$r" --transport nccl --mem cuda:0 --shuffle
+    if ((r % 2 == 0)); then raw nccl "$r" --mode nccl --bytes 1G --iters "$iters"; fi
   done
 fi
 summarize >/dev/null

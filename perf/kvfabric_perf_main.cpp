@@ -81,9 +81,10 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
     if (!transport.ok()) return transport.status();
     return Setup{ucx.value(), std::move(transport.value()), memory.value()};
   }
-  if (kind == "cuda_ipc") {
+  if (kind == "cuda_ipc" || kind == "nccl") {
     if (!memory->gpu) {
-      return Status(ErrorCode::kInvalidArgument, "--transport cuda_ipc moves GPU memory: add --mem cuda:N");
+      return Status(ErrorCode::kInvalidArgument,
+                    "--transport " + kind + " moves GPU memory: add --mem cuda:N");
     }
     CudaIpcTransportOptions cuda;
     cuda.device = memory->device;
@@ -123,6 +124,7 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
       return Status(ErrorCode::kInvalidArgument,
                     "--copy must be auto, kernel, ce, ce1 or staged, got '" + copy + "'");
     }
+    if (kind == "nccl") cuda.copy = CudaCopyMethod::kNccl;  // --copy does not apply
     auto transport = CudaIpcTransport::create(ucx.value(), cuda);
     if (!transport.ok()) return transport.status();
     return Setup{ucx.value(), std::move(transport.value()), memory.value()};
@@ -475,7 +477,7 @@ int main(int argc, char** argv) {
       ("peer-errors", "auto | on | off: UCX watches the peer (auto: remote hosts only; on a same-host peer "
        "UCX 1.13 then falls back to tcp)", cxxopts::value<std::string>()->default_value("auto"))
       ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
-      ("transport", "ucx | cuda_ipc (same host, GPU memory; both sides)", cxxopts::value<std::string>()->default_value("ucx"))
+      ("transport", "ucx | cuda_ipc (same host, GPU memory) | nccl (GPU memory, NCCL send/recv of staged layers; same or other host); both sides", cxxopts::value<std::string>()->default_value("ucx"))
       ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))
       ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each) | staged (cuda_ipc: gather, one copy-engine copy into the receiver's staging, the receiver scatters)", cxxopts::value<std::string>()->default_value("auto"))
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",

@@ -17,7 +17,8 @@ std::vector<Message> samples() {
   Scatter scatter{rng(), rng(), 3, {}};
   for (int i = 0; i < 100; ++i) scatter.pieces.push_back(ScatterPiece{(rng() >> 8) + 1, (rng() % 65536) + 1});
   const std::vector<std::vector<uint8_t>> events(4, std::vector<uint8_t>(64, 0x5a));
-  return {StagingRequest{rng(), 4, 32ull << 20, {1, 2, 3, 4, 5}, events},
+  return {StagingRequest{rng(), 4, 32ull << 20, {1, 2, 3, 4, 5}, events, {}},
+          StagingRequest{rng(), 2, 1ull << 20, {9}, {}, std::vector<uint8_t>(128, 3)},
           StagingOffer{rng(), 4, 32ull << 20, std::vector<uint8_t>(72, 0xab), 0, ""},
           StagingOffer{rng(), 0, 0, {}, static_cast<uint32_t>(ErrorCode::kOutOfMemory), "no room"},
           scatter,
@@ -42,7 +43,7 @@ TEST_CASE("staging messages round-trip and carry their magic") {
     REQUIRE(same(*back, m));
   }
   const std::vector<Message> all = samples();
-  const Scatter& original = std::get<Scatter>(all[3]);
+  const Scatter& original = std::get<Scatter>(all[4]);
   const Scatter decoded = std::get<Scatter>(decode(encode(original)).value());
   REQUIRE(decoded.pieces.size() == 100);
   REQUIRE(decoded.pieces[57].destination == original.pieces[57].destination);
@@ -84,13 +85,18 @@ TEST_CASE("bad versions, types, counts and sizes are refused") {
 
   // A request for too many slots, or for slots larger than any GPU staging should be.
   const std::vector<std::vector<uint8_t>> four(4, std::vector<uint8_t>(64, 1));
-  REQUIRE(decode(encode(StagingRequest{1, 4, 1 << 20, {1}, four})).ok());
-  REQUIRE_FALSE(decode(encode(StagingRequest{1, kMaxSlots + 1, 1 << 20, {1}, four})).ok());
-  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, kMaxSlotBytes + 1, {1}, four})).ok());
-  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, 1 << 20, {}, four})).ok());
+  REQUIRE(decode(encode(StagingRequest{1, 4, 1 << 20, {1}, four, {}})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, kMaxSlots + 1, 1 << 20, {1}, four, {}})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, kMaxSlotBytes + 1, {1}, four, {}})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, 1 << 20, {}, four, {}})).ok());
+  // NCCL instead of events: the id alone; both or neither is malformed.
+  const std::vector<uint8_t> id(128, 7);
+  REQUIRE(decode(encode(StagingRequest{1, 4, 1 << 20, {1}, {}, id})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, 1 << 20, {1}, four, id})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 4, 1 << 20, {1}, {}, {}})).ok());
   // One event per slot, none empty.
-  REQUIRE_FALSE(decode(encode(StagingRequest{1, 3, 1 << 20, {1}, four})).ok());
-  REQUIRE_FALSE(decode(encode(StagingRequest{1, 1, 1 << 20, {1}, {{}}})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 3, 1 << 20, {1}, four, {}})).ok());
+  REQUIRE_FALSE(decode(encode(StagingRequest{1, 1, 1 << 20, {1}, {{}}, {}})).ok());
   // An offer that says yes but gives nothing to map.
   REQUIRE_FALSE(decode(encode(StagingOffer{1, 4, 1 << 20, {}, 0, ""})).ok());
   // Error codes outside the enum.

@@ -34,6 +34,7 @@ enum class CudaCopyMethod : uint8_t {
   kCopyEngine,         // the copy engines, one batched call (no SMs used: compute keeps the whole GPU)
   kCopyEnginePerCopy,  // the copy engines, one cudaMemcpyAsync per extent
   kStaged,             // gather here -> one copy-engine copy -> the receiver scatters (see above)
+  kNccl,               // the nccl transport: staged as kStaged, the slot moved by ncclSend/ncclRecv
 };
 
 struct CudaIpcTransportOptions {
@@ -75,7 +76,7 @@ class CudaIpcTransport final : public Transport {
                                                           CudaIpcTransportOptions options = {});
   ~CudaIpcTransport() override;
 
-  std::string_view name() const override { return "cuda_ipc"; }
+  std::string_view name() const override;  // "cuda_ipc", or "nccl" with CudaCopyMethod::kNccl
   std::vector<uint8_t> address() const override;
   // Refuses (kUnavailable) a peer on another host or one that offers no cuda_ipc address.
   Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& options = {}) override;

@@ -1,0 +1,27 @@
+#include "kvf/gpudirect/nccl_comm.h"
+
+namespace kvf::gpudirect {
+
+Status NcclComm::available() {
+  return Status(ErrorCode::kUnavailable,
+                "this kvfabric was built without CUDA: the nccl transport cannot run");
+}
+Result<std::vector<uint8_t>> NcclComm::unique_id() {
+  return available();
+}
+Result<NcclComm> NcclComm::create(std::span<const uint8_t>, int, int) {
+  return available();
+}
+Status NcclComm::send(const void*, uint64_t, void*) {
+  return available();
+}
+Status NcclComm::recv(void*, uint64_t, void*) {
+  return available();
+}
+Status NcclComm::async_error() const {
+  return Status::Ok();
+}
+void NcclComm::abort() {}
+void NcclComm::reset() {}
+
+}  // namespace kvf::gpudirect

@@ -1,0 +1,64 @@
+// NcclComm: a two-rank NCCL communicator between this process and one peer, for the nccl
+// transport's send/recv of staging slots (fabric/cuda_ipc_transport.h, CudaCopyMethod::kNccl).
+// libnccl.so.2 is loaded at run time (dlopen), so every kvfabric binary starts where NCCL is not
+// installed, and the nccl transport says why it cannot run there. NVLink multicast (NVLS) is
+// switched off unless the user set NCCL_NVLS_ENABLE: two-rank send/recv never needs it, and on a
+// shared host it can take the GPUs out of service.
+//
+// Threads: create() blocks until the peer has joined with the same id (call it off any thread that
+// must keep serving); send/recv enqueue on a stream and return; one thread at a time per object.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "kvf/protocol/status.h"
+
+namespace kvf::gpudirect {
+
+class NcclComm {
+ public:
+  // Whether NCCL can be loaded here; the reason when not.
+  static Status available();
+  // A fresh communicator id (ncclGetUniqueId, 128 bytes) for the peer to join with.
+  static Result<std::vector<uint8_t>> unique_id();
+  // Joins the two-rank communicator `id` as `rank` (0 or 1) on `device`; blocks until both have.
+  static Result<NcclComm> create(std::span<const uint8_t> id, int rank, int device);
+
+  NcclComm() = default;
+  NcclComm(NcclComm&& o) noexcept
+      : comm_(std::exchange(o.comm_, nullptr)), rank_(o.rank_), device_(o.device_) {}
+  NcclComm& operator=(NcclComm&& o) noexcept {
+    if (this != &o) {
+      reset();
+      comm_ = std::exchange(o.comm_, nullptr);
+      rank_ = o.rank_;
+      device_ = o.device_;
+    }
+    return *this;
+  }
+  NcclComm(const NcclComm&) = delete;
+  NcclComm& operator=(const NcclComm&) = delete;
+  ~NcclComm() { reset(); }
+
+  bool valid() const { return comm_ != nullptr; }
+  // `bytes` from/into device memory, to/from the other rank, on `cuda_stream` (a cudaStream_t of
+  // this communicator's device). Sends and receives pair up in the order each side enqueues them.
+  Status send(const void* data, uint64_t bytes, void* cuda_stream);
+  Status recv(void* data, uint64_t bytes, void* cuda_stream);
+  // Ends the communicator now: operations still queued fail instead of waiting for the peer.
+  void abort();
+  // A failure NCCL found after the fact (the peer died, a network error), or Ok.
+  Status async_error() const;
+
+ private:
+  NcclComm(void* comm, int rank, int device) : comm_(comm), rank_(rank), device_(device) {}
+  void reset();
+  void* comm_ = nullptr;  // ncclComm_t
+  int rank_ = 0;
+  int device_ = -1;
+};
+
+}  // namespace kvf::gpudirect
