@@ -117,9 +117,39 @@ Result<NcclComm> NcclComm::create(std::span<const uint8_t> id_bytes, int rank, i
   std::memcpy(id.internal, id_bytes.data(), sizeof(id.internal));
   void* comm = nullptr;
   NcclResult r = nccl().comm_init_rank(&comm, 2, id, rank);
+  if (r != 0) {
+    if (previous >= 0 && previous != device) cudaSetDevice(previous);
+    return nccl_error("ncclCommInitRank", r);
+  }
+  NcclComm made(comm, rank, device);
+  // NCCL connects a pair of ranks on their first send/recv, inside that call, and waits there for
+  // the peer's matching call. The transport enqueues its sends on its progress thread before it
+  // tells the receiver to post the receive, so that first connection must not happen there: one
+  // byte goes rank 0 -> rank 1 here, while both sides are in create().
+  Status warmed = made.warm_up();
   if (previous >= 0 && previous != device) cudaSetDevice(previous);
-  if (r != 0) return nccl_error("ncclCommInitRank", r);
-  return NcclComm(comm, rank, device);
+  if (!warmed.ok()) return warmed;
+  return Result<NcclComm>(std::move(made));
+}
+
+Status NcclComm::warm_up() {
+  void* byte = nullptr;
+  cudaStream_t stream = nullptr;
+  if (cudaMalloc(&byte, 1) != cudaSuccess ||
+      cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
+    cudaGetLastError();
+    if (byte != nullptr) cudaFree(byte);
+    return Status(ErrorCode::kOutOfMemory, "NCCL warm-up: no memory for one byte and a stream");
+  }
+  Status s = rank_ == 0 ? send(byte, 1, stream) : recv(byte, 1, stream);
+  if (s.ok() && cudaStreamSynchronize(stream) != cudaSuccess) {
+    cudaGetLastError();
+    s = Status(ErrorCode::kTransportError, "NCCL warm-up send/recv failed on the GPU");
+  }
+  cudaStreamDestroy(stream);
+  cudaFree(byte);
+  if (!s.ok()) return Status(s.code(), "connecting the NCCL ranks: " + s.message());
+  return Status::Ok();
 }
 
 Status NcclComm::send(const void* data, uint64_t bytes, void* cuda_stream) {

@@ -7,7 +7,7 @@
 # sender within its timeout. Skips (77) with fewer than two GPUs or without NCCL.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../integration/lib.sh"
-kvf_init stream_nccl 300
+kvf_init stream_nccl 200
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 ((gpus >= 2)) || kvf_skip "needs two GPUs (nvidia-smi lists $gpus)"
 ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2' || kvf_skip "no libnccl.so.2 on this machine"
@@ -22,7 +22,7 @@ for extra in "" "--staging-bytes 300K"; do
   name=client${extra//[ -]/}
   before=$(kvf_count_lines srv '^stream [0-9]+ from ')
   # shellcheck disable=SC2086
-  if kvf_run "$name" 120 "$KVF_PERF" client --connect 127.0.0.1:$port --transport nccl --mem cuda:0 \
+  if kvf_run "$name" 60 "$KVF_PERF" client --connect 127.0.0.1:$port --transport nccl --mem cuda:0 \
        --mode layers --layers $LAYERS --blocks $BLOCKS --block-bytes $BLOCK_BYTES --shuffle --verify --iters 2 $extra; then
     kvf_check_grep "$(kvf_logfile "$name")" "receiver verified $total bytes" "nccl ${extra:-default slots}: the client saw every byte verified"
     kvf_check_verified srv "$total" "$before" 2 "nccl ${extra:-default slots}"

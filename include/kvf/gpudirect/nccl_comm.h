@@ -24,7 +24,8 @@ class NcclComm {
   static Status available();
   // A fresh communicator id (ncclGetUniqueId, 128 bytes) for the peer to join with.
   static Result<std::vector<uint8_t>> unique_id();
-  // Joins the two-rank communicator `id` as `rank` (0 or 1) on `device`; blocks until both have.
+  // Joins the two-rank communicator `id` as `rank` (0 or 1) on `device` and connects rank 0 to
+  // rank 1 with a one-byte send/recv; blocks until both sides have done so.
   static Result<NcclComm> create(std::span<const uint8_t> id, int rank, int device);
 
   NcclComm() = default;
@@ -55,6 +56,7 @@ class NcclComm {
 
  private:
   NcclComm(void* comm, int rank, int device) : comm_(comm), rank_(rank), device_(device) {}
+  Status warm_up();  // connects rank 0 -> 1 now (see create)
   void reset();
   void* comm_ = nullptr;  // ncclComm_t
   int rank_ = 0;
