@@ -14,14 +14,14 @@
 #include <unordered_map>
 
 #include <spdlog/spdlog.h>
-#include <xxhash.h>
 
 #include "cuda_staging_receiver.h"
-#include "cuda_staging_wire.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/nccl_comm.h"
 #include "kvf/gpudirect/paged_copy.h"
+#include "kvf/gpudirect/resident_plan_cache.h"
 #include "kvf/gpudirect/segment_copier.h"
+#include "kvf/protocol/staging_messages.h"
 
 namespace kvf::fabric {
 namespace {
@@ -712,20 +712,15 @@ class CudaIpcTransport::Impl {
     for (const gpudirect::CopySegment& g : gathers) base = std::min(base, g.src);
     relative_.clear();
     for (const gpudirect::CopySegment& g : gathers) relative_.push_back({g.src - base, g.dst, g.bytes});
-    const XXH128_hash_t h = XXH3_128bits(relative_.data(), relative_.size() * sizeof(gpudirect::CopySegment));
-    const PlanKey key{h.low64, h.high64, relative_.size()};
-    auto it = gather_plans_.find(key);
-    if (it == gather_plans_.end()) {
-      if (gather_plans_.size() >= kMaxResidentPlans) {
-        for (const auto& [peer, lane] : lanes_) (void)lane->gather_stream.synchronize();
-        gather_plans_.clear();
-      }
-      auto made = copier_->make_resident(relative_);
-      if (!made.ok()) return nullptr;
-      it = gather_plans_.emplace(key, std::move(made.value())).first;
+    const gpudirect::ResidentSegments* plan = gather_plans_.find_or_make(relative_);
+    if (plan == nullptr && gather_plans_.full()) {
+      for (const auto& [peer, lane] : lanes_)
+        (void)lane->gather_stream.synchronize();  // none still reads one
+      gather_plans_.clear();
+      plan = gather_plans_.find_or_make(relative_);
     }
     *src_base = base;
-    return &it->second;
+    return plan;
   }
 
   // The receiver's answer for one chunk (or a failure to send it the chunk).
@@ -1027,21 +1022,15 @@ class CudaIpcTransport::Impl {
     for (const gpudirect::CopySegment& seg : segments_) {
       relative_.push_back(gpudirect::CopySegment{seg.src - src_base, seg.dst - dst_base, seg.bytes});
     }
-    const XXH128_hash_t h = XXH3_128bits(relative_.data(), relative_.size() * sizeof(gpudirect::CopySegment));
-    const PlanKey key{h.low64, h.high64, relative_.size()};
-    auto it = resident_.find(key);
-    if (it == resident_.end()) {
-      if (resident_.size() >= kMaxResidentPlans) {
-        synchronize_all();  // no launch may still read a plan that goes
-        resident_.clear();
-      }
-      auto made = copier_->make_resident(relative_);
-      if (!made.ok()) return nullptr;  // too many pieces for one launch: the plain path splits
-      it = resident_.emplace(key, std::move(made.value())).first;
+    const gpudirect::ResidentSegments* plan = resident_.find_or_make(relative_);
+    if (plan == nullptr && resident_.full()) {
+      synchronize_all();  // no launch may still read a plan that goes
+      resident_.clear();
+      plan = resident_.find_or_make(relative_);
     }
     resident_src_base_ = src_base;
     resident_dst_base_ = dst_base;
-    return &it->second;
+    return plan;  // null: too many pieces for one launch, the plain path splits
   }
 
   bool use_copy_engines(const std::vector<gpudirect::CopySegment>& segments) const {
@@ -1284,18 +1273,11 @@ class CudaIpcTransport::Impl {
   std::vector<std::thread> connectors_;
   NotificationHandler user_notification_handler_;
   PeerFailureHandler user_failure_handler_;
-  // Uploaded request plans (see resident_plan), keyed by a 128-bit hash of the relative extents.
-  struct PlanKey {
-    uint64_t low = 0, high = 0, count = 0;
-    bool operator==(const PlanKey&) const = default;
-  };
-  struct PlanKeyHash {
-    size_t operator()(const PlanKey& k) const { return k.low ^ (k.high * 31) ^ k.count; }
-  };
+  // Uploaded request plans: direct puts (see resident_plan) and staged gathers (gather_plan).
   static constexpr size_t kResidentMinExtents = 16;
   static constexpr size_t kMaxResidentPlans = 64;
-  std::unordered_map<PlanKey, gpudirect::ResidentSegments, PlanKeyHash> resident_;
-  std::unordered_map<PlanKey, gpudirect::ResidentSegments, PlanKeyHash> gather_plans_;  // staged gathers
+  gpudirect::ResidentPlanCache resident_{*copier_, kMaxResidentPlans};
+  gpudirect::ResidentPlanCache gather_plans_{*copier_, kMaxResidentPlans};
   std::vector<gpudirect::CopySegment> relative_;
   uint64_t resident_src_base_ = 0;
   uint64_t resident_dst_base_ = 0;

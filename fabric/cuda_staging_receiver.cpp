@@ -3,7 +3,6 @@
 #include <algorithm>
 
 #include <spdlog/spdlog.h>
-#include <xxhash.h>
 
 namespace kvf::fabric {
 
@@ -179,17 +178,8 @@ const gpudirect::ResidentSegments* StagingReceiver::plan_for(uint64_t slot_base)
   relative_.clear();
   for (const gpudirect::CopySegment& seg : segments_)
     relative_.push_back({seg.src - slot_base, seg.dst - dst_base, seg.bytes});
-  const XXH128_hash_t h = XXH3_128bits(relative_.data(), relative_.size() * sizeof(gpudirect::CopySegment));
-  const PlanKey key{h.low64, h.high64, relative_.size()};
-  auto it = plans_.find(key);
-  if (it == plans_.end()) {
-    if (plans_.size() >= kMaxPlans) return nullptr;  // plans are dropped only with this object
-    auto made = copier_.make_resident(relative_);
-    if (!made.ok()) return nullptr;
-    it = plans_.emplace(key, std::move(made.value())).first;
-  }
   plan_dst_base_ = dst_base;
-  return &it->second;
+  return plans_.find_or_make(relative_);  // full: the plain way (plans go only with this object)
 }
 
 void StagingReceiver::drop(uint64_t sender) {

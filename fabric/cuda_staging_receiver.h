@@ -15,12 +15,15 @@
 #include <memory>
 #include <unordered_map>
 
-#include "cuda_staging_wire.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/nccl_comm.h"
+#include "kvf/gpudirect/resident_plan_cache.h"
 #include "kvf/gpudirect/segment_copier.h"
+#include "kvf/protocol/staging_messages.h"
 
 namespace kvf::fabric {
+
+namespace staging = protocol::staging;
 
 class StagingReceiver {
  public:
@@ -54,14 +57,6 @@ class StagingReceiver {
   void free_retired();
   Status check_destination(uint64_t destination, uint64_t bytes);
   const gpudirect::ResidentSegments* plan_for(uint64_t slot_base);
-
-  struct PlanKey {
-    uint64_t low = 0, high = 0, count = 0;
-    bool operator==(const PlanKey&) const = default;
-  };
-  struct PlanKeyHash {
-    size_t operator()(const PlanKey& k) const { return k.low ^ (k.high * 31) ^ k.count; }
-  };
   static constexpr size_t kMaxPlans = 256;
 
   int device_;
@@ -80,7 +75,7 @@ class StagingReceiver {
   std::vector<gpudirect::CopySegment> relative_;
   // Uploaded scatter plans (see plan_for), kept for this object's life: a launch may still use
   // one, and a dead sender's stream may never let us know when it is safe to free.
-  std::unordered_map<PlanKey, gpudirect::ResidentSegments, PlanKeyHash> plans_;
+  gpudirect::ResidentPlanCache plans_{copier_, kMaxPlans};
   uint64_t plan_dst_base_ = 0;
 };
 

@@ -19,7 +19,7 @@
 
 #include "kvf/protocol/status.h"
 
-namespace kvf::fabric::staging {
+namespace kvf::protocol::staging {
 
 inline constexpr uint32_t kMagic = 0x5343564b;  // "KVCS" little-endian
 inline constexpr uint16_t kVersion = 1;
@@ -79,4 +79,4 @@ bool is_staging_message(std::span<const uint8_t> bytes);
 std::vector<uint8_t> encode(const Message& message);
 Result<Message> decode(std::span<const uint8_t> bytes);
 
-}  // namespace kvf::fabric::staging
+}  // namespace kvf::protocol::staging

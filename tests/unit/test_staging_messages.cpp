@@ -1,14 +1,14 @@
-// The cuda_ipc staging messages (fabric/cuda_staging_wire.h): every kind round-trips, and every
+// The cuda_ipc staging messages (include/kvf/protocol/staging_messages.h): every kind round-trips, and every
 // kind of damage a peer could send (truncation at any byte, trailing bytes, bad counts, unknown
 // types and versions, oversized slots, pieces that overflow) is refused with kMalformed or
 // kUnsupportedVersion instead of being acted on.
 #include <random>
 
-#include "../../fabric/cuda_staging_wire.h"
 #include "catch.h"
+#include "kvf/protocol/staging_messages.h"
 
 using namespace kvf;
-using namespace kvf::fabric::staging;
+using namespace kvf::protocol::staging;
 
 namespace {
 

@@ -1,0 +1,182 @@
+#include "kvf/protocol/staging_messages.h"
+
+#include <limits>
+#include <type_traits>
+
+#include "kvf/protocol/messages.h"
+#include "wire_codec.h"
+
+namespace kvf::protocol::staging {
+namespace {
+
+enum class Type : uint16_t { kRequest = 1, kOffer = 2, kScatter = 3, kScattered = 4 };
+
+constexpr size_t kMaxBlob = 4096;
+constexpr size_t kMaxEventHandle = 256;
+
+wire::Writer header(Type type) {
+  wire::Writer w;
+  w.u32(kMagic);
+  w.u16(kVersion);
+  w.u16(static_cast<uint16_t>(type));
+  return w;
+}
+
+// A byte field of at most `limit` bytes.
+bool bounded_bytes(wire::Reader& r, std::string_view field, std::vector<uint8_t>& out, size_t limit) {
+  if (!r.bytes(field, out)) return false;
+  if (out.size() > limit)
+    return r.fail(field, std::to_string(out.size()) + " bytes, at most " + std::to_string(limit));
+  return true;
+}
+
+bool error_code(wire::Reader& r, std::string_view field, uint32_t& out) {
+  if (!r.u32(field, out)) return false;
+  if (out > static_cast<uint32_t>(ErrorCode::kUnavailable))
+    return r.fail(field, "unknown error code " + std::to_string(out));
+  return true;
+}
+
+}  // namespace
+
+bool is_staging_message(std::span<const uint8_t> bytes) {
+  return bytes.size() >= 4 &&
+         (bytes[0] | bytes[1] << 8 | bytes[2] << 16 | static_cast<uint32_t>(bytes[3]) << 24) == kMagic;
+}
+
+std::vector<uint8_t> encode(const Message& message) {
+  return std::visit(
+      [](const auto& m) {
+        using T = std::decay_t<decltype(m)>;
+        if constexpr (std::is_same_v<T, StagingRequest>) {
+          wire::Writer w = header(Type::kRequest);
+          w.u64(m.sender);
+          w.u32(m.slots);
+          w.u64(m.slot_bytes);
+          w.bytes(m.reply_address);
+          w.count(m.slot_events.size());
+          for (const auto& e : m.slot_events) w.bytes(e);
+          w.bytes(m.nccl_id);
+          return w.take();
+        } else if constexpr (std::is_same_v<T, StagingOffer>) {
+          wire::Writer w = header(Type::kOffer);
+          w.u64(m.sender);
+          w.u32(m.slots);
+          w.u64(m.slot_bytes);
+          w.bytes(m.cuda_ipc);
+          w.u32(m.error);
+          w.string(m.message.substr(0, kMaxStringBytes));
+          return w.take();
+        } else if constexpr (std::is_same_v<T, Scatter>) {
+          wire::Writer w = header(Type::kScatter);
+          w.u64(m.sender);
+          w.u64(m.batch);
+          w.u32(m.slot);
+          w.count(m.pieces.size());
+          for (const ScatterPiece& p : m.pieces) {
+            w.u64(p.destination);
+            w.u64(p.bytes);
+          }
+          return w.take();
+        } else {
+          wire::Writer w = header(Type::kScattered);
+          w.u64(m.sender);
+          w.u64(m.batch);
+          w.u32(m.slot);
+          w.u32(m.error);
+          w.string(m.message.substr(0, kMaxStringBytes));
+          return w.take();
+        }
+      },
+      message);
+}
+
+Result<Message> decode(std::span<const uint8_t> bytes) {
+  wire::Reader r(bytes, "cuda_ipc staging message");
+  uint32_t magic = 0;
+  uint16_t version = 0, type = 0;
+  if (!r.u32("magic", magic) || magic != kMagic)
+    return Status(ErrorCode::kMalformed, "cuda_ipc staging message: no staging magic");
+  if (!r.u16("version", version) || !r.u16("type", type)) return r.finish();
+  if (version != kVersion) {
+    return Status(ErrorCode::kUnsupportedVersion, "cuda_ipc staging message version " +
+                                                      std::to_string(version) + ", this build speaks " +
+                                                      std::to_string(kVersion));
+  }
+  Message out;
+  switch (static_cast<Type>(type)) {
+    case Type::kRequest: {
+      StagingRequest m;
+      uint32_t events = 0;
+      if (r.u64("sender", m.sender) && r.u32("slots", m.slots) && r.u64("slot_bytes", m.slot_bytes) &&
+          bounded_bytes(r, "reply_address", m.reply_address, kMaxBlob) && r.count("slot_events", 4, events)) {
+        if (m.slots == 0 || m.slots > kMaxSlots || m.slot_bytes == 0 || m.slot_bytes > kMaxSlotBytes) {
+          r.fail("slots", std::to_string(m.slots) + " slots of " + std::to_string(m.slot_bytes) + " bytes");
+        } else if (m.reply_address.empty()) {
+          r.fail("reply_address", "empty");
+        } else if (events != m.slots && events != 0) {
+          r.fail("slot_events", "not one event per slot");
+        }
+        m.slot_events.resize(r.ok() ? events : 0);
+        for (auto& e : m.slot_events) {
+          if (bounded_bytes(r, "slot_events[]", e, kMaxEventHandle) && e.empty())
+            r.fail("slot_events[]", "empty");
+        }
+        if (bounded_bytes(r, "nccl_id", m.nccl_id, kMaxEventHandle) &&
+            m.nccl_id.empty() == m.slot_events.empty())
+          r.fail("nccl_id", "a staging request names either slot events or an NCCL communicator");
+      }
+      out = std::move(m);
+      break;
+    }
+    case Type::kOffer: {
+      StagingOffer m;
+      if (r.u64("sender", m.sender) && r.u32("slots", m.slots) && r.u64("slot_bytes", m.slot_bytes) &&
+          bounded_bytes(r, "cuda_ipc", m.cuda_ipc, kMaxBlob) && error_code(r, "error", m.error) &&
+          r.string("message", m.message) && m.error == 0 &&
+          (m.cuda_ipc.empty() || m.slots == 0 || m.slots > kMaxSlots || m.slot_bytes == 0 ||
+           m.slot_bytes > kMaxSlotBytes)) {
+        r.fail("slots", "an offer without usable slots");
+      }
+      out = std::move(m);
+      break;
+    }
+    case Type::kScatter: {
+      Scatter m;
+      uint32_t count = 0;
+      if (r.u64("sender", m.sender) && r.u64("batch", m.batch) && r.u32("slot", m.slot) &&
+          r.count("pieces", 16, count)) {
+        if (count == 0 || count > kMaxPieces) r.fail("pieces", std::to_string(count) + " pieces");
+        m.pieces.resize(r.ok() ? count : 0);
+        uint64_t total = 0;
+        for (ScatterPiece& p : m.pieces) {
+          if (!r.u64("pieces[].destination", p.destination) || !r.u64("pieces[].bytes", p.bytes)) break;
+          if (p.bytes == 0 || p.bytes > kMaxSlotBytes || p.destination == 0 ||
+              p.destination > std::numeric_limits<uint64_t>::max() - p.bytes) {
+            r.fail("pieces[]", std::to_string(p.bytes) + " bytes at " + std::to_string(p.destination));
+            break;
+          }
+          total += p.bytes;
+        }
+        if (r.ok() && total > kMaxSlotBytes) r.fail("pieces", "larger than any slot");
+      }
+      out = std::move(m);
+      break;
+    }
+    case Type::kScattered: {
+      Scattered m;
+      if (r.u64("sender", m.sender) && r.u64("batch", m.batch) && r.u32("slot", m.slot) &&
+          error_code(r, "error", m.error)) {
+        r.string("message", m.message);
+      }
+      out = std::move(m);
+      break;
+    }
+    default:
+      return Status(ErrorCode::kMalformed, "cuda_ipc staging message: unknown type " + std::to_string(type));
+  }
+  if (Status s = r.finish(); !s.ok()) return s;
+  return out;
+}
+
+}  // namespace kvf::protocol::staging
