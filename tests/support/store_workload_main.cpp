@@ -9,8 +9,10 @@
 //                 evicting meanwhile), checks again, releases; now and then looks up a chain.
 //   operator      stores and pins --pinned chunks (its own model), says "pinned", then until
 //                 --stop-file: checks they are all still held and one reads back intact; clears a
-//                 random universe key every --clear-every-ms and the writers' whole model every
-//                 --clear-model-every-ms (which must leave the pinned model's chunks alone).
+//                 random universe key every --clear-every-ms, and the writers' whole model each
+//                 time the store has evicted --clear-model-after-evictions more entries (so the
+//                 store is full and evicting between model clears whatever the build's speed);
+//                 the pinned model's chunks must survive every clear.
 //   check-pinned  the pinned chunks are all held and intact (--unpin: then unpins them).
 //   stats         the daemon's store counters, name=value a line.
 //   pinned-keys   the pinned chunks' keys, hex, one a line.
@@ -352,7 +354,7 @@ int check_pinned_now(store::StoreClient& client, const Common& c, const std::vec
   return kOk;
 }
 
-int operator_role(const Common& c, uint32_t clear_every_ms, uint32_t clear_model_every_ms) {
+int operator_role(const Common& c, uint32_t clear_every_ms, uint64_t clear_model_after_evictions) {
   store::StoreClient client(client_options(c, "operator"));
   std::mt19937_64 rng(c.seed);
   Tally t;
@@ -368,7 +370,7 @@ int operator_role(const Common& c, uint32_t clear_every_ms, uint32_t clear_model
   std::printf("operator: pinned %zu chunks\n", keys.size());
   std::fflush(stdout);
   auto last_clear = Clock::now();
-  auto last_clear_model = Clock::now();
+  uint64_t evictions_at_last_model_clear = 0;
   int rc = kOk;
   while (!should_stop(c, started) && rc == kOk) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -383,9 +385,11 @@ int operator_role(const Common& c, uint32_t clear_every_ms, uint32_t clear_model
       t.cleared += r->removed;
       t.deferred += r->deferred;
     }
-    if (clear_model_every_ms > 0 &&
-        Clock::now() - last_clear_model >= std::chrono::milliseconds(clear_model_every_ms)) {
-      last_clear_model = Clock::now();
+    if (clear_model_after_evictions > 0) {
+      auto s = client.stats();
+      if (!s.ok()) return store_error("operator: stats", s.status());
+      if (s->evictions < evictions_at_last_model_clear + clear_model_after_evictions) continue;
+      evictions_at_last_model_clear = s->evictions;
       auto r = client.clear_model(kWritersModel);
       if (!r.ok()) return store_error("operator: clear_model", r.status());
       ++t.clear_model_calls;
@@ -463,14 +467,15 @@ int run(int argc, char** argv) {
       ("abort-every", "writer: every Nth reservation is aborted (0: none)",                               //
        cxxopts::value<uint32_t>()->default_value("16"))                                                   //
       ("max-hold-us", "reader: longest hold of its leases",
-       cxxopts::value<uint32_t>()->default_value("3000"))                                           //
-      ("clear-every-ms", "operator: clear one universe key this often (0: never)",                  //
-       cxxopts::value<uint32_t>()->default_value("100"))                                            //
-      ("clear-model-every-ms", "operator: clear the writers' model this often (0: never)",          //
-       cxxopts::value<uint32_t>()->default_value("1000"))                                           //
-      ("stop-file", "reader, operator: stop once this file exists", cxxopts::value<std::string>())  //
-      ("max-seconds", "give up after this long", cxxopts::value<double>()->default_value("240"))    //
-      ("unpin", "check-pinned: unpin them afterwards")                                              //
+       cxxopts::value<uint32_t>()->default_value("3000"))                                               //
+      ("clear-every-ms", "operator: clear one universe key this often (0: never)",                      //
+       cxxopts::value<uint32_t>()->default_value("100"))                                                //
+      ("clear-model-after-evictions",                                                                   //
+       "operator: clear the writers' model each time the store has evicted this many more (0: never)",  //
+       cxxopts::value<uint64_t>()->default_value("64"))                                                 //
+      ("stop-file", "reader, operator: stop once this file exists", cxxopts::value<std::string>())      //
+      ("max-seconds", "give up after this long", cxxopts::value<double>()->default_value("240"))        //
+      ("unpin", "check-pinned: unpin them afterwards")                                                  //
       ("h,help", "print this help");
   cli.parse_positional({"role"});
   cli.positional_help("ROLE");
@@ -516,7 +521,7 @@ int run(int argc, char** argv) {
   if (role == "reader") return reader(c, args["max-hold-us"].as<uint32_t>());
   if (role == "operator") {
     return operator_role(c, args["clear-every-ms"].as<uint32_t>(),
-                         args["clear-model-every-ms"].as<uint32_t>());
+                         args["clear-model-after-evictions"].as<uint64_t>());
   }
   if (role == "check-pinned") return check_pinned(c, args.count("unpin") > 0);
   if (role == "stats") return stats(c);
