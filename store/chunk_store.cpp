@@ -305,7 +305,8 @@ Result<Reservation> ChunkStore::reserve(const ChunkKey& key, uint64_t bytes, Cli
   return Reservation{key, e.reservation_id, e.block.offset, bytes};
 }
 
-Status ChunkStore::commit(const ChunkKey& key, uint64_t reservation_id) {
+Status ChunkStore::commit(const ChunkKey& key, uint64_t reservation_id,
+                          std::optional<uint64_t> expected_checksum) {
   Impl& m = *impl_;
   const uint8_t* data = nullptr;
   uint64_t length = 0;
@@ -337,6 +338,11 @@ Status ChunkStore::commit(const ChunkKey& key, uint64_t reservation_id) {
     return Status(ErrorCode::kInternal, "commit of chunk " + hex(key) + ": entry vanished while committing");
   }
   Entry& e = it->second;
+  if (expected_checksum && *expected_checksum != sum) {
+    e.state = EntryState::kReserved;  // still the writer's to abort (or to rewrite and commit)
+    return Status(ErrorCode::kVerifyFailed,
+                  "commit of chunk " + hex(key) + ": its bytes do not match the expected checksum");
+  }
   e.state = EntryState::kCommitted;
   e.checksum = sum;
   m.reservations.erase(reservation_id);

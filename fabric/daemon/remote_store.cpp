@@ -548,15 +548,13 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
     for (size_t i = begin; i < end; ++i) {
       const Landing& l = landings[i];
       std::span<uint8_t> bytes = store_.bytes(l.reservation);
-      if (store::chunk_checksum(bytes.data(), bytes.size()) != l.entry->checksum) {
-        (void)store_.abort(l.entry->key, l.reservation.id);
-        if (bad.ok()) {
-          bad = Status(ErrorCode::kVerifyFailed, "chunk " + l.entry->key.to_hex() + " from " + from +
-                                                     " does not match the holder's checksum; not stored");
+      // One hash: commit checks it against the holder's checksum (the bytes are read once).
+      if (Status s = store_.commit(l.entry->key, l.reservation.id, l.entry->checksum); !s.ok()) {
+        if (s.code() == ErrorCode::kVerifyFailed) {
+          (void)store_.abort(l.entry->key, l.reservation.id);
+          s = Status(ErrorCode::kVerifyFailed, "chunk " + l.entry->key.to_hex() + " from " + from +
+                                                   " does not match the holder's checksum; not stored");
         }
-        continue;
-      }
-      if (Status s = store_.commit(l.entry->key, l.reservation.id); !s.ok()) {
         if (bad.ok()) bad = s;
         continue;
       }

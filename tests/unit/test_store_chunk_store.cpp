@@ -112,6 +112,31 @@ TEST_CASE("put, commit and get under a lease return the bytes and their checksum
   require_consistent(*store);
 }
 
+TEST_CASE("a commit with an expected checksum stores only bytes that match it") {
+  auto store = make_store(8192);
+  auto data = content(key(1), 4096);
+  const uint64_t right = chunk_checksum(data.data(), data.size());
+  auto r = store->reserve(key(1), 4096, 1);
+  REQUIRE(r.ok());
+  std::copy(data.begin(), data.end(), store->bytes(r.value()).begin());
+  store->bytes(r.value())[100] ^= 1;  // one bit damaged in flight
+  Status wrong = store->commit(key(1), r->id, right);
+  REQUIRE(wrong.code() == ErrorCode::kVerifyFailed);
+  REQUIRE_FALSE(stored(*store, key(1)));
+  REQUIRE(store->stats().entries == 0);
+  // Still the writer's reservation: it can be repaired and committed, or aborted.
+  store->bytes(r.value())[100] ^= 1;
+  REQUIRE(store->commit(key(1), r->id, right).ok());
+  REQUIRE(stored(*store, key(1)));
+
+  auto r2 = store->reserve(key(2), 4096, 1);
+  REQUIRE(r2.ok());
+  REQUIRE(store->commit(key(2), r2->id, right + 1).code() == ErrorCode::kVerifyFailed);
+  REQUIRE(store->abort(key(2), r2->id).ok());
+  REQUIRE(store->stats().bytes_free == 4096);
+  require_consistent(*store);
+}
+
 TEST_CASE("lookup returns the stored prefix of a key chain and stops at the first miss") {
   auto store = make_store(1 << 20);
   for (uint64_t i = 0; i < 5; ++i) REQUIRE(put(*store, key(i), 1000).ok());

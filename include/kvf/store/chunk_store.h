@@ -114,9 +114,12 @@ class ChunkStore {
   // stored or being stored), kOutOfMemory (full of pinned, leased and reserved entries).
   Result<Reservation> reserve(const protocol::ChunkKey& key, uint64_t bytes, ClientId writer,
                               const protocol::ChunkKey& model = {});
+  // With `expected_checksum` (bytes that came from elsewhere, e.g. another node) the one hash
+  // commit makes is also the check: a mismatch is kVerifyFailed and the entry stays reserved.
   // Errors: kNotFound (no such reservation: aborted, expired, dropped, or never made),
   // kInvalidArgument (already committed, or a commit of it is in progress).
-  Status commit(const protocol::ChunkKey& key, uint64_t reservation_id);
+  Status commit(const protocol::ChunkKey& key, uint64_t reservation_id,
+                std::optional<uint64_t> expected_checksum = std::nullopt);
   Status abort(const protocol::ChunkKey& key, uint64_t reservation_id);
 
   // How many leading keys of the chain are stored and committed; stops at the first miss. Takes
