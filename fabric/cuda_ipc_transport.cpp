@@ -893,10 +893,12 @@ class CudaIpcTransport::Impl {
   // segments_ (and, for staging, staged_destinations_: the peer's own address of each) for a
   // batch into the peer's GPU regions, bounds-checked.
   Status make_segments(PeerId peer, const std::vector<PutOp>& ops) {
+    const bool staged =
+        options_.copy == CudaCopyMethod::kStaged || nccl();  // direct puts need no peer addresses
     segments_.clear();
     staged_destinations_.clear();
     segments_.reserve(ops.size());
-    staged_destinations_.reserve(ops.size());
+    if (staged) staged_destinations_.reserve(ops.size());
     // A layer's extents all go to one region: look it up once, not per extent.
     RemoteRegionId cached_id = 0;
     const Region* r = nullptr;
@@ -918,7 +920,7 @@ class CudaIpcTransport::Impl {
       segments_.push_back(gpudirect::CopySegment{reinterpret_cast<uint64_t>(op.local),
                                                  reinterpret_cast<uint64_t>(r->mapped + op.remote_offset),
                                                  op.length});
-      staged_destinations_.push_back(r->peer_address + op.remote_offset);
+      if (staged) staged_destinations_.push_back(r->peer_address + op.remote_offset);
     }
     return Status::Ok();
   }

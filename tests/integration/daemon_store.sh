@@ -165,6 +165,20 @@ kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_store_rpc_requests_total [1-9][0-9]
 python3 - "$sock" >"$KVF_TMP/garbage.log" 2>&1 <<'PY'
 import socket, struct, sys
 path = sys.argv[1]
+
+def read_reply(s):
+    """One store RPC reply: (version, kind, op, request id, error code, payload)."""
+    head = b""
+    while len(head) < 24:
+        chunk = s.recv(24 - len(head))
+        if not chunk: break
+        head += chunk
+    magic, version, kind, op, _, rid, n, _ = struct.unpack("<IBBBBQII", head)
+    body = b""
+    while len(body) < n:
+        body += s.recv(n - len(body))
+    return version, kind, op, rid, struct.unpack("<H", body[:2])[0], body
+
 # 1. A garbage header: the daemon cannot find the next frame, so it closes this connection.
 s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(path)
 s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -178,16 +192,7 @@ s.close()
 s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(path)
 payload = b"\x00" * 24
 s.sendall(struct.pack("<IBBBBQII", 0x3153564B, 2, 1, 2, 0, 77, len(payload), 0xDEADBEEF) + payload)
-head = b""
-while len(head) < 24:
-    chunk = s.recv(24 - len(head))
-    if not chunk: break
-    head += chunk
-magic, version, kind, op, _, rid, n, _ = struct.unpack("<IBBBBQII", head)
-body = b""
-while len(body) < n:
-    body += s.recv(n - len(body))
-code = struct.unpack("<H", body[:2])[0]
+version, kind, op, rid, code, body = read_reply(s)
 print(f"bad checksum -> reply kind={kind} op={op} id={rid} code={code} message={body[6:].decode(errors='replace')!r}")
 s.close()
 # 3. An engine of store RPC version 1 says hello: an error reply it can read (version 1 framing,
@@ -197,16 +202,7 @@ s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(path)
 name = b"old engine"
 payload = struct.pack("<I", len(name)) + name
 s.sendall(struct.pack("<IBBBBQII", 0x3153564B, 1, 1, 1, 0, 501, len(payload), 0) + payload)
-head = b""
-while len(head) < 24:
-    chunk = s.recv(24 - len(head))
-    if not chunk: break
-    head += chunk
-magic, version, kind, op, _, rid, n, _ = struct.unpack("<IBBBBQII", head)
-body = b""
-while len(body) < n:
-    body += s.recv(n - len(body))
-code = struct.unpack("<H", body[:2])[0]
+version, kind, op, rid, code, body = read_reply(s)
 print(f"old version -> reply version={version} kind={kind} op={op} id={rid} code={code} message={body[6:].decode(errors='replace')!r}")
 try:
     closed = s.recv(64) == b""
