@@ -120,6 +120,7 @@ class CudaIpcTransport::Impl {
   }
 
   ~Impl() {
+    stopping_ = true;  // an NCCL join still waiting for its peer gives up now
     for (std::thread& t : connectors_) t.join();
     // Nothing may still write through a mapping that is about to be closed.
     call<int>([this] {
@@ -445,16 +446,13 @@ class CudaIpcTransport::Impl {
     lane->copy_stream = std::move(copy_stream.value());
     const uint64_t token = lane->token;
     StagedLane* raw = lanes_.emplace(peer, std::move(lane)).first->second.get();
-    staging::StagingRequest request{token,
-                                    options_.staging_remote_slots,
-                                    options_.staging_bytes,
-                                    inner_->address(),
-                                    std::move(event_handles),
-                                    nccl_id};
+    staging::StagingRequest request{token,    options_.staging_remote_slots, options_.staging_bytes,
+                                    address_, std::move(event_handles),      nccl_id};
     if (nccl()) {
       // Join the communicator as rank 0 off this thread: it blocks until the receiver joins.
       connectors_.emplace_back([this, token, id = std::move(nccl_id), device = options_.device]() {
-        auto comm = std::make_shared<Result<gpudirect::NcclComm>>(gpudirect::NcclComm::create(id, 0, device));
+        auto comm = std::make_shared<Result<gpudirect::NcclComm>>(
+            gpudirect::NcclComm::create(id, 0, device, kNcclJoinTimeout, &stopping_));
         inner_->post([this, token, comm]() {
           PeerId p = 0;
           StagedLane* l = lane_by_token(token, &p);
@@ -470,10 +468,11 @@ class CudaIpcTransport::Impl {
       if (!s.ok()) staging_refused(peer, token, s);
     });
     // A receiver that never answers (an older build ignores the request) must not hold puts.
-    inner_->post_after(kOfferTimeout, [this, peer, token] {
+    const std::chrono::seconds offer_timeout = nccl() ? kNcclOfferTimeout : kOfferTimeout;
+    inner_->post_after(offer_timeout, [this, peer, token, offer_timeout] {
       staging_refused(peer, token,
                       Status(ErrorCode::kTimeout,
-                             "no staging offer within " + std::to_string(kOfferTimeout.count()) + " s"));
+                             "no staging offer within " + std::to_string(offer_timeout.count()) + " s"));
     });
     return raw;
   }
@@ -799,10 +798,16 @@ class CudaIpcTransport::Impl {
     // (connect blocks until this thread has done it); for nccl the communicator is joined there
     // too (it blocks until the sender has joined).
     connectors_.emplace_back([this, request = std::move(request)]() mutable {
-      auto back = inner_->connect(request.reply_address, ConnectOptions{request.nccl_id.empty()});
+      // The connection back must be made as the sender made its own (UCX refuses two endpoints
+      // between a pair of workers with different error handling), which depends on whether the
+      // two share a host: the sender's address names its host.
+      auto parsed = parse_address(request.reply_address);
+      Result<PeerId> back = parsed.status();
+      if (parsed.ok()) back = inner_->connect(parsed->ucx, ConnectOptions{parsed->boot_id == this_boot_id()});
       auto comm = std::make_shared<Result<gpudirect::NcclComm>>(gpudirect::NcclComm{});
       if (back.ok() && !request.nccl_id.empty())
-        *comm = gpudirect::NcclComm::create(request.nccl_id, 1, options_.device);
+        *comm =
+            gpudirect::NcclComm::create(request.nccl_id, 1, options_.device, kNcclJoinTimeout, &stopping_);
       inner_->post([this, back, comm, request = std::move(request)] {
         if (!back.ok()) {
           spdlog::warn("{}: cannot answer sender {:016x}'s staging request: {}", name(), request.sender,
@@ -1267,7 +1272,13 @@ class CudaIpcTransport::Impl {
   std::optional<std::chrono::steady_clock::time_point> last_put_at_;
   // Names this transport's staging lanes to receivers (xor the peer id); random per process.
   const uint64_t token_base_ = std::random_device{}() | uint64_t{std::random_device{}()} << 32;
+  // How long a sender waits for the receiver's staging offer. The nccl transport's receiver answers
+  // only after both ranks joined the communicator (NCCL's bootstrap takes seconds), so it waits
+  // longer; each side gives up joining after kNcclJoinTimeout.
   static constexpr std::chrono::seconds kOfferTimeout{10};
+  static constexpr std::chrono::seconds kNcclOfferTimeout{40};
+  static constexpr std::chrono::seconds kNcclJoinTimeout{30};
+  std::atomic<bool> stopping_{false};
   // Receiver side of staging: slots offered to senders, and the connections back to them.
   std::unique_ptr<StagingReceiver> receiver_;
   std::unordered_map<uint64_t, PeerId> back_peers_;    // by sender token

@@ -17,13 +17,15 @@
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
 #   --only peer,nccl,pinned,overlap   (default: all; peer-sweep and staged-sweep: the cuda_ipc
 #   knobs, for tuning)
-# Environment: KVF_BIN (default build/bin); PEER_COPIES (see peer); needs 2 GPUs for
-# peer/nccl/overlap.
+# Environment: KVF_BIN (default build/bin); PEER_COPIES (see peer); RUN_LIMIT (seconds one run may
+# take before it is killed and counted as failed, default 240: a hang costs one cell, not the
+# session); needs 2 GPUs for peer/nccl/overlap.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
 
 rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap
 peer_copies=${PEER_COPIES:-kernel staged auto}
+run_limit=${RUN_LIMIT:-240}
 while (($#)); do
   case $1 in
     --rounds) rounds=${2:?}; shift 2 ;;
@@ -61,7 +63,7 @@ record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$results"; }
 raw() {
   local cell=$1 round=$2; shift 2
   local j=$json_dir/raw-$cell-$round.json
-  if "$anchors" "$@" --json "$j" >"$tmp/last.log" 2>&1; then
+  if timeout "$run_limit" "$anchors" "$@" --json "$j" >"$tmp/last.log" 2>&1; then
     record "$cell" raw "$round" "$(field "$j" gbps)"
   else
     record "$cell" raw "$round" fail; tail -3 "$tmp/last.log"
@@ -82,7 +84,7 @@ layers_args=(--mode layers --layers 32 --blocks 512 --block-bytes 32K)
 kvf() {
   local cell=$1 round=$2; shift 2
   local j=$json_dir/kvf-$cell-$round.json
-  if "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --json "$j" "$@" \
+  if timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --json "$j" "$@" \
        >"$tmp/last.log" 2>&1; then
     record "$cell" kvfabric "$round" "$(field "$j" gbps)"
   else
@@ -91,7 +93,7 @@ kvf() {
 }
 verified() {  # verified CELL CLIENT-ARGS...: one verified request, or the cell is marked failed
   local cell=$1; shift
-  if "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters 2 --verify "$@" >"$tmp/last.log" 2>&1 \
+  if timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters 2 --verify "$@" >"$tmp/last.log" 2>&1 \
      && grep -q "receiver verified" "$tmp/last.log"; then
     echo "bench-gpu: $cell: every byte verified"
   else
@@ -163,11 +165,11 @@ if cell_wanted peer && ((gpus >= 2)); then
   # Where the GPU time goes (copy time vs gaps between layers) for the direct kernel, staged
   # copies (their copy-engine copies, and the round trip to the receiver's scatter) and the
   # contiguous copy-engine path.
-  KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+  KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
     --transport cuda_ipc --mem cuda:0 --shuffle --copy kernel 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: kernel: /"
-  KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+  KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
     --transport cuda_ipc --mem cuda:0 --shuffle --copy staged 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: staged: /"
-  KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+  KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
     --transport cuda_ipc --mem cuda:0 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: contiguous: /"
   for r in $(seq "$rounds"); do
     echo "bench-gpu: peer round $r/$rounds"
@@ -217,7 +219,7 @@ if cell_wanted staged-sweep && ((gpus >= 2)); then
   # Where the time goes, both sides: a traced client, then the server's own trace as it stops.
   read -r name flags <<<"${variants[0]}"
   # shellcheck disable=SC2086
-  KVF_CUDA_IPC_TRACE=1 "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+  KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
     --transport cuda_ipc --mem cuda:0 --shuffle --copy staged $flags 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: staged-$name: /"
   kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
   KVF_CUDA_IPC_TRACE=1 start_server --transport cuda_ipc --mem cuda:1 || exit 1
@@ -251,7 +253,7 @@ summarize >/dev/null
 if cell_wanted pinned; then
   local_args=(local --mem cuda:0 --layers 32 --blocks 512 --block-bytes 32K --shuffle --iters "$iters")
   for dir in gather scatter; do
-    if "$perf" "${local_args[@]}" --mode $dir --verify >"$tmp/last.log" 2>&1; then
+    if timeout "$run_limit" "$perf" "${local_args[@]}" --mode $dir --verify >"$tmp/last.log" 2>&1; then
       echo "bench-gpu: pinned-$dir: $(grep -m1 verified "$tmp/last.log")"
     else
       echo "bench-gpu: pinned-$dir: FAILED"; tail -3 "$tmp/last.log"; record "pinned-$dir" verify 0 fail
@@ -263,7 +265,7 @@ if cell_wanted pinned; then
       anchor_mode=pinned-d2h; [[ $dir == scatter ]] && anchor_mode=pinned-h2d
       j=$json_dir/kvf-pinned-$dir-$r.json
       ((r % 2)) && raw "pinned-$dir" "$r" --mode $anchor_mode --bytes 1G --iters "$iters"
-      if "$perf" "${local_args[@]}" --mode $dir --json "$j" >"$tmp/last.log" 2>&1; then
+      if timeout "$run_limit" "$perf" "${local_args[@]}" --mode $dir --json "$j" >"$tmp/last.log" 2>&1; then
         record "pinned-$dir" kvfabric "$r" "$(field "$j" gbps)"
       else
         record "pinned-$dir" kvfabric "$r" fail; tail -3 "$tmp/last.log"
@@ -279,7 +281,7 @@ if cell_wanted overlap && ((gpus >= 2)); then
   for r in $(seq "$rounds"); do
     echo "bench-gpu: overlap round $r/$rounds"
     j=$json_dir/kvf-overlap-$r.json
-    if "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --shuffle \
+    if timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --shuffle \
          --transport cuda_ipc --mem cuda:0 --compute llama8b --tokens 8192 --json "$j" >"$tmp/last.log" 2>&1; then
       for k in compute_alone_ms compute_with_transfer_ms slowdown_pct tail_us layer_transfer_us tail_ratio; do
         record "overlap-$k" kvfabric "$r" "$(field "$j" $k)"

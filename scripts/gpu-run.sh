@@ -6,7 +6,8 @@
 # Usage: scripts/gpu-run.sh [build] [test] [sanitize] [bench] [bench-args...]   (default: all four)
 #   e.g. scripts/gpu-run.sh build bench --rounds 3
 # Environment: KVF_GPU_BUILD (build dir, default build-gpu), BENCH_ARGS (extra args to bench-gpu.sh),
-#   KVF_TEST_LABELS (ctest labels of the test phase, default "gpu|unit").
+#   KVF_TEST_LABELS (ctest labels of the test phase, default "gpu|unit"), KVF_TEST_REGEX (only the
+#   tests whose names match, as ctest -R).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -59,7 +60,7 @@ bin=$root/$build/bin
 
 # --- tests ---------------------------------------------------------------------------------------
 if want test; then
-  (cd "$build" && ctest -L "${KVF_TEST_LABELS:-gpu|unit}" --output-on-failure --timeout 300) >"$out/tests.log" 2>&1
+  (cd "$build" && ctest -L "${KVF_TEST_LABELS:-gpu|unit}" ${KVF_TEST_REGEX:+-R "$KVF_TEST_REGEX"} --output-on-failure --timeout 300) >"$out/tests.log" 2>&1
   note "tests (unit+gpu): $(grep -E 'tests passed|tests failed' "$out/tests.log" | tail -1)"
   grep -E "Failed|\*\*\*|SKIP" "$out/tests.log" | head -20
 fi

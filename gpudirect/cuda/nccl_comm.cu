@@ -1,9 +1,11 @@
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "kvf/gpudirect/nccl_comm.h"
 
@@ -14,14 +16,28 @@ namespace {
 struct NcclUniqueId {
   char internal[128];
 };
-using NcclResult = int;        // ncclResult_t: 0 success, 7 in progress
+using NcclResult = int;  // ncclResult_t: 0 success, 7 in progress
+constexpr NcclResult kNcclInProgress = 7;
 constexpr int kNcclUint8 = 1;  // ncclUint8
+
+// The head of ncclConfig_t as NCCL 2.14 defined it. NCCL reads a config by its `size` and
+// `version`, so this older, shorter form is understood by every later NCCL; only `blocking` is set.
+struct NcclConfig214 {
+  size_t size = sizeof(NcclConfig214);
+  unsigned int magic = 0xcafebeef;
+  unsigned int version = 21403;    // NCCL_VERSION(2, 14, 3)
+  int blocking = 0;                // non-blocking: init and connect can be waited on with a deadline
+  int cga_cluster_size = INT_MIN;  // NCCL_CONFIG_UNDEF_INT
+  int min_ctas = INT_MIN;
+  int max_ctas = INT_MIN;
+  const char* net_name = nullptr;
+};
 
 struct NcclApi {
   void* handle = nullptr;
   std::string error;
   NcclResult (*get_unique_id)(NcclUniqueId*) = nullptr;
-  NcclResult (*comm_init_rank)(void**, int, NcclUniqueId, int) = nullptr;
+  NcclResult (*comm_init_rank_config)(void**, int, NcclUniqueId, int, NcclConfig214*) = nullptr;
   NcclResult (*send)(const void*, size_t, int, int, void*, cudaStream_t) = nullptr;
   NcclResult (*recv)(void*, size_t, int, int, void*, cudaStream_t) = nullptr;
   NcclResult (*comm_destroy)(void*) = nullptr;
@@ -47,12 +63,13 @@ const NcclApi& nccl() {
       return a;
     }
     if (!bind(a.handle, "ncclGetUniqueId", a.get_unique_id) ||
-        !bind(a.handle, "ncclCommInitRank", a.comm_init_rank) || !bind(a.handle, "ncclSend", a.send) ||
-        !bind(a.handle, "ncclRecv", a.recv) || !bind(a.handle, "ncclCommDestroy", a.comm_destroy) ||
+        !bind(a.handle, "ncclCommInitRankConfig", a.comm_init_rank_config) ||
+        !bind(a.handle, "ncclSend", a.send) || !bind(a.handle, "ncclRecv", a.recv) ||
+        !bind(a.handle, "ncclCommDestroy", a.comm_destroy) ||
         !bind(a.handle, "ncclCommAbort", a.comm_abort) ||
         !bind(a.handle, "ncclCommGetAsyncError", a.comm_get_async_error) ||
         !bind(a.handle, "ncclGetErrorString", a.get_error_string)) {
-      a.error = "libnccl.so.2 lacks an entry point kvfabric needs (NCCL 2.7 or newer is required)";
+      a.error = "libnccl.so.2 lacks an entry point kvfabric needs (NCCL 2.14 or newer is required)";
       a.handle = nullptr;
     }
     return a;
@@ -64,6 +81,29 @@ Status nccl_error(const char* what, NcclResult r) {
   const char* text = nccl().get_error_string != nullptr ? nccl().get_error_string(r) : "?";
   return Status(ErrorCode::kTransportError, std::string(what) + ": " + (text != nullptr ? text : "?") +
                                                 " (ncclResult " + std::to_string(r) + ")");
+}
+
+// Waits while a non-blocking communicator's last call is still in progress: its final result.
+NcclResult settle(void* comm, std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop,
+                  bool* gave_up) {
+  *gave_up = false;
+  for (;;) {
+    NcclResult state = 0;
+    if (NcclResult r = nccl().comm_get_async_error(comm, &state); r != 0) return r;
+    if (state != kNcclInProgress) return state;
+    if ((stop != nullptr && stop->load()) || std::chrono::steady_clock::now() >= deadline) {
+      *gave_up = true;
+      return kNcclInProgress;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+Status gave_up_status(const char* what, const std::atomic<bool>* stop) {
+  if (stop != nullptr && stop->load()) {
+    return Status(ErrorCode::kAborted, std::string(what) + ": given up, this side is shutting down");
+  }
+  return Status(ErrorCode::kTimeout, std::string(what) + ": the peer did not join in time");
 }
 
 // Makes `device` current for NCCL calls made from a thread that may be on another GPU.
@@ -98,7 +138,9 @@ Result<std::vector<uint8_t>> NcclComm::unique_id() {
   return std::vector<uint8_t>(id.internal, id.internal + sizeof(id.internal));
 }
 
-Result<NcclComm> NcclComm::create(std::span<const uint8_t> id_bytes, int rank, int device) {
+Result<NcclComm> NcclComm::create(std::span<const uint8_t> id_bytes, int rank, int device,
+                                  std::chrono::milliseconds timeout, const std::atomic<bool>* stop) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   if (Status s = available(); !s.ok()) return s;
   if (id_bytes.size() != sizeof(NcclUniqueId)) {
     return Status(ErrorCode::kMalformed,
@@ -116,23 +158,28 @@ Result<NcclComm> NcclComm::create(std::span<const uint8_t> id_bytes, int rank, i
   NcclUniqueId id{};
   std::memcpy(id.internal, id_bytes.data(), sizeof(id.internal));
   void* comm = nullptr;
-  NcclResult r = nccl().comm_init_rank(&comm, 2, id, rank);
+  NcclConfig214 config;
+  NcclResult r = nccl().comm_init_rank_config(&comm, 2, id, rank, &config);
+  bool gave_up = false;
+  if (r == kNcclInProgress && comm != nullptr) r = settle(comm, deadline, stop, &gave_up);
   if (r != 0) {
+    if (comm != nullptr) nccl().comm_abort(comm);
     if (previous >= 0 && previous != device) cudaSetDevice(previous);
-    return nccl_error("ncclCommInitRank", r);
+    if (gave_up) return gave_up_status("ncclCommInitRankConfig", stop);
+    return nccl_error("ncclCommInitRankConfig", r);
   }
   NcclComm made(comm, rank, device);
   // NCCL connects a pair of ranks on their first send/recv, inside that call, and waits there for
   // the peer's matching call. The transport enqueues its sends on its progress thread before it
   // tells the receiver to post the receive, so that first connection must not happen there: one
   // byte goes rank 0 -> rank 1 here, while both sides are in create().
-  Status warmed = made.warm_up();
+  Status warmed = made.warm_up(deadline, stop);
   if (previous >= 0 && previous != device) cudaSetDevice(previous);
   if (!warmed.ok()) return warmed;
   return Result<NcclComm>(std::move(made));
 }
 
-Status NcclComm::warm_up() {
+Status NcclComm::warm_up(std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop) {
   void* byte = nullptr;
   cudaStream_t stream = nullptr;
   if (cudaMalloc(&byte, 1) != cudaSuccess ||
@@ -142,14 +189,29 @@ Status NcclComm::warm_up() {
     return Status(ErrorCode::kOutOfMemory, "NCCL warm-up: no memory for one byte and a stream");
   }
   Status s = rank_ == 0 ? send(byte, 1, stream) : recv(byte, 1, stream);
-  if (s.ok() && cudaStreamSynchronize(stream) != cudaSuccess) {
-    cudaGetLastError();
-    s = Status(ErrorCode::kTransportError, "NCCL warm-up send/recv failed on the GPU");
+  // The byte lands only once the peer posted its side: poll, so a peer that never does cannot hold
+  // this thread (aborting the communicator ends the waiting kernel).
+  while (s.ok()) {
+    cudaError_t q = cudaStreamQuery(stream);
+    if (q == cudaSuccess) break;
+    if (q != cudaErrorNotReady) {
+      cudaGetLastError();
+      s = Status(ErrorCode::kTransportError, "NCCL warm-up send/recv failed on the GPU");
+    } else if ((stop != nullptr && stop->load()) || std::chrono::steady_clock::now() >= deadline) {
+      s = gave_up_status("connecting the NCCL ranks", stop);
+      abort();
+      cudaStreamSynchronize(stream);
+      cudaGetLastError();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
   }
   cudaStreamDestroy(stream);
   cudaFree(byte);
-  if (!s.ok()) return Status(s.code(), "connecting the NCCL ranks: " + s.message());
-  return Status::Ok();
+  if (!s.ok() && s.message().rfind("connecting", 0) != 0) {
+    return Status(s.code(), "connecting the NCCL ranks: " + s.message());
+  }
+  return s;
 }
 
 Status NcclComm::send(const void* data, uint64_t bytes, void* cuda_stream) {
@@ -157,7 +219,7 @@ Status NcclComm::send(const void* data, uint64_t bytes, void* cuda_stream) {
   DeviceScope scope(device_);
   NcclResult r =
       nccl().send(data, bytes, kNcclUint8, 1 - rank_, comm_, static_cast<cudaStream_t>(cuda_stream));
-  return r == 0 ? Status::Ok() : nccl_error("ncclSend", r);
+  return finish_enqueue("ncclSend", r);
 }
 
 Status NcclComm::recv(void* data, uint64_t bytes, void* cuda_stream) {
@@ -165,7 +227,19 @@ Status NcclComm::recv(void* data, uint64_t bytes, void* cuda_stream) {
   DeviceScope scope(device_);
   NcclResult r =
       nccl().recv(data, bytes, kNcclUint8, 1 - rank_, comm_, static_cast<cudaStream_t>(cuda_stream));
-  return r == 0 ? Status::Ok() : nccl_error("ncclRecv", r);
+  return finish_enqueue("ncclRecv", r);
+}
+
+Status NcclComm::finish_enqueue(const char* what, int result) {
+  // A non-blocking communicator answers "in progress" while it still enqueues (it connects the
+  // ranks on first use; create() did that already, so this is short). The next call on the
+  // communicator must wait for it.
+  if (result == kNcclInProgress) {
+    bool gave_up = false;
+    result = settle(comm_, std::chrono::steady_clock::now() + std::chrono::seconds(30), nullptr, &gave_up);
+    if (gave_up) return gave_up_status(what, nullptr);
+  }
+  return result == 0 ? Status::Ok() : nccl_error(what, result);
 }
 
 Status NcclComm::async_error() const {

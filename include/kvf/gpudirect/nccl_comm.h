@@ -5,10 +5,13 @@
 // switched off unless the user set NCCL_NVLS_ENABLE: two-rank send/recv never needs it, and on a
 // shared host it can take the GPUs out of service.
 //
-// Threads: create() blocks until the peer has joined with the same id (call it off any thread that
-// must keep serving); send/recv enqueue on a stream and return; one thread at a time per object.
+// Threads: create() blocks until the peer has joined with the same id, the deadline passes or
+// `stop` turns true (call it off any thread that must keep serving); send/recv enqueue on a stream
+// and return; one thread at a time per object.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <span>
 #include <utility>
@@ -25,8 +28,11 @@ class NcclComm {
   // A fresh communicator id (ncclGetUniqueId, 128 bytes) for the peer to join with.
   static Result<std::vector<uint8_t>> unique_id();
   // Joins the two-rank communicator `id` as `rank` (0 or 1) on `device` and connects rank 0 to
-  // rank 1 with a one-byte send/recv; blocks until both sides have done so.
-  static Result<NcclComm> create(std::span<const uint8_t> id, int rank, int device);
+  // rank 1 with a one-byte send/recv; blocks until both sides have done so. A peer that never
+  // joins fails it with kTimeout after `timeout`, or at once with kAborted once *stop is true
+  // (so a process that is shutting down never waits on a peer that refused or died).
+  static Result<NcclComm> create(std::span<const uint8_t> id, int rank, int device,
+                                 std::chrono::milliseconds timeout, const std::atomic<bool>* stop = nullptr);
 
   NcclComm() = default;
   NcclComm(NcclComm&& o) noexcept
@@ -56,7 +62,9 @@ class NcclComm {
 
  private:
   NcclComm(void* comm, int rank, int device) : comm_(comm), rank_(rank), device_(device) {}
-  Status warm_up();  // connects rank 0 -> 1 now (see create)
+  // Connects rank 0 -> 1 now (see create), giving up at `deadline` or on *stop.
+  Status warm_up(std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop);
+  Status finish_enqueue(const char* what, int result);  // waits out a non-blocking "in progress"
   void reset();
   void* comm_ = nullptr;  // ncclComm_t
   int rank_ = 0;

@@ -31,7 +31,7 @@ struct StagingRequest {
   uint64_t sender = 0;  // the sending transport's token: names the sender in every later message
   uint32_t slots = 0;
   uint64_t slot_bytes = 0;
-  std::vector<uint8_t> reply_address;  // the sender's inner UCX worker address
+  std::vector<uint8_t> reply_address;  // the sender's transport address (CudaIpcTransport::address())
   // Per slot, a CUDA IPC event the sender records once its copy into that slot is enqueued; the
   // receiver's scatter waits for it on the GPU, so a Scatter can be sent before the copy ends.
   std::vector<std::vector<uint8_t>> slot_events;
