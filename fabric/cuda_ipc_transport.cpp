@@ -8,6 +8,7 @@
 #include <fstream>
 #include <future>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <thread>
@@ -121,7 +122,20 @@ class CudaIpcTransport::Impl {
 
   ~Impl() {
     stopping_ = true;  // an NCCL join still waiting for its peer gives up now
-    for (std::thread& t : connectors_) t.join();
+    join_helpers();
+    // The nccl lanes' communicators close in step with their receivers (told below), here on the
+    // caller's thread while the inner transport still carries the message.
+    std::vector<gpudirect::NcclComm> closing = call<std::vector<gpudirect::NcclComm>>([this] {
+      synchronize_all();
+      std::vector<gpudirect::NcclComm> comms;
+      for (auto& [peer, lane] : lanes_) {
+        if (auto c = close_lane(peer, *lane); c.valid()) comms.push_back(std::move(c));
+      }
+      return comms;
+    });
+    for (gpudirect::NcclComm& c : closing) {
+      if (Status s = c.close(kNcclCloseTimeout); !s.ok()) spdlog::warn("nccl: {}", s.to_string());
+    }
     // Nothing may still write through a mapping that is about to be closed.
     call<int>([this] {
       synchronize_all();
@@ -139,6 +153,7 @@ class CudaIpcTransport::Impl {
       user_failure_handler_ = nullptr;
       return 0;
     });
+    join_helpers();  // communicators of senders closed while serving
     inner_.reset();
   }
 
@@ -242,19 +257,22 @@ class CudaIpcTransport::Impl {
   }
 
   void disconnect(PeerId peer) {
-    call<int>([&] {
+    gpudirect::NcclComm closing = call<gpudirect::NcclComm>([&] {
       synchronize_all();  // no copy may still use the peer's mappings
       poll();
       for (auto it = regions_.begin(); it != regions_.end();) {
         it = it->second.peer == peer ? regions_.erase(it) : std::next(it);
       }
       peers_.erase(peer);
+      gpudirect::NcclComm comm;
       if (auto lane = lanes_.find(peer); lane != lanes_.end()) {
+        comm = close_lane(peer, *lane->second);
         fail_lane(*lane->second, Status(ErrorCode::kAborted, "disconnected"));
         lanes_.erase(lane);
       }
-      return 0;
+      return comm;
     });
+    if (Status s = closing.close(kNcclCloseTimeout); !s.ok()) spdlog::warn("nccl: {}", s.to_string());
     inner_->disconnect(peer);
   }
 
@@ -450,7 +468,7 @@ class CudaIpcTransport::Impl {
                                     address_, std::move(event_handles),      nccl_id};
     if (nccl()) {
       // Join the communicator as rank 0 off this thread: it blocks until the receiver joins.
-      connectors_.emplace_back([this, token, id = std::move(nccl_id), device = options_.device]() {
+      spawn_helper([this, token, id = std::move(nccl_id), device = options_.device]() {
         auto comm = std::make_shared<Result<gpudirect::NcclComm>>(
             gpudirect::NcclComm::create(id, 0, device, kNcclJoinTimeout, &stopping_));
         inner_->post([this, token, comm]() {
@@ -797,7 +815,7 @@ class CudaIpcTransport::Impl {
     // The answer goes over a connection back to the sender's worker, made on a helper thread
     // (connect blocks until this thread has done it); for nccl the communicator is joined there
     // too (it blocks until the sender has joined).
-    connectors_.emplace_back([this, request = std::move(request)]() mutable {
+    spawn_helper([this, request = std::move(request)]() mutable {
       // The connection back must be made as the sender made its own (UCX refuses two endpoints
       // between a pair of workers with different error handling), which depends on whether the
       // two share a host: the sender's address names its host.
@@ -872,6 +890,8 @@ class CudaIpcTransport::Impl {
             staging_offered(m);
           } else if constexpr (std::is_same_v<T, staging::Scatter>) {
             scatter_requested(m);
+          } else if constexpr (std::is_same_v<T, staging::StagingClosed>) {
+            forget_sender(m.sender);
           } else {
             chunk_done(m);
           }
@@ -879,12 +899,53 @@ class CudaIpcTransport::Impl {
         message.value());
   }
 
+  template <typename Work>
+  void spawn_helper(Work&& work) {
+    std::lock_guard lock(helpers_mutex_);
+    helpers_.emplace_back(std::forward<Work>(work));
+  }
+  void join_helpers() {
+    for (;;) {
+      std::vector<std::thread> batch;
+      {
+        std::lock_guard lock(helpers_mutex_);
+        batch.swap(helpers_);
+      }
+      if (batch.empty()) return;
+      for (std::thread& t : batch) t.join();
+    }
+  }
+
+  // Receiver side: a sender closed or died. Its slots go; its communicator is closed on a helper
+  // thread (the close meets the sender's own, or gives up and aborts if the sender is gone).
+  void forget_sender(uint64_t sender) {
+    auto back = back_peers_.find(sender);
+    if (back == back_peers_.end()) return;
+    back_senders_.erase(back->second);
+    back_peers_.erase(back);
+    if (!receiver_) return;
+    gpudirect::NcclComm comm = receiver_->drop(sender);
+    if (comm.valid()) close_communicator_later(std::move(comm));
+  }
+
+  void close_communicator_later(gpudirect::NcclComm comm) {
+    spawn_helper([comm = std::move(comm)]() mutable {
+      if (Status s = comm.close(kNcclCloseTimeout); !s.ok()) spdlog::warn("nccl: {}", s.to_string());
+    });
+  }
+
+  // Sender side: tells the receiver this lane is done (so it closes its end of the communicator
+  // too) and hands back the lane's communicator for the caller to close off the progress thread.
+  gpudirect::NcclComm close_lane(PeerId peer, StagedLane& lane) {
+    if (!lane.comm.valid()) return {};
+    inner_->notify(peer, staging::encode(staging::StagingClosed{lane.token}), nullptr);
+    return std::move(lane.comm);
+  }
+
   void on_peer_failure(PeerId peer, const Status& why) {
     if (auto back = back_senders_.find(peer); back != back_senders_.end()) {
       // A sender we staged for is gone: its slots go (its connection was ours, not the user's).
-      if (receiver_) receiver_->drop(back->second);
-      back_peers_.erase(back->second);
-      back_senders_.erase(back);
+      forget_sender(back->second);
       return;
     }
     if (auto lane = lanes_.find(peer); lane != lanes_.end()) {
@@ -1278,12 +1339,16 @@ class CudaIpcTransport::Impl {
   static constexpr std::chrono::seconds kOfferTimeout{10};
   static constexpr std::chrono::seconds kNcclOfferTimeout{40};
   static constexpr std::chrono::seconds kNcclJoinTimeout{30};
+  static constexpr std::chrono::seconds kNcclCloseTimeout{10};
   std::atomic<bool> stopping_{false};
   // Receiver side of staging: slots offered to senders, and the connections back to them.
   std::unique_ptr<StagingReceiver> receiver_;
   std::unordered_map<uint64_t, PeerId> back_peers_;    // by sender token
   std::unordered_map<PeerId, uint64_t> back_senders_;  // by back connection
-  std::vector<std::thread> connectors_;
+  // Helper threads for what blocks on a peer (connecting back, joining and closing NCCL
+  // communicators). Started on the progress thread, joined by the destructor: hence the mutex.
+  std::mutex helpers_mutex_;
+  std::vector<std::thread> helpers_;
   NotificationHandler user_notification_handler_;
   PeerFailureHandler user_failure_handler_;
   // Uploaded request plans: direct puts (see resident_plan) and staged gathers (gather_plan).

@@ -182,20 +182,24 @@ const gpudirect::ResidentSegments* StagingReceiver::plan_for(uint64_t slot_base)
   return plans_.find_or_make(relative_);  // full: the plain way (plans go only with this object)
 }
 
-void StagingReceiver::drop(uint64_t sender) {
+gpudirect::NcclComm StagingReceiver::drop(uint64_t sender) {
   auto it = senders_.find(sender);
-  if (it == senders_.end()) return;
+  if (it == senders_.end()) return {};
   std::unique_ptr<Slots> slots = std::move(it->second);
   senders_.erase(it);
-  slots->comm.abort();  // a receive from a dead sender would hold the stream forever
+  // The caller closes it; closing (or, for a dead sender, aborting) also ends any receive still
+  // queued, so the stream drains and the slots below get freed.
+  gpudirect::NcclComm comm = std::move(slots->comm);
   auto idle = gpudirect::CudaEvent::create(device_);
   if (idle.ok() && idle->record(slots->stream).ok()) {
     slots->idle = std::move(idle.value());
     retired_.push_back(std::move(slots));
   } else {
-    allocated_ -= slots->buffer.size();  // no event to wait for: let cudaFree wait
+    comm.abort();  // nothing to wait on: end any queued receive now, then let cudaFree wait
+    allocated_ -= slots->buffer.size();
   }
   free_retired();
+  return comm;
 }
 
 }  // namespace kvf::fabric

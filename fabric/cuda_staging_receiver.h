@@ -41,8 +41,10 @@ class StagingReceiver {
   staging::StagingOffer offer(const staging::StagingRequest& request, gpudirect::NcclComm comm = {});
   // Places a filled slot; `reply` runs once with the outcome (after the bytes are in place).
   void scatter(const staging::Scatter& scatter, std::function<void(staging::Scattered)> reply);
-  // Forgets a sender (it disconnected or died); its slots are freed once nothing queued uses them.
-  void drop(uint64_t sender);
+  // Forgets a sender (it closed, disconnected or died); its slots are freed once nothing queued
+  // uses them. Returns its NCCL communicator (nccl transport), which the caller must close off
+  // this thread: closing waits for the peer (NcclComm::close).
+  gpudirect::NcclComm drop(uint64_t sender);
 
  private:
   struct Slots {

@@ -239,14 +239,19 @@ fi
 summarize >/dev/null
 
 if cell_wanted nccl && ((gpus >= 2)); then
-  start_server --transport nccl --mem cuda:1 || exit 1
+  KVF_CUDA_IPC_TRACE=1 start_server --transport nccl --mem cuda:1 || exit 1
   verified nccl-shuffled --transport nccl --mem cuda:0 --shuffle
+  # Where the time goes: the sender's trace of the staged sends (gathers, round trips, gaps).
+  KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+    --transport nccl --mem cuda:0 --shuffle 2>&1 | grep -E "cuda_ipc trace|nccl|request 10/" | sed "s/^/bench-gpu: nccl: /"
   for r in $(seq "$rounds"); do
     echo "bench-gpu: nccl round $r/$rounds"
     if ((r % 2)); then raw nccl "$r" --mode nccl --bytes 1G --iters "$iters"; fi
     kvf nccl-shuffled "$r" --transport nccl --mem cuda:0 --shuffle
     if ((r % 2 == 0)); then raw nccl "$r" --mode nccl --bytes 1G --iters "$iters"; fi
   done
+  kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
+  grep -E "cuda_ipc trace|nccl" "$tmp/server.log" | tail -8 | sed "s/^/bench-gpu: nccl receiver: /"
 fi
 summarize >/dev/null
 

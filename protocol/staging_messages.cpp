@@ -9,7 +9,7 @@
 namespace kvf::protocol::staging {
 namespace {
 
-enum class Type : uint16_t { kRequest = 1, kOffer = 2, kScatter = 3, kScattered = 4 };
+enum class Type : uint16_t { kRequest = 1, kOffer = 2, kScatter = 3, kScattered = 4, kClosed = 5 };
 
 constexpr size_t kMaxBlob = 4096;
 constexpr size_t kMaxEventHandle = 256;
@@ -78,7 +78,12 @@ std::vector<uint8_t> encode(const Message& message) {
             w.u64(p.bytes);
           }
           return w.take();
+        } else if constexpr (std::is_same_v<T, StagingClosed>) {
+          wire::Writer w = header(Type::kClosed);
+          w.u64(m.sender);
+          return w.take();
         } else {
+          static_assert(std::is_same_v<T, Scattered>);
           wire::Writer w = header(Type::kScattered);
           w.u64(m.sender);
           w.u64(m.batch);
@@ -170,6 +175,12 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
         r.string("message", m.message);
       }
       out = std::move(m);
+      break;
+    }
+    case Type::kClosed: {
+      StagingClosed m;
+      r.u64("sender", m.sender);
+      out = m;
       break;
     }
     default:

@@ -41,6 +41,7 @@ struct NcclApi {
   NcclResult (*send)(const void*, size_t, int, int, void*, cudaStream_t) = nullptr;
   NcclResult (*recv)(void*, size_t, int, int, void*, cudaStream_t) = nullptr;
   NcclResult (*comm_destroy)(void*) = nullptr;
+  NcclResult (*comm_finalize)(void*) = nullptr;
   NcclResult (*comm_abort)(void*) = nullptr;
   NcclResult (*comm_get_async_error)(void*, NcclResult*) = nullptr;
   const char* (*get_error_string)(NcclResult) = nullptr;
@@ -66,6 +67,7 @@ const NcclApi& nccl() {
         !bind(a.handle, "ncclCommInitRankConfig", a.comm_init_rank_config) ||
         !bind(a.handle, "ncclSend", a.send) || !bind(a.handle, "ncclRecv", a.recv) ||
         !bind(a.handle, "ncclCommDestroy", a.comm_destroy) ||
+        !bind(a.handle, "ncclCommFinalize", a.comm_finalize) ||
         !bind(a.handle, "ncclCommAbort", a.comm_abort) ||
         !bind(a.handle, "ncclCommGetAsyncError", a.comm_get_async_error) ||
         !bind(a.handle, "ncclGetErrorString", a.get_error_string)) {
@@ -257,15 +259,31 @@ void NcclComm::abort() {
   comm_ = nullptr;
 }
 
-void NcclComm::reset() {
-  if (comm_ == nullptr) return;
-  // A communicator whose peer is gone cannot finish a destroy; abort it instead.
-  if (async_error().ok()) {
+Status NcclComm::close(std::chrono::milliseconds timeout) {
+  if (comm_ == nullptr) return Status::Ok();
+  DeviceScope scope(device_);
+  // Finalize flushes and meets the peer (non-blocking here, so it can be waited on with a
+  // deadline); after it, destroy only frees what is ours. A peer that is gone or never closes
+  // leaves abort, which needs nobody.
+  bool gave_up = false;
+  NcclResult r = nccl().comm_finalize(comm_);
+  if (r == 0 || r == kNcclInProgress)
+    r = settle(comm_, std::chrono::steady_clock::now() + timeout, nullptr, &gave_up);
+  if (r == 0) {
     nccl().comm_destroy(comm_);
-  } else {
-    nccl().comm_abort(comm_);
+    comm_ = nullptr;
+    return Status::Ok();
   }
+  nccl().comm_abort(comm_);
   comm_ = nullptr;
+  if (gave_up)
+    return Status(ErrorCode::kTimeout,
+                  "closing the NCCL communicator: the peer did not close in time; aborted");
+  return nccl_error("closing the NCCL communicator (aborted)", r);
+}
+
+void NcclComm::reset() {
+  (void)close(std::chrono::seconds(10));
 }
 
 }  // namespace kvf::gpudirect

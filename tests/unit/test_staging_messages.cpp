@@ -17,14 +17,15 @@ std::vector<Message> samples() {
   Scatter scatter{rng(), rng(), 3, {}};
   for (int i = 0; i < 100; ++i) scatter.pieces.push_back(ScatterPiece{(rng() >> 8) + 1, (rng() % 65536) + 1});
   const std::vector<std::vector<uint8_t>> events(4, std::vector<uint8_t>(64, 0x5a));
-  return {StagingRequest{rng(), 4, 32ull << 20, {1, 2, 3, 4, 5}, events, {}},
-          StagingRequest{rng(), 2, 1ull << 20, {9}, {}, std::vector<uint8_t>(128, 3)},
-          StagingOffer{rng(), 4, 32ull << 20, std::vector<uint8_t>(72, 0xab), 0, ""},
-          StagingOffer{rng(), 0, 0, {}, static_cast<uint32_t>(ErrorCode::kOutOfMemory), "no room"},
-          scatter,
-          Scattered{rng(), rng(), 2, 0, ""},
-          Scattered{rng(), rng(), 1, static_cast<uint32_t>(ErrorCode::kInvalidArgument),
-                    "outside device memory"}};
+  return {
+      StagingRequest{rng(), 4, 32ull << 20, {1, 2, 3, 4, 5}, events, {}},
+      StagingRequest{rng(), 2, 1ull << 20, {9}, {}, std::vector<uint8_t>(128, 3)},
+      StagingOffer{rng(), 4, 32ull << 20, std::vector<uint8_t>(72, 0xab), 0, ""},
+      StagingOffer{rng(), 0, 0, {}, static_cast<uint32_t>(ErrorCode::kOutOfMemory), "no room"},
+      scatter,
+      Scattered{rng(), rng(), 2, 0, ""},
+      Scattered{rng(), rng(), 1, static_cast<uint32_t>(ErrorCode::kInvalidArgument), "outside device memory"},
+      StagingClosed{rng()}};
 }
 
 bool same(const Message& a, const Message& b) {

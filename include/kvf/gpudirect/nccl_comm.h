@@ -57,6 +57,10 @@ class NcclComm {
   Status recv(void* data, uint64_t bytes, void* cuda_stream);
   // Ends the communicator now: operations still queued fail instead of waiting for the peer.
   void abort();
+  // Closes the communicator in step with the peer (NCCL's destroy is collective: it waits until
+  // the peer closes too), so both sides must call it; gives up and aborts after `timeout`. Blocks:
+  // call it off any thread that must keep serving. The destructor closes with a 10 s limit.
+  Status close(std::chrono::milliseconds timeout);
   // A failure NCCL found after the fact (the peer died, a network error), or Ok.
   Status async_error() const;
 

@@ -5,6 +5,8 @@
 //   sender -> receiver  Scatter:        slot S is being filled (its event fires when it is full);
 //                                       place its bytes at these addresses
 //   receiver -> sender  Scattered:      slot S is placed (and free again), or why not
+//   sender -> receiver  StagingClosed:  the sender is done: free its slots (and, for nccl, close
+//                                       the communicator now, as the sender does the same)
 // Every message starts with a magic that no stream frame ("KVF1") has, so the transport can take
 // its own messages out of the notification stream. Decoding checks every count against the bytes
 // present before allocating, and refuses unknown types, versions and trailing bytes.
@@ -71,7 +73,11 @@ struct Scattered {
   std::string message;
 };
 
-using Message = std::variant<StagingRequest, StagingOffer, Scatter, Scattered>;
+struct StagingClosed {
+  uint64_t sender = 0;
+};
+
+using Message = std::variant<StagingRequest, StagingOffer, Scatter, Scattered, StagingClosed>;
 
 // True when `bytes` starts with kMagic (a staging message, well-formed or not).
 bool is_staging_message(std::span<const uint8_t> bytes);
