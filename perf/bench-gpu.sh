@@ -117,7 +117,7 @@ failed = sorted({r[0] for r in rows if r[1] == "verify"})
 anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M", "s2-512M", "s4-512M"]
              for k in ["shuffled", "contiguous"]},
           "peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-staged": "peer",
-          "peer-shuffled-auto": "peer", "nccl-shuffled": "nccl",
+          "peer-shuffled-auto": "peer", "nccl-shuffled": "nccl", "nccl-shuffled-128M": "nccl",
           "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
 for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("staged-")):
     anchor[cell] = "peer"  # staged-sweep variants, named by STAGED_VARIANTS
@@ -248,6 +248,8 @@ if cell_wanted nccl && ((gpus >= 2)); then
     echo "bench-gpu: nccl round $r/$rounds"
     if ((r % 2)); then raw nccl "$r" --mode nccl --bytes 1G --iters "$iters"; fi
     kvf nccl-shuffled "$r" --transport nccl --mem cuda:0 --shuffle
+    # Larger slots: fewer NCCL operations (each one costs a launch and a round trip).
+    kvf nccl-shuffled-128M "$r" --transport nccl --mem cuda:0 --shuffle --staging-bytes 128M --inflight 1G
     if ((r % 2 == 0)); then raw nccl "$r" --mode nccl --bytes 1G --iters "$iters"; fi
   done
   kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
