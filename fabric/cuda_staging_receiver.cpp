@@ -49,13 +49,27 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
       if (!event.ok()) return refuse(event.status());
       filled.push_back(std::move(event.value()));
     }
+    gpudirect::CudaStream receive_stream;
+    std::vector<gpudirect::CudaEvent> received;
+    if (comm.valid()) {
+      auto made = gpudirect::CudaStream::create(device_);
+      if (!made.ok()) return refuse(made.status());
+      receive_stream = std::move(made.value());
+      for (uint32_t i = 0; i < request.slots; ++i) {
+        auto event = gpudirect::CudaEvent::create(device_);
+        if (!event.ok()) return refuse(event.status());
+        received.push_back(std::move(event.value()));
+      }
+    }
     auto slots = std::make_unique<Slots>(Slots{std::move(buffer.value()),
                                                std::move(stream.value()),
                                                request.slots,
                                                request.slot_bytes,
                                                std::move(filled),
                                                {},
-                                               std::move(comm)});
+                                               std::move(comm),
+                                               std::move(receive_stream),
+                                               std::move(received)});
     allocated_ += bytes;
     it = senders_.emplace(request.sender, std::move(slots)).first;
     spdlog::info("cuda_ipc: staging {} slots of {} MiB on GPU {} for sender {:016x}", request.slots,
@@ -137,8 +151,10 @@ void StagingReceiver::scatter(const staging::Scatter& request,
     if (total > s.slot_bytes) {
       return fail(Status(ErrorCode::kInvalidArgument, "the scatter names more bytes than a slot holds"));
     }
-    if (Status c = s.comm.recv(reinterpret_cast<void*>(slot_base), total, s.stream.handle()); !c.ok())
+    if (Status c = s.comm.recv(reinterpret_cast<void*>(slot_base), total, s.receive_stream.handle()); !c.ok())
       return fail(c);
+    if (Status c = s.received[request.slot].record(s.receive_stream); !c.ok()) return fail(c);
+    if (Status c = s.stream.wait_event(s.received[request.slot].handle()); !c.ok()) return fail(c);
   } else {
     // The sender's copy into the slot was enqueued before it sent this; the GPU waits for its end.
     if (Status c = s.stream.wait_event(s.filled[request.slot].handle()); !c.ok()) return fail(c);

@@ -55,6 +55,11 @@ class StagingReceiver {
     std::vector<gpudirect::CudaEvent> filled;  // the sender's per-slot events, opened here
     gpudirect::CudaEvent idle;                 // recorded when dropped: freed once it fires
     gpudirect::NcclComm comm;                  // the nccl transport: slots arrive by ncclRecv
+    // nccl: receives run on their own stream, so receiving slot k+1 overlaps scattering slot k;
+    // the scatter waits for its slot's `received` event. (A slot is reused only after the
+    // sender heard that its last scatter finished, so one event per slot suffices.)
+    gpudirect::CudaStream receive_stream;
+    std::vector<gpudirect::CudaEvent> received;
   };
   void free_retired();
   Status check_destination(uint64_t destination, uint64_t bytes);
