@@ -7,7 +7,7 @@
 #   e.g. scripts/gpu-run.sh build bench --rounds 3
 # Environment: KVF_GPU_BUILD (build dir, default build-gpu), BENCH_ARGS (extra args to bench-gpu.sh),
 #   KVF_TEST_LABELS (ctest labels of the test phase, default "gpu|unit"), KVF_TEST_REGEX (only the
-#   tests whose names match, as ctest -R).
+#   tests whose names match, as ctest -R), KVF_BUILD_TARGETS (build only these targets).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -50,7 +50,8 @@ note "GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c
 if want build; then
   start=$SECONDS
   if cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CUDA_ARCHITECTURES=90 \
-       >"$out/build.log" 2>&1 && cmake --build "$build" -j "$(nproc)" >>"$out/build.log" 2>&1; then
+       >"$out/build.log" 2>&1 &&
+     cmake --build "$build" -j "$(nproc)" ${KVF_BUILD_TARGETS:+--target $KVF_BUILD_TARGETS} >>"$out/build.log" 2>&1; then
     note "build: ok in $((SECONDS - start)) s"
   else
     note "build: FAILED (tail of build.log follows)"; tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1

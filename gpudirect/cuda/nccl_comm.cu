@@ -89,15 +89,23 @@ Status nccl_error(const char* what, NcclResult r) {
 NcclResult settle(void* comm, std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop,
                   bool* gave_up) {
   *gave_up = false;
+  const auto started = std::chrono::steady_clock::now();
   for (;;) {
     NcclResult state = 0;
     if (NcclResult r = nccl().comm_get_async_error(comm, &state); r != 0) return r;
     if (state != kNcclInProgress) return state;
-    if ((stop != nullptr && stop->load()) || std::chrono::steady_clock::now() >= deadline) {
+    const auto now = std::chrono::steady_clock::now();
+    if ((stop != nullptr && stop->load()) || now >= deadline) {
       *gave_up = true;
       return kNcclInProgress;
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    // An enqueue (send/recv on the data path) settles within microseconds: spin for it. Joining
+    // and closing take milliseconds to seconds: sleep between polls once it is clearly one of those.
+    if (now - started < std::chrono::milliseconds(2)) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
   }
 }
 
