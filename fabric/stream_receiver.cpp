@@ -14,6 +14,7 @@
 
 #include "kvf/fabric/control_channel.h"
 #include "kvf/fabric/cuda_ipc_transport.h"
+#include "kvf/fabric/multi_transport.h"
 #include "kvf/fabric/stream_pattern.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/memory_region.h"
@@ -215,19 +216,16 @@ class StreamReceiver::Impl {
         session->connection->close(Status(ErrorCode::kUnsupportedVersion, "version mismatch"));
         return;
       }
-      // Both ends must run the same transport; say so before the sender tries to connect to an
-      // address its transport cannot read.
-      // (GPU transports name themselves in their address; ucx and the in-process local one are
-      // one family here.)
-      auto family = [](std::string_view kind) {
-        return kind == "cuda_ipc" || kind == "nccl" ? kind : std::string_view("ucx");
-      };
-      if (std::string_view offered = transport_kind_of_address(hello->transport_address);
-          family(offered) != family(transport_.name())) {
+      // Both ends must share a transport; say so before the sender tries to connect to an
+      // address its transport cannot read. (A MultiTransport's address lists several.)
+      if (!transports_can_meet(hello->transport_address, transport_.address())) {
+        std::string offered;
+        for (const std::string& t : transports_offered(hello->transport_address))
+          offered += (offered.empty() ? "" : ",") + t;
         session->connection->send(protocol::ErrorReply{
             ErrorCode::kUnavailable, "this receiver runs the " + std::string(transport_.name()) +
-                                         " transport and the sender offers " + std::string(offered) +
-                                         ": start both with the same --transport"});
+                                         " transport and the sender offers " + offered +
+                                         ": start both with the same --transport (or a list sharing one)"});
         session->connection->close(Status(ErrorCode::kUnavailable, "transport mismatch"));
         return;
       }

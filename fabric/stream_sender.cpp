@@ -1,11 +1,14 @@
 #include "kvf/fabric/stream_sender.h"
 
+#include "kvf/fabric/multi_transport.h"
+
 #include <condition_variable>
 #include <future>
 #include <mutex>
 
 #include <spdlog/spdlog.h>
 
+#include "kvf/fabric/multi_transport.h"
 #include "kvf/fabric/stream_pattern.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "local_host.h"
@@ -45,7 +48,13 @@ Result<std::unique_ptr<PeerLink>> PeerLink::connect(Transport& transport, const 
   }
   ConnectOptions connect_options;
   connect_options.same_host = is_this_host(host);
-  auto peer = transport.connect(ack->transport_address, connect_options);
+  // A receiver offering several transports lists them; a plain transport gets its own entry.
+  const std::vector<uint8_t> address = address_for(transport, ack->transport_address);
+  if (address.empty()) {
+    return Status(ErrorCode::kUnavailable, host + ":" + std::to_string(port) + " offers no " +
+                                               std::string(transport.name()) + " transport");
+  }
+  auto peer = transport.connect(address, connect_options);
   if (!peer.ok()) return peer.status();
   // Finish UCX's connection setup now (a flush completes only once the endpoint is wired up):
   // UCX 1.13 aborts the *receiver* on an assertion if a sender dies while a wire-up reply to it

@@ -23,6 +23,7 @@
 
 #include "kvf/fabric/control_channel.h"
 #include "kvf/fabric/cuda_ipc_transport.h"
+#include "kvf/fabric/multi_transport.h"
 #include "kvf/fabric/stream_pattern.h"
 #include "kvf/fabric/stream_receiver.h"
 #include "kvf/fabric/stream_sender.h"
@@ -67,27 +68,26 @@ Result<BufferPlacement> parse_memory(const std::string& text) {
   return Status(ErrorCode::kInvalidArgument, "--mem must be host or cuda:N, got '" + text + "'");
 }
 
-Result<Setup> make_transport(const cxxopts::ParseResult& args) {
-  auto memory = parse_memory(args["mem"].as<std::string>());
-  if (!memory.ok()) return memory.status();
-  auto ucx = gpudirect::UcxContext::create();
-  if (!ucx.ok()) return ucx.status();
+// One transport of the kind named.
+Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult& args,
+                                                      const std::string& kind,
+                                                      const std::shared_ptr<gpudirect::UcxContext>& ucx,
+                                                      const BufferPlacement& memory) {
   UcxTransportOptions options;
   options.max_outstanding_puts = args["window"].as<size_t>();
   options.peer_failure = peer_failure_option(args);
-  std::string kind = args["transport"].as<std::string>();
   if (kind == "ucx") {
-    auto transport = UcxTransport::create(ucx.value(), options);
+    auto transport = UcxTransport::create(ucx, options);
     if (!transport.ok()) return transport.status();
-    return Setup{ucx.value(), std::move(transport.value()), memory.value()};
+    return std::unique_ptr<Transport>(std::move(transport.value()));
   }
   if (kind == "cuda_ipc" || kind == "nccl") {
-    if (!memory->gpu) {
+    if (!memory.gpu) {
       return Status(ErrorCode::kInvalidArgument,
                     "--transport " + kind + " moves GPU memory: add --mem cuda:N");
     }
     CudaIpcTransportOptions cuda;
-    cuda.device = memory->device;
+    cuda.device = memory.device;
     cuda.ucx = options;
     cuda.streams = args["streams"].as<uint32_t>();
     cuda.resident_plans = args["resident-plans"].as<bool>();
@@ -125,11 +125,54 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
                     "--copy must be auto, kernel, ce, ce1 or staged, got '" + copy + "'");
     }
     if (kind == "nccl") cuda.copy = CudaCopyMethod::kNccl;  // --copy does not apply
-    auto transport = CudaIpcTransport::create(ucx.value(), cuda);
+    auto transport = CudaIpcTransport::create(ucx, cuda);
+    if (!transport.ok()) return transport.status();
+    return std::unique_ptr<Transport>(std::move(transport.value()));
+  }
+  return Status(ErrorCode::kInvalidArgument,
+                "--transport must be ucx, cuda_ipc or nccl, or a comma list of them "
+                "in order of preference, got '" +
+                    kind + "'");
+}
+
+// --transport KIND, or a comma list (most preferred first): each peer then gets the first that
+// both sides offer and that connects. Kinds this machine cannot run are left out, with the reason.
+Result<Setup> make_transport(const cxxopts::ParseResult& args) {
+  auto memory = parse_memory(args["mem"].as<std::string>());
+  if (!memory.ok()) return memory.status();
+  auto ucx = gpudirect::UcxContext::create();
+  if (!ucx.ok()) return ucx.status();
+  const std::string kinds = args["transport"].as<std::string>();
+  if (kinds.find(',') == std::string::npos) {
+    auto transport = make_one_transport(args, kinds, ucx.value(), memory.value());
     if (!transport.ok()) return transport.status();
     return Setup{ucx.value(), std::move(transport.value()), memory.value()};
   }
-  return Status(ErrorCode::kInvalidArgument, "--transport must be ucx or cuda_ipc, got '" + kind + "'");
+  std::vector<std::unique_ptr<Transport>> inner;
+  std::string skipped;
+  for (size_t at = 0; at <= kinds.size();) {
+    const size_t comma = std::min(kinds.find(',', at), kinds.size());
+    const std::string kind = kinds.substr(at, comma - at);
+    at = comma + 1;
+    if ((kind == "cuda_ipc" || kind == "nccl") && !memory->gpu) {
+      skipped += (skipped.empty() ? "" : "; ") + kind + ": this side's buffers are host memory";
+      continue;  // GPU transports have nothing to move here; a peer offering them gets the next
+    }
+    auto transport = make_one_transport(args, kind, ucx.value(), memory.value());
+    if (transport.ok()) {
+      inner.push_back(std::move(transport.value()));
+    } else if (transport.status().code() == ErrorCode::kUnavailable) {
+      spdlog::warn("--transport: {} left out: {}", kind, transport.status().message());
+      skipped += (skipped.empty() ? "" : "; ") + kind + ": " + transport.status().message();
+    } else {
+      return transport.status();  // a misspelt kind or a bad option is the user's to fix
+    }
+  }
+  if (inner.empty())
+    return Status(ErrorCode::kUnavailable, "--transport " + kinds + ": none can run here (" + skipped + ")");
+  auto multi = MultiTransport::create(std::move(inner));
+  if (!multi.ok()) return multi.status();
+  return Setup{ucx.value(), std::move(multi.value()), memory.value()};
 }
 
 int run_server(const cxxopts::ParseResult& args) {
@@ -318,6 +361,10 @@ int run_client(const cxxopts::ParseResult& args) {
   auto link = PeerLink::connect(*setup->transport, hp->first, hp->second, "kvfabric-perf-client",
                                 std::chrono::seconds(10));
   if (!link.ok()) return fail(link.status().to_string());
+  if (auto* multi = dynamic_cast<MultiTransport*>(setup->transport.get()); multi != nullptr) {
+    std::printf("transport: %s (this side offers %s)\n",
+                std::string(multi->chosen(link.value()->peer())).c_str(), std::string(multi->name()).c_str());
+  }
 
   std::vector<Measurement> results;
   uint64_t run_id = static_cast<uint64_t>(Clock::now().time_since_epoch().count());
@@ -477,7 +524,7 @@ int main(int argc, char** argv) {
       ("peer-errors", "auto | on | off: UCX watches the peer (auto: remote hosts only; on a same-host peer "
        "UCX 1.13 then falls back to tcp)", cxxopts::value<std::string>()->default_value("auto"))
       ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
-      ("transport", "ucx | cuda_ipc (same host, GPU memory) | nccl (GPU memory, NCCL send/recv of staged layers; same or other host); both sides", cxxopts::value<std::string>()->default_value("ucx"))
+      ("transport", "ucx | cuda_ipc (same host, GPU memory) | nccl (GPU memory, NCCL send/recv of staged layers; same or other host), or a comma list in order of preference (e.g. cuda_ipc,ucx): each peer uses the first both sides offer", cxxopts::value<std::string>()->default_value("ucx"))
       ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))
       ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each) | staged (cuda_ipc: gather, one copy-engine copy into the receiver's staging, the receiver scatters)", cxxopts::value<std::string>()->default_value("auto"))
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",

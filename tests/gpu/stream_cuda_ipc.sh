@@ -4,7 +4,8 @@
 # poisoned receiver blocks, every byte checked by the receiver; with the copy kernel, the copy
 # engines, staged copies (the receiver scatters; also through slots smaller than a layer, so
 # extents straddle slots), staging refused by a full receiver (direct copies instead), and the
-# default choice. Then the error paths: a sender on another transport is
+# default choice; and transport lists (each side offers several, the first both share is chosen).
+# Then the error paths: a sender on another transport is
 # refused with a clear reason and the receiver keeps serving; a receiver killed mid-stream fails
 # the sender within its timeout (nothing hangs). Skips (77) where there is no GPU.
 set -uo pipefail
@@ -59,6 +60,21 @@ if kvf_run client-large 120 "$KVF_PERF" client --connect 127.0.0.1:$port --trans
 else
   kvf_check_fail "cuda_ipc stream of large extents failed: $(tail -3 "$(kvf_logfile client-large)")"
 fi
+
+# Transport lists: a receiver offering cuda_ipc,ucx and a sender preferring nccl,cuda_ipc,ucx
+# meet on cuda_ipc (the receiver offers no nccl), and the sender says so.
+port3=$(kvf_free_port)
+kvf_start_bg srv3 "$KVF_PERF" server --listen 127.0.0.1:$port3 --transport cuda_ipc,ucx --mem cuda:$dst
+kvf_wait_for_line srv3 'listening on ' 20 || kvf_die "listing server did not start: $(tail -3 "$(kvf_logfile srv3)")"
+if kvf_run client-list 120 "$KVF_PERF" client --connect 127.0.0.1:$port3 --transport nccl,cuda_ipc,ucx \
+     --mem cuda:$src --mode layers --layers $LAYERS --blocks $BLOCKS --block-bytes $BLOCK_BYTES --shuffle \
+     --verify --iters 2; then
+  kvf_check_grep "$(kvf_logfile client-list)" "^transport: cuda_ipc" "lists: the first transport both offer (cuda_ipc) is chosen"
+  kvf_check_grep "$(kvf_logfile client-list)" "receiver verified $total bytes" "lists: every byte verified"
+else
+  kvf_check_fail "stream between transport lists failed: $(tail -3 "$(kvf_logfile client-list)")"
+fi
+kill -TERM "$(kvf_pid srv3)" 2>/dev/null; kvf_forget srv3
 
 # A ucx sender against the cuda_ipc receiver is refused with the reason.
 if kvf_run mismatch 60 "$KVF_PERF" client --connect 127.0.0.1:$port --mode layers --layers 2 --blocks 4 \

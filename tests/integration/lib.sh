@@ -280,14 +280,19 @@ kvf_wait_for_line() {
 # kvf_count_lines NAME EXTENDED-REGEX: how many lines of NAME's log match.
 kvf_count_lines() { grep -cE -- "$2" "$(kvf_logfile "$1")" 2>/dev/null || true; }
 
-# kvf_start_server NAME HOST [PREFIX...]: starts `kvfabric-perf server --listen HOST:0` (after the
-# optional PREFIX, e.g. `env UCX_TLS=tcp` or `ip netns exec NS`), waits until it prints
+# kvf_start_server NAME HOST [PREFIX...] [-- SERVER-ARGS...]: starts `kvfabric-perf server --listen
+# HOST:0 SERVER-ARGS` (after the optional PREFIX, e.g. `env UCX_TLS=tcp` or `ip netns exec NS`), waits until it prints
 # "listening", and sets KVF_PORT[NAME] to the port it took. Dies if it does not come up in 20 s.
 declare -gA KVF_PORT=()
 kvf_start_server() {
   local name=$1 host=$2
   shift 2
-  kvf_start_bg "$name" "$@" "$KVF_PERF" server --listen "$host:0"
+  local prefix=() server_args=()
+  while (($#)); do
+    if [[ $1 == -- ]]; then shift; server_args=("$@"); break; fi
+    prefix+=("$1"); shift
+  done
+  kvf_start_bg "$name" "${prefix[@]}" "$KVF_PERF" server --listen "$host:0" "${server_args[@]}"
   if ! kvf_wait_for_line "$name" 'listening on ' 20; then
     kvf_die "server $name did not print 'listening' within 20 s (alive: $(kvf_alive "$name" && echo yes || echo no))"
   fi

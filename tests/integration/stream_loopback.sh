@@ -48,15 +48,21 @@ PY
   fi
 }
 
-# layers_run LABEL SERVER [PREFIX...]: one verified, shuffled layers run against SERVER.
+# layers_run LABEL SERVER [PREFIX...] [-- CLIENT-ARGS...]: one verified, shuffled layers run
+# against SERVER.
 layers_run() {
   local label=$1 server=$2
   shift 2
+  local prefix=() client_args=()
+  while (($#)); do
+    if [[ $1 == -- ]]; then shift; client_args=("$@"); break; fi
+    prefix+=("$1"); shift
+  done
   local before rc
   before=$(kvf_count_lines "$server" '^stream [0-9]+ from ')
-  kvf_run "client-$label" 120 "$@" "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[$server]}" \
+  kvf_run "client-$label" 120 "${prefix[@]}" "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[$server]}" \
     --mode layers --layers $LAYERS --blocks $BLOCKS --block-bytes $BLOCK_BYTES --shuffle --verify \
-    --iters $REQUESTS --timeout-ms 10000
+    --iters $REQUESTS --timeout-ms 10000 "${client_args[@]}"
   rc=$?
   local log
   log=$(kvf_logfile "client-$label")
@@ -92,6 +98,18 @@ fi
 # The same server takes a second layers run after the bw/lat runs.
 layers_run tcp-again tcp env UCX_TLS=tcp
 kvf_check kvf_alive tcp -- "tcp server still alive after 4 client runs"
+
+# --- transport lists: each peer takes the first transport both sides offer ------------------------
+# With host memory a list leaves the GPU transports out, so ucx is chosen here;
+# tests/gpu/stream_cuda_ipc.sh covers lists that choose cuda_ipc.
+kvf_start_server list 127.0.0.1 env UCX_TLS=tcp -- --transport cuda_ipc,nccl,ucx
+layers_run list-plain-sender list env UCX_TLS=tcp  # a plain ucx sender meets a receiver offering a list
+layers_run list-both list env UCX_TLS=tcp -- --transport nccl,cuda_ipc,ucx
+kvf_check_eq "$(grep -c '^transport: ucx (this side offers ucx)' "$(kvf_logfile client-list-both)")" 1 \
+  "a listing sender says which transport it chose"
+kvf_check_eq "$(grep -c 'cuda_ipc left out\|cuda_ipc: this side' "$(kvf_logfile client-list-both)")" 0 \
+  "host memory leaves GPU transports out quietly"
+kvf_check kvf_alive list -- "list server still alive"
 
 # --- shared memory ----------------------------------------------------------------------------
 # UCX's shared-memory transports here (ucx_info -d): posix, sysv (mm) and cma. "sm" names them all.
