@@ -29,6 +29,11 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
     out.message = s.message();
     return out;
   };
+  if (request.slot_events.empty() && !comm.valid()) {
+    return refuse(Status(ErrorCode::kUnavailable,
+                         "this receiver stages through GPU slots (cuda_ipc or nccl); host staging is the "
+                         "ucx_staged transport's"));
+  }
   free_retired();
   auto it = senders_.find(request.sender);
   if (it == senders_.end()) {

@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "kvf/fabric/cuda_ipc_transport.h"
+#include "kvf/fabric/staged_transport.h"
 
 namespace kvf::fabric {
 namespace {
@@ -36,6 +37,7 @@ struct Offered {
 
 // The transports an address offers; an address that is not a MultiTransport's is one transport.
 std::vector<Offered> parse(std::span<const uint8_t> a) {
+  if (is_staged_transport_address(a)) return {Offered{"ucx_staged", a}};
   if (a.size() < 8 || get_u32(a.data()) != kMagic) {
     return {Offered{std::string(transport_kind_of_address(a)), a}};
   }

@@ -7,6 +7,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <utility>
 
 namespace kvf::gpudirect {
@@ -14,6 +16,16 @@ namespace {
 
 std::string errno_text(int err) {
   return std::string(std::strerror(err));
+}
+
+// Live UCX-registered ranges of this process: base -> length (see registered_range).
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<uintptr_t, uint64_t>& registry() {
+  static std::map<uintptr_t, uint64_t> r;
+  return r;
 }
 
 }  // namespace
@@ -35,12 +47,14 @@ Result<MemoryRegion> MemoryRegion::allocate_host(std::shared_ptr<UcxContext> ucx
   return region;
 }
 
-Result<MemoryRegion> MemoryRegion::allocate_cuda(std::shared_ptr<UcxContext> ucx, int device, uint64_t bytes) {
+Result<MemoryRegion> MemoryRegion::allocate_cuda(std::shared_ptr<UcxContext> ucx, int device,
+                                                 uint64_t bytes) {
   if (bytes == 0) return Status(ErrorCode::kInvalidArgument, "allocate_cuda: zero bytes");
   auto buffer = DeviceBuffer::allocate(device, bytes);
   if (!buffer.ok()) return buffer.status();
   auto blob = export_cuda_ipc(buffer->data(), bytes);
-  if (!blob.ok()) return Status(blob.status().code(), "exporting GPU memory for CUDA IPC: " + blob.status().message());
+  if (!blob.ok())
+    return Status(blob.status().code(), "exporting GPU memory for CUDA IPC: " + blob.status().message());
   MemoryRegion region;
   region.address_ = buffer->data();
   region.bytes_ = bytes;
@@ -205,6 +219,10 @@ Status MemoryRegion::pack_rkey() {
   auto* b = static_cast<uint8_t*>(rkey_buffer);
   packed_rkey_.assign(b, b + rkey_size);
   ucp_rkey_buffer_release(rkey_buffer);
+  if (kind_ != protocol::MemoryKind::kCudaDevice) {
+    std::lock_guard lock(registry_mutex());
+    registry()[reinterpret_cast<uintptr_t>(address_)] = bytes_;
+  }
   return Status::Ok();
 }
 
@@ -230,7 +248,20 @@ protocol::RegionDescriptor MemoryRegion::descriptor(uint64_t region_id, uint64_t
   return d;
 }
 
+bool MemoryRegion::registered_range(const void* p, uint64_t length) {
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard lock(registry_mutex());
+  auto it = registry().upper_bound(at);
+  if (it == registry().begin()) return false;
+  --it;
+  return at - it->first <= it->second && length <= it->second - (at - it->first);
+}
+
 void MemoryRegion::release() {
+  if (memh_ != nullptr) {
+    std::lock_guard lock(registry_mutex());
+    registry().erase(reinterpret_cast<uintptr_t>(address_));
+  }
   if (memh_ != nullptr && ucx_) ucp_mem_unmap(ucx_->handle(), memh_);
   memh_ = nullptr;
   if (address_ != nullptr) {

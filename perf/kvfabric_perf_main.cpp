@@ -24,6 +24,7 @@
 #include "kvf/fabric/control_channel.h"
 #include "kvf/fabric/cuda_ipc_transport.h"
 #include "kvf/fabric/multi_transport.h"
+#include "kvf/fabric/staged_transport.h"
 #include "kvf/fabric/stream_pattern.h"
 #include "kvf/fabric/stream_receiver.h"
 #include "kvf/fabric/stream_sender.h"
@@ -78,6 +79,22 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
   options.peer_failure = peer_failure_option(args);
   if (kind == "ucx") {
     auto transport = UcxTransport::create(ucx, options);
+    if (!transport.ok()) return transport.status();
+    return std::unique_ptr<Transport>(std::move(transport.value()));
+  }
+  if (kind == "ucx_staged") {
+    StagedTransportOptions staged;
+    staged.device = memory.gpu ? memory.device : -1;
+    staged.ucx = options;
+    auto slot = perf::parse_size(args["staging-bytes"].as<std::string>());
+    auto limit = perf::parse_size(args["staging-limit"].as<std::string>());
+    if (!slot || *slot == 0 || !limit) {
+      return Status(ErrorCode::kInvalidArgument, "--staging-bytes / --staging-limit: bad size");
+    }
+    staged.slot_bytes = *slot;
+    staged.slots = args["staging-slots"].as<uint32_t>();
+    staged.receive_limit = *limit;
+    auto transport = StagedTransport::create(ucx, staged);
     if (!transport.ok()) return transport.status();
     return std::unique_ptr<Transport>(std::move(transport.value()));
   }
@@ -524,7 +541,7 @@ int main(int argc, char** argv) {
       ("peer-errors", "auto | on | off: UCX watches the peer (auto: remote hosts only; on a same-host peer "
        "UCX 1.13 then falls back to tcp)", cxxopts::value<std::string>()->default_value("auto"))
       ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
-      ("transport", "ucx | cuda_ipc (same host, GPU memory) | nccl (GPU memory, NCCL send/recv of staged layers; same or other host), or a comma list in order of preference (e.g. cuda_ipc,ucx): each peer uses the first both sides offer", cxxopts::value<std::string>()->default_value("ucx"))
+      ("transport", "ucx | cuda_ipc (same host, GPU memory) | nccl (GPU memory, NCCL send/recv of staged layers; same or other host) | ucx_staged (gather -> one UCX put per slot -> the receiver scatters; host or GPU memory, any host), or a comma list in order of preference (e.g. cuda_ipc,ucx): each peer uses the first both sides offer", cxxopts::value<std::string>()->default_value("ucx"))
       ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))
       ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each) | staged (cuda_ipc: gather, one copy-engine copy into the receiver's staging, the receiver scatters)", cxxopts::value<std::string>()->default_value("auto"))
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",
@@ -534,10 +551,10 @@ int main(int argc, char** argv) {
        cxxopts::value<bool>()->default_value("false"))
       ("streams", "cuda_ipc: CUDA streams the copies go round-robin over", cxxopts::value<uint32_t>()->default_value("1"))
       ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
-      ("staging-bytes", "cuda_ipc staged copies: bytes per staging slot (two on the sender's GPU per peer)", cxxopts::value<std::string>()->default_value("32M"))
-      ("staging-slots", "cuda_ipc staged copies: slots the sender asks of the receiver's GPU", cxxopts::value<uint32_t>()->default_value("4"))
+      ("staging-bytes", "staged copies (cuda_ipc --copy staged, nccl, ucx_staged): bytes per staging slot", cxxopts::value<std::string>()->default_value("32M"))
+      ("staging-slots", "staged copies: slots the sender asks of the receiver (ucx_staged: and keeps itself)", cxxopts::value<uint32_t>()->default_value("4"))
       ("staging-copy-streams", "cuda_ipc staged copies: streams each chunk's copy is split over", cxxopts::value<uint32_t>()->default_value("1"))
-      ("staging-limit", "cuda_ipc receiver: the most GPU memory all senders' staging may take", cxxopts::value<std::string>()->default_value("1G"))
+      ("staging-limit", "staging receiver: the most memory all senders' slots may take (GPU memory for cuda_ipc/nccl, host for ucx_staged)", cxxopts::value<std::string>()->default_value("1G"))
       ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))
       ("json", "client: write results as JSON to FILE", cxxopts::value<std::string>())
       ("v,verbose", "log more")

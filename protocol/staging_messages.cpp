@@ -127,9 +127,9 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
           if (bounded_bytes(r, "slot_events[]", e, kMaxEventHandle) && e.empty())
             r.fail("slot_events[]", "empty");
         }
-        if (bounded_bytes(r, "nccl_id", m.nccl_id, kMaxEventHandle) &&
-            m.nccl_id.empty() == m.slot_events.empty())
-          r.fail("nccl_id", "a staging request names either slot events or an NCCL communicator");
+        if (bounded_bytes(r, "nccl_id", m.nccl_id, kMaxEventHandle) && !m.nccl_id.empty() &&
+            !m.slot_events.empty())
+          r.fail("nccl_id", "a staging request names slot events or an NCCL communicator, not both");
       }
       out = std::move(m);
       break;

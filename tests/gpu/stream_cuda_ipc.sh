@@ -4,7 +4,7 @@
 # poisoned receiver blocks, every byte checked by the receiver; with the copy kernel, the copy
 # engines, staged copies (the receiver scatters; also through slots smaller than a layer, so
 # extents straddle slots), staging refused by a full receiver (direct copies instead), and the
-# default choice; and transport lists (each side offers several, the first both share is chosen).
+# default choice; the host-staged path (ucx_staged) with GPU memory; and transport lists (each side offers several, the first both share is chosen).
 # Then the error paths: a sender on another transport is
 # refused with a clear reason and the receiver keeps serving; a receiver killed mid-stream fails
 # the sender within its timeout (nothing hangs). Skips (77) where there is no GPU.
@@ -75,6 +75,21 @@ else
   kvf_check_fail "stream between transport lists failed: $(tail -3 "$(kvf_logfile client-list)")"
 fi
 kill -TERM "$(kvf_pid srv3)" 2>/dev/null; kvf_forget srv3
+
+# The host-staged path with GPU memory on both sides: the copy kernel gathers into pinned slots,
+# UCX (tcp here, any host) carries them, the receiver's kernel scatters.
+port4=$(kvf_free_port)
+kvf_start_bg srv4 env UCX_TLS=tcp "$KVF_PERF" server --listen 127.0.0.1:$port4 --transport ucx_staged --mem cuda:$dst
+kvf_wait_for_line srv4 'listening on ' 20 || kvf_die "ucx_staged server did not start: $(tail -3 "$(kvf_logfile srv4)")"
+before=$(kvf_count_lines srv4 '^stream [0-9]+ from ')
+if kvf_run client-staged-host 120 env UCX_TLS=tcp "$KVF_PERF" client --connect 127.0.0.1:$port4 \
+     --transport ucx_staged --mem cuda:$src --mode layers --layers $LAYERS --blocks $BLOCKS \
+     --block-bytes $BLOCK_BYTES --shuffle --verify --iters 2 --staging-bytes 1M; then
+  kvf_check_verified srv4 "$total" "$before" 2 "ucx_staged, GPU to GPU through host slots"
+else
+  kvf_check_fail "ucx_staged GPU stream failed: $(tail -3 "$(kvf_logfile client-staged-host)")"
+fi
+kill -TERM "$(kvf_pid srv4)" 2>/dev/null; kvf_forget srv4
 
 # A ucx sender against the cuda_ipc receiver is refused with the reason.
 if kvf_run mismatch 60 "$KVF_PERF" client --connect 127.0.0.1:$port --mode layers --layers 2 --blocks 4 \

@@ -111,6 +111,21 @@ kvf_check_eq "$(grep -c 'cuda_ipc left out\|cuda_ipc: this side' "$(kvf_logfile 
   "host memory leaves GPU transports out quietly"
 kvf_check kvf_alive list -- "list server still alive"
 
+# --- ucx_staged: gather -> one UCX put per slot -> the receiver scatters ------------------------
+kvf_start_server staged 127.0.0.1 env UCX_TLS=tcp -- --transport ucx_staged --staging-bytes 1M
+layers_run staged staged env UCX_TLS=tcp -- --transport ucx_staged --staging-bytes 1M
+layers_run staged-list staged env UCX_TLS=tcp -- --transport ucx,ucx_staged --staging-bytes 1M
+kvf_check_eq "$(grep -c '^transport: ucx_staged' "$(kvf_logfile client-staged-list)")" 1 \
+  "a list whose first choice the receiver lacks falls through to ucx_staged"
+kvf_start_server staged-full 127.0.0.1 env UCX_TLS=tcp -- --transport ucx_staged --staging-limit 1M
+kvf_run staged-refused 60 env UCX_TLS=tcp "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[staged-full]}" \
+  --transport ucx_staged --mode layers --layers 2 --blocks 4 --block-bytes 16K --iters 1 --timeout-ms 10000
+rc=$?
+kvf_check test "$rc" != 0 -a "$rc" != 124 -- "a receiver without staging room fails the sender (rc $rc), no hang"
+kvf_check_grep "$(kvf_logfile staged-refused)" "gives no staging slots.*limit" "the sender says the receiver has no room"
+kvf_check kvf_alive staged-full -- "the full receiver keeps serving"
+kvf_check kvf_alive staged -- "the ucx_staged server still alive"
+
 # --- shared memory ----------------------------------------------------------------------------
 # UCX's shared-memory transports here (ucx_info -d): posix, sysv (mm) and cma. "sm" names them all.
 # Known limitation (UCX 1.13, Debian bookworm): the transport creates endpoints with

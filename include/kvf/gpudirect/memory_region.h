@@ -53,6 +53,11 @@ class MemoryRegion {
   ucp_mem_h ucx_memh() const { return memh_; }
   bool registered() const { return memh_ != nullptr; }
   bool contains(const void* p, uint64_t length) const;
+  // True when [p, p+length) lies inside one live host-memory region of this process that is
+  // registered with UCX: memory this process lets peers write. A receiver that places bytes for a peer itself
+  // (staged transports) checks destinations with it, so a peer can reach nothing it could not
+  // reach with a one-sided put anyway.
+  static bool registered_range(const void* p, uint64_t length);
 
   // What a peer needs to write into [data()+offset, +length): address, length and packed rkey.
   protocol::RegionDescriptor descriptor(uint64_t region_id) const;

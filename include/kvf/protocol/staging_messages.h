@@ -38,7 +38,8 @@ struct StagingRequest {
   // receiver's scatter waits for it on the GPU, so a Scatter can be sent before the copy ends.
   std::vector<std::vector<uint8_t>> slot_events;
   // The nccl transport instead: the id of a two-rank NCCL communicator (the sender is rank 0) that
-  // carries the slots with send/recv; then slot_events is empty. Exactly one of the two is given.
+  // carries the slots with send/recv; then slot_events is empty. At most one of the two is given;
+  // neither: host staging (the ucx_staged transport), whose slots the sender fills by UCX puts.
   std::vector<uint8_t> nccl_id;
 };
 
@@ -46,8 +47,10 @@ struct StagingOffer {
   uint64_t sender = 0;
   uint32_t slots = 0;
   uint64_t slot_bytes = 0;
-  std::vector<uint8_t> cuda_ipc;  // the slots' CUDA IPC blob (empty when refused)
-  uint32_t error = 0;             // an ErrorCode; 0: offered
+  // The slots' CUDA IPC blob; for host staging their address (u64) and packed UCX rkey. Empty
+  // when refused.
+  std::vector<uint8_t> cuda_ipc;
+  uint32_t error = 0;  // an ErrorCode; 0: offered
   std::string message;
 };
 
