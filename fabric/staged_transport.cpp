@@ -545,7 +545,9 @@ class StagedTransport::Impl {
                                                           std::to_string(options_.receive_limit >> 20) +
                                                           " MiB"));
       }
-      auto slots = gpudirect::MemoryRegion::allocate_host(context_, bytes);
+      // UCX-allocated: on one host UCX exports it as shared memory, so a sender's put is a memcpy
+      // into it (ordinary pages would go through cma or tcp).
+      auto slots = gpudirect::MemoryRegion::allocate_ucx(context_, bytes);
       if (!slots.ok()) return refuse(slots.status());
       if (Status s = mover_->pin(slots->data(), slots->size()); !s.ok()) return refuse(s);
       allocated_ += bytes;

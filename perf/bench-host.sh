@@ -6,7 +6,9 @@
 #               which is what the "default (shm/cma)" anchor in ANCHORS.md used)
 #   sizes:      64K, 1M, 4M; the same number of bytes per run on both sides
 #   layers:     kvfabric-perf layers mode (32 layers x 512 blocks x 2 x 32K, shuffled, verified) against
-#               kvfabric's own contiguous 4M bw on the same transport: what paging costs.
+#               kvfabric's own contiguous 4M bw on the same transport: what paging costs; also through
+#               --transport ucx_staged (gathered into 8 MiB slots, one put each, scattered) on the same
+#               UCX transport.
 # Usage: perf/bench-host.sh [--rounds N] [--quick] [--out FILE.md]
 #   --rounds N  rounds per cell (default 5; 3 with --quick)
 #   --quick     fewer bytes per run (64 MiB instead of 512 MiB) and a 128-block layers request
@@ -53,6 +55,7 @@ else
 fi
 sizes=(65536 1048576 4194304)
 transports=(tcp default)
+staged_transports=(tcp-staged default-staged)  # layers only: ucx_staged over the same UCX transport
 layers_geometry="32 layers x $layer_blocks blocks x 2 x 32K"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/bench-host.XXXXXX")
@@ -89,7 +92,11 @@ human() {
 
 # tls_env TRANSPORT: the env(1) arguments that select it.
 tls_env() {
-  if [[ $1 == tcp ]]; then echo "UCX_TLS=tcp"; else echo "KVF_BENCH_DEFAULT_TLS=1"; fi
+  if [[ ${1%-staged} == tcp ]]; then echo "UCX_TLS=tcp"; else echo "KVF_BENCH_DEFAULT_TLS=1"; fi
+}
+# transport_args TRANSPORT: kvfabric-perf's --transport for it (both sides).
+transport_args() {
+  if [[ $1 == *-staged ]]; then echo "--transport ucx_staged --staging-bytes 8M"; fi
 }
 
 free_port() {
@@ -109,7 +116,9 @@ wait_listening() {
 
 start_kvf_server() {
   local transport=$1 log=$tmp/server-$1.log i
-  env -u UCX_TLS $(tls_env "$transport") "$perf" server --listen 127.0.0.1:0 >"$log" 2>&1 </dev/null &
+  # shellcheck disable=SC2046
+  env -u UCX_TLS $(tls_env "$transport") "$perf" server --listen 127.0.0.1:0 $(transport_args "$transport") \
+    >"$log" 2>&1 </dev/null &
   server_pid[$transport]=$!
   for ((i = 0; i < 200; i++)); do
     grep -qs 'listening on' "$log" && break
@@ -181,8 +190,10 @@ kvf_run() {
   else
     args=(--mode bw --sizes "$what" --iters $((run_bytes / what)))
   fi
+  # shellcheck disable=SC2046
   env -u UCX_TLS $(tls_env "$transport") timeout -k 3 "$run_timeout" "$perf" client \
-    --connect "127.0.0.1:${server_port[$transport]}" "${args[@]}" --json "$json" >"$log" 2>&1 </dev/null
+    --connect "127.0.0.1:${server_port[$transport]}" "${args[@]}" $(transport_args "$transport") \
+    --json "$json" >"$log" 2>&1 </dev/null
   local rc=$? gbps=
   [[ $rc == 0 ]] && gbps=$(python3 -c 'import json,sys; print("%.4f" % json.load(open(sys.argv[1]))["results"][0]["gbps"])' "$json" 2>/dev/null)
   if [[ -z $gbps ]]; then
@@ -201,7 +212,7 @@ kvf_run() {
 
 progress "kvfabric-perf ($perf_real) vs ucx_perftest ucp_put_bw on 127.0.0.1; $rounds round(s);" \
   "$((run_bytes >> 20)) MiB per bw run; layers $layers_geometry"
-for transport in "${transports[@]}"; do start_kvf_server "$transport"; done
+for transport in "${transports[@]}" "${staged_transports[@]}"; do start_kvf_server "$transport"; done
 
 for ((round = 1; round <= rounds; round++)); do
   for transport in "${transports[@]}"; do
@@ -211,6 +222,7 @@ for ((round = 1; round <= rounds; round++)); do
       kvf_run "$transport" "$size" "$round"
     done
     kvf_run "$transport" layers "$round"
+    kvf_run "$transport-staged" layers "$round"
   done
 done
 
@@ -239,10 +251,12 @@ for t in ("tcp", "default"):
 out.append("")
 out.append(f"| transport | layers GB/s (median; {geometry}, shuffled, verified) | kvfabric 4M bw GB/s (median) | layers / 4M bw | runs ok |")
 out.append("|---|---|---|---|---|")
-for t in ("tcp", "default"):
+for t in ("tcp", "tcp-staged", "default", "default-staged"):
+    base = t.removesuffix("-staged")
     l, ln, lf = med(t, "kvf-layers", "layers")
-    b, _, _ = med(t, "kvf-bw", "4194304")
-    out.append(f"| {names[t]} | {fmt(l)} | {fmt(b)} | {ratio(l, b)} | {ln}/{ln + lf} |")
+    b, _, _ = med(base, "kvf-bw", "4194304")
+    name = names[base] + (", ucx_staged" if t != base else "")
+    out.append(f"| {name} | {fmt(l)} | {fmt(b)} | {ratio(l, b)} | {ln}/{ln + lf} |")
 print("\n".join(out))
 PY
 )
