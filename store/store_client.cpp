@@ -289,6 +289,12 @@ uint64_t StoreClient::arena_bytes() const {
   return impl_->arena ? impl_->arena->size() : 0;
 }
 
+std::span<uint8_t> StoreClient::arena() const {
+  std::lock_guard lock(impl_->mu);
+  if (!impl_->arena) return {};
+  return {impl_->arena->data(), static_cast<size_t>(impl_->arena->size())};
+}
+
 Result<ClientReservation> StoreClient::reserve(const protocol::ChunkKey& key, uint64_t bytes,
                                                const protocol::ChunkKey& model) {
   std::lock_guard lock(impl_->mu);

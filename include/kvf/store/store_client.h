@@ -65,6 +65,11 @@ class StoreClient {
   bool connected() const;
   std::string node() const;  // from the last hello; empty before
   uint64_t arena_bytes() const;
+  // The current arena as mapped in this process (empty before the first connect), for an engine
+  // that registers it once with CUDA (cudaHostRegister) or a NIC so that it can DMA into chunks.
+  // A reconnect to another daemon maps a new arena; the old mapping stays until the client is
+  // destroyed, so a registration of it stays valid memory until then.
+  std::span<uint8_t> arena() const;
 
   // --- put ---
   // `model`: the fingerprint `key` was hashed with (ChunkHasher::model()); the daemon keeps it with
