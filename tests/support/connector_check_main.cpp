@@ -1,13 +1,19 @@
-// kvfabric-connector-check: an "engine" process for the store connector's integration test. It
-// owns a paged KV pool in host memory (a small Llama-like layout), and
+// kvfabric-connector-check: an "engine" process for the store connector's integration tests. It
+// owns a paged KV pool (a small Llama-like layout) in host memory, or with --mem cuda:N in GPU N's
+// memory (cudaMalloc'd layer buffers: the connector's GPU path), and
 //   store  fills the blocks of a prompt (tokens and bytes derived from --seed; block ids from
 //          --table-seed) and stores its full chunks through the node's kvfabricd;
 //   load   poisons its pool, loads the stored prefix of the prompt into other block ids and checks
 //          every byte of every loaded block against what `store` wrote, and that nothing else
 //          changed; --layers loads layer by layer and checks that when layer l is reported, layer
-//          l is complete and layer l+1 not yet touched;
+//          l is complete (and, in host memory, layer l+1 not yet touched: the GPU path copies
+//          later layers while earlier ones are reported); --expect-fail: the load must fail with
+//          kVerifyFailed and leave every block poisoned;
+//   corrupt flips one byte of chunk --chunk of the prompt inside the store's arena (a test's
+//          stand-in for memory corruption: the next load must refuse the chunk);
 //   lookup prints how many tokens of the prompt the store holds.
 // --diverge-after N: the prompt's tokens from N on differ from the seed's (a shared prefix).
+// A pool in GPU memory is filled and checked through host mirrors (copies to and from the GPU).
 // Exit: 0 ok, 1 bytes or counts wrong, 2 usage, 3 a store error.
 #include <cstdio>
 #include <cstring>
@@ -19,6 +25,7 @@
 #include <cxxopts.hpp>
 
 #include "kvf/engines/store_connector.h"
+#include "kvf/gpudirect/cuda_memory.h"
 
 namespace {
 
@@ -76,16 +83,19 @@ int fail(int code, const std::string& what) {
 
 int main(int argc, char** argv) {
   cxxopts::Options options("kvfabric-connector-check", "an engine process for the store connector test");
-  options.add_options()("command", "store | load | lookup", cxxopts::value<std::string>())  //
-      ("socket", "kvfabricd's socket", cxxopts::value<std::string>())                       //
-      ("model", "model name", cxxopts::value<std::string>()->default_value("m"))            //
-      ("seed", "prompt seed", cxxopts::value<uint64_t>()->default_value("1"))               //
-      ("tokens", "prompt length", cxxopts::value<uint32_t>()->default_value("1000"))        //
+  options.add_options()("command", "store | load | corrupt | lookup", cxxopts::value<std::string>())  //
+      ("socket", "kvfabricd's socket", cxxopts::value<std::string>())                                 //
+      ("model", "model name", cxxopts::value<std::string>()->default_value("m"))                      //
+      ("seed", "prompt seed", cxxopts::value<uint64_t>()->default_value("1"))                         //
+      ("tokens", "prompt length", cxxopts::value<uint32_t>()->default_value("1000"))                  //
       ("diverge-after", "tokens shared with the seed's prompt",
-       cxxopts::value<uint32_t>()->default_value("4294967295"))                                   //
-      ("table-seed", "block ids of this engine", cxxopts::value<uint64_t>()->default_value("1"))  //
-      ("chunk-tokens", "tokens per chunk", cxxopts::value<uint32_t>()->default_value("64"))       //
-      ("layers", "load layer by layer")                                                           //
+       cxxopts::value<uint32_t>()->default_value("4294967295"))                                           //
+      ("table-seed", "block ids of this engine", cxxopts::value<uint64_t>()->default_value("1"))          //
+      ("chunk-tokens", "tokens per chunk", cxxopts::value<uint32_t>()->default_value("64"))               //
+      ("layers", "load layer by layer")                                                                   //
+      ("mem", "the pool's memory: host or cuda:N", cxxopts::value<std::string>()->default_value("host"))  //
+      ("chunk", "corrupt: which chunk of the prompt", cxxopts::value<uint32_t>()->default_value("0"))     //
+      ("expect-fail", "load: the load must be refused (a corrupt chunk), nothing written")                //
       ("expect-tokens", "load/lookup: the tokens that must be found",
        cxxopts::value<int64_t>()->default_value("-1"));
   options.parse_positional({"command"});
@@ -101,10 +111,33 @@ int main(int argc, char** argv) {
   const uint32_t blocks = (n + desc.block_tokens - 1) / desc.block_tokens;
   const auto ids = table(args["table-seed"].as<uint64_t>(), blocks, desc.num_blocks);
 
+  // The pool in host memory; with --mem cuda:N it is the host mirror of the GPU layer buffers.
   std::vector<std::vector<uint8_t>> pool(desc.num_layers,
                                          std::vector<uint8_t>(layout->layer_bytes(), kPoison));
+  const std::string mem = args["mem"].as<std::string>();
+  const bool on_gpu = mem != "host";
+  if (on_gpu && mem.rfind("cuda:", 0) != 0) return fail(2, "--mem must be host or cuda:N, got '" + mem + "'");
+  std::vector<gpudirect::DeviceBuffer> gpu_pool;
   std::vector<uint8_t*> layers;
-  for (auto& l : pool) layers.push_back(l.data());
+  for (auto& l : pool) {
+    if (!on_gpu) {
+      layers.push_back(l.data());
+      continue;
+    }
+    auto buffer = gpudirect::DeviceBuffer::allocate(std::atoi(mem.c_str() + 5), l.size());
+    if (!buffer.ok()) return fail(3, "GPU pool: " + buffer.status().to_string());
+    if (Status s = gpudirect::fill_device(buffer->data(), kPoison, l.size()); !s.ok())
+      return fail(3, s.to_string());
+    layers.push_back(static_cast<uint8_t*>(buffer->data()));
+    gpu_pool.push_back(std::move(buffer.value()));
+  }
+  // Host mirror <-> GPU pool, one layer; nothing to do for a host pool.
+  auto upload = [&](uint32_t l) -> Status {
+    return on_gpu ? gpudirect::copy_sync(layers[l], pool[l].data(), pool[l].size()) : Status::Ok();
+  };
+  auto download = [&](uint32_t l) -> Status {
+    return on_gpu ? gpudirect::copy_sync(pool[l].data(), layers[l], pool[l].size()) : Status::Ok();
+  };
   store::StoreClient client(
       store::StoreClientOptions{args["socket"].as<std::string>(), "connector-check " + command});
   engines::StoreConnectorOptions copts{args["model"].as<std::string>(), desc,
@@ -136,10 +169,31 @@ int main(int argc, char** argv) {
     each_block([&](uint32_t b, uint32_t l, uint32_t p, uint8_t* at, uint64_t len) {
       for (uint64_t i = 0; i < len; ++i) at[i] = pattern(seed, b, l, p, i);
     });
+    for (uint32_t l = 0; l < desc.num_layers; ++l) {
+      if (Status s = upload(l); !s.ok()) return fail(3, s.to_string());
+    }
     auto stored = connector->store(tokens, ids);
     if (!stored.ok()) return fail(3, stored.status().to_string());
     std::printf("store: %u chunks stored, %u already stored, %llu bytes\n", stored->stored,
                 stored->already_stored, static_cast<unsigned long long>(stored->bytes));
+    return 0;
+  }
+  if (command == "corrupt") {
+    protocol::ChunkHasher hasher(protocol::model_fingerprint(copts.model, desc), copts.chunk_tokens);
+    const auto keys = hasher.hash(tokens);
+    const uint32_t chunk = args["chunk"].as<uint32_t>();
+    if (chunk >= keys.size())
+      return fail(2, "--chunk " + std::to_string(chunk) + ": the prompt has fewer chunks");
+    auto lease = client.acquire(keys[chunk]);
+    if (!lease.ok()) return fail(3, "corrupt: " + lease.status().to_string());
+    std::span<const uint8_t> bytes = client.bytes(lease.value());
+    if (bytes.empty()) return fail(3, "corrupt: the lease's bytes are not mapped");
+    // The arena is shared memory mapped writable; a lease only promises that the store does not
+    // change the bytes, which is exactly what this simulates going wrong.
+    const size_t at = bytes.size() / 2;
+    const_cast<uint8_t*>(bytes.data())[at] ^= 0xFF;
+    (void)client.release(lease.value());
+    std::printf("corrupt: flipped byte %zu of chunk %u (%zu bytes)\n", at, chunk, bytes.size());
     return 0;
   }
   if (command != "load") return fail(2, "unknown command '" + command + "'");
@@ -170,13 +224,32 @@ int main(int argc, char** argv) {
   auto on_layer = [&](uint32_t l) {
     reported.push_back(l);
     if (order_problem.empty() && expect >= 0) {
-      order_problem = check_layer(l, expected_blocks, true);
-      if (order_problem.empty() && l + 1 < desc.num_layers) order_problem = check_layer(l + 1, 0, false);
+      if (Status s = download(l); !s.ok()) order_problem = s.to_string();
+      if (order_problem.empty()) order_problem = check_layer(l, expected_blocks, true);
+      // In host memory the next layer is copied only after this call; on the GPU it may be in flight.
+      if (order_problem.empty() && !on_gpu && l + 1 < desc.num_layers)
+        order_problem = check_layer(l + 1, 0, false);
       if (!order_problem.empty()) order_problem = "at on_layer(" + std::to_string(l) + "): " + order_problem;
     }
   };
   auto loaded =
       args.count("layers") ? connector->load_layers(tokens, ids, on_layer) : connector->load(tokens, ids);
+  if (args.count("expect-fail")) {
+    if (loaded.ok())
+      return fail(
+          1, "the load succeeded (" + std::to_string(loaded->chunks) + " chunks); a refusal was expected");
+    if (loaded.status().code() != ErrorCode::kVerifyFailed) {
+      return fail(1, "the load failed, but not with a checksum refusal: " + loaded.status().to_string());
+    }
+    for (uint32_t l = 0; l < desc.num_layers; ++l) {
+      if (Status s = download(l); !s.ok()) return fail(3, s.to_string());
+      if (std::string problem = check_layer(l, 0, false); !problem.empty()) {
+        return fail(1, "after the refused load: " + problem);
+      }
+    }
+    std::printf("load refused: %s; every block still poisoned\n", loaded.status().to_string().c_str());
+    return 0;
+  }
   if (!loaded.ok()) return fail(3, loaded.status().to_string());
   if (expect >= 0 && static_cast<int64_t>(loaded->tokens) != expect) {
     return fail(1,
@@ -184,6 +257,7 @@ int main(int argc, char** argv) {
   }
   const uint32_t loaded_blocks = loaded->chunks * blocks_per_chunk;
   for (uint32_t l = 0; l < desc.num_layers; ++l) {
+    if (Status s = download(l); !s.ok()) return fail(3, s.to_string());
     if (std::string problem = check_layer(l, loaded_blocks, true); !problem.empty()) return fail(1, problem);
   }
   if (args.count("layers")) {
@@ -192,8 +266,9 @@ int main(int argc, char** argv) {
       if (l >= reported.size() || reported[l] != l) return fail(1, "layers reported out of order or missing");
     }
   }
-  std::printf("load: %u chunks, %llu tokens, %llu bytes; every block verified%s\n", loaded->chunks,
+  std::printf("load: %u chunks, %llu tokens, %llu bytes; every block verified%s%s\n", loaded->chunks,
               static_cast<unsigned long long>(loaded->tokens), static_cast<unsigned long long>(loaded->bytes),
-              args.count("layers") ? ", layers reported in order as each completed" : "");
+              args.count("layers") ? ", layers reported in order as each completed" : "",
+              on_gpu ? (" (GPU " + std::to_string(connector->device()) + " memory)").c_str() : "");
   return 0;
 }

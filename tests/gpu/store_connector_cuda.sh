@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The store connector's GPU path between real engine processes through a real kvfabricd: engines
+# whose paged KV pools are cudaMalloc'd GPU memory (kvfabric-connector-check --mem cuda:N) store a
+# 1000-token prompt's chunks from shuffled GPU blocks into the store arena and load them into
+# POISONED, differently SHUFFLED GPU blocks of another process (all layers at once, and layer by
+# layer with each layer checked when it is reported), every byte compared through a host mirror
+# and nothing outside the loaded blocks changed; chunks cross between host and GPU engines both
+# ways (one byte order in the store); a prompt sharing 320 tokens loads exactly the shared chunks;
+# a chunk corrupted inside the arena is refused (kVerifyFailed) by GPU and host engines alike, with
+# every block still poisoned. With two GPUs the storing and loading engines use different GPUs.
+# Skips (77) where there is no GPU.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../integration/lib.sh"
+kvf_init store_connector_cuda 300
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+((gpus >= 1)) || kvf_skip "no GPU (nvidia-smi lists none)"
+g0=0 g1=$((gpus >= 2 ? 1 : 0))
+kvf_log "GPUs: $gpus; storing engines on cuda:$g0, loading engines on cuda:$g1"
+daemon=$KVF_BIN/kvfabricd
+check=$KVF_BIN/kvfabric-connector-check
+sock=$KVF_TMP/store.sock
+cat >"$KVF_TMP/topology.yaml" <<YAML
+cluster: store-connector-cuda-test
+models:
+  - name: m
+    layout: {kind: flash_attention, layers: 4, kv_heads: 2, head_dim: 64, dtype: bf16, block_tokens: 16, blocks: 256}
+    chunk_tokens: 64
+nodes:
+  - {name: it, address: 127.0.0.1, http_port: $(kvf_free_port), store: {dram: 64MiB, socket: $sock}}
+YAML
+kvf_start_bg d "$daemon" --topology "$KVF_TMP/topology.yaml" --node it --no-peers --no-huge-pages
+kvf_wait_for_line d '\] ready: ' 20 || kvf_die "kvfabricd did not get ready: $(tail -n 5 "$(kvf_logfile d)")"
+
+# engine NAME COMMAND ARGS...: one engine process (1000 tokens = 15 full chunks of 64; a chunk =
+# 4 layers x 4 blocks x K,V x 4 KiB = 128 KiB).
+engine() { kvf_run "$1" 120 "$check" "${@:2}" --socket "$sock" --tokens 1000; }
+last() { tail -n1 "$(kvf_logfile "$1")"; }
+
+# GPU -> store -> GPU.
+engine gstore store --seed 42 --table-seed 1 --mem cuda:$g0
+kvf_check_eq "$?" 0 "GPU engine A stores the prompt from GPU blocks: $(last gstore)"
+kvf_check_grep "$(kvf_logfile gstore)" "^store: 15 chunks stored, 0 already stored, 1966080 bytes" "15 full chunks of 128 KiB from GPU memory"
+engine gload load --seed 42 --table-seed 2 --mem cuda:$g1 --expect-tokens 960
+kvf_check_eq "$?" 0 "GPU engine B loads into poisoned, shuffled GPU blocks: $(last gload)"
+kvf_check_grep "$(kvf_logfile gload)" "every block verified.*\(GPU $g1 memory\)" "every loaded byte checked in GPU memory, the rest still poisoned"
+engine glayers load --seed 42 --table-seed 5 --mem cuda:$g1 --layers --expect-tokens 960
+kvf_check_eq "$?" 0 "GPU engine C loads layer by layer: $(last glayers)"
+kvf_check_grep "$(kvf_logfile glayers)" "layers reported in order as each completed" "each GPU layer complete when reported, in order"
+engine gshared load --seed 42 --table-seed 6 --mem cuda:$g1 --diverge-after 320 --expect-tokens 320
+kvf_check_eq "$?" 0 "a prompt sharing 320 tokens loads exactly the 5 shared chunks into GPU blocks: $(last gshared)"
+engine gagain store --seed 42 --table-seed 3 --mem cuda:$g0
+kvf_check_grep "$(kvf_logfile gagain)" "^store: 0 chunks stored, 15 already stored" "storing it again from the GPU stores nothing new"
+
+# GPU-stored chunks -> a host engine; host-stored chunks -> GPU engines.
+engine hload load --seed 42 --table-seed 7 --expect-tokens 960
+kvf_check_eq "$?" 0 "a host engine loads what the GPU engine stored: $(last hload)"
+engine hstore store --seed 43 --table-seed 8
+kvf_check_eq "$?" 0 "a host engine stores another prompt: $(last hstore)"
+engine ghload load --seed 43 --table-seed 9 --mem cuda:$g1 --expect-tokens 960
+kvf_check_eq "$?" 0 "a GPU engine loads what the host engine stored: $(last ghload)"
+engine ghlayers load --seed 43 --table-seed 10 --mem cuda:$g0 --layers --expect-tokens 960
+kvf_check_eq "$?" 0 "the same, layer by layer: $(last ghlayers)"
+
+# A chunk corrupted in the arena: an error, never its bytes.
+engine cstore store --seed 44 --table-seed 11 --mem cuda:$g0
+kvf_check_eq "$?" 0 "GPU engine stores a third prompt: $(last cstore)"
+engine corrupt corrupt --seed 44 --chunk 3
+kvf_check_eq "$?" 0 "one byte of its chunk 3 flipped inside the arena: $(last corrupt)"
+engine cgload load --seed 44 --table-seed 12 --mem cuda:$g1 --expect-fail
+kvf_check_eq "$?" 0 "GPU engine: the corrupt chunk is refused and every block stays poisoned: $(last cgload)"
+kvf_check_grep "$(kvf_logfile cgload)" "load refused: .*does not match its checksum" "the refusal names the checksum"
+engine cglayers load --seed 44 --table-seed 13 --mem cuda:$g1 --layers --expect-fail
+kvf_check_eq "$?" 0 "the same, layer by layer: $(last cglayers)"
+engine chload load --seed 44 --table-seed 14 --expect-fail
+kvf_check_eq "$?" 0 "host engine: refused likewise: $(last chload)"
+kvf_check kvf_alive d -- "daemon alive at the end"
+kvf_finish
