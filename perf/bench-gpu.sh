@@ -11,19 +11,26 @@
 #            paged blocks into pinned host memory / scatter back (kvfabric-perf local);
 #   overlap: the request streamed over cuda_ipc while a compute stream runs Llama-3-8B-shaped
 #            prefill GEMMs of 8192 tokens per layer: compute slowdown and the tail from the last
-#            layer's compute to its LayerReady, against one layer's transfer time.
+#            layer's compute to its LayerReady, against one layer's transfer time;
+#   store:   the prefix store's put (GPU blocks -> the kvfabricd arena: reserve, one gather launch
+#            per chunk into the pinned arena, commit, which the daemon checksums) and get (lease,
+#            checksum check, one scatter launch per layer, release) of the same request through
+#            StoreConnector (kvfabric-store-connector-bench; shuffled blocks, 32 chunks of 256
+#            tokens) against raw pinned cudaMemcpyAsync D2H / H2D of 1 GiB; also get without the
+#            checksum check (store-get-noverify), to show what the check costs. Starts its own
+#            kvfabricd (STORE_ARENA, default 3GiB of /dev/shm; STORE_HUGE_PAGES=1 tries hugetlbfs).
 # Every kvfabric path is run once with --verify first (the receiver checks every byte of random
 # data in poisoned blocks); a failed check fails the cell.
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
-#   --only peer,nccl,pinned,overlap   (default: all; peer-sweep and staged-sweep: the cuda_ipc
-#   knobs, for tuning)
+#   --only peer,nccl,pinned,overlap,store   (default: all; peer-sweep and staged-sweep: the
+#   cuda_ipc knobs, for tuning)
 # Environment: KVF_BIN (default build/bin); PEER_COPIES (see peer); RUN_LIMIT (seconds one run may
 # take before it is killed and counted as failed, default 240: a hang costs one cell, not the
 # session); needs 2 GPUs for peer/nccl/overlap.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
 
-rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap
+rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap,store
 peer_copies=${PEER_COPIES:-kernel staged auto}
 run_limit=${RUN_LIMIT:-240}
 while (($#)); do
@@ -33,7 +40,7 @@ while (($#)); do
     --out) out=${2:?}; shift 2 ;;
     --json-dir) json_dir=${2:?}; shift 2 ;;
     --only) only=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,9 +51,10 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/bench-gpu.XXXXXX")
 json_dir=${json_dir:-$tmp}
 results=$tmp/results.tsv  # cell  side  round  GB/s (or a figure)
 : >"$results"
-server_pid=
+server_pid= daemon_pid=
 cleanup() {
   [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null
+  [[ -n $daemon_pid ]] && kill "$daemon_pid" 2>/dev/null
   wait 2>/dev/null
   rm -rf "$tmp"
 }
@@ -118,7 +126,8 @@ anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M",
              for k in ["shuffled", "contiguous"]},
           "peer-shuffled-kernel": "peer", "peer-shuffled-ce": "peer", "peer-shuffled-staged": "peer",
           "peer-shuffled-auto": "peer", "nccl-shuffled": "nccl", "nccl-shuffled-128M": "nccl",
-          "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter"}
+          "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter",
+          "store-put": "store-put", "store-get": "store-get", "store-get-noverify": "store-get"}
 for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("staged-")):
     anchor[cell] = "peer"  # staged-sweep variants, named by STAGED_VARIANTS
 lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
@@ -297,6 +306,73 @@ if cell_wanted overlap && ((gpus >= 2)); then
       record overlap kvfabric "$r" fail; tail -5 "$tmp/last.log"
     fi
   done
+fi
+summarize >/dev/null
+
+# store: put/get through the engine connector's GPU path against the raw pinned copies, with a
+# kvfabricd of its own (the arena must hold the 1 GiB request; /dev/shm must have room for it).
+if cell_wanted store; then
+  store_bench=$bin/kvfabric-store-connector-bench
+  store_dir=$tmp/store
+  mkdir -p "$store_dir"
+  sock=$store_dir/kvfabricd.sock
+  cat >"$store_dir/topology.yaml" <<YAML
+cluster: bench-gpu-store
+models:
+  - name: llama8b
+    layout: {kind: flash_attention, layers: 32, kv_heads: 8, head_dim: 128, dtype: bf16, block_tokens: 16, blocks: 576}
+    chunk_tokens: 256
+nodes:
+  - {name: bench, address: 127.0.0.1, http_port: $((20000 + RANDOM % 20000)), store: {dram: ${STORE_ARENA:-3GiB}, socket: $sock}}
+YAML
+  huge=(--no-huge-pages); [[ ${STORE_HUGE_PAGES:-0} == 1 ]] && huge=()
+  "$bin/kvfabricd" --topology "$store_dir/topology.yaml" --node bench --no-peers "${huge[@]}" \
+    >"$store_dir/daemon.log" 2>&1 &
+  daemon_pid=$!
+  for _ in $(seq 100); do grep -q "ready: node" "$store_dir/daemon.log" && break; sleep 0.2; done
+  if [[ ! -x $store_bench ]] || ! grep -q "ready: node" "$store_dir/daemon.log"; then
+    echo "bench-gpu: store: kvfabricd did not start (or $store_bench is not built):"; tail -5 "$store_dir/daemon.log"
+    record store-put verify 0 fail
+  else
+    grep -m1 -iE "arena|huge" "$store_dir/daemon.log" | sed "s/^/bench-gpu: store: /"
+    store_args=(--socket "$sock" --mem cuda:0 --layers 32 --blocks 512 --chunk-tokens 256 --iters "$iters")
+    if timeout "$run_limit" "$store_bench" "${store_args[@]}" --iters 2 --verify >"$tmp/last.log" 2>&1 \
+       && grep -q "every byte verified" "$tmp/last.log"; then
+      echo "bench-gpu: store: $(grep -m1 "every byte verified" "$tmp/last.log")"
+    else
+      echo "bench-gpu: store: VERIFY FAILED"; tail -5 "$tmp/last.log"; record store-put verify 0 fail; record store-get verify 0 fail
+    fi
+    # store_run ROUND [FLAGS...]: one timed run; records put and get (or get only, named by FLAGS).
+    store_run() {
+      local round=$1; shift
+      local j=$json_dir/kvf-store-$round${1:+-noverify}.json
+      if timeout "$run_limit" "$store_bench" "${store_args[@]}" --json "$j" "$@" >"$tmp/last.log" 2>&1; then
+        local put get
+        put=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['results'][0]['gbps'])" "$j")
+        get=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['results'][1]['gbps'])" "$j")
+        if (($#)); then record store-get-noverify kvfabric "$round" "$get"; else
+          record store-put kvfabric "$round" "$put"; record store-get kvfabric "$round" "$get"; fi
+      else
+        if (($#)); then record store-get-noverify kvfabric "$round" fail; else
+          record store-put kvfabric "$round" fail; record store-get kvfabric "$round" fail; fi
+        tail -3 "$tmp/last.log"
+      fi
+    }
+    for r in $(seq "$rounds"); do
+      echo "bench-gpu: store round $r/$rounds"
+      if ((r % 2)); then
+        raw store-put "$r" --mode pinned-d2h --bytes 1G --iters "$iters"
+        raw store-get "$r" --mode pinned-h2d --bytes 1G --iters "$iters"
+      fi
+      store_run "$r"
+      store_run "$r" --no-verify-loads
+      if ((r % 2 == 0)); then
+        raw store-put "$r" --mode pinned-d2h --bytes 1G --iters "$iters"
+        raw store-get "$r" --mode pinned-h2d --bytes 1G --iters "$iters"
+      fi
+    done
+  fi
+  [[ -n $daemon_pid ]] && { kill "$daemon_pid" 2>/dev/null; wait "$daemon_pid" 2>/dev/null; daemon_pid=; }
 fi
 summarize >/dev/null
 summarize
