@@ -335,7 +335,7 @@ YAML
     record store-put verify 0 fail
   else
     grep -m1 -iE "arena|huge" "$store_dir/daemon.log" | sed "s/^/bench-gpu: store: /"
-    store_args=(--socket "$sock" --mem cuda:0 --layers 32 --blocks 512 --chunk-tokens 256 --iters "$iters")
+    store_args=(--socket "$sock" --mem cuda:0 --layers 32 --blocks 512 --chunk-tokens 256)
     if timeout "$run_limit" "$store_bench" "${store_args[@]}" --iters 2 --verify >"$tmp/last.log" 2>&1 \
        && grep -q "every byte verified" "$tmp/last.log"; then
       echo "bench-gpu: store: $(grep -m1 "every byte verified" "$tmp/last.log")"
@@ -346,7 +346,7 @@ YAML
     store_run() {
       local round=$1; shift
       local j=$json_dir/kvf-store-$round${1:+-noverify}.json
-      if timeout "$run_limit" "$store_bench" "${store_args[@]}" --json "$j" "$@" >"$tmp/last.log" 2>&1; then
+      if timeout "$run_limit" "$store_bench" "${store_args[@]}" --iters "$iters" --json "$j" "$@" >"$tmp/last.log" 2>&1; then
         local put get
         put=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['results'][0]['gbps'])" "$j")
         get=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['results'][1]['gbps'])" "$j")
