@@ -17,6 +17,7 @@
 #include <spdlog/spdlog.h>
 
 #include "cuda_staging_receiver.h"
+#include "helper_threads.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/nccl_comm.h"
 #include "kvf/gpudirect/paged_copy.h"
@@ -122,7 +123,7 @@ class CudaIpcTransport::Impl {
 
   ~Impl() {
     stopping_ = true;  // an NCCL join still waiting for its peer gives up now
-    join_helpers();
+    helpers_.join_all();
     // The nccl lanes' communicators close in step with their receivers (told below), here on the
     // caller's thread while the inner transport still carries the message.
     std::vector<gpudirect::NcclComm> closing = call<std::vector<gpudirect::NcclComm>>([this] {
@@ -153,7 +154,7 @@ class CudaIpcTransport::Impl {
       user_failure_handler_ = nullptr;
       return 0;
     });
-    join_helpers();  // communicators of senders closed while serving
+    helpers_.join_all();  // communicators of senders closed while serving
     inner_.reset();
   }
 
@@ -321,10 +322,7 @@ class CudaIpcTransport::Impl {
 
   template <typename T>
   T call(const std::function<T()>& fn) {
-    std::promise<T> promise;
-    auto future = promise.get_future();
-    inner_->post([&] { promise.set_value(fn()); });
-    return future.get();
+    return call_on<T>(*inner_, fn);
   }
 
  private:
@@ -468,7 +466,7 @@ class CudaIpcTransport::Impl {
                                     address_, std::move(event_handles),      nccl_id};
     if (nccl()) {
       // Join the communicator as rank 0 off this thread: it blocks until the receiver joins.
-      spawn_helper([this, token, id = std::move(nccl_id), device = options_.device]() {
+      helpers_.spawn([this, token, id = std::move(nccl_id), device = options_.device]() {
         auto comm = std::make_shared<Result<gpudirect::NcclComm>>(
             gpudirect::NcclComm::create(id, 0, device, kNcclJoinTimeout, &stopping_));
         inner_->post([this, token, comm]() {
@@ -815,7 +813,7 @@ class CudaIpcTransport::Impl {
     // The answer goes over a connection back to the sender's worker, made on a helper thread
     // (connect blocks until this thread has done it); for nccl the communicator is joined there
     // too (it blocks until the sender has joined).
-    spawn_helper([this, request = std::move(request)]() mutable {
+    helpers_.spawn([this, request = std::move(request)]() mutable {
       // The connection back must be made as the sender made its own (UCX refuses two endpoints
       // between a pair of workers with different error handling), which depends on whether the
       // two share a host: the sender's address names its host.
@@ -899,23 +897,6 @@ class CudaIpcTransport::Impl {
         message.value());
   }
 
-  template <typename Work>
-  void spawn_helper(Work&& work) {
-    std::lock_guard lock(helpers_mutex_);
-    helpers_.emplace_back(std::forward<Work>(work));
-  }
-  void join_helpers() {
-    for (;;) {
-      std::vector<std::thread> batch;
-      {
-        std::lock_guard lock(helpers_mutex_);
-        batch.swap(helpers_);
-      }
-      if (batch.empty()) return;
-      for (std::thread& t : batch) t.join();
-    }
-  }
-
   // Receiver side: a sender closed or died. Its slots go; its communicator is closed on a helper
   // thread (the close meets the sender's own, or gives up and aborts if the sender is gone).
   void forget_sender(uint64_t sender) {
@@ -929,7 +910,7 @@ class CudaIpcTransport::Impl {
   }
 
   void close_communicator_later(gpudirect::NcclComm comm) {
-    spawn_helper([comm = std::move(comm)]() mutable {
+    helpers_.spawn([comm = std::move(comm)]() mutable {
       if (Status s = comm.close(kNcclCloseTimeout); !s.ok()) spdlog::warn("nccl: {}", s.to_string());
     });
   }
@@ -1347,8 +1328,7 @@ class CudaIpcTransport::Impl {
   std::unordered_map<PeerId, uint64_t> back_senders_;  // by back connection
   // Helper threads for what blocks on a peer (connecting back, joining and closing NCCL
   // communicators). Started on the progress thread, joined by the destructor: hence the mutex.
-  std::mutex helpers_mutex_;
-  std::vector<std::thread> helpers_;
+  HelperThreads helpers_;
   NotificationHandler user_notification_handler_;
   PeerFailureHandler user_failure_handler_;
   // Uploaded request plans: direct puts (see resident_plan) and staged gathers (gather_plan).

@@ -14,6 +14,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "helper_threads.h"
 #include "kvf/gpudirect/memory_region.h"
 #include "kvf/protocol/staging_messages.h"
 #include "slot_mover.h"
@@ -98,7 +99,7 @@ class StagedTransport::Impl {
   }
 
   ~Impl() {
-    join_helpers();
+    helpers_.join_all();
     call<int>([this] {
       const Status down(ErrorCode::kAborted, "transport shut down");
       for (auto& [peer, lane] : lanes_) {
@@ -111,7 +112,7 @@ class StagedTransport::Impl {
       user_failure_ = nullptr;
       return 0;
     });
-    join_helpers();
+    helpers_.join_all();
     // The inner transport stops (and with it every callback) before the slots it reads go away.
     inner_.reset();
     lanes_.clear();
@@ -238,27 +239,7 @@ class StagedTransport::Impl {
 
   template <typename T>
   T call(const std::function<T()>& fn) {
-    std::promise<T> promise;
-    auto future = promise.get_future();
-    inner_->post([&] { promise.set_value(fn()); });
-    return future.get();
-  }
-
-  template <typename Work>
-  void spawn_helper(Work&& work) {
-    std::lock_guard lock(helpers_mutex_);
-    helpers_.emplace_back(std::forward<Work>(work));
-  }
-  void join_helpers() {
-    for (;;) {
-      std::vector<std::thread> batch;
-      {
-        std::lock_guard lock(helpers_mutex_);
-        batch.swap(helpers_);
-      }
-      if (batch.empty()) return;
-      for (std::thread& t : batch) t.join();
-    }
+    return call_on<T>(*inner_, fn);
   }
 
   // --- sender ------------------------------------------------------------------------------------
@@ -372,7 +353,7 @@ class StagedTransport::Impl {
     slots.ucx_rkey.assign(offer.cuda_ipc.begin() + 8, offer.cuda_ipc.end());
     // Importing blocks on this thread's queue: do it from a helper, then carry on here.
     const uint64_t token = offer.sender;
-    spawn_helper([this, peer, token, slots] {
+    helpers_.spawn([this, peer, token, slots] {
       auto imported = inner_->import_region(peer, slots);
       inner_->post([this, peer, token, imported] {
         PeerId p = 0;
@@ -515,7 +496,7 @@ class StagedTransport::Impl {
       return send_offer(known->second.back, request);  // asked again: the same slots
     }
     // The connection back blocks on this thread's queue: make it from a helper.
-    spawn_helper([this, request = std::move(request), parsed = std::move(parsed.value())]() mutable {
+    helpers_.spawn([this, request = std::move(request), parsed = std::move(parsed.value())]() mutable {
       auto back = inner_->connect(parsed.ucx, ConnectOptions{parsed.boot == boot_id()});
       inner_->post([this, back, request = std::move(request)] {
         if (!back.ok()) {
@@ -673,8 +654,7 @@ class StagedTransport::Impl {
   bool polling_ = false;
   NotificationHandler user_notification_;
   PeerFailureHandler user_failure_;
-  std::mutex helpers_mutex_;
-  std::vector<std::thread> helpers_;
+  HelperThreads helpers_;
 };
 
 Result<std::unique_ptr<StagedTransport>> StagedTransport::create(

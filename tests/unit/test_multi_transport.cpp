@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "catch.h"
+#include "completion_wait.h"
 #include "kvf/fabric/local_transport.h"
 #include "kvf/fabric/multi_transport.h"
 #include "kvf/fabric/stream_pattern.h"
@@ -18,16 +19,6 @@ using namespace kvf;
 using namespace kvf::fabric;
 
 namespace {
-
-Status wait_for(const std::function<void(Completion)>& start) {
-  auto promise = std::make_shared<std::promise<Status>>();
-  auto future = promise->get_future();
-  start([promise](const Status& s) { promise->set_value(s); });
-  if (future.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
-    return Status(ErrorCode::kTimeout, "test wait timed out");
-  }
-  return future.get();
-}
 
 std::unique_ptr<Transport> local(const std::string& name) {
   auto t = LocalTransport::create(name);

@@ -10,6 +10,7 @@
 #include <random>
 
 #include "catch.h"
+#include "completion_wait.h"
 #include "kvf/fabric/staged_transport.h"
 #include "kvf/fabric/stream_pattern.h"
 
@@ -17,16 +18,6 @@ using namespace kvf;
 using namespace kvf::fabric;
 
 namespace {
-
-Status wait_for(const std::function<void(Completion)>& start) {
-  auto promise = std::make_shared<std::promise<Status>>();
-  auto future = promise->get_future();
-  start([promise](const Status& s) { promise->set_value(s); });
-  if (future.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
-    return Status(ErrorCode::kTimeout, "test wait timed out");
-  }
-  return future.get();
-}
 
 std::unique_ptr<StagedTransport> staged(const std::shared_ptr<gpudirect::UcxContext>& ucx,
                                         StagedTransportOptions options) {

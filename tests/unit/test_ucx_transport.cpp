@@ -5,25 +5,12 @@
 #include <mutex>
 
 #include "catch.h"
+#include "completion_wait.h"
 #include "kvf/fabric/stream_pattern.h"
 #include "kvf/fabric/ucx_transport.h"
 
 using namespace kvf;
 using namespace kvf::fabric;
-
-namespace {
-
-Status wait_for(const std::function<void(Completion)>& start) {
-  auto promise = std::make_shared<std::promise<Status>>();
-  auto future = promise->get_future();
-  start([promise](const Status& s) { promise->set_value(s); });
-  if (future.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
-    return Status(ErrorCode::kTimeout, "test wait timed out");
-  }
-  return future.get();
-}
-
-}  // namespace
 
 TEST_CASE("UcxTransport puts bytes into a peer's region and flushes") {
   auto ucx = gpudirect::UcxContext::create();
