@@ -131,12 +131,16 @@ void put(Writer& w, const StreamOffer& m) {
   w.u32(m.num_blocks);
   w.u64(m.seed);
   w.u32(m.flags);
+  w.bytes(m.context);
 }
 bool get(Reader& r, StreamOffer& m) {
   if (!(r.u64("request_id", m.request_id) && get(r, m.layout) && r.u32("num_blocks", m.num_blocks) &&
-        r.u64("seed", m.seed) && r.u32("flags", m.flags))) {
+        r.u64("seed", m.seed) && r.u32("flags", m.flags) && r.bytes("context", m.context))) {
     return false;
   }
+  if (m.context.size() > kMaxStreamContext)
+    return r.fail("context",
+                  std::to_string(m.context.size()) + " bytes, at most " + std::to_string(kMaxStreamContext));
   // Unknown bits would be silently ignored by this receiver; a peer of the same protocol
   // version never sets them, so they mean corruption or a bug.
   constexpr uint32_t kKnownFlags = kStreamVerify | kStreamShuffle;

@@ -30,7 +30,7 @@ class MessageFactory {
         return m;
       }
       case MessageType::kStreamOffer:
-        return StreamOffer{u64(), layout(), u32(), u64(), static_cast<uint32_t>(below(4))};
+        return StreamOffer{u64(), layout(), u32(), u64(), static_cast<uint32_t>(below(4)), bytes()};
       case MessageType::kRecvPlan: {
         RecvPlan m{u64(), u64(), {}};
         m.dst_blocks.resize(below(40));

@@ -148,8 +148,8 @@ std::vector<proto::Message> one_of_each_type() {
   all.push_back(proto::Hello{1, 1, "prefill-0", {0xde, 0xad}, {0xbe, 0xef}});
   all.push_back(proto::HelloAck{1, "decode-0", {9, 8, 7}, 42});
   all.push_back(proto::RegionGrant{7, sample_layout(), {sample_region(1), sample_region(2)}});
-  all.push_back(
-      proto::StreamOffer{11, sample_layout(), 64, 1234, proto::kStreamVerify | proto::kStreamShuffle});
+  all.push_back(proto::StreamOffer{
+      11, sample_layout(), 64, 1234, proto::kStreamVerify | proto::kStreamShuffle, {1, 2, 3}});
   all.push_back(proto::RecvPlan{11, 7, {5, 3, 9, 1}});
   all.push_back(
       proto::StreamResult{11, ErrorCode::kVerifyFailed, "layer 3 differs", 1 << 20, 1 << 19, {10, 20, 30}});

@@ -326,9 +326,16 @@ TEST_CASE("enum values outside their enum are rejected") {
     StreamOffer m;
     m.flags = kStreamVerify;
     auto p = payload_of(m);
-    p[p.size() - 4] |= 0x80;
+    p[p.size() - 8] |= 0x80;  // flags u32, then the empty context's u32 length
     REQUIRE(decode_error(frame_with_payload(MessageType::kStreamOffer, p)).message() ==
             "StreamOffer.flags: unknown flag bits 0x00000080");
+  }
+  SECTION("a StreamOffer context over its limit") {
+    StreamOffer m;
+    m.context.assign(kMaxStreamContext + 1, 7);
+    REQUIRE(decode_error(frame_with_payload(MessageType::kStreamOffer, payload_of(m))).message() ==
+            "StreamOffer.context: " + std::to_string(kMaxStreamContext + 1) + " bytes, at most " +
+                std::to_string(kMaxStreamContext));
   }
 }
 

@@ -23,7 +23,7 @@ namespace kvf::protocol {
 
 inline constexpr uint32_t kFrameMagic = 0x3146564Bu;  // "KVF1" read as little-endian u32
 // 2: RegionDescriptor carries a CUDA IPC handle.
-inline constexpr uint16_t kProtocolVersion = 2;
+inline constexpr uint16_t kProtocolVersion = 3;
 inline constexpr size_t kFrameHeaderBytes = 16;
 inline constexpr uint32_t kMaxFramePayload = 64u << 20;  // 64 MiB
 inline constexpr uint32_t kMaxStringBytes = 4096;        // names, messages, tokens
@@ -92,8 +92,12 @@ struct StreamOffer {
   uint32_t num_blocks = 0;  // blocks in this request
   uint64_t seed = 0;        // test/perf streams: the data generator's seed, for verification
   uint32_t flags = 0;       // kStreamVerify | kStreamShuffle
+  // Engine streams: what the receiving engine needs to continue the request (kvfabric-engine:
+  // the prompt's length and last token), opaque to the fabric; at most kMaxStreamContext bytes.
+  std::vector<uint8_t> context;
   bool operator==(const StreamOffer&) const = default;
 };
+inline constexpr size_t kMaxStreamContext = 4096;
 inline constexpr uint32_t kStreamVerify = 1u << 0;
 inline constexpr uint32_t kStreamShuffle = 1u << 1;
 
