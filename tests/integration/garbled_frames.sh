@@ -29,7 +29,7 @@ cat >"$KVF_TMP/garble.py" <<'PY'
 import os, random, socket, struct, sys, time
 
 HOST, PORT = "127.0.0.1", int(sys.argv[1])
-MAGIC, VERSION = 0x3146564B, 2  # include/kvf/protocol/messages.h kProtocolVersion
+MAGIC, VERSION = 0x3146564B, int(sys.argv[2])  # include/kvf/protocol/messages.h kProtocolVersion
 HELLO, HELLO_ACK, ERROR_REPLY = 1, 2, 10
 CODES = {1: "invalid_argument", 2: "malformed", 3: "unsupported_version", 4: "timeout"}
 M = 0xFFFFFFFF
@@ -264,7 +264,10 @@ else:
 sys.exit(1 if failures else 0)
 PY
 
-kvf_run garble 120 python3 "$KVF_TMP/garble.py" "$port"
+# The protocol version this build speaks, read from the header that defines it.
+version=$(grep -oE 'kProtocolVersion = [0-9]+' "$(dirname "${BASH_SOURCE[0]}")/../../include/kvf/protocol/messages.h" | grep -oE '[0-9]+$')
+[[ $version =~ ^[0-9]+$ ]] || kvf_die "cannot read kProtocolVersion from include/kvf/protocol/messages.h"
+kvf_run garble 120 python3 "$KVF_TMP/garble.py" "$port" "$version"
 rc=$?
 sed 's/^/    /' "$(kvf_logfile garble)"
 kvf_check_eq "$rc" 0 "every malformed-frame case (python exit status)"
