@@ -118,7 +118,8 @@ struct Stream {
   uint64_t request_id = 0;
   protocol::KvLayout layout;
   protocol::StreamOffer offer;
-  gpudirect::MemoryRegion region;
+  std::optional<gpudirect::MemoryRegion> region;    // owned buffers (none in engine pool mode)
+  const gpudirect::MemoryRegion* target = nullptr;  // where the bytes land: &region or the pool's
   std::vector<uint32_t> dst_blocks;
   std::vector<bool> arrived;
   uint32_t arrived_count = 0;
@@ -268,7 +269,10 @@ class StreamReceiver::Impl {
     spdlog::info("{}: session {} ({}) ended: {}", options_.name, session->id, session->name, why.to_string());
     // Regions are freed on the worker, after any verification still holding them.
     worker_->post([this, session] {
-      for (auto& [id, stream] : session->streams) retired_.retire(std::move(stream->region));
+      for (auto& [id, stream] : session->streams) {
+        if (options_.pool) release_later(stream);
+        if (stream->region) retired_.retire(std::move(*stream->region));
+      }
       session->streams.clear();
       if (session->run_target) retired_.retire(std::move(*session->run_target));
       session->run_target.reset();
@@ -300,6 +304,7 @@ class StreamReceiver::Impl {
                       "request id " + std::to_string(offer.request_id) + " already in use");
       }
     }
+    if (options_.pool) return accept_into_pool(session, offer, layout.value());
     std::optional<gpudirect::MemoryRegion> pool;
     for (auto it = session->free_pools.begin(); it != session->free_pools.end(); ++it) {
       if (it->size() >= total) {
@@ -317,8 +322,9 @@ class StreamReceiver::Impl {
     }
 
     auto stream = std::make_shared<Stream>(
-        Stream{offer.request_id, layout.value(), offer, std::move(*pool), {}, {}, 0, {}, {}, false});
-    if (Status s = poison_region(stream->region, total); !s.ok()) {
+        Stream{offer.request_id, layout.value(), offer, std::move(*pool), nullptr, {}, {}, 0, {}, {}, false});
+    stream->target = &*stream->region;
+    if (Status s = poison_region(*stream->region, total); !s.ok()) {
       return refuse(ErrorCode::kInternal, "poisoning the granted buffer: " + s.message());
     }
     stream->dst_blocks.resize(offer.num_blocks);
@@ -327,6 +333,64 @@ class StreamReceiver::Impl {
       std::mt19937_64 rng(offer.seed ^ 0x5DEECE66Dull);
       std::shuffle(stream->dst_blocks.begin(), stream->dst_blocks.end(), rng);
     }
+    grant_and_plan(session, stream);
+  }
+
+  // Engine pool mode: the request's blocks come from the engine's block manager, and the grant is
+  // the engine's own cache.
+  void accept_into_pool(const std::shared_ptr<Session>& session, const protocol::StreamOffer& offer,
+                        const protocol::KvLayout& request_layout) {
+    auto refuse = [&](ErrorCode code, const std::string& why) {
+      session->connection->send(protocol::Abort{offer.request_id, code, why});
+      spdlog::warn("{}: refused stream {} from {}: {}", options_.name, offer.request_id, session->name, why);
+    };
+    const EnginePool& pool = *options_.pool;
+    auto pool_layout = protocol::KvLayout::create(pool.layout);
+    if (!pool_layout.ok())
+      return refuse(ErrorCode::kInternal, "the engine pool's layout: " + pool_layout.status().message());
+    if (!request_layout.same_block_geometry(pool_layout.value()) ||
+        request_layout.desc().num_layers != pool.layout.num_layers) {
+      return refuse(ErrorCode::kInvalidArgument, "the request's layout " + request_layout.to_string() +
+                                                     " does not match this engine's " +
+                                                     pool_layout->to_string());
+    }
+    if (offer.num_blocks > pool.layout.num_blocks) {
+      return refuse(ErrorCode::kInvalidArgument, std::to_string(offer.num_blocks) +
+                                                     " blocks, this engine has " +
+                                                     std::to_string(pool.layout.num_blocks));
+    }
+    std::vector<uint32_t> blocks = pool.allocate(offer.request_id, offer.num_blocks);
+    if (blocks.empty()) return refuse(ErrorCode::kOutOfMemory, "no free KV blocks for the request");
+    if (blocks.size() != offer.num_blocks ||
+        std::any_of(blocks.begin(), blocks.end(), [&](uint32_t b) { return b >= pool.layout.num_blocks; })) {
+      if (pool.release) pool.release(offer.request_id, std::move(blocks));
+      return refuse(ErrorCode::kInternal, "the engine's block manager gave a bad block list");
+    }
+    {
+      std::lock_guard lock(mutex_);
+      if (session->closed) {
+        if (pool.release) pool.release(offer.request_id, std::move(blocks));
+        return report_dropped(session, offer);
+      }
+    }
+    auto stream = std::make_shared<Stream>(Stream{offer.request_id,
+                                                  pool_layout.value(),
+                                                  offer,
+                                                  std::nullopt,
+                                                  pool.region,
+                                                  std::move(blocks),
+                                                  {},
+                                                  0,
+                                                  {},
+                                                  {},
+                                                  false});
+    grant_and_plan(session, stream);
+  }
+
+  void grant_and_plan(const std::shared_ptr<Session>& session, const std::shared_ptr<Stream>& stream) {
+    const protocol::StreamOffer& offer = stream->offer;
+    const protocol::KvLayout& layout = stream->layout;
+    const protocol::KvLayoutDesc& desc = layout.desc();
     stream->arrived.assign(desc.num_layers, false);
     stream->arrival_ns.assign(desc.num_layers, 0);
 
@@ -335,7 +399,7 @@ class StreamReceiver::Impl {
     grant.layout = desc;
     for (uint32_t l = 0; l < desc.num_layers; ++l) {
       grant.layer_regions.push_back(
-          stream->region.descriptor(l, l * layout->layer_bytes(), layout->layer_bytes()));
+          stream->target->descriptor(l, l * layout.layer_bytes(), layout.layer_bytes()));
     }
     {
       std::lock_guard lock(mutex_);
@@ -457,10 +521,10 @@ class StreamReceiver::Impl {
     if ((stream->offer.flags & protocol::kStreamVerify) != 0) {
       report.verified = true;
       const auto& layout = stream->layout;
-      const bool on_gpu = stream->region.kind() == protocol::MemoryKind::kCudaDevice;
+      const bool on_gpu = stream->target->kind() == protocol::MemoryKind::kCudaDevice;
       std::vector<uint8_t> host_copy(on_gpu ? layout.layer_bytes() : 0);
       for (uint32_t l = 0; l < layout.desc().num_layers && report.status.ok(); ++l) {
-        const uint8_t* layer_base = stream->region.data() + l * layout.layer_bytes();
+        const uint8_t* layer_base = stream->target->data() + l * layout.layer_bytes();
         if (on_gpu) {
           // The bytes are checked where they landed, read back after the LayerReady said so.
           if (Status s = gpudirect::copy_sync(host_copy.data(), layer_base, layout.layer_bytes()); !s.ok()) {
@@ -524,6 +588,10 @@ class StreamReceiver::Impl {
     r.bytes = stream.layout.layer_bytes() * r.layers;
     std::lock_guard lock(mutex_);
     r.layer_arrival_ns = stream.arrival_ns;
+    if (options_.pool) {
+      r.blocks = stream.dst_blocks;
+      r.context = stream.offer.context;
+    }
     return r;
   }
 
@@ -551,11 +619,25 @@ class StreamReceiver::Impl {
       session->streams.erase(it);
       reusable = reusable && !session->closed;
     }
-    if (reusable) {
-      session->free_pools.push_back(std::move(stream->region));
-    } else {
-      retired_.retire(std::move(stream->region));
+    if (options_.pool) {
+      // A finished stream's blocks are the engine's now (StreamReport::blocks); a failed one's go
+      // back once no late put of its sender can land in them.
+      if (!reusable) release_later(stream);
+      return;
     }
+    if (reusable) {
+      session->free_pools.push_back(std::move(*stream->region));
+    } else {
+      retired_.retire(std::move(*stream->region));
+    }
+  }
+
+  void release_later(const std::shared_ptr<Stream>& stream) {
+    if (!options_.pool || !options_.pool->release || stream->dst_blocks.empty()) return;
+    transport_.post_after(options_.retire_grace, [release = options_.pool->release, id = stream->request_id,
+                                                  blocks = std::move(stream->dst_blocks)]() mutable {
+      release(id, std::move(blocks));
+    });
   }
 
   std::shared_ptr<gpudirect::UcxContext> ucx_;

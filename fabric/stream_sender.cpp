@@ -116,10 +116,24 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
   if (source.size() < layout.layer_bytes() * desc.num_layers) {
     return Status(ErrorCode::kInvalidArgument, "source region smaller than the request");
   }
+  for (uint32_t b : options.source_blocks) {
+    if (b >= desc.num_blocks) {
+      return Status(
+          ErrorCode::kInvalidArgument,
+          "source block " + std::to_string(b) + " outside the pool of " + std::to_string(desc.num_blocks));
+    }
+  }
+  if (options.context.size() > protocol::kMaxStreamContext) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "stream context over " + std::to_string(protocol::kMaxStreamContext) + " bytes");
+  }
+  const auto request_blocks =
+      static_cast<uint32_t>(options.source_blocks.empty() ? desc.num_blocks : options.source_blocks.size());
   protocol::StreamOffer offer;
   offer.request_id = options.request_id;
   offer.layout = desc;
-  offer.num_blocks = desc.num_blocks;
+  offer.num_blocks = request_blocks;
+  offer.context = options.context;
   offer.seed = options.seed;
   offer.flags =
       (options.verify ? protocol::kStreamVerify : 0u) | (options.shuffle ? protocol::kStreamShuffle : 0u);
@@ -159,8 +173,15 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
     if (!id.ok()) return id.status();
     dst_regions.push_back(id.value());
   }
-  std::vector<uint32_t> src_blocks(desc.num_blocks);
-  for (uint32_t i = 0; i < desc.num_blocks; ++i) src_blocks[i] = i;
+  std::vector<uint32_t> src_blocks = options.source_blocks;
+  if (src_blocks.empty()) {
+    src_blocks.resize(desc.num_blocks);
+    for (uint32_t i = 0; i < desc.num_blocks; ++i) src_blocks[i] = i;
+  }
+  if (plan->dst_blocks.size() != src_blocks.size()) {
+    return Status(ErrorCode::kMalformed, "the receiver planned " + std::to_string(plan->dst_blocks.size()) +
+                                             " blocks for a request of " + std::to_string(src_blocks.size()));
+  }
 
   std::mutex mutex;
   std::condition_variable cv;

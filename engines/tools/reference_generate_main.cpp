@@ -13,6 +13,7 @@
 
 #include "kvf/engines/host_kv_pool.h"
 #include "kvf/engines/reference_model.h"
+#include "kvf/engines/synthetic_prompt.h"
 
 namespace {
 
@@ -76,12 +77,7 @@ int run(int argc, char** argv) {
   if (!pool.ok()) return engine_error("KV pool", pool.status());
   std::vector<uint32_t> table(blocks);
   for (uint32_t b = 0; b < blocks; ++b) table[b] = blocks - 1 - b;  // not in order, as engines allocate
-  std::vector<uint32_t> prompt(prompt_tokens);
-  uint64_t state = seed;
-  for (uint32_t& t : prompt) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;  // an LCG is plenty for a prompt
-    t = static_cast<uint32_t>((state >> 33) % shape.vocab);
-  }
+  const std::vector<uint32_t> prompt = engines::synthetic_prompt(prompt_tokens, shape.vocab, seed);
 
   started = Clock::now();
   auto first = model->prefill(prompt, table, pool->view());

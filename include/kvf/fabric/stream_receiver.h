@@ -10,11 +10,14 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "kvf/fabric/transport.h"
+#include "kvf/gpudirect/memory_region.h"
 #include "kvf/gpudirect/ucx_context.h"
+#include "kvf/protocol/kv_layout.h"
 
 namespace kvf::fabric {
 
@@ -27,6 +30,24 @@ struct StreamReport {
   bool verified = false;
   uint64_t bytes_verified = 0;
   std::vector<uint64_t> layer_arrival_ns;  // since the offer was accepted
+  // Engine pool mode: the pool blocks holding the request's blocks in order (on success they are
+  // the engine's to use and free), and the offer's context.
+  std::vector<uint32_t> blocks;
+  std::vector<uint8_t> context;
+};
+
+// An engine's KV pool that streams land in, instead of buffers the receiver allocates (the decode
+// side of PD: the prefill writes straight into the engine's paged cache). The pool's layers lie
+// back to back in `region` (layer l at l * the layout's layer bytes), which peers can write.
+struct EnginePool {
+  const gpudirect::MemoryRegion* region = nullptr;  // must outlive the receiver
+  protocol::KvLayoutDesc layout;                    // num_blocks: the pool's blocks
+  // Blocks for a request of `n` blocks: distinct, in range (the engine's block manager). Empty:
+  // no room, and the stream is refused. Runs on the receiver's worker thread.
+  std::function<std::vector<uint32_t>(uint64_t request_id, uint32_t n)> allocate;
+  // A failed stream's blocks, handed back once no late put of its sender can still land there
+  // (after retire_grace). Runs on the transport's thread.
+  std::function<void(uint64_t request_id, std::vector<uint32_t> blocks)> release;
 };
 
 // Where granted KV buffers live: host memory (UCX-allocated, shared with same-host peers), or
@@ -47,6 +68,7 @@ struct StreamReceiverOptions {
   // misbehaving sender land there instead of in unmapped memory).
   std::chrono::milliseconds retire_grace{10'000};
   std::function<void(const StreamReport&)> on_stream_done;
+  std::optional<EnginePool> pool;  // set: streams land in this engine pool
 };
 
 class StreamReceiver {

@@ -58,20 +58,26 @@ struct PatternStreamOptions {
   // waits for that event on the GPU (nullptr: the layer is ready now).
   std::function<void*(uint32_t layer)> before_layer;
   std::chrono::milliseconds timeout{120'000};
+  // Engine streams: the request's blocks in the source pool, in order (empty: blocks 0..n-1 of
+  // `layout`, the whole source), and what the receiving engine needs to continue the request.
+  std::vector<uint32_t> source_blocks;
+  std::vector<uint8_t> context;
 };
 
 // All times are in seconds since just before before_layer(0).
 struct PatternStreamOutcome {
   std::chrono::steady_clock::time_point start;  // what the times below count from
-  double seconds = 0;                 // -> the last layer remotely complete
-  std::vector<double> layer_ready_s;  // per layer: before_layer returned (the layer was "computed",
-                                      // or for GPU compute: enqueued)
-  std::vector<double> layer_done_s;   // per layer: remotely complete and announced
-  protocol::StreamResult result;      // the receiver's verdict
+  double seconds = 0;                           // -> the last layer remotely complete
+  std::vector<double> layer_ready_s;            // per layer: before_layer returned (the layer was "computed",
+                                                // or for GPU compute: enqueued)
+  std::vector<double> layer_done_s;             // per layer: remotely complete and announced
+  protocol::StreamResult result;                // the receiver's verdict
 };
 
-// Streams `layout.num_layers` layers of `layout.num_blocks` blocks each from `source` (layers
-// back to back, layer l at l * layer_bytes) to the receiver behind `link`.
+// Streams `layout.num_layers` layers from `source` (layers back to back, layer l at l * layer_bytes;
+// `layout.num_blocks` blocks each) to the receiver behind `link`: the request's blocks are
+// options.source_blocks, or all of them. An engine streams its real KV with it (before_layer waits
+// for the layer's compute, verify off); kvfabric-perf streams pattern data.
 Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& transport,
                                                  TransferScheduler& scheduler,
                                                  const gpudirect::MemoryRegion& source,
@@ -80,6 +86,6 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
 
 // Fills layer `layer` of `source` (host or GPU memory) with the pattern the receiver will check.
 Status fill_layer_pattern(const gpudirect::MemoryRegion& source, const protocol::KvLayout& layout,
-                        uint32_t layer, uint64_t seed);
+                          uint32_t layer, uint64_t seed);
 
 }  // namespace kvf::fabric
