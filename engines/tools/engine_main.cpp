@@ -30,6 +30,7 @@
 
 #include "kvf/engines/reference_model.h"
 #include "kvf/engines/synthetic_prompt.h"
+#include "kvf/fabric/control_channel.h"
 #include "kvf/fabric/stream_receiver.h"
 #include "kvf/fabric/stream_sender.h"
 #include "kvf/fabric/transfer_scheduler.h"
@@ -56,20 +57,6 @@ double ms_since(Clock::time_point t) {
 int fail(const std::string& what) {
   std::fprintf(stderr, "kvfabric-engine: %s\n", what.c_str());
   return kFailed;
-}
-
-bool split_host_port(const std::string& s, std::string& host, uint16_t& port) {
-  const auto colon = s.rfind(':');
-  if (colon == std::string::npos || colon == 0) return false;
-  try {
-    const int p = std::stoi(s.substr(colon + 1));
-    if (p < 0 || p > 65535) return false;
-    host = s.substr(0, colon);
-    port = static_cast<uint16_t>(p);
-    return true;
-  } catch (const std::exception&) {
-    return false;
-  }
 }
 
 // The pool's layers back to back in one region peers can write; the view the model reads.
@@ -126,9 +113,9 @@ class BlockManager {
 
 int run_decode(const cxxopts::ParseResult& args, const engines::ReferenceModel& model,
                const std::shared_ptr<gpudirect::UcxContext>& ucx) {
-  std::string host;
-  uint16_t port = 0;
-  if (!split_host_port(args["listen"].as<std::string>(), host, port)) return fail("--listen wants HOST:PORT");
+  auto endpoint = fabric::parse_host_port(args["listen"].as<std::string>());
+  if (!endpoint.ok()) return fail("--listen: " + endpoint.status().message());
+  const auto& [host, port] = endpoint.value();
   const engines::ModelShape& shape = model.shape();
   const uint32_t pool_blocks = args["pool-blocks"].as<uint32_t>();
   auto pool = make_pool(ucx, shape, pool_blocks);
@@ -200,10 +187,9 @@ int run_decode(const cxxopts::ParseResult& args, const engines::ReferenceModel& 
 
 int run_prefill(const cxxopts::ParseResult& args, const engines::ReferenceModel& model,
                 const std::shared_ptr<gpudirect::UcxContext>& ucx) {
-  std::string host;
-  uint16_t port = 0;
-  if (!split_host_port(args["connect"].as<std::string>(), host, port))
-    return fail("--connect wants HOST:PORT");
+  auto endpoint = fabric::parse_host_port(args["connect"].as<std::string>());
+  if (!endpoint.ok()) return fail("--connect: " + endpoint.status().message());
+  const auto& [host, port] = endpoint.value();
   const engines::ModelShape& shape = model.shape();
   const uint32_t prompt_tokens = args["prompt-tokens"].as<uint32_t>();
   const uint32_t n_new = args["new"].as<uint32_t>();
