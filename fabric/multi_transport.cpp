@@ -185,9 +185,9 @@ class MultiTransport::Impl {
     peers_.erase(peer);
   }
 
-  template <typename Op>
-  void forward(PeerId peer, std::vector<Op> ops, Completion done,
-               const std::function<void(Transport&, PeerId, std::vector<Op>, Completion)>& call) {
+  // Per put: no std::function is built on this path, the caller's lambda is called directly.
+  template <typename Op, typename Call>
+  void forward(PeerId peer, std::vector<Op> ops, Completion done, const Call& call) {
     auto p = lookup(peer);
     if (!p.ok()) return inner_[0]->post([done, s = p.status()] { done(s); });
     if (Status s = translate(peer, ops); !s.ok()) return inner_[0]->post([done, s] { done(s); });
@@ -337,22 +337,22 @@ void MultiTransport::disconnect(PeerId peer) {
   impl_->disconnect(peer);
 }
 void MultiTransport::put(PeerId peer, std::vector<PutOp> ops, Completion done) {
-  impl_->forward<PutOp>(peer, std::move(ops), std::move(done),
-                        [](Transport& t, PeerId p, std::vector<PutOp> o, Completion d) {
-                          t.put(p, std::move(o), std::move(d));
-                        });
+  impl_->forward(peer, std::move(ops), std::move(done),
+                 [](Transport& t, PeerId p, std::vector<PutOp> o, Completion d) {
+                   t.put(p, std::move(o), std::move(d));
+                 });
 }
 void MultiTransport::put_after_event(PeerId peer, std::vector<PutOp> ops, void* cuda_event, Completion done) {
-  impl_->forward<PutOp>(peer, std::move(ops), std::move(done),
-                        [cuda_event](Transport& t, PeerId p, std::vector<PutOp> o, Completion d) {
-                          t.put_after_event(p, std::move(o), cuda_event, std::move(d));
-                        });
+  impl_->forward(peer, std::move(ops), std::move(done),
+                 [cuda_event](Transport& t, PeerId p, std::vector<PutOp> o, Completion d) {
+                   t.put_after_event(p, std::move(o), cuda_event, std::move(d));
+                 });
 }
 void MultiTransport::get(PeerId peer, std::vector<GetOp> ops, Completion done) {
-  impl_->forward<GetOp>(peer, std::move(ops), std::move(done),
-                        [](Transport& t, PeerId p, std::vector<GetOp> o, Completion d) {
-                          t.get(p, std::move(o), std::move(d));
-                        });
+  impl_->forward(peer, std::move(ops), std::move(done),
+                 [](Transport& t, PeerId p, std::vector<GetOp> o, Completion d) {
+                   t.get(p, std::move(o), std::move(d));
+                 });
 }
 void MultiTransport::flush(PeerId peer, Completion done) {
   impl_->flush(peer, std::move(done));

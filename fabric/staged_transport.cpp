@@ -147,7 +147,7 @@ class StagedTransport::Impl {
           inner_->notify(peer, staging::encode(staging::StagingClosed{it->second->token}), nullptr);
         }
         fail_lane(*it->second, Status(ErrorCode::kAborted, "disconnected"));
-        retired_lanes_.push_back(std::move(it->second));  // its slots may still be read by UCX
+        retired_lanes_[peer] = std::move(it->second);  // its slots may still be read by UCX
         lanes_.erase(it);
       }
       for (auto it = regions_.begin(); it != regions_.end();) {
@@ -156,6 +156,13 @@ class StagedTransport::Impl {
       return 0;
     });
     inner_->disconnect(peer);
+    // UCX has finished or aborted every put from the lane's slots now; a gather still running on
+    // the GPU must end before they are freed.
+    call<int>([&] {
+      while (mover_->poll()) std::this_thread::yield();
+      retired_lanes_.erase(peer);
+      return 0;
+    });
   }
 
   void put(PeerId peer, std::vector<PutOp> ops, Completion done) {
@@ -646,7 +653,7 @@ class StagedTransport::Impl {
   std::unordered_map<RemoteRegionId, Region> regions_;
   RemoteRegionId next_region_ = 1;
   std::map<PeerId, std::unique_ptr<Lane>> lanes_;
-  std::vector<std::unique_ptr<Lane>> retired_lanes_;
+  std::map<PeerId, std::unique_ptr<Lane>> retired_lanes_;  // disconnecting: slots freed after it
   Status lane_error_;
   std::unordered_map<uint64_t, Sender> senders_;       // by sender token
   std::unordered_map<PeerId, uint64_t> back_senders_;  // connection back -> sender token

@@ -82,6 +82,18 @@ TEST_CASE("ucx_staged: shuffled small extents through slots land verified") {
     REQUIRE(wait_for([&](Completion done) { sender->put(peer.value(), {good}, done); }).ok());
   }
 
+  SECTION("after a disconnect a new connection stages again") {
+    sender->disconnect(peer.value());
+    auto again = sender->connect(receiver->address());
+    REQUIRE(again.ok());
+    auto region = sender->import_region(again.value(), dst->descriptor(3));
+    REQUIRE(region.ok());
+    poison(dst->data(), bytes);
+    PutOp op{src->data(), &src.value(), region.value(), 0, bytes};
+    REQUIRE(wait_for([&](Completion done) { sender->put(again.value(), {op}, done); }).ok());
+    REQUIRE(std::memcmp(dst->data(), src->data(), bytes) == 0);
+  }
+
   SECTION("puts outside the imported region fail at once, nothing sent") {
     PutOp op{src->data(), &src.value(), remote.value(), bytes - 8, 16};
     REQUIRE(wait_for([&](Completion done) { sender->put(peer.value(), {op}, done); }).code() ==
