@@ -16,20 +16,9 @@ gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 ((gpus >= 1)) || kvf_skip "no GPU (nvidia-smi lists none)"
 g0=0 g1=$((gpus >= 2 ? 1 : 0))
 kvf_log "GPUs: $gpus; storing engines on cuda:$g0, loading engines on cuda:$g1"
-daemon=$KVF_BIN/kvfabricd
 check=$KVF_BIN/kvfabric-connector-check
 sock=$KVF_TMP/store.sock
-cat >"$KVF_TMP/topology.yaml" <<YAML
-cluster: store-connector-cuda-test
-models:
-  - name: m
-    layout: {kind: flash_attention, layers: 4, kv_heads: 2, head_dim: 64, dtype: bf16, block_tokens: 16, blocks: 256}
-    chunk_tokens: 64
-nodes:
-  - {name: it, address: 127.0.0.1, http_port: $(kvf_free_port), store: {dram: 64MiB, socket: $sock}}
-YAML
-kvf_start_bg d "$daemon" --topology "$KVF_TMP/topology.yaml" --node it --no-peers --no-huge-pages
-kvf_wait_for_line d '\] ready: ' 20 || kvf_die "kvfabricd did not get ready: $(tail -n 5 "$(kvf_logfile d)")"
+kvf_start_connector_daemon d store-connector-cuda-test "$sock"
 
 # engine NAME COMMAND ARGS...: one engine process (1000 tokens = 15 full chunks of 64; a chunk =
 # 4 layers x 4 blocks x K,V x 4 KiB = 128 KiB).
