@@ -1363,6 +1363,14 @@ Result<std::unique_ptr<CudaIpcTransport>> CudaIpcTransport::create(
     auto c = gpudirect::SegmentCopier::create(options.device);
     if (!c.ok()) return made.set_value(c.status());
     copier = std::move(c.value());
+    uint32_t blocks = options.copy_kernel_blocks;
+    if (blocks == 0 && options.copy == CudaCopyMethod::kNccl)
+      blocks = static_cast<uint32_t>(std::max(1, copier->multiprocessors()));
+    if (blocks != 0) {
+      gpudirect::KernelShape shape = copier->kernel_shape();
+      shape.max_blocks = blocks;
+      if (Status s = copier->set_kernel_shape(shape); !s.ok()) return made.set_value(s);
+    }
     made.set_value(Status::Ok());
   });
   if (Status st = made.get_future().get(); !st.ok()) {

@@ -128,8 +128,8 @@ anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M",
           "peer-shuffled-auto": "peer", "nccl-shuffled": "nccl", "nccl-shuffled-128M": "nccl",
           "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter",
           "store-put": "store-put", "store-get": "store-get", "store-get-noverify": "store-get"}
-for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("staged-")):
-    anchor[cell] = "peer"  # staged-sweep variants, named by STAGED_VARIANTS
+for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith(("staged-", "nccl-sweep-"))):
+    anchor[cell] = "nccl" if cell.startswith("nccl-sweep-") else "peer"  # staged-sweep variants (STAGED_VARIANTS)
 lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
 for cell, raw_cell in anchor.items():
     k, n = med(cell, "kvfabric")
@@ -211,9 +211,16 @@ fi
 summarize >/dev/null
 
 # staged-sweep: the staged path's knobs (bytes in flight, receiver slots, copy streams per chunk)
-# on the shuffled request, for tuning its defaults. STAGED_VARIANTS overrides the list.
+# on the shuffled request, for tuning its defaults. STAGED_VARIANTS overrides the list;
+# SWEEP_TRANSPORT=nccl sweeps the nccl transport instead (anchor: raw NCCL).
 if cell_wanted staged-sweep && ((gpus >= 2)); then
-  start_server --transport cuda_ipc --mem cuda:1 || exit 1
+  sweep_transport=${SWEEP_TRANSPORT:-cuda_ipc}
+  if [[ $sweep_transport == nccl ]]; then
+    sweep_args=(--transport nccl --mem cuda:0 --shuffle) sweep_raw=(nccl --mode nccl) sweep=nccl-sweep
+  else
+    sweep_args=(--transport cuda_ipc --mem cuda:0 --shuffle --copy staged) sweep_raw=(peer --mode peer-copy) sweep=staged
+  fi
+  start_server --transport "$sweep_transport" --mem cuda:1 || exit 1
   if [[ -n ${STAGED_VARIANTS:-} ]]; then
     IFS=';' read -r -a variants <<<"$STAGED_VARIANTS"
   else
@@ -223,27 +230,27 @@ if cell_wanted staged-sweep && ((gpus >= 2)); then
   for v in "${variants[@]}"; do
     read -r name flags <<<"$v"
     # shellcheck disable=SC2086
-    verified "staged-$name" --transport cuda_ipc --mem cuda:0 --shuffle --copy staged $flags
+    verified "$sweep-$name" "${sweep_args[@]}" $flags
   done
   # Where the time goes, both sides: a traced client, then the server's own trace as it stops.
   read -r name flags <<<"${variants[0]}"
   # shellcheck disable=SC2086
   KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
-    --transport cuda_ipc --mem cuda:0 --shuffle --copy staged $flags 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: staged-$name: /"
+    "${sweep_args[@]}" $flags 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: $sweep-$name: /"
   kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
-  KVF_CUDA_IPC_TRACE=1 start_server --transport cuda_ipc --mem cuda:1 || exit 1
+  KVF_CUDA_IPC_TRACE=1 start_server --transport "$sweep_transport" --mem cuda:1 || exit 1
   for r in $(seq "$rounds"); do
     echo "bench-gpu: staged-sweep round $r/$rounds"
-    if ((r % 2)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
+    if ((r % 2)); then raw "${sweep_raw[0]}" "$r" "${sweep_raw[@]:1}" --bytes 1G --iters "$iters"; fi
     for v in "${variants[@]}"; do
       read -r name flags <<<"$v"
       # shellcheck disable=SC2086
-      kvf "staged-$name" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy staged $flags
+      kvf "$sweep-$name" "$r" "${sweep_args[@]}" $flags
     done
-    if ((r % 2 == 0)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
+    if ((r % 2 == 0)); then raw "${sweep_raw[0]}" "$r" "${sweep_raw[@]:1}" --bytes 1G --iters "$iters"; fi
   done
   kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
-  grep "cuda_ipc trace" "$tmp/server.log" | sed "s/^/bench-gpu: staged receiver: /"
+  grep "cuda_ipc trace" "$tmp/server.log" | sed "s/^/bench-gpu: $sweep receiver: /"
 fi
 summarize >/dev/null
 

@@ -116,6 +116,7 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
     cuda.staging_bytes = *staging;
     cuda.staging_remote_slots = args["staging-slots"].as<uint32_t>();
     cuda.staging_copy_streams = args["staging-copy-streams"].as<uint32_t>();
+    cuda.copy_kernel_blocks = args["copy-kernel-blocks"].as<uint32_t>();
     if (cuda.staging_copy_streams == 0 || cuda.staging_copy_streams > 4) {
       return Status(ErrorCode::kInvalidArgument, "--staging-copy-streams must be 1..4");
     }
@@ -554,6 +555,7 @@ int main(int argc, char** argv) {
       ("staging-bytes", "staged copies (cuda_ipc --copy staged, nccl, ucx_staged): bytes per staging slot", cxxopts::value<std::string>()->default_value("32M"))
       ("staging-slots", "staged copies: slots the sender asks of the receiver (ucx_staged: and keeps itself)", cxxopts::value<uint32_t>()->default_value("4"))
       ("staging-copy-streams", "cuda_ipc staged copies: streams each chunk's copy is split over", cxxopts::value<uint32_t>()->default_value("1"))
+      ("copy-kernel-blocks", "cuda_ipc and nccl: thread blocks a copy kernel launches at most (0: automatic: all that fit; nccl: one per SM, leaving room for NCCL's kernels)", cxxopts::value<uint32_t>()->default_value("0"))
       ("staging-limit", "staging receiver: the most memory all senders' slots may take (GPU memory for cuda_ipc/nccl, host for ucx_staged)", cxxopts::value<std::string>()->default_value("1G"))
       ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))
       ("json", "client: write results as JSON to FILE", cxxopts::value<std::string>())

@@ -198,6 +198,9 @@ SegmentCopier::~SegmentCopier() = default;
 int SegmentCopier::device() const {
   return impl_->device;
 }
+int SegmentCopier::multiprocessors() const {
+  return impl_->sms;
+}
 uint32_t SegmentCopier::max_segments_per_launch() const {
   return impl_->max_segments;
 }

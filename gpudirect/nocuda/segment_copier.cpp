@@ -47,6 +47,9 @@ KernelShape SegmentCopier::kernel_shape() const {
 int SegmentCopier::device() const {
   return impl_->device;
 }
+int SegmentCopier::multiprocessors() const {
+  return 0;
+}
 uint32_t SegmentCopier::max_segments_per_launch() const {
   return impl_->max_segments;
 }

@@ -60,6 +60,11 @@ struct CudaIpcTransportOptions {
   // Upload a request's extents once and launch each layer with two base addresses (no per-layer
   // descriptor upload). Off until it has run on a GPU: its GPU test and stream test are written.
   bool resident_plans = false;
+  // The most thread blocks one copy kernel (gather, scatter, direct put) launches; 0: automatic,
+  // which is every block that fits on the GPU, except for the nccl transport: there one block per
+  // SM, because a gather or scatter kernel holding every SM keeps NCCL's send and receive kernels
+  // (which run beside it on other streams) off the GPU until it ends, on both GPUs in turn.
+  uint32_t copy_kernel_blocks = 0;
   // How often the progress thread looks at outstanding CUDA events while any are pending.
   std::chrono::microseconds poll_interval{4};
   UcxTransportOptions ucx;

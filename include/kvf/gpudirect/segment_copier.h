@@ -116,6 +116,7 @@ class SegmentCopier {
   KernelShape kernel_shape() const;
 
   int device() const;
+  int multiprocessors() const;  // the device's SM count (0 without CUDA)
   uint32_t max_segments_per_launch() const;
   uint64_t kernel_launches() const;  // launches so far, for tests and metrics
 
