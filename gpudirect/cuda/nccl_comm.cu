@@ -38,6 +38,8 @@ struct NcclApi {
   std::string error;
   NcclResult (*get_unique_id)(NcclUniqueId*) = nullptr;
   NcclResult (*comm_init_rank_config)(void**, int, NcclUniqueId, int, NcclConfig214*) = nullptr;
+  // Optional (NCCL 2.18): without it the data path stays on the non-blocking communicator.
+  NcclResult (*comm_split)(void*, int, int, void**, NcclConfig214*) = nullptr;
   NcclResult (*send)(const void*, size_t, int, int, void*, cudaStream_t) = nullptr;
   NcclResult (*recv)(void*, size_t, int, int, void*, cudaStream_t) = nullptr;
   NcclResult (*comm_destroy)(void*) = nullptr;
@@ -73,7 +75,9 @@ const NcclApi& nccl() {
         !bind(a.handle, "ncclGetErrorString", a.get_error_string)) {
       a.error = "libnccl.so.2 lacks an entry point kvfabric needs (NCCL 2.14 or newer is required)";
       a.handle = nullptr;
+      return a;
     }
+    bind(a.handle, "ncclCommSplit", a.comm_split);
     return a;
   }();
   return api;
@@ -178,15 +182,45 @@ Result<NcclComm> NcclComm::create(std::span<const uint8_t> id_bytes, int rank, i
     if (gave_up) return gave_up_status("ncclCommInitRankConfig", stop);
     return nccl_error("ncclCommInitRankConfig", r);
   }
-  NcclComm made(comm, rank, device);
+  NcclComm made(comm, rank, device, false);
   // NCCL connects a pair of ranks on their first send/recv, inside that call, and waits there for
   // the peer's matching call. The transport enqueues its sends on its progress thread before it
   // tells the receiver to post the receive, so that first connection must not happen there: one
   // byte goes rank 0 -> rank 1 here, while both sides are in create().
   Status warmed = made.warm_up(deadline, stop);
+  if (warmed.ok()) made = made.blocking_twin(deadline, stop);
   if (previous >= 0 && previous != device) cudaSetDevice(previous);
   if (!warmed.ok()) return warmed;
   return Result<NcclComm>(std::move(made));
+}
+
+NcclComm NcclComm::blocking_twin(std::chrono::steady_clock::time_point deadline,
+                                 const std::atomic<bool>* stop) {
+  // A non-blocking communicator launches every group (each send and receive is one) from a thread
+  // it creates for it: ~100 us a call on 2x H200, which held the nccl path to 0.3x of raw NCCL. The
+  // join needed non-blocking mode (to give up on a peer that never comes); the data path does not.
+  // Both sides are here at once, just connected, so the split is quick; if it fails, the
+  // non-blocking communicator stays in use.
+  if (nccl().comm_split == nullptr) return std::move(*this);
+  NcclConfig214 config;
+  config.blocking = 1;
+  void* child = nullptr;
+  NcclResult r = nccl().comm_split(comm_, 0, rank_, &child, &config);
+  bool gave_up = false;
+  if (r == kNcclInProgress) r = settle(comm_, deadline, stop, &gave_up);
+  if (r != 0 || child == nullptr) {
+    if (child != nullptr) nccl().comm_abort(child);
+    return std::move(*this);
+  }
+  NcclComm twin(child, rank_, device_, true);
+  if (Status s = twin.warm_up(deadline, stop); !s.ok()) {
+    twin.abort();
+    return std::move(*this);
+  }
+  (void)close(
+      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()) +
+      std::chrono::seconds(1));
+  return twin;
 }
 
 Status NcclComm::warm_up(std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop) {
@@ -270,6 +304,14 @@ void NcclComm::abort() {
 Status NcclComm::close(std::chrono::milliseconds timeout) {
   if (comm_ == nullptr) return Status::Ok();
   DeviceScope scope(device_);
+  if (blocking_) {
+    // A blocking finalize waits for the peer with no deadline. The transport closes a lane only
+    // once its sends and receives are done (StagingClosed), so nothing is left to flush: abort
+    // frees this side's resources without waiting on the peer.
+    nccl().comm_abort(comm_);
+    comm_ = nullptr;
+    return Status::Ok();
+  }
   // Finalize flushes and meets the peer (non-blocking here, so it can be waited on with a
   // deadline); after it, destroy only frees what is ours. A peer that is gone or never closes
   // leaves abort, which needs nobody.

@@ -36,13 +36,14 @@ class NcclComm {
 
   NcclComm() = default;
   NcclComm(NcclComm&& o) noexcept
-      : comm_(std::exchange(o.comm_, nullptr)), rank_(o.rank_), device_(o.device_) {}
+      : comm_(std::exchange(o.comm_, nullptr)), rank_(o.rank_), device_(o.device_), blocking_(o.blocking_) {}
   NcclComm& operator=(NcclComm&& o) noexcept {
     if (this != &o) {
       reset();
       comm_ = std::exchange(o.comm_, nullptr);
       rank_ = o.rank_;
       device_ = o.device_;
+      blocking_ = o.blocking_;
     }
     return *this;
   }
@@ -59,13 +60,19 @@ class NcclComm {
   void abort();
   // Closes the communicator in step with the peer (NCCL's destroy is collective: it waits until
   // the peer closes too), so both sides must call it; gives up and aborts after `timeout`. Blocks:
-  // call it off any thread that must keep serving. The destructor closes with a 10 s limit.
+  // call it off any thread that must keep serving. The destructor closes with a 10 s limit. The
+  // data path runs on a blocking communicator split off at create(): that one is aborted (nothing
+  // of it may still be queued when it is closed).
   Status close(std::chrono::milliseconds timeout);
   // A failure NCCL found after the fact (the peer died, a network error), or Ok.
   Status async_error() const;
 
  private:
-  NcclComm(void* comm, int rank, int device) : comm_(comm), rank_(rank), device_(device) {}
+  NcclComm(void* comm, int rank, int device, bool blocking)
+      : comm_(comm), rank_(rank), device_(device), blocking_(blocking) {}
+  // A blocking communicator split from this one for the data path, this one closed; this one
+  // itself when NCCL cannot split (see the .cu).
+  NcclComm blocking_twin(std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop);
   // Connects rank 0 -> 1 now (see create), giving up at `deadline` or on *stop.
   Status warm_up(std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop);
   Status finish_enqueue(const char* what, int result);  // waits out a non-blocking "in progress"
@@ -73,6 +80,7 @@ class NcclComm {
   void* comm_ = nullptr;  // ncclComm_t
   int rank_ = 0;
   int device_ = -1;
+  bool blocking_ = false;  // sends and receives enqueue synchronously; close() aborts
 };
 
 }  // namespace kvf::gpudirect
