@@ -2,8 +2,11 @@
 #include <dlfcn.h>
 
 #include <climits>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -38,8 +41,6 @@ struct NcclApi {
   std::string error;
   NcclResult (*get_unique_id)(NcclUniqueId*) = nullptr;
   NcclResult (*comm_init_rank_config)(void**, int, NcclUniqueId, int, NcclConfig214*) = nullptr;
-  // Optional (NCCL 2.18): without it the data path stays on the non-blocking communicator.
-  NcclResult (*comm_split)(void*, int, int, void**, NcclConfig214*) = nullptr;
   NcclResult (*send)(const void*, size_t, int, int, void*, cudaStream_t) = nullptr;
   NcclResult (*recv)(void*, size_t, int, int, void*, cudaStream_t) = nullptr;
   NcclResult (*comm_destroy)(void*) = nullptr;
@@ -75,9 +76,7 @@ const NcclApi& nccl() {
         !bind(a.handle, "ncclGetErrorString", a.get_error_string)) {
       a.error = "libnccl.so.2 lacks an entry point kvfabric needs (NCCL 2.14 or newer is required)";
       a.handle = nullptr;
-      return a;
     }
-    bind(a.handle, "ncclCommSplit", a.comm_split);
     return a;
   }();
   return api;
@@ -147,18 +146,24 @@ Status NcclComm::available() {
 
 Result<std::vector<uint8_t>> NcclComm::unique_id() {
   if (Status s = available(); !s.ok()) return s;
-  NcclUniqueId id{};
-  if (NcclResult r = nccl().get_unique_id(&id); r != 0) return nccl_error("ncclGetUniqueId", r);
-  return std::vector<uint8_t>(id.internal, id.internal + sizeof(id.internal));
+  // Two ids: one to join with (non-blocking, so a peer that never comes can be given up on), one
+  // for the blocking communicator the data path runs on (see create()).
+  std::vector<uint8_t> ids;
+  for (int i = 0; i < 2; ++i) {
+    NcclUniqueId id{};
+    if (NcclResult r = nccl().get_unique_id(&id); r != 0) return nccl_error("ncclGetUniqueId", r);
+    ids.insert(ids.end(), id.internal, id.internal + sizeof(id.internal));
+  }
+  return ids;
 }
 
 Result<NcclComm> NcclComm::create(std::span<const uint8_t> id_bytes, int rank, int device,
                                   std::chrono::milliseconds timeout, const std::atomic<bool>* stop) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   if (Status s = available(); !s.ok()) return s;
-  if (id_bytes.size() != sizeof(NcclUniqueId)) {
-    return Status(ErrorCode::kMalformed,
-                  "an NCCL unique id is 128 bytes, got " + std::to_string(id_bytes.size()));
+  if (id_bytes.size() != sizeof(NcclUniqueId) && id_bytes.size() != 2 * sizeof(NcclUniqueId)) {
+    return Status(ErrorCode::kMalformed, "an NCCL communicator id is one or two 128-byte unique ids, got " +
+                                             std::to_string(id_bytes.size()) + " bytes");
   }
   if (rank != 0 && rank != 1) return Status(ErrorCode::kInvalidArgument, "NCCL rank must be 0 or 1");
   setenv("NCCL_NVLS_ENABLE", "0", 0);  // never NVLink multicast (see the header)
@@ -188,39 +193,77 @@ Result<NcclComm> NcclComm::create(std::span<const uint8_t> id_bytes, int rank, i
   // tells the receiver to post the receive, so that first connection must not happen there: one
   // byte goes rank 0 -> rank 1 here, while both sides are in create().
   Status warmed = made.warm_up(deadline, stop);
-  if (warmed.ok()) made = made.blocking_twin(deadline, stop);
+  if (warmed.ok() && id_bytes.size() == 2 * sizeof(NcclUniqueId)) {
+    auto twin = join_blocking(id_bytes.subspan(sizeof(NcclUniqueId)), rank, device, deadline, stop);
+    if (twin.ok()) {
+      (void)made.close(std::chrono::seconds(10));  // the peer closes its own in step
+      made = std::move(twin.value());
+    } else {
+      warmed = twin.status();
+    }
+  }
   if (previous >= 0 && previous != device) cudaSetDevice(previous);
   if (!warmed.ok()) return warmed;
   return Result<NcclComm>(std::move(made));
 }
 
-NcclComm NcclComm::blocking_twin(std::chrono::steady_clock::time_point deadline,
-                                 const std::atomic<bool>* stop) {
+Result<NcclComm> NcclComm::join_blocking(std::span<const uint8_t> id_bytes, int rank, int device,
+                                         std::chrono::steady_clock::time_point deadline,
+                                         const std::atomic<bool>* stop) {
   // A non-blocking communicator launches every group (each send and receive is one) from a thread
-  // it creates for it: ~100 us a call on 2x H200, which held the nccl path to 0.3x of raw NCCL. The
-  // join needed non-blocking mode (to give up on a peer that never comes); the data path does not.
-  // Both sides are here at once, just connected, so the split is quick; if it fails, the
-  // non-blocking communicator stays in use.
-  if (nccl().comm_split == nullptr) return std::move(*this);
-  NcclConfig214 config;
-  config.blocking = 1;
-  void* child = nullptr;
-  NcclResult r = nccl().comm_split(comm_, 0, rank_, &child, &config);
-  bool gave_up = false;
-  if (r == kNcclInProgress) r = settle(comm_, deadline, stop, &gave_up);
-  if (r != 0 || child == nullptr) {
-    if (child != nullptr) nccl().comm_abort(child);
-    return std::move(*this);
+  // NCCL creates for it: ~100 us a call on 2x H200, which held the nccl path to 0.3x of raw NCCL.
+  // So the data path runs on a second, blocking communicator, joined once the first has shown the
+  // peer is there. A blocking join cannot be given up on, so it runs on a thread of its own that
+  // is left behind (and closes what it made) if the peer vanishes in between.
+  struct Joining {
+    std::mutex mutex;
+    std::condition_variable changed;
+    bool done = false, abandoned = false;
+    Result<NcclComm> made = Status(ErrorCode::kInternal, "not joined");
+  };
+  auto joining = std::make_shared<Joining>();
+  NcclUniqueId id{};
+  std::memcpy(id.internal, id_bytes.data(), sizeof(id.internal));
+  std::thread([joining, id, rank, device] {
+    Result<NcclComm> made = Status(ErrorCode::kInternal, "not joined");
+    if (cudaSetDevice(device) != cudaSuccess) {
+      cudaGetLastError();
+      made = Status(ErrorCode::kUnavailable, "cudaSetDevice(" + std::to_string(device) + ") failed");
+    } else {
+      void* comm = nullptr;
+      NcclConfig214 config;
+      config.blocking = 1;
+      if (NcclResult r = nccl().comm_init_rank_config(&comm, 2, id, rank, &config); r != 0) {
+        if (comm != nullptr) nccl().comm_abort(comm);
+        made = nccl_error("ncclCommInitRankConfig (blocking)", r);
+      } else {
+        NcclComm c(comm, rank, device, true);
+        Status w = c.warm_up(std::chrono::steady_clock::now() + std::chrono::hours(1), nullptr);
+        if (w.ok()) {
+          made = std::move(c);
+        } else {
+          made = w;
+        }
+      }
+    }
+    std::lock_guard lock(joining->mutex);
+    if (joining->abandoned) {
+      if (made.ok()) made->abort();
+      return;
+    }
+    joining->made = std::move(made);
+    joining->done = true;
+    joining->changed.notify_all();
+  }).detach();
+  std::unique_lock lock(joining->mutex);
+  while (!joining->done) {
+    if ((stop != nullptr && stop->load()) || std::chrono::steady_clock::now() >= deadline) {
+      joining->abandoned = true;
+      return gave_up_status("joining the blocking NCCL communicator", stop);
+    }
+    joining->changed.wait_for(lock, std::chrono::milliseconds(10));
   }
-  NcclComm twin(child, rank_, device_, true);
-  if (Status s = twin.warm_up(deadline, stop); !s.ok()) {
-    twin.abort();
-    return std::move(*this);
-  }
-  (void)close(
-      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()) +
-      std::chrono::seconds(1));
-  return twin;
+  return std::move(joining->made);
 }
 
 Status NcclComm::warm_up(std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop) {

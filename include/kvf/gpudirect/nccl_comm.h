@@ -25,12 +25,15 @@ class NcclComm {
  public:
   // Whether NCCL can be loaded here; the reason when not.
   static Status available();
-  // A fresh communicator id (ncclGetUniqueId, 128 bytes) for the peer to join with.
+  // A fresh communicator id for the peer to join with: two ncclGetUniqueId ids (256 bytes), one
+  // to join with and one for the blocking communicator the data path runs on.
   static Result<std::vector<uint8_t>> unique_id();
   // Joins the two-rank communicator `id` as `rank` (0 or 1) on `device` and connects rank 0 to
   // rank 1 with a one-byte send/recv; blocks until both sides have done so. A peer that never
   // joins fails it with kTimeout after `timeout`, or at once with kAborted once *stop is true
-  // (so a process that is shutting down never waits on a peer that refused or died).
+  // (so a process that is shutting down never waits on a peer that refused or died). With a
+  // two-id `id` (unique_id()), the communicator returned is a blocking one joined on the second id
+  // after the first (non-blocking) has connected: NCCL enqueues on it without a thread per call.
   static Result<NcclComm> create(std::span<const uint8_t> id, int rank, int device,
                                  std::chrono::milliseconds timeout, const std::atomic<bool>* stop = nullptr);
 
@@ -61,8 +64,8 @@ class NcclComm {
   // Closes the communicator in step with the peer (NCCL's destroy is collective: it waits until
   // the peer closes too), so both sides must call it; gives up and aborts after `timeout`. Blocks:
   // call it off any thread that must keep serving. The destructor closes with a 10 s limit. The
-  // data path runs on a blocking communicator split off at create(): that one is aborted (nothing
-  // of it may still be queued when it is closed).
+  // data path runs on a blocking communicator joined at create(): that one is aborted (nothing of
+  // it may still be queued when it is closed).
   Status close(std::chrono::milliseconds timeout);
   // A failure NCCL found after the fact (the peer died, a network error), or Ok.
   Status async_error() const;
@@ -70,9 +73,11 @@ class NcclComm {
  private:
   NcclComm(void* comm, int rank, int device, bool blocking)
       : comm_(comm), rank_(rank), device_(device), blocking_(blocking) {}
-  // A blocking communicator split from this one for the data path, this one closed; this one
-  // itself when NCCL cannot split (see the .cu).
-  NcclComm blocking_twin(std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop);
+  // Joins the blocking communicator the data path runs on (see the .cu), giving up at `deadline`
+  // or on *stop.
+  static Result<NcclComm> join_blocking(std::span<const uint8_t> id, int rank, int device,
+                                        std::chrono::steady_clock::time_point deadline,
+                                        const std::atomic<bool>* stop);
   // Connects rank 0 -> 1 now (see create), giving up at `deadline` or on *stop.
   Status warm_up(std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* stop);
   Status finish_enqueue(const char* what, int result);  // waits out a non-blocking "in progress"
