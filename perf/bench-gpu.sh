@@ -212,7 +212,8 @@ summarize >/dev/null
 
 # staged-sweep: the staged path's knobs (bytes in flight, receiver slots, copy streams per chunk)
 # on the shuffled request, for tuning its defaults. STAGED_VARIANTS overrides the list;
-# SWEEP_TRANSPORT=nccl sweeps the nccl transport instead (anchor: raw NCCL).
+# SWEEP_TRANSPORT=nccl sweeps the nccl transport instead (anchor: raw NCCL); SWEEP_SERVER_ARGS
+# go to the receiving server (e.g. --copy-kernel-blocks 16: the receiver's scatter kernel).
 if cell_wanted staged-sweep && ((gpus >= 2)); then
   sweep_transport=${SWEEP_TRANSPORT:-cuda_ipc}
   if [[ $sweep_transport == nccl ]]; then
@@ -220,7 +221,8 @@ if cell_wanted staged-sweep && ((gpus >= 2)); then
   else
     sweep_args=(--transport cuda_ipc --mem cuda:0 --shuffle --copy staged) sweep_raw=(peer --mode peer-copy) sweep=staged
   fi
-  start_server --transport "$sweep_transport" --mem cuda:1 || exit 1
+  # shellcheck disable=SC2086
+  start_server --transport "$sweep_transport" --mem cuda:1 ${SWEEP_SERVER_ARGS:-} || exit 1
   if [[ -n ${STAGED_VARIANTS:-} ]]; then
     IFS=';' read -r -a variants <<<"$STAGED_VARIANTS"
   else
@@ -238,7 +240,8 @@ if cell_wanted staged-sweep && ((gpus >= 2)); then
   KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
     "${sweep_args[@]}" $flags 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: $sweep-$name: /"
   kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
-  KVF_CUDA_IPC_TRACE=1 start_server --transport "$sweep_transport" --mem cuda:1 || exit 1
+  # shellcheck disable=SC2086
+  KVF_CUDA_IPC_TRACE=1 start_server --transport "$sweep_transport" --mem cuda:1 ${SWEEP_SERVER_ARGS:-} || exit 1
   for r in $(seq "$rounds"); do
     echo "bench-gpu: staged-sweep round $r/$rounds"
     if ((r % 2)); then raw "${sweep_raw[0]}" "$r" "${sweep_raw[@]:1}" --bytes 1G --iters "$iters"; fi
