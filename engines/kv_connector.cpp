@@ -1,0 +1,490 @@
+#include "kvf/engines/kv_connector.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+
+namespace kvf::engines {
+namespace {
+
+std::string request_name(RequestId id) {
+  return "request " + std::to_string(id);
+}
+
+}  // namespace
+
+struct KvConnector::Impl {
+  enum class JobKind { kLoad, kStore };
+  struct Job {
+    JobKind kind;
+    RequestId request;
+    std::vector<uint32_t> tokens;
+    std::vector<uint32_t> blocks;
+    uint32_t max_chunks = 0;
+  };
+  struct Request {
+    std::vector<uint32_t> prompt;
+    std::vector<uint32_t> blocks;
+    bool allocated = false;
+    uint64_t computed = 0;     // tokens the engine had itself when it asked
+    uint64_t matched = 0;      // the lookup's answer: whole-chunk tokens the store holds
+    uint64_t load_tokens = 0;  // computed + external: the prefix the load places (0: no load)
+    uint64_t loaded = 0;
+    std::vector<bool> saved;
+    uint32_t layers_saved = 0;
+    uint32_t chunks_stored = 0;
+    bool load_queued = false;   // set up, not started yet
+    bool load_started = false;  // handed to the worker
+    bool load_ended = false;
+    uint32_t load_layers_done = 0;
+    Status load_status;
+    bool store_queued = false;  // queued or running
+    bool job_running = false;   // the worker is in a job of this request now
+    bool finished = false;      // request_finished said "free later"
+    bool aborted = false;
+  };
+
+  KvConnectorOptions options;
+  std::optional<StoreConnector> store;
+  std::optional<protocol::ChunkHasher> hasher;  // the store connector's keys, for lookups
+  uint32_t layers = 0;
+  uint32_t block_tokens = 0;
+  bool registered = false;
+
+  mutable std::mutex mutex;
+  std::condition_variable changed;
+  std::unordered_map<RequestId, Request> requests;
+  std::deque<Job> jobs;
+  std::vector<RequestId> to_start;  // loads set up since the last start_load_kv
+  std::vector<RequestId> started;   // loads of the last start_load_kv (wait_for_layer_load)
+  uint64_t stores_outstanding = 0;
+  Status save_failure;
+  FinishedRequests finished;
+  std::vector<uint32_t> load_error_blocks;
+  bool stopping = false;
+  std::thread worker;
+
+  // Under the lock: the request, or why a call naming it is refused.
+  Result<Request*> find(RequestId id) {
+    auto it = requests.find(id);
+    if (it == requests.end())
+      return Status(ErrorCode::kNotFound, request_name(id) + " is not known to the connector");
+    if (it->second.aborted) return Status(ErrorCode::kAborted, request_name(id) + " was aborted");
+    return &it->second;
+  }
+
+  Status need_registered(const char* call) const {
+    if (!registered) {
+      return Status(ErrorCode::kInvalidArgument,
+                    std::string(call) + " before register_kv_caches: register the KV caches first");
+    }
+    return Status::Ok();
+  }
+
+  // Under the lock, after a request's work changed: a finished request with nothing pending is
+  // reported (its blocks may be freed) and forgotten.
+  void settle(RequestId id) {
+    auto it = requests.find(id);
+    if (it == requests.end()) return;
+    Request& r = it->second;
+    if (!r.finished || r.job_running || r.store_queued || (r.load_started && !r.load_ended)) return;
+    finished.sending.push_back(id);
+    requests.erase(it);
+  }
+
+  void run() {
+    std::unique_lock lock(mutex);
+    for (;;) {
+      changed.wait(lock, [&] { return stopping || !jobs.empty(); });
+      if (stopping) return;
+      Job job = std::move(jobs.front());
+      jobs.pop_front();
+      auto it = requests.find(job.request);
+      if (it == requests.end()) continue;
+      it->second.job_running = true;
+      lock.unlock();
+      if (job.kind == JobKind::kLoad) {
+        run_load(job, lock);
+      } else {
+        run_store(job, lock);
+      }
+      // run_* return holding the lock.
+      if (auto r = requests.find(job.request); r != requests.end()) r->second.job_running = false;
+      settle(job.request);
+      changed.notify_all();
+    }
+  }
+
+  void run_load(const Job& job, std::unique_lock<std::mutex>& lock) {
+    auto result = store->load_layers(
+        job.tokens, job.blocks,
+        [&](uint32_t layer) {
+          std::lock_guard guard(mutex);
+          if (auto it = requests.find(job.request); it != requests.end()) {
+            it->second.load_layers_done = layer + 1;
+            changed.notify_all();
+          }
+        },
+        job.max_chunks);
+    lock.lock();
+    auto it = requests.find(job.request);
+    if (it == requests.end()) return;
+    Request& r = it->second;
+    Status status = result.ok() ? Status::Ok() : result.status();
+    const uint64_t wanted = uint64_t{job.max_chunks} * options.chunk_tokens;
+    if (status.ok() && result->tokens < wanted) {
+      status = Status(ErrorCode::kNotFound, "the store held " + std::to_string(result->tokens) + " of the " +
+                                                std::to_string(wanted) +
+                                                " tokens it matched (evicted or cleared since)");
+    }
+    r.loaded = result.ok() ? result->tokens : 0;
+    r.load_status = status;
+    r.load_ended = true;
+    r.load_layers_done = layers;
+    if (!status.ok() && !r.aborted) {
+      // Every block the load was to fill past what arrived is suspect: the engine recomputes them.
+      const uint64_t first = r.loaded / block_tokens;
+      const uint64_t end = (wanted + block_tokens - 1) / block_tokens;
+      for (uint64_t b = first; b < end && b < job.blocks.size(); ++b)
+        load_error_blocks.push_back(job.blocks[b]);
+      spdlog::warn("kv connector: load of {} failed: {}", request_name(job.request), status.to_string());
+    }
+    finished.receiving.push_back(job.request);
+  }
+
+  void run_store(const Job& job, std::unique_lock<std::mutex>& lock) {
+    auto result = store->store(job.tokens, job.blocks);
+    lock.lock();
+    --stores_outstanding;
+    auto it = requests.find(job.request);
+    if (it != requests.end()) {
+      it->second.store_queued = false;
+      if (result.ok()) it->second.chunks_stored += result->stored;
+    }
+    if (!result.ok() && save_failure.ok()) {
+      save_failure = Status(result.status().code(),
+                            "storing " + request_name(job.request) + ": " + result.status().message());
+    }
+  }
+};
+
+Result<std::unique_ptr<KvConnector>> KvConnector::create(KvConnectorOptions options) {
+  if (options.store != nullptr && options.model.empty()) {
+    return Status(ErrorCode::kInvalidArgument, "a connector with a store needs the model's name");
+  }
+  if (options.chunk_tokens == 0)
+    return Status(ErrorCode::kInvalidArgument, "chunk_tokens must be at least 1");
+  auto impl = std::make_unique<Impl>();
+  impl->options = std::move(options);
+  Impl* raw = impl.get();
+  impl->worker = std::thread([raw] { raw->run(); });
+  return std::unique_ptr<KvConnector>(new KvConnector(std::move(impl)));
+}
+
+KvConnector::KvConnector(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+KvConnector::~KvConnector() {
+  {
+    std::lock_guard lock(impl_->mutex);
+    impl_->stopping = true;
+  }
+  impl_->changed.notify_all();
+  impl_->worker.join();
+}
+
+Status KvConnector::register_kv_caches(const KvCacheView& caches) {
+  std::lock_guard lock(impl_->mutex);
+  Impl& m = *impl_;
+  if (m.registered) return Status(ErrorCode::kInvalidArgument, "the KV caches are registered already");
+  const protocol::KvLayoutDesc& desc = caches.layout.desc();
+  if (caches.layers.size() != desc.num_layers || desc.num_layers == 0) {
+    return Status(ErrorCode::kInvalidArgument, std::to_string(caches.layers.size()) +
+                                                   " layer buffers for a layout of " +
+                                                   std::to_string(desc.num_layers) + " layers");
+  }
+  for (size_t l = 0; l < caches.layers.size(); ++l) {
+    if (caches.layers[l] == nullptr)
+      return Status(ErrorCode::kInvalidArgument, "layer buffer " + std::to_string(l) + " is null");
+  }
+  if (m.options.chunk_tokens % desc.block_tokens != 0) {
+    return Status(ErrorCode::kInvalidArgument, "chunk_tokens " + std::to_string(m.options.chunk_tokens) +
+                                                   " is not a whole number of " +
+                                                   std::to_string(desc.block_tokens) + "-token blocks");
+  }
+  if (m.options.store != nullptr) {
+    StoreConnectorOptions so;
+    so.model = m.options.model;
+    so.layout = desc;
+    so.chunk_tokens = m.options.chunk_tokens;
+    so.verify_loads = m.options.verify_loads;
+    so.memory = m.options.memory;
+    auto made = StoreConnector::create(*m.options.store, so, caches.layers);
+    if (!made.ok()) return made.status();
+    m.store.emplace(std::move(made.value()));
+    m.hasher.emplace(protocol::model_fingerprint(m.options.model, desc), m.options.chunk_tokens);
+  }
+  m.layers = desc.num_layers;
+  m.block_tokens = desc.block_tokens;
+  m.registered = true;
+  return Status::Ok();
+}
+
+Result<uint64_t> KvConnector::get_num_new_matched_tokens(RequestId request, std::span<const uint32_t> prompt,
+                                                         uint64_t num_computed_tokens) {
+  Impl& m = *impl_;
+  {
+    std::lock_guard lock(m.mutex);
+    if (Status s = m.need_registered("get_num_new_matched_tokens"); !s.ok()) return s;
+    if (auto it = m.requests.find(request); it != m.requests.end()) {
+      if (it->second.aborted) return Status(ErrorCode::kAborted, request_name(request) + " was aborted");
+      if (it->second.allocated) {
+        return Status(
+            ErrorCode::kInvalidArgument,
+            request_name(request) + " has its blocks already (update_state_after_alloc was called)");
+      }
+    }
+    if (num_computed_tokens > prompt.size()) {
+      return Status(ErrorCode::kInvalidArgument, std::to_string(num_computed_tokens) +
+                                                     " computed tokens for a prompt of " +
+                                                     std::to_string(prompt.size()));
+    }
+  }
+  // The lookup talks to the daemon: outside the lock, so other requests are not held up. The
+  // worker may be using the store connector now (one call at a time), so the lookup goes through
+  // the client, which serializes its calls; the keys are the ones the store connector makes.
+  uint64_t matched = 0;
+  if (m.store) {
+    // Never the whole prompt: its last token is computed, so the engine has logits to sample from.
+    const uint64_t usable =
+        prompt.empty() ? 0 : (prompt.size() - 1) / m.options.chunk_tokens * m.options.chunk_tokens;
+    if (usable > 0) {
+      auto keys = m.hasher->hash(prompt.first(usable));
+      auto found = m.options.store->lookup(keys);
+      if (found.ok()) {
+        matched = uint64_t{found.value()} * m.options.chunk_tokens;
+      } else {
+        spdlog::warn("kv connector: store lookup for {} failed ({}); computing the prompt",
+                     request_name(request), found.status().to_string());
+      }
+    }
+  }
+  std::lock_guard lock(m.mutex);
+  auto [it, fresh] = m.requests.try_emplace(request);
+  Impl::Request& r = it->second;
+  if (r.aborted) return Status(ErrorCode::kAborted, request_name(request) + " was aborted");
+  r.prompt.assign(prompt.begin(), prompt.end());
+  r.computed = num_computed_tokens;
+  r.matched = matched;
+  return matched > num_computed_tokens ? matched - num_computed_tokens : 0;
+}
+
+Status KvConnector::update_state_after_alloc(RequestId request, std::span<const uint32_t> block_table,
+                                             uint64_t num_external_tokens) {
+  std::lock_guard lock(impl_->mutex);
+  Impl& m = *impl_;
+  if (Status s = m.need_registered("update_state_after_alloc"); !s.ok()) return s;
+  auto found = m.find(request);
+  if (!found.ok()) return found.status();
+  Impl::Request& r = *found.value();
+  if (r.allocated)
+    return Status(ErrorCode::kInvalidArgument, request_name(request) + " has its blocks already");
+  const uint64_t can_load = r.matched > r.computed ? r.matched - r.computed : 0;
+  if (num_external_tokens > can_load) {
+    return Status(ErrorCode::kInvalidArgument,
+                  request_name(request) + ": " + std::to_string(num_external_tokens) +
+                      " external tokens asked, the store matched " + std::to_string(can_load));
+  }
+  const uint64_t load_tokens = num_external_tokens == 0 ? 0 : r.computed + num_external_tokens;
+  if (uint64_t{block_table.size()} * m.block_tokens < load_tokens) {
+    return Status(ErrorCode::kInvalidArgument,
+                  request_name(request) + ": " + std::to_string(block_table.size()) + " blocks cannot hold " +
+                      std::to_string(load_tokens) + " tokens");
+  }
+  r.blocks.assign(block_table.begin(), block_table.end());
+  r.allocated = true;
+  r.saved.assign(m.layers, false);
+  r.load_tokens = load_tokens;
+  if (load_tokens > 0) {
+    r.load_queued = true;
+    m.to_start.push_back(request);
+  }
+  return Status::Ok();
+}
+
+Result<bool> KvConnector::request_finished(RequestId request) {
+  std::lock_guard lock(impl_->mutex);
+  Impl& m = *impl_;
+  auto it = m.requests.find(request);
+  if (it == m.requests.end())
+    return Status(ErrorCode::kNotFound, request_name(request) + " is not known to the connector");
+  Impl::Request& r = it->second;
+  if (r.finished) return Status(ErrorCode::kInvalidArgument, request_name(request) + " was finished already");
+  const bool pending = r.job_running || r.store_queued || (r.load_started && !r.load_ended);
+  if (!pending) {
+    std::erase(m.to_start, request);
+    m.requests.erase(it);
+    return false;
+  }
+  r.finished = true;
+  return true;
+}
+
+Status KvConnector::abort(RequestId request) {
+  std::lock_guard lock(impl_->mutex);
+  Impl& m = *impl_;
+  auto it = m.requests.find(request);
+  if (it == m.requests.end())
+    return Status(ErrorCode::kNotFound, request_name(request) + " is not known to the connector");
+  Impl::Request& r = it->second;
+  if (r.aborted) return Status::Ok();
+  r.aborted = true;
+  std::erase(m.to_start, request);
+  for (auto job = m.jobs.begin(); job != m.jobs.end();) {
+    if (job->request != request) {
+      ++job;
+      continue;
+    }
+    if (job->kind == Impl::JobKind::kStore) {
+      --m.stores_outstanding;
+      r.store_queued = false;
+    } else {
+      r.load_ended = true;
+      r.load_status = Status(ErrorCode::kAborted, request_name(request) + " was aborted");
+      r.load_layers_done = m.layers;
+    }
+    job = m.jobs.erase(job);
+  }
+  m.changed.notify_all();
+  return Status::Ok();
+}
+
+Status KvConnector::start_load_kv() {
+  std::lock_guard lock(impl_->mutex);
+  Impl& m = *impl_;
+  if (Status s = m.need_registered("start_load_kv"); !s.ok()) return s;
+  m.started.clear();
+  for (RequestId id : m.to_start) {
+    auto it = m.requests.find(id);
+    if (it == m.requests.end() || it->second.aborted || !it->second.load_queued) continue;
+    Impl::Request& r = it->second;
+    r.load_queued = false;
+    r.load_started = true;
+    m.jobs.push_back(Impl::Job{Impl::JobKind::kLoad, id, r.prompt, r.blocks,
+                               static_cast<uint32_t>(r.load_tokens / m.options.chunk_tokens)});
+    m.started.push_back(id);
+  }
+  m.to_start.clear();
+  m.changed.notify_all();
+  return Status::Ok();
+}
+
+Status KvConnector::wait_for_layer_load(uint32_t layer) {
+  std::unique_lock lock(impl_->mutex);
+  Impl& m = *impl_;
+  if (Status s = m.need_registered("wait_for_layer_load"); !s.ok()) return s;
+  if (layer >= m.layers) {
+    return Status(ErrorCode::kInvalidArgument, "layer " + std::to_string(layer) +
+                                                   " out of range (the caches have " +
+                                                   std::to_string(m.layers) + ")");
+  }
+  m.changed.wait(lock, [&] {
+    return std::all_of(m.started.begin(), m.started.end(), [&](RequestId id) {
+      auto it = m.requests.find(id);
+      return it == m.requests.end() || it->second.aborted || it->second.load_ended ||
+             it->second.load_layers_done > layer;
+    });
+  });
+  return Status::Ok();
+}
+
+Status KvConnector::wait_for_load(RequestId request) {
+  std::unique_lock lock(impl_->mutex);
+  Impl& m = *impl_;
+  auto found = m.find(request);
+  if (!found.ok()) return found.status();
+  if (found.value()->load_tokens == 0) return Status::Ok();
+  if (found.value()->load_queued) {
+    return Status(ErrorCode::kInvalidArgument,
+                  request_name(request) + ": its load has not been started (call start_load_kv first)");
+  }
+  m.changed.wait(lock, [&] {
+    auto it = m.requests.find(request);
+    return it == m.requests.end() || it->second.aborted || it->second.load_ended;
+  });
+  auto it = m.requests.find(request);
+  if (it == m.requests.end())
+    return Status(ErrorCode::kNotFound, request_name(request) + " was forgotten while waiting");
+  if (it->second.aborted) return Status(ErrorCode::kAborted, request_name(request) + " was aborted");
+  return it->second.load_status;
+}
+
+Status KvConnector::save_kv_layer(RequestId request, uint32_t layer) {
+  std::lock_guard lock(impl_->mutex);
+  Impl& m = *impl_;
+  if (Status s = m.need_registered("save_kv_layer"); !s.ok()) return s;
+  auto found = m.find(request);
+  if (!found.ok()) return found.status();
+  Impl::Request& r = *found.value();
+  if (layer >= m.layers) {
+    return Status(ErrorCode::kInvalidArgument, request_name(request) + ": layer " + std::to_string(layer) +
+                                                   " out of range (the caches have " +
+                                                   std::to_string(m.layers) + ")");
+  }
+  if (!r.allocated) {
+    return Status(ErrorCode::kInvalidArgument,
+                  request_name(request) + " has no blocks yet (call update_state_after_alloc first)");
+  }
+  if (r.saved[layer]) {
+    return Status(ErrorCode::kInvalidArgument,
+                  request_name(request) + ": layer " + std::to_string(layer) + " was saved already");
+  }
+  r.saved[layer] = true;
+  ++r.layers_saved;
+  if (r.layers_saved == m.layers && m.store && r.prompt.size() >= m.options.chunk_tokens) {
+    m.jobs.push_back(Impl::Job{Impl::JobKind::kStore, request, r.prompt, r.blocks, 0});
+    r.store_queued = true;
+    ++m.stores_outstanding;
+    m.changed.notify_all();
+  }
+  return Status::Ok();
+}
+
+Status KvConnector::wait_for_save() {
+  std::unique_lock lock(impl_->mutex);
+  Impl& m = *impl_;
+  m.changed.wait(lock, [&] { return m.stores_outstanding == 0; });
+  return std::exchange(m.save_failure, Status::Ok());
+}
+
+FinishedRequests KvConnector::get_finished() {
+  std::lock_guard lock(impl_->mutex);
+  return std::exchange(impl_->finished, FinishedRequests{});
+}
+
+std::vector<uint32_t> KvConnector::get_block_ids_with_load_errors() {
+  std::lock_guard lock(impl_->mutex);
+  return std::exchange(impl_->load_error_blocks, {});
+}
+
+Result<RequestProgress> KvConnector::progress(RequestId request) const {
+  std::lock_guard lock(impl_->mutex);
+  auto it = impl_->requests.find(request);
+  if (it == impl_->requests.end())
+    return Status(ErrorCode::kNotFound, request_name(request) + " is not known to the connector");
+  const Impl::Request& r = it->second;
+  return RequestProgress{
+      r.matched, r.loaded, r.layers_saved, r.chunks_stored, r.load_ended && !r.load_status.ok(), r.aborted};
+}
+
+uint32_t KvConnector::num_layers() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->layers;
+}
+
+}  // namespace kvf::engines
