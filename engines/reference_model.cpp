@@ -97,6 +97,17 @@ Result<uint32_t> ReferenceModel::prefill(std::span<const uint32_t> tokens,
   return forward(tokens, 0, block_table, kv, on_layer_saved, logits);
 }
 
+Result<uint32_t> ReferenceModel::prefill_from(uint32_t start, std::span<const uint32_t> tokens,
+                                              std::span<const uint32_t> block_table, const KvCacheView& kv,
+                                              const LayerSavedFn& on_layer_saved,
+                                              std::vector<float>* logits) const {
+  if (tokens.empty()) return invalid("nothing after the prefix: prefill_from needs at least one token");
+  const uint64_t end = uint64_t{start} + tokens.size();
+  if (end > UINT32_MAX) return invalid("prompt of " + std::to_string(end) + " tokens is over 2^32");
+  if (Status s = check_request(tokens, end, block_table, kv); !s.ok()) return s;
+  return forward(tokens, start, block_table, kv, on_layer_saved, logits);
+}
+
 Result<uint32_t> ReferenceModel::decode_step(uint32_t position, uint32_t last_token,
                                              std::span<const uint32_t> block_table, const KvCacheView& kv,
                                              std::vector<float>* logits) const {

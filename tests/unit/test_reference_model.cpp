@@ -375,6 +375,50 @@ TEST_CASE("a second engine decodes from copied blocks exactly as the prefill eng
   }
 }
 
+TEST_CASE("prefill from a cached prefix equals the prefill of the whole prompt") {
+  const ModelShape shape = ModelShape::tiny();
+  const ReferenceModel model = make_model(5);
+  for (uint32_t length : {17u, 64u, 100u}) {
+    for (uint32_t start : {1u, 16u, length - 1}) {
+      INFO("prompt of " << length << " tokens, prefix of " << start);
+      const std::vector<uint32_t> prompt = make_prompt(length, shape.vocab, 300 + length);
+      const uint32_t blocks = blocks_for(length, shape.block_tokens);
+      HostKvPool whole = make_pool(shape, 8, 0);
+      const std::vector<uint32_t> table = shuffled_table(blocks, 8, length + start);
+      std::vector<float> logits_whole;
+      auto first_whole = model.prefill(prompt, table, whole.view(), {}, &logits_whole);
+      REQUIRE(first_whole.ok());
+
+      // The prefix computed on its own (as another request did before), then the rest from it.
+      HostKvPool parts = make_pool(shape, 8, 0);
+      const std::span<const uint32_t> all(prompt);
+      REQUIRE(model.prefill(all.first(start), table, parts.view()).ok());
+      std::vector<uint32_t> layers_saved;
+      std::vector<float> logits_parts;
+      auto first_parts = model.prefill_from(
+          start, all.subspan(start), table, parts.view(), [&](uint32_t l) { layers_saved.push_back(l); },
+          &logits_parts);
+      REQUIRE(first_parts.ok());
+      CHECK(*first_parts == *first_whole);
+      CHECK(logits_parts == logits_whole);  // bit for bit
+      CHECK(layers_saved.size() == shape.layers);
+      for (uint32_t l = 0; l < shape.layers; ++l) {
+        for (uint32_t b = 0; b < blocks; ++b) {
+          for (KvPart part : {KvPart::kKey, KvPart::kValue}) {
+            const auto x = whole.layout().extent(table[b], part);
+            REQUIRE(std::memcmp(whole.layer(l) + x.offset, parts.layer(l) + x.offset, x.length) == 0);
+          }
+        }
+      }
+    }
+  }
+  HostKvPool pool = make_pool(shape, 8, 0);
+  const std::vector<uint32_t> table = {0, 1};
+  const Status empty = model.prefill_from(4, {}, table, pool.view()).status();
+  CHECK(empty.code() == ErrorCode::kInvalidArgument);
+  CHECK(empty.message().find("nothing after the prefix") != std::string::npos);
+}
+
 // --- validation --------------------------------------------------------------------------------
 
 namespace {

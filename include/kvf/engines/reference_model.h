@@ -51,6 +51,15 @@ class ReferenceModel {
                            const KvCacheView& kv, const LayerSavedFn& on_layer_saved = {},
                            std::vector<float>* logits = nullptr) const;
 
+  // Prefill of a prompt whose first `start` positions are in the cache already (a prefix loaded
+  // from the store): computes positions start .. start+tokens.size()-1 from `tokens` (the prompt
+  // after the prefix), writes their K/V, and returns the first generated token. The same math as
+  // prefill() of the whole prompt: the loaded positions' K/V are what it would have written.
+  Result<uint32_t> prefill_from(uint32_t start, std::span<const uint32_t> tokens,
+                                std::span<const uint32_t> block_table, const KvCacheView& kv,
+                                const LayerSavedFn& on_layer_saved = {},
+                                std::vector<float>* logits = nullptr) const;
+
   // Appends `last_token` at `position` (its K/V written there; positions before it must hold the
   // request's cache) and returns the next token.
   Result<uint32_t> decode_step(uint32_t position, uint32_t last_token, std::span<const uint32_t> block_table,
