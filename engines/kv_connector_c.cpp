@@ -1,0 +1,391 @@
+// The C ABI over KvConnector (include/kvf/engines/kv_connector_c.h): checks and converts the
+// arguments, catches everything (no exception crosses into C), and keeps the last error's text per
+// handle and per calling thread.
+#include "kvf/engines/kv_connector_c.h"
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "kvf/engines/kv_connector.h"
+#include "kvf/protocol/kv_layout.h"
+#include "kvf/store/store_client.h"
+
+using kvf::ErrorCode;
+using kvf::Status;
+using kvf::engines::KvConnector;
+
+struct kvf_connector {
+  // Declared before the connector, so destroyed after it (the connector must not outlive it).
+  std::unique_ptr<kvf::store::StoreClient> store;
+  std::unique_ptr<KvConnector> connector;
+
+  // Each thread's last error on this handle. A thread only ever touches its own string; the map
+  // itself (node-based: a string never moves) is guarded by errors_mu.
+  mutable std::mutex errors_mu;
+  mutable std::unordered_map<std::thread::id, std::string> errors;
+
+  // What get_finished / get_block_ids_with_load_errors took from the connector but could not hand
+  // over for lack of room, handed over first next time.
+  std::mutex pending_mu;
+  std::deque<uint64_t> pending_sending;
+  std::deque<uint64_t> pending_receiving;
+  std::deque<uint32_t> pending_load_errors;
+
+  std::string& error_slot() const {
+    std::lock_guard lock(errors_mu);
+    return errors[std::this_thread::get_id()];
+  }
+};
+
+namespace {
+
+// Errors of calls without a usable handle: a failed create, a NULL handle.
+thread_local std::string t_handleless_error;
+
+std::string& slot_of(const kvf_connector* c) {
+  return c == nullptr ? t_handleless_error : c->error_slot();
+}
+
+// Never throws: a message that cannot be stored (no memory) leaves the slot empty.
+int set_error(const kvf_connector* c, int code, const char* text) noexcept {
+  try {
+    slot_of(c) = text;
+  } catch (...) {
+  }
+  return code;
+}
+
+// The message as Status::to_string() writes it ("invalid_argument: ..."), as for the connector's own.
+int fail(const kvf_connector* c, int code, const std::string& text) noexcept {
+  try {
+    return set_error(c, code, Status(static_cast<ErrorCode>(code), text).to_string().c_str());
+  } catch (...) {
+    return set_error(c, code, "");
+  }
+}
+
+int fail(const kvf_connector* c, const Status& status) noexcept {
+  try {
+    return set_error(c, static_cast<int>(status.code()), status.to_string().c_str());
+  } catch (...) {
+    return set_error(c, static_cast<int>(status.code()), "");
+  }
+}
+
+int ok(const kvf_connector* c) noexcept {
+  try {
+    slot_of(c).clear();
+  } catch (...) {
+  }
+  return KVF_CONNECTOR_OK;
+}
+
+int done(const kvf_connector* c, const Status& status) noexcept {
+  return status.ok() ? ok(c) : fail(c, status);
+}
+
+constexpr int kInvalid = KVF_CONNECTOR_INVALID_ARGUMENT;
+
+// "FN: TEXT" as the error, built where an allocation failure cannot escape.
+int fail_in(const kvf_connector* c, int code, const char* fn, const char* text) noexcept {
+  try {
+    return fail(c, code, std::string(fn) + ": " + text);
+  } catch (...) {
+    return set_error(c, code, "");
+  }
+}
+
+// An exception that reached the boundary: KVF_CONNECTOR_INTERNAL with its what().
+int fail_exception(const kvf_connector* c, const char* fn) noexcept {
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    try {
+      return fail_in(c, KVF_CONNECTOR_INTERNAL, fn, (std::string("internal error: ") + e.what()).c_str());
+    } catch (...) {
+      return fail_in(c, KVF_CONNECTOR_INTERNAL, fn, "internal error");
+    }
+  } catch (...) {
+    return fail_in(c, KVF_CONNECTOR_INTERNAL, fn, "internal error (an exception not from std::exception)");
+  }
+}
+
+// Runs `body` with the handle checked (non-NULL, created) and every exception turned into
+// KVF_CONNECTOR_INTERNAL carrying its what().
+template <typename Body>
+int guarded(kvf_connector* c, const char* fn, Body body) noexcept {
+  if (c == nullptr) return fail_in(nullptr, kInvalid, fn, "the connector is NULL");
+  try {
+    if (c->connector == nullptr) return fail_in(c, kInvalid, fn, "the handle holds no connector");
+    return body(*c->connector);
+  } catch (...) {
+    return fail_exception(c, fn);
+  }
+}
+
+std::string null_arg(const char* fn, const char* arg) {
+  return std::string(fn) + ": " + arg + " is NULL";
+}
+
+// Appends `fresh` to `pending`, then moves at most `capacity` of `pending` (oldest first) into
+// `out`; *written is the count.
+template <typename T, typename Src>
+void hand_over(std::deque<T>& pending, const Src& fresh, T* out, size_t capacity, size_t* written) {
+  pending.insert(pending.end(), fresh.begin(), fresh.end());
+  const size_t n = out == nullptr ? 0 : std::min(capacity, pending.size());
+  std::copy_n(pending.begin(), n, out);
+  pending.erase(pending.begin(), pending.begin() + static_cast<std::ptrdiff_t>(n));
+  *written = n;
+}
+
+}  // namespace
+
+extern "C" {
+
+void kvf_connector_options_init(kvf_connector_options* opts) {
+  if (opts == nullptr) return;
+  *opts = kvf_connector_options{};
+  opts->chunk_tokens = kvf::protocol::kDefaultChunkTokens;
+  opts->verify_loads = 1;
+  opts->memory = KVF_CONNECTOR_MEMORY_AUTO;
+}
+
+int kvf_connector_create(const kvf_connector_options* opts, kvf_connector** out) {
+  constexpr const char* fn = "kvf_connector_create";
+  if (out == nullptr) return fail_in(nullptr, kInvalid, fn, "out is NULL");
+  *out = nullptr;
+  if (opts == nullptr) return fail_in(nullptr, kInvalid, fn, "opts is NULL");
+  try {
+    if (opts->model == nullptr || opts->model[0] == '\0') {
+      return fail(nullptr, kInvalid, std::string(fn) + ": opts->model is NULL or empty");
+    }
+    kvf::engines::KvConnectorOptions o;
+    o.model = opts->model;
+    o.chunk_tokens = opts->chunk_tokens == 0 ? kvf::protocol::kDefaultChunkTokens : opts->chunk_tokens;
+    o.verify_loads = opts->verify_loads != 0;
+    switch (opts->memory) {
+      case KVF_CONNECTOR_MEMORY_AUTO:
+        o.memory = kvf::engines::LayerMemory::kAuto;
+        break;
+      case KVF_CONNECTOR_MEMORY_HOST:
+        o.memory = kvf::engines::LayerMemory::kHost;
+        break;
+      case KVF_CONNECTOR_MEMORY_CUDA:
+        o.memory = kvf::engines::LayerMemory::kCuda;
+        break;
+      default:
+        return fail(nullptr, kInvalid,
+                    std::string(fn) + ": opts->memory " + std::to_string(opts->memory) +
+                        " is not one of KVF_CONNECTOR_MEMORY_AUTO (0), _HOST (1), _CUDA (2)");
+    }
+    auto handle = std::make_unique<kvf_connector>();
+    if (opts->store_socket != nullptr && opts->store_socket[0] != '\0') {
+      kvf::store::StoreClientOptions so;
+      so.socket_path = opts->store_socket;
+      so.client_name = std::string("kvf_connector ") + opts->model;
+      handle->store = std::make_unique<kvf::store::StoreClient>(std::move(so));
+      o.store = handle->store.get();
+    }
+    auto created = KvConnector::create(std::move(o));
+    if (!created.ok()) return fail(nullptr, created.status());
+    handle->connector = std::move(created).value();
+    *out = handle.release();
+    return ok(nullptr);
+  } catch (...) {
+    return fail_exception(nullptr, fn);
+  }
+}
+
+void kvf_connector_destroy(kvf_connector* connector) {
+  try {
+    delete connector;
+  } catch (...) {  // a destructor that throws terminates anyway; never let it reach C
+  }
+}
+
+const char* kvf_connector_last_error(const kvf_connector* connector) {
+  try {
+    return slot_of(connector).c_str();
+  } catch (...) {
+    return "";
+  }
+}
+
+const char* kvf_connector_status_name(int status) {
+  if (status < 0 || status > static_cast<int>(ErrorCode::kUnavailable)) return "unknown";
+  // error_code_name returns views of string literals: NUL-terminated.
+  return kvf::error_code_name(static_cast<ErrorCode>(status)).data();
+}
+
+int kvf_connector_register_kv_caches(kvf_connector* connector, const kvf_connector_layout* layout,
+                                     void* const* layers, uint32_t num_layers) {
+  constexpr const char* fn = "kvf_connector_register_kv_caches";
+  return guarded(connector, fn, [&](KvConnector& c) {
+    if (layout == nullptr) return fail(connector, kInvalid, null_arg(fn, "layout"));
+    if (layers == nullptr) return fail(connector, kInvalid, null_arg(fn, "layers"));
+    if (layout->kind < KVF_LAYOUT_FLASH_ATTENTION || layout->kind > KVF_LAYOUT_MLA) {
+      return fail(connector, kInvalid,
+                  std::string(fn) + ": layout->kind " + std::to_string(layout->kind) +
+                      " is not one of KVF_LAYOUT_FLASH_ATTENTION (0), _FLASH_INFER (1), _MLA (2)");
+    }
+    if (num_layers != layout->num_layers) {
+      return fail(connector, kInvalid,
+                  std::string(fn) + ": " + std::to_string(num_layers) + " layer buffers for a layout of " +
+                      std::to_string(layout->num_layers) + " layers");
+    }
+    kvf::protocol::KvLayoutDesc desc;
+    desc.kind = static_cast<kvf::protocol::KvLayoutKind>(layout->kind);
+    desc.num_layers = layout->num_layers;
+    desc.num_blocks = layout->num_blocks;
+    desc.block_tokens = layout->block_tokens;
+    desc.kv_heads = layout->kv_heads;
+    desc.head_dim = layout->head_dim;
+    desc.dtype_bytes = layout->dtype_bytes;
+    auto kv_layout = kvf::protocol::KvLayout::create(desc);
+    if (!kv_layout.ok()) return fail(connector, kv_layout.status());
+    std::vector<uint8_t*> ptrs(num_layers);
+    for (uint32_t i = 0; i < num_layers; ++i) {
+      if (layers[i] == nullptr) {
+        return fail(connector, kInvalid, std::string(fn) + ": layers[" + std::to_string(i) + "] is NULL");
+      }
+      ptrs[i] = static_cast<uint8_t*>(layers[i]);
+    }
+    return done(connector, c.register_kv_caches(kvf::engines::KvCacheView{*kv_layout, std::move(ptrs)}));
+  });
+}
+
+int kvf_connector_num_layers(const kvf_connector* connector, uint32_t* out) {
+  constexpr const char* fn = "kvf_connector_num_layers";
+  return guarded(const_cast<kvf_connector*>(connector), fn, [&](KvConnector& c) {
+    if (out == nullptr) return fail(connector, kInvalid, null_arg(fn, "out"));
+    *out = c.num_layers();
+    return ok(connector);
+  });
+}
+
+int kvf_connector_get_num_new_matched_tokens(kvf_connector* connector, uint64_t request,
+                                             const uint32_t* tokens, size_t num_tokens,
+                                             uint64_t num_computed_tokens, uint64_t* out) {
+  constexpr const char* fn = "kvf_connector_get_num_new_matched_tokens";
+  return guarded(connector, fn, [&](KvConnector& c) {
+    if (out == nullptr) return fail(connector, kInvalid, null_arg(fn, "out"));
+    *out = 0;
+    if (tokens == nullptr && num_tokens != 0) return fail(connector, kInvalid, null_arg(fn, "tokens"));
+    auto matched = c.get_num_new_matched_tokens(request, std::span<const uint32_t>(tokens, num_tokens),
+                                                num_computed_tokens);
+    if (!matched.ok()) return fail(connector, matched.status());
+    *out = *matched;
+    return ok(connector);
+  });
+}
+
+int kvf_connector_update_state_after_alloc(kvf_connector* connector, uint64_t request,
+                                           const uint32_t* block_table, size_t num_blocks,
+                                           uint64_t num_external_tokens) {
+  constexpr const char* fn = "kvf_connector_update_state_after_alloc";
+  return guarded(connector, fn, [&](KvConnector& c) {
+    if (block_table == nullptr && num_blocks != 0)
+      return fail(connector, kInvalid, null_arg(fn, "block_table"));
+    return done(connector,
+                c.update_state_after_alloc(request, std::span<const uint32_t>(block_table, num_blocks),
+                                           num_external_tokens));
+  });
+}
+
+int kvf_connector_request_finished(kvf_connector* connector, uint64_t request, int* free_later) {
+  constexpr const char* fn = "kvf_connector_request_finished";
+  return guarded(connector, fn, [&](KvConnector& c) {
+    if (free_later == nullptr) return fail(connector, kInvalid, null_arg(fn, "free_later"));
+    *free_later = 0;
+    auto later = c.request_finished(request);
+    if (!later.ok()) return fail(connector, later.status());
+    *free_later = *later ? 1 : 0;
+    return ok(connector);
+  });
+}
+
+int kvf_connector_abort(kvf_connector* connector, uint64_t request) {
+  return guarded(connector, "kvf_connector_abort",
+                 [&](KvConnector& c) { return done(connector, c.abort(request)); });
+}
+
+int kvf_connector_start_load_kv(kvf_connector* connector) {
+  return guarded(connector, "kvf_connector_start_load_kv",
+                 [&](KvConnector& c) { return done(connector, c.start_load_kv()); });
+}
+
+int kvf_connector_wait_for_layer_load(kvf_connector* connector, uint32_t layer) {
+  return guarded(connector, "kvf_connector_wait_for_layer_load",
+                 [&](KvConnector& c) { return done(connector, c.wait_for_layer_load(layer)); });
+}
+
+int kvf_connector_wait_for_load(kvf_connector* connector, uint64_t request) {
+  return guarded(connector, "kvf_connector_wait_for_load",
+                 [&](KvConnector& c) { return done(connector, c.wait_for_load(request)); });
+}
+
+int kvf_connector_save_kv_layer(kvf_connector* connector, uint64_t request, uint32_t layer) {
+  return guarded(connector, "kvf_connector_save_kv_layer",
+                 [&](KvConnector& c) { return done(connector, c.save_kv_layer(request, layer)); });
+}
+
+int kvf_connector_wait_for_save(kvf_connector* connector) {
+  return guarded(connector, "kvf_connector_wait_for_save",
+                 [&](KvConnector& c) { return done(connector, c.wait_for_save()); });
+}
+
+int kvf_connector_get_finished(kvf_connector* connector, uint64_t* sending, size_t sending_capacity,
+                               size_t* num_sending, uint64_t* receiving, size_t receiving_capacity,
+                               size_t* num_receiving) {
+  constexpr const char* fn = "kvf_connector_get_finished";
+  return guarded(connector, fn, [&](KvConnector& c) {
+    if (num_sending == nullptr) return fail(connector, kInvalid, null_arg(fn, "num_sending"));
+    if (num_receiving == nullptr) return fail(connector, kInvalid, null_arg(fn, "num_receiving"));
+    *num_sending = 0;
+    *num_receiving = 0;
+    if (sending == nullptr && sending_capacity != 0) {
+      return fail(
+          connector, kInvalid,
+          std::string(fn) + ": sending is NULL with a capacity of " + std::to_string(sending_capacity));
+    }
+    if (receiving == nullptr && receiving_capacity != 0) {
+      return fail(
+          connector, kInvalid,
+          std::string(fn) + ": receiving is NULL with a capacity of " + std::to_string(receiving_capacity));
+    }
+    std::lock_guard lock(connector->pending_mu);
+    kvf::engines::FinishedRequests fresh = c.get_finished();
+    hand_over(connector->pending_sending, fresh.sending, sending, sending_capacity, num_sending);
+    hand_over(connector->pending_receiving, fresh.receiving, receiving, receiving_capacity, num_receiving);
+    return ok(connector);
+  });
+}
+
+int kvf_connector_get_block_ids_with_load_errors(kvf_connector* connector, uint32_t* blocks, size_t capacity,
+                                                 size_t* num_blocks) {
+  constexpr const char* fn = "kvf_connector_get_block_ids_with_load_errors";
+  return guarded(connector, fn, [&](KvConnector& c) {
+    if (num_blocks == nullptr) return fail(connector, kInvalid, null_arg(fn, "num_blocks"));
+    *num_blocks = 0;
+    if (blocks == nullptr && capacity != 0) {
+      return fail(connector, kInvalid,
+                  std::string(fn) + ": blocks is NULL with a capacity of " + std::to_string(capacity));
+    }
+    std::lock_guard lock(connector->pending_mu);
+    std::vector<uint32_t> fresh = c.get_block_ids_with_load_errors();
+    hand_over(connector->pending_load_errors, fresh, blocks, capacity, num_blocks);
+    return ok(connector);
+  });
+}
+
+}  // extern "C"
