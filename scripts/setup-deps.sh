@@ -9,7 +9,7 @@ packages=(
   libboost-dev libcxxopts-dev catch2 libyaml-cpp-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
   libxxhash-dev libzstd-dev liblz4-dev
   clang libclang-rt-14-dev clang-format
-  iproute2 procps python3 curl
+  iproute2 procps python3 curl valgrind
 )
 
 missing=()
