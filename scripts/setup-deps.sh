@@ -10,6 +10,7 @@ packages=(
   libxxhash-dev libzstd-dev liblz4-dev
   clang libclang-rt-14-dev clang-format
   iproute2 procps python3 curl valgrind
+  python3-dev pybind11-dev  # the kvfabric Python module (python/)
 )
 
 missing=()
