@@ -2,6 +2,14 @@
 
 #include <spdlog/spdlog.h>
 
+#include "kvf/fabric/control_channel.h"
+#include "kvf/fabric/stream_receiver.h"
+#include "kvf/fabric/stream_sender.h"
+#include "kvf/fabric/transfer_scheduler.h"
+#include "kvf/fabric/ucx_transport.h"
+#include "kvf/gpudirect/memory_region.h"
+#include "kvf/gpudirect/ucx_context.h"
+
 #include <algorithm>
 #include <condition_variable>
 #include <deque>
@@ -48,6 +56,9 @@ struct KvConnector::Impl {
     bool job_running = false;   // the worker is in a job of this request now
     bool finished = false;      // request_finished said "free later"
     bool aborted = false;
+    bool send_started = false;  // PD: a stream to a decode engine runs or ran
+    bool send_ended = false;
+    Status send_status;
   };
 
   KvConnectorOptions options;
@@ -69,6 +80,92 @@ struct KvConnector::Impl {
   std::vector<uint32_t> load_error_blocks;
   bool stopping = false;
   std::thread worker;
+
+  // PD: the caches registered with UCX, a transport, and (decode side) the receiver of streams.
+  Status pd_unavailable = Status(ErrorCode::kUnavailable, "PD needs register_kv_caches first");
+  uint8_t* caches_base = nullptr;
+  std::optional<protocol::KvLayout> layout;
+  std::shared_ptr<gpudirect::UcxContext> ucx;
+  std::unique_ptr<fabric::UcxTransport> transport;
+  std::optional<gpudirect::MemoryRegion> region;
+  std::unique_ptr<fabric::StreamReceiver> receiver;
+  std::unordered_map<RequestId, ReceivedKv> received;
+  std::vector<std::thread> senders;
+
+  // Under the lock: UCX, the transport and the caches' registration, made on first use.
+  Status ensure_transport() {
+    if (transport) return Status::Ok();
+    if (!pd_unavailable.ok()) return pd_unavailable;
+    auto context = gpudirect::UcxContext::create();
+    if (!context.ok()) return context.status();
+    auto made = fabric::UcxTransport::create(context.value());
+    if (!made.ok()) return made.status();
+    auto caches_region = gpudirect::MemoryRegion::register_external(
+        context.value(), caches_base, layout->layer_bytes() * layers, protocol::MemoryKind::kHost);
+    if (!caches_region.ok()) return caches_region.status();
+    ucx = std::move(context.value());
+    transport = std::move(made.value());
+    region.emplace(std::move(caches_region.value()));
+    return Status::Ok();
+  }
+
+  // Runs on a sender thread: the request's blocks to the decode engine, each layer once saved.
+  void send(RequestId id, std::string host, uint16_t port, std::vector<uint32_t> blocks,
+            std::vector<uint8_t> context) {
+    Status status;
+    auto link = fabric::PeerLink::connect(*transport, host, port, options.name, std::chrono::seconds(10));
+    if (!link.ok()) {
+      status = link.status();
+    } else {
+      fabric::TransferScheduler scheduler(*transport);
+      fabric::PatternStreamOptions o;
+      o.request_id = id;
+      o.verify = false;
+      o.shuffle = false;
+      o.source_blocks = std::move(blocks);
+      o.context = std::move(context);
+      o.before_layer = [this, id](uint32_t layer) -> void* {
+        std::unique_lock lock(mutex);
+        changed.wait(lock, [&] {
+          auto it = requests.find(id);
+          return stopping || it == requests.end() || it->second.aborted || it->second.saved[layer];
+        });
+        return nullptr;
+      };
+      // An aborted request, or a connector going away, ends the stream before an unsaved layer.
+      o.cancelled = [this, id]() -> Status {
+        std::lock_guard lock(mutex);
+        auto it = requests.find(id);
+        if (stopping) return Status(ErrorCode::kAborted, "the engine connector is shutting down");
+        if (it == requests.end() || it->second.aborted)
+          return Status(ErrorCode::kAborted, request_name(id) + " was aborted by the prefill engine");
+        return Status::Ok();
+      };
+      auto outcome = fabric::send_pattern_stream(*link.value(), *transport, scheduler, *region, *layout, o);
+      if (!outcome.ok()) {
+        status = outcome.status();
+      } else if (outcome->result.code != ErrorCode::kOk) {
+        status = Status(outcome->result.code, "the decode engine: " + outcome->result.message);
+      }
+    }
+    if (!status.ok()) {
+      status = Status(status.code(), "sending " + request_name(id) + " to " + host + ":" +
+                                         std::to_string(port) + ": " + status.message());
+      spdlog::warn("kv connector: {}", status.to_string());
+    }
+    std::lock_guard lock(mutex);
+    if (auto it = requests.find(id); it != requests.end()) {
+      it->second.send_ended = true;
+      it->second.send_status = status;
+    }
+    settle(id);
+    changed.notify_all();
+  }
+
+  static bool pending(const Request& r) {
+    return r.job_running || r.store_queued || (r.load_started && !r.load_ended) ||
+           (r.send_started && !r.send_ended);
+  }
 
   // Under the lock: the request, or why a call naming it is refused.
   Result<Request*> find(RequestId id) {
@@ -93,7 +190,7 @@ struct KvConnector::Impl {
     auto it = requests.find(id);
     if (it == requests.end()) return;
     Request& r = it->second;
-    if (!r.finished || r.job_running || r.store_queued || (r.load_started && !r.load_ended)) return;
+    if (!r.finished || pending(r)) return;
     finished.sending.push_back(id);
     requests.erase(it);
   }
@@ -180,6 +277,10 @@ Result<std::unique_ptr<KvConnector>> KvConnector::create(KvConnectorOptions opti
   }
   if (options.chunk_tokens == 0)
     return Status(ErrorCode::kInvalidArgument, "chunk_tokens must be at least 1");
+  if (!options.listen.empty() && (!options.allocate_blocks || !options.release_blocks)) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "a connector that listens for PD streams needs allocate_blocks and release_blocks");
+  }
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
   Impl* raw = impl.get();
@@ -196,6 +297,10 @@ KvConnector::~KvConnector() {
   }
   impl_->changed.notify_all();
   impl_->worker.join();
+  for (std::thread& t : impl_->senders) t.join();  // a stream whose layers were never saved ends now
+  impl_->receiver.reset();
+  impl_->transport.reset();
+  impl_->region.reset();
 }
 
 Status KvConnector::register_kv_caches(const KvCacheView& caches) {
@@ -231,7 +336,60 @@ Status KvConnector::register_kv_caches(const KvCacheView& caches) {
   }
   m.layers = desc.num_layers;
   m.block_tokens = desc.block_tokens;
+  m.layout.emplace(caches.layout);
+  m.caches_base = caches.layers[0];
+  m.pd_unavailable = Status::Ok();
+  for (size_t l = 1; l < caches.layers.size(); ++l) {
+    if (caches.layers[l] != caches.layers[0] + l * caches.layout.layer_bytes()) {
+      m.pd_unavailable = Status(ErrorCode::kUnavailable,
+                                "PD needs the layer buffers back to back in one allocation (layer " +
+                                    std::to_string(l) + " is elsewhere)");
+      break;
+    }
+  }
+  if (m.options.memory == LayerMemory::kCuda || (m.store && m.store->device() >= 0))
+    m.pd_unavailable =
+        Status(ErrorCode::kUnavailable, "PD through the connector runs on host memory only (for now)");
   m.registered = true;
+  if (!m.options.listen.empty()) {
+    Status started = [&]() -> Status {
+      auto endpoint = fabric::parse_host_port(m.options.listen);
+      if (!endpoint.ok()) return Status(endpoint.status().code(), "listen: " + endpoint.status().message());
+      if (Status s = m.ensure_transport(); !s.ok()) return s;
+      fabric::StreamReceiverOptions ro;
+      ro.name = m.options.name;
+      ro.pool = fabric::EnginePool{
+          &*m.region, desc, [this](uint64_t id, uint32_t n) { return impl_->options.allocate_blocks(id, n); },
+          [this](uint64_t id, std::vector<uint32_t> b) { impl_->options.release_blocks(id, std::move(b)); }};
+      ro.on_stream_done = [this](const fabric::StreamReport& report) {
+        Impl& impl = *impl_;
+        if (!report.status.ok()) {
+          spdlog::warn("kv connector: stream of {} from {} failed: {}", request_name(report.request_id),
+                       report.peer, report.status.to_string());
+          return;  // the receiver hands its blocks back (release_blocks) after its grace period
+        }
+        ReceivedKv kv{report.request_id, report.blocks, report.context, {}};
+        for (uint64_t ns : report.layer_arrival_ns)
+          kv.layer_arrival_ms.push_back(static_cast<double>(ns) / 1e6);
+        std::lock_guard guard(impl.mutex);
+        impl.received[report.request_id] = std::move(kv);
+        impl.finished.receiving.push_back(report.request_id);
+        impl.changed.notify_all();
+      };
+      auto receiver =
+          fabric::StreamReceiver::start(m.ucx, *m.transport, endpoint->first, endpoint->second, ro);
+      if (!receiver.ok()) return receiver.status();
+      m.receiver = std::move(receiver.value());
+      return Status::Ok();
+    }();
+    if (!started.ok()) {
+      m.registered = false;
+      m.store.reset();
+      m.hasher.reset();
+      return Status(started.code(),
+                    "listening for PD streams on " + m.options.listen + ": " + started.message());
+    }
+  }
   return Status::Ok();
 }
 
@@ -325,8 +483,7 @@ Result<bool> KvConnector::request_finished(RequestId request) {
     return Status(ErrorCode::kNotFound, request_name(request) + " is not known to the connector");
   Impl::Request& r = it->second;
   if (r.finished) return Status(ErrorCode::kInvalidArgument, request_name(request) + " was finished already");
-  const bool pending = r.job_running || r.store_queued || (r.load_started && !r.load_ended);
-  if (!pending) {
+  if (!Impl::pending(r)) {
     std::erase(m.to_start, request);
     m.requests.erase(it);
     return false;
@@ -450,8 +607,8 @@ Status KvConnector::save_kv_layer(RequestId request, uint32_t layer) {
     m.jobs.push_back(Impl::Job{Impl::JobKind::kStore, request, r.prompt, r.blocks, 0});
     r.store_queued = true;
     ++m.stores_outstanding;
-    m.changed.notify_all();
   }
+  m.changed.notify_all();  // the worker, and a PD stream waiting for this layer
   return Status::Ok();
 }
 
@@ -460,6 +617,67 @@ Status KvConnector::wait_for_save() {
   Impl& m = *impl_;
   m.changed.wait(lock, [&] { return m.stores_outstanding == 0; });
   return std::exchange(m.save_failure, Status::Ok());
+}
+
+Status KvConnector::send_kv_to(RequestId request, const std::string& peer, std::vector<uint8_t> context) {
+  std::lock_guard lock(impl_->mutex);
+  Impl& m = *impl_;
+  if (Status s = m.need_registered("send_kv_to"); !s.ok()) return s;
+  auto found = m.find(request);
+  if (!found.ok()) return found.status();
+  Impl::Request& r = *found.value();
+  if (!r.allocated) {
+    return Status(ErrorCode::kInvalidArgument,
+                  request_name(request) + " has no blocks yet (call update_state_after_alloc first)");
+  }
+  if (r.send_started)
+    return Status(ErrorCode::kInvalidArgument, request_name(request) + " is being sent already");
+  if (r.layers_saved > 0) {
+    return Status(ErrorCode::kInvalidArgument,
+                  request_name(request) + ": send_kv_to must come before its first save_kv_layer");
+  }
+  auto endpoint = fabric::parse_host_port(peer);
+  if (!endpoint.ok()) return Status(endpoint.status().code(), "send_kv_to: " + endpoint.status().message());
+  if (Status s = m.ensure_transport(); !s.ok()) return s;
+  r.send_started = true;
+  m.senders.emplace_back([&m, request, host = endpoint->first, port = endpoint->second, blocks = r.blocks,
+                          context = std::move(context)]() mutable {
+    m.send(request, std::move(host), port, std::move(blocks), std::move(context));
+  });
+  return Status::Ok();
+}
+
+Status KvConnector::wait_for_send(RequestId request) {
+  std::unique_lock lock(impl_->mutex);
+  Impl& m = *impl_;
+  auto it = m.requests.find(request);
+  if (it == m.requests.end())
+    return Status(ErrorCode::kNotFound, request_name(request) + " is not known to the connector");
+  if (!it->second.send_started)
+    return Status(ErrorCode::kInvalidArgument, request_name(request) + " is not being sent (send_kv_to)");
+  m.changed.wait(lock, [&] {
+    auto r = m.requests.find(request);
+    return r == m.requests.end() || r->second.send_ended;
+  });
+  auto r = m.requests.find(request);
+  if (r == m.requests.end()) return Status::Ok();  // finished and forgotten meanwhile
+  return r->second.send_status;
+}
+
+uint16_t KvConnector::listen_port() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->receiver ? impl_->receiver->port() : 0;
+}
+
+Result<ReceivedKv> KvConnector::take_received(RequestId request) {
+  std::lock_guard lock(impl_->mutex);
+  auto it = impl_->received.find(request);
+  if (it == impl_->received.end()) {
+    return Status(ErrorCode::kNotFound, request_name(request) + " has not arrived (or was taken already)");
+  }
+  ReceivedKv kv = std::move(it->second);
+  impl_->received.erase(it);
+  return kv;
 }
 
 FinishedRequests KvConnector::get_finished() {

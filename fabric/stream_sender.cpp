@@ -203,6 +203,15 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
   }
   for (uint32_t l = 0; l < desc.num_layers; ++l) {
     void* ready_event = options.before_layer ? options.before_layer(l) : nullptr;
+    if (Status cancelled = options.cancelled ? options.cancelled() : Status::Ok(); !cancelled.ok()) {
+      // Nothing more is sent; the receiver is told, so it never takes the request as complete.
+      {
+        std::unique_lock lock(mutex);
+        cv.wait(lock, [&] { return finished == l; });
+      }
+      scheduler.abort_request(link.peer(), link.session_id(), options.request_id, cancelled);
+      return cancelled;
+    }
     outcome.layer_ready_s[l] = std::chrono::duration<double>(Clock::now() - start).count();
     TransferPlan layer_plan = request_plan.value();
     layer_plan.layer = l;

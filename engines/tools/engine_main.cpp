@@ -28,6 +28,7 @@
 #include <spdlog/spdlog.h>
 #include <cxxopts.hpp>
 
+#include "kvf/engines/kv_connector.h"
 #include "kvf/engines/reference_model.h"
 #include "kvf/engines/synthetic_prompt.h"
 #include "kvf/fabric/control_channel.h"
@@ -111,85 +112,88 @@ class BlockManager {
   std::vector<uint32_t> free_;
 };
 
+// The request's context: prompt length, the prompt's last token, tokens to generate.
+bool decode_context(const std::vector<uint8_t>& context, uint32_t* prompt_tokens, uint32_t* last_token,
+                    uint32_t* n_new) {
+  if (context.size() != 12) return false;
+  std::memcpy(prompt_tokens, context.data(), 4);
+  std::memcpy(last_token, context.data() + 4, 4);
+  std::memcpy(n_new, context.data() + 8, 4);
+  return *prompt_tokens != 0 && *n_new != 0;
+}
+
 int run_decode(const cxxopts::ParseResult& args, const engines::ReferenceModel& model,
                const std::shared_ptr<gpudirect::UcxContext>& ucx) {
-  auto endpoint = fabric::parse_host_port(args["listen"].as<std::string>());
-  if (!endpoint.ok()) return fail("--listen: " + endpoint.status().message());
-  const auto& [host, port] = endpoint.value();
   const engines::ModelShape& shape = model.shape();
   const uint32_t pool_blocks = args["pool-blocks"].as<uint32_t>();
   auto pool = make_pool(ucx, shape, pool_blocks);
   if (!pool.ok()) return fail("KV pool: " + pool.status().to_string());
-  auto transport = fabric::UcxTransport::create(ucx);
-  if (!transport.ok()) return fail(transport.status().to_string());
   BlockManager blocks(pool_blocks);
 
-  fabric::StreamReceiverOptions options;
+  // The engine connector takes the streams straight into the pool's blocks (its block manager
+  // picks them) and lists each request once every layer is in.
+  engines::KvConnectorOptions options;
   options.name = "kvfabric-engine-decode";
-  options.pool = fabric::EnginePool{&pool->region, pool->view.layout.desc(),
-                                    [&blocks](uint64_t, uint32_t n) { return blocks.allocate(n); },
-                                    [&blocks](uint64_t, std::vector<uint32_t> b) { blocks.release(b); }};
-  options.on_stream_done = [&](const fabric::StreamReport& report) {
-    if (!report.status.ok()) {
-      std::printf("request %llu FAILED: %s\n", static_cast<unsigned long long>(report.request_id),
-                  report.status.to_string().c_str());
-      std::fflush(stdout);
-      return;  // the receiver hands the blocks back after its grace period
-    }
-    uint32_t prompt_tokens = 0, last_token = 0, n_new = 0;
-    if (report.context.size() == 12) {
-      std::memcpy(&prompt_tokens, report.context.data(), 4);
-      std::memcpy(&last_token, report.context.data() + 4, 4);
-      std::memcpy(&n_new, report.context.data() + 8, 4);
-    }
-    const auto started = Clock::now();
-    std::vector<uint32_t> tokens;
-    Status status = prompt_tokens == 0 || n_new == 0
-                        ? Status(ErrorCode::kMalformed, "a stream without a request context")
-                        : Status::Ok();
-    // The first token: the prompt's last position again, over the KV that arrived (it rewrites
-    // that position's K/V with the same values).
-    for (uint32_t i = 0; status.ok() && i < n_new; ++i) {
-      const uint32_t position = prompt_tokens - 1 + i;
-      auto next = model.decode_step(position, i == 0 ? last_token : tokens.back(), report.blocks, pool->view);
-      if (!next.ok()) {
-        status = next.status();
-        break;
-      }
-      tokens.push_back(*next);
-    }
-    blocks.release(report.blocks);
-    if (!status.ok()) {
-      std::printf("request %llu FAILED: %s\n", static_cast<unsigned long long>(report.request_id),
-                  status.to_string().c_str());
-    } else {
-      std::printf("request %llu tokens:", static_cast<unsigned long long>(report.request_id));
-      for (uint32_t t : tokens) std::printf(" %u", t);
-      std::printf(
-          "\nrequest %llu: %u-token prompt's KV in %u blocks, last layer %.2f ms after the offer; %u tokens "
-          "decoded in %.2f ms\n",
-          static_cast<unsigned long long>(report.request_id), prompt_tokens,
-          static_cast<uint32_t>(report.blocks.size()),
-          report.layer_arrival_ns.empty() ? 0.0 : static_cast<double>(report.layer_arrival_ns.back()) / 1e6,
-          n_new, ms_since(started));
-    }
-    std::fflush(stdout);
-  };
-  auto receiver = fabric::StreamReceiver::start(ucx, *transport.value(), host, port, options);
-  if (!receiver.ok()) return fail(receiver.status().to_string());
+  options.listen = args["listen"].as<std::string>();
+  options.memory = engines::LayerMemory::kHost;
+  options.allocate_blocks = [&blocks](engines::RequestId, uint32_t n) { return blocks.allocate(n); };
+  options.release_blocks = [&blocks](engines::RequestId, std::vector<uint32_t> b) { blocks.release(b); };
+  auto connector = engines::KvConnector::create(options);
+  if (!connector.ok()) return fail(connector.status().to_string());
+  if (Status s = connector.value()->register_kv_caches(pool->view); !s.ok()) return fail(s.to_string());
+  const std::string host = options.listen.substr(0, options.listen.rfind(':'));
   std::printf("kvfabric-engine decode listening on %s:%u (%s, pool of %u blocks)\n", host.c_str(),
-              receiver.value()->port(), shape.to_string().c_str(), pool_blocks);
+              connector.value()->listen_port(), shape.to_string().c_str(), pool_blocks);
   std::fflush(stdout);
-  while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  while (!g_stop) {
+    const engines::FinishedRequests finished = connector.value()->get_finished();
+    if (finished.receiving.empty()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      continue;
+    }
+    for (engines::RequestId id : finished.receiving) {
+      auto kv = connector.value()->take_received(id);
+      if (!kv.ok()) continue;
+      uint32_t prompt_tokens = 0, last_token = 0, n_new = 0;
+      const auto started = Clock::now();
+      std::vector<uint32_t> tokens;
+      Status status = decode_context(kv->context, &prompt_tokens, &last_token, &n_new)
+                          ? Status::Ok()
+                          : Status(ErrorCode::kMalformed, "a stream without a request context");
+      // The first token: the prompt's last position again, over the KV that arrived (it rewrites
+      // that position's K/V with the same values).
+      for (uint32_t i = 0; status.ok() && i < n_new; ++i) {
+        const uint32_t position = prompt_tokens - 1 + i;
+        auto next = model.decode_step(position, i == 0 ? last_token : tokens.back(), kv->blocks, pool->view);
+        if (!next.ok()) {
+          status = next.status();
+          break;
+        }
+        tokens.push_back(*next);
+      }
+      blocks.release(kv->blocks);
+      if (!status.ok()) {
+        std::printf("request %llu FAILED: %s\n", static_cast<unsigned long long>(id),
+                    status.to_string().c_str());
+      } else {
+        std::printf("request %llu tokens:", static_cast<unsigned long long>(id));
+        for (uint32_t t : tokens) std::printf(" %u", t);
+        std::printf(
+            "\nrequest %llu: %u-token prompt's KV in %u blocks, last layer %.2f ms after the offer; %u "
+            "tokens "
+            "decoded in %.2f ms\n",
+            static_cast<unsigned long long>(id), prompt_tokens, static_cast<uint32_t>(kv->blocks.size()),
+            kv->layer_arrival_ms.empty() ? 0.0 : kv->layer_arrival_ms.back(), n_new, ms_since(started));
+      }
+      std::fflush(stdout);
+    }
+  }
   std::printf("kvfabric-engine decode: stopping\n");
   return kOk;
 }
 
 int run_prefill(const cxxopts::ParseResult& args, const engines::ReferenceModel& model,
                 const std::shared_ptr<gpudirect::UcxContext>& ucx) {
-  auto endpoint = fabric::parse_host_port(args["connect"].as<std::string>());
-  if (!endpoint.ok()) return fail("--connect: " + endpoint.status().message());
-  const auto& [host, port] = endpoint.value();
   const engines::ModelShape& shape = model.shape();
   const uint32_t prompt_tokens = args["prompt-tokens"].as<uint32_t>();
   const uint32_t n_new = args["new"].as<uint32_t>();
@@ -209,60 +213,46 @@ int run_prefill(const cxxopts::ParseResult& args, const engines::ReferenceModel&
   std::vector<uint32_t> table(request_blocks);
   for (uint32_t b = 0; b < request_blocks; ++b) table[b] = pool_blocks - 1 - 2 * b;  // scattered
 
-  auto transport = fabric::UcxTransport::create(ucx);
-  if (!transport.ok()) return fail(transport.status().to_string());
-  auto link = fabric::PeerLink::connect(*transport.value(), host, port, "kvfabric-engine-prefill",
-                                        std::chrono::seconds(10));
-  if (!link.ok()) return fail(link.status().to_string());
-  fabric::TransferScheduler scheduler(*transport.value());
-
-  // The prefill computes on its own thread and says when each layer's KV is written; the stream
-  // hands a layer to the transport as soon as it is.
-  std::mutex mutex;
-  std::condition_variable cv;
-  uint32_t layers_saved = 0;
-  Result<uint32_t> first = Status(ErrorCode::kInternal, "prefill did not run");
-  double prefill_ms = 0;
-  const auto started = Clock::now();
-  auto compute = [&] {
-    auto f = model.prefill(prompt, table, pool->view, [&](uint32_t layer) {
-      std::lock_guard lock(mutex);
-      layers_saved = layer + 1;
-      cv.notify_all();
-    });
-    std::lock_guard lock(mutex);
-    first = f;
-    prefill_ms = ms_since(started);
-    layers_saved = shape.layers;  // also on failure: nothing waits for ever
-    cv.notify_all();
-  };
-  std::thread prefill_thread;
-  if (stream) {
-    prefill_thread = std::thread(compute);
-  } else {
-    compute();
+  // The engine connector sends each layer to the decode engine as soon as save_kv_layer says it
+  // is written, while the prefill computes the next.
+  engines::KvConnectorOptions options;
+  options.name = "kvfabric-engine-prefill";
+  options.memory = engines::LayerMemory::kHost;
+  auto connector = engines::KvConnector::create(options);
+  if (!connector.ok()) return fail(connector.status().to_string());
+  engines::KvConnector& c = *connector.value();
+  if (Status s = c.register_kv_caches(pool->view); !s.ok()) return fail(s.to_string());
+  const engines::RequestId id = args["request-id"].as<uint64_t>();
+  if (auto m = c.get_num_new_matched_tokens(id, prompt, 0); !m.ok()) return fail(m.status().to_string());
+  if (Status s = c.update_state_after_alloc(id, table, 0); !s.ok()) return fail(s.to_string());
+  if (Status s = c.send_kv_to(id, args["connect"].as<std::string>(),
+                              encode_context(prompt_tokens, prompt.back(), n_new));
+      !s.ok()) {
+    return fail("stream: " + s.to_string());
   }
-  fabric::PatternStreamOptions options;
-  options.request_id = args["request-id"].as<uint64_t>();
-  options.verify = false;
-  options.shuffle = false;
-  options.source_blocks = table;
-  options.context = encode_context(prompt_tokens, prompt.back(), n_new);
-  options.before_layer = [&](uint32_t layer) -> void* {
-    std::unique_lock lock(mutex);
-    cv.wait(lock, [&] { return layers_saved > layer; });
-    return nullptr;
-  };
-  auto outcome = fabric::send_pattern_stream(*link.value(), *transport.value(), scheduler, pool->region,
-                                             pool->view.layout, options);
+  const auto started = Clock::now();
+  Status save_error;
+  auto first = model.prefill(prompt, table, pool->view, [&](uint32_t layer) {
+    if (!stream) return;
+    if (Status s = c.save_kv_layer(id, layer); !s.ok() && save_error.ok()) save_error = s;
+  });
+  const double prefill_ms = ms_since(started);
+  for (uint32_t l = 0; !stream && l < shape.layers; ++l) {
+    if (Status s = c.save_kv_layer(id, l); !s.ok() && save_error.ok()) save_error = s;
+  }
+  if (!first.ok()) {
+    (void)c.abort(id);  // the stream ends before any unsaved layer; the decode engine is told
+    return fail("prefill: " + first.status().to_string());
+  }
+  if (!save_error.ok()) return fail("save_kv_layer: " + save_error.to_string());
+  Status sent = c.wait_for_send(id);
   const double streamed_ms = ms_since(started);
-  if (prefill_thread.joinable()) prefill_thread.join();
-  if (!first.ok()) return fail("prefill: " + first.status().to_string());
-  if (!outcome.ok()) return fail("stream: " + outcome.status().to_string());
+  if (!sent.ok()) return fail("stream: " + sent.to_string());
+  (void)c.request_finished(id);
   std::printf(
       "request %llu: %u-token prompt, %u blocks (%.0f KiB of KV), prefill %.2f ms, last layer landed %.2f ms "
       "after the prefill started (%s)\n",
-      static_cast<unsigned long long>(options.request_id), prompt_tokens, request_blocks,
+      static_cast<unsigned long long>(id), prompt_tokens, request_blocks,
       static_cast<double>(pool->view.layout.block_bytes()) * request_blocks * shape.layers / 1024, prefill_ms,
       streamed_ms, stream ? "layers streamed during the prefill" : "streamed after the prefill");
 

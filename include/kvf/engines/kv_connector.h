@@ -6,11 +6,17 @@
 // blocks are freed at once or, while the connector still reads them, once get_finished() lists
 // it. Blocks whose load failed are reported, so the engine recomputes them instead of using them.
 //
-// What moves today: prefixes through the node's store (kvfabricd, via StoreConnector): loads are
-// whole stored chunks, checked against their checksums before any byte reaches the engine's
-// blocks; a request's full chunks are stored once every layer of it has been saved. Without a
-// store every lookup matches nothing and saves only track state. (PD streaming between engines
-// runs through fabric::StreamReceiver / send_pattern_stream; not through this class yet.)
+// What moves:
+// - Prefixes through the node's store (kvfabricd, via StoreConnector): loads are whole stored
+//   chunks, checked against their checksums before any byte reaches the engine's blocks; a
+//   request's full chunks are stored once every layer of it has been saved. Without a store every
+//   lookup matches nothing.
+// - PD (host memory, over UCX): a prefill engine names the decode engine of a request
+//   (send_kv_to); each layer goes to it as soon as save_kv_layer reports it, while later layers
+//   are computed. A decode engine listens (options.listen): arriving requests land straight in
+//   its blocks (from its allocate_blocks) and get_finished() lists them under `receiving` once
+//   every layer is in; take_received() hands over their blocks and the sender's context. PD needs
+//   the layer buffers back to back in one allocation (layer l at layers[0] + l * layer_bytes).
 //
 // Errors: misuse (an unknown request: kNotFound; a call on an aborted request: kAborted; a layer
 // out of range, a layer saved twice, registering twice or calling before registering:
@@ -24,6 +30,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -45,12 +52,29 @@ struct KvConnectorOptions {
   store::StoreClient* store = nullptr;
   LayerMemory memory = LayerMemory::kAuto;
   bool verify_loads = true;
+  // PD, decode side: "host:port" to take prefill engines' streams on (port 0: any); empty: none.
+  std::string listen;
+  // PD, decode side: the engine's block manager. Blocks for an arriving request of `n` blocks
+  // (distinct, in range; empty: refuse it), and the blocks of a stream that failed, handed back.
+  // Called on the connector's threads.
+  std::function<std::vector<uint32_t>(RequestId, uint32_t n)> allocate_blocks;
+  std::function<void(RequestId, std::vector<uint32_t> blocks)> release_blocks;
+  std::string name = "kvfabric-engine";  // shown to peers
+};
+
+// PD, decode side: a request whose KV arrived.
+struct ReceivedKv {
+  RequestId request = 0;
+  std::vector<uint32_t> blocks;          // the request's blocks in order; the engine's to use and free
+  std::vector<uint8_t> context;          // what the prefill engine sent with it
+  std::vector<double> layer_arrival_ms;  // per layer, since the stream was accepted
 };
 
 // Requests whose connector work ended since the last get_finished().
 struct FinishedRequests {
   std::vector<RequestId> sending;    // finished requests whose saves are done: free their blocks now
-  std::vector<RequestId> receiving;  // loads that ended (done or failed; see load errors)
+  std::vector<RequestId> receiving;  // loads that ended (done or failed; see load errors), and PD
+                                     // requests whose KV arrived (take_received)
 };
 
 // What the connector knows of one request, for tools and tests.
@@ -111,6 +135,23 @@ class KvConnector {
   Status save_kv_layer(RequestId request, uint32_t layer);
   // Blocks until every queued store has ended; the first failure since the last call, or Ok.
   Status wait_for_save();
+
+  // --- PD ------------------------------------------------------------------------------------
+  // Prefill side (scheduler): the request's KV goes to the decode engine at `peer` ("host:port")
+  // with `context`, layer by layer as save_kv_layer reports each layer: every block of the
+  // request's table is sent (so a table covering the tokens decode will append lets the decode
+  // engine write them in place). Call after update_state_after_alloc and before saving layers. The
+  // stream runs on a thread of its own; request_finished answers true until it has ended, and
+  // wait_for_send gives its outcome. kUnavailable when the caches are not one host allocation
+  // (see above). Aborting the request (or destroying the connector) ends its stream before the
+  // first layer not yet saved, and the decode engine is told (it never takes it as complete).
+  Status send_kv_to(RequestId request, const std::string& peer, std::vector<uint8_t> context);
+  // Blocks until the request's stream has ended: Ok once the decode engine has every layer.
+  Status wait_for_send(RequestId request);
+  // Decode side: the port taken (0 when not listening).
+  uint16_t listen_port() const;
+  // Decode side: a request get_finished() listed under `receiving` (once; kNotFound otherwise).
+  Result<ReceivedKv> take_received(RequestId request);
 
   FinishedRequests get_finished();
   // Blocks of loads that failed since the last call: the engine recomputes them.

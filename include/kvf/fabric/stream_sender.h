@@ -57,6 +57,9 @@ struct PatternStreamOptions {
   // enqueues the layer's compute and returns the cudaEvent_t recorded after it: the transfer then
   // waits for that event on the GPU (nullptr: the layer is ready now).
   std::function<void*(uint32_t layer)> before_layer;
+  // Asked after each before_layer: not Ok ends the stream there (the receiver is told with an
+  // Abort, so it never takes the request as complete) and the call returns that status.
+  std::function<Status()> cancelled;
   std::chrono::milliseconds timeout{120'000};
   // Engine streams: the request's blocks in the source pool, in order (empty: blocks 0..n-1 of
   // `layout`, the whole source), and what the receiving engine needs to continue the request.
