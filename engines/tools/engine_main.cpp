@@ -8,6 +8,8 @@
 //       streams each layer's KV to the decode engine as soon as that layer is written (with
 //       --no-stream: after the whole prefill), then prints the tokens one engine gives on its own
 //       ("reference tokens: ..."), so a test can compare the two.
+// Both sides move the KV through the engine connector (KvConnector: send_kv_to + save_kv_layer on
+// the prefill side, listen + take_received on the decode side).
 // Both sides must use the same --shape and --seed (the weights). Exit codes: 0 ok, 1 a failed
 // request or engine error (printed), 2 usage.
 #include <atomic>
