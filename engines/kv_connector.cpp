@@ -184,6 +184,12 @@ struct KvConnector::Impl {
     return Status::Ok();
   }
 
+  // Under the lock: need_registered, then find.
+  Result<Request*> registered_request(const char* call, RequestId id) {
+    if (Status s = need_registered(call); !s.ok()) return s;
+    return find(id);
+  }
+
   // Under the lock, after a request's work changed: a finished request with nothing pending is
   // reported (its blocks may be freed) and forgotten.
   void settle(RequestId id) {
@@ -446,8 +452,7 @@ Status KvConnector::update_state_after_alloc(RequestId request, std::span<const 
                                              uint64_t num_external_tokens) {
   std::lock_guard lock(impl_->mutex);
   Impl& m = *impl_;
-  if (Status s = m.need_registered("update_state_after_alloc"); !s.ok()) return s;
-  auto found = m.find(request);
+  auto found = m.registered_request("update_state_after_alloc", request);
   if (!found.ok()) return found.status();
   Impl::Request& r = *found.value();
   if (r.allocated)
@@ -584,8 +589,7 @@ Status KvConnector::wait_for_load(RequestId request) {
 Status KvConnector::save_kv_layer(RequestId request, uint32_t layer) {
   std::lock_guard lock(impl_->mutex);
   Impl& m = *impl_;
-  if (Status s = m.need_registered("save_kv_layer"); !s.ok()) return s;
-  auto found = m.find(request);
+  auto found = m.registered_request("save_kv_layer", request);
   if (!found.ok()) return found.status();
   Impl::Request& r = *found.value();
   if (layer >= m.layers) {
@@ -622,8 +626,7 @@ Status KvConnector::wait_for_save() {
 Status KvConnector::send_kv_to(RequestId request, const std::string& peer, std::vector<uint8_t> context) {
   std::lock_guard lock(impl_->mutex);
   Impl& m = *impl_;
-  if (Status s = m.need_registered("send_kv_to"); !s.ok()) return s;
-  auto found = m.find(request);
+  auto found = m.registered_request("send_kv_to", request);
   if (!found.ok()) return found.status();
   Impl::Request& r = *found.value();
   if (!r.allocated) {
