@@ -11,6 +11,7 @@
 #include "kvf/gpudirect/ucx_context.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -90,7 +91,13 @@ struct KvConnector::Impl {
   std::optional<gpudirect::MemoryRegion> region;
   std::unique_ptr<fabric::StreamReceiver> receiver;
   std::unordered_map<RequestId, ReceivedKv> received;
-  std::vector<std::thread> senders;
+  // One thread per stream; a finished one is joined at the next send_kv_to (so a long-running
+  // prefill engine does not pile up ended threads) or at destruction.
+  struct Sender {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<Sender> senders;
 
   // Under the lock: UCX, the transport and the caches' registration, made on first use.
   Status ensure_transport() {
@@ -303,7 +310,7 @@ KvConnector::~KvConnector() {
   }
   impl_->changed.notify_all();
   impl_->worker.join();
-  for (std::thread& t : impl_->senders) t.join();  // a stream whose layers were never saved ends now
+  for (Impl::Sender& sender : impl_->senders) sender.thread.join();  // an unsaved stream ends now
   impl_->receiver.reset();
   impl_->transport.reset();
   impl_->region.reset();
@@ -643,10 +650,18 @@ Status KvConnector::send_kv_to(RequestId request, const std::string& peer, std::
   if (!endpoint.ok()) return Status(endpoint.status().code(), "send_kv_to: " + endpoint.status().message());
   if (Status s = m.ensure_transport(); !s.ok()) return s;
   r.send_started = true;
-  m.senders.emplace_back([&m, request, host = endpoint->first, port = endpoint->second, blocks = r.blocks,
-                          context = std::move(context)]() mutable {
-    m.send(request, std::move(host), port, std::move(blocks), std::move(context));
+  std::erase_if(m.senders, [](Impl::Sender& sender) {
+    if (!sender.done->load()) return false;
+    sender.thread.join();  // it has returned from send(): at most its last instructions are left
+    return true;
   });
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  std::thread thread([&m, done, request, host = endpoint->first, port = endpoint->second, blocks = r.blocks,
+                      context = std::move(context)]() mutable {
+    m.send(request, std::move(host), port, std::move(blocks), std::move(context));
+    done->store(true);
+  });
+  m.senders.push_back(Impl::Sender{std::move(thread), std::move(done)});
   return Status::Ok();
 }
 
