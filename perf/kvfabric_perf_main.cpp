@@ -28,6 +28,7 @@
 #include "kvf/fabric/stream_pattern.h"
 #include "kvf/fabric/stream_receiver.h"
 #include "kvf/fabric/stream_sender.h"
+#include "kvf/fabric/topology.h"
 #include "kvf/fabric/transfer_scheduler.h"
 #include "kvf/fabric/ucx_transport.h"
 #include "kvf/fabric/version.h"
@@ -153,6 +154,29 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
                     kind + "'");
 }
 
+// --transport as given, or else the topology's transports.preference ("local", the in-process
+// test transport, left out), so peers choose per pair as the topology prefers.
+Result<std::string> transport_list(const cxxopts::ParseResult& args) {
+  if (args.count("transport") != 0 || args.count("topology") == 0) return args["transport"].as<std::string>();
+  const std::string file = args["topology"].as<std::string>();
+  TopologyLoad load = load_topology_file(file);
+  if (!load.topology) {
+    std::string problems;
+    for (const TopologyProblem& p : load.problems) problems += "\n  " + p.to_string();
+    return Status(ErrorCode::kInvalidArgument, "--topology " + file + " is not valid:" + problems);
+  }
+  std::string kinds;
+  for (TransportKind kind : load.topology->transport_preference) {
+    if (kind == TransportKind::kLocal) continue;
+    kinds += (kinds.empty() ? "" : ",") + std::string(transport_kind_name(kind));
+  }
+  if (kinds.empty()) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "--topology " + file + ": transports.preference names no transport between processes");
+  }
+  return kinds;
+}
+
 // --transport KIND, or a comma list (most preferred first): each peer then gets the first that
 // both sides offer and that connects. Kinds this machine cannot run are left out, with the reason.
 Result<Setup> make_transport(const cxxopts::ParseResult& args) {
@@ -160,7 +184,9 @@ Result<Setup> make_transport(const cxxopts::ParseResult& args) {
   if (!memory.ok()) return memory.status();
   auto ucx = gpudirect::UcxContext::create();
   if (!ucx.ok()) return ucx.status();
-  const std::string kinds = args["transport"].as<std::string>();
+  auto listed = transport_list(args);
+  if (!listed.ok()) return listed.status();
+  const std::string kinds = listed.value();
   if (kinds.find(',') == std::string::npos) {
     auto transport = make_one_transport(args, kinds, ucx.value(), memory.value());
     if (!transport.ok()) return transport.status();
@@ -543,6 +569,7 @@ int main(int argc, char** argv) {
        "UCX 1.13 then falls back to tcp)", cxxopts::value<std::string>()->default_value("auto"))
       ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
       ("transport", "ucx | cuda_ipc (same host, GPU memory) | nccl (GPU memory, NCCL send/recv of staged layers; same or other host) | ucx_staged (gather -> one UCX put per slot -> the receiver scatters; host or GPU memory, any host), or a comma list in order of preference (e.g. cuda_ipc,ucx): each peer uses the first both sides offer", cxxopts::value<std::string>()->default_value("ucx"))
+      ("topology", "without --transport: the transports (and their order) of FILE's transports.preference", cxxopts::value<std::string>())
       ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))
       ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each) | staged (cuda_ipc: gather, one copy-engine copy into the receiver's staging, the receiver scatters)", cxxopts::value<std::string>()->default_value("auto"))
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",

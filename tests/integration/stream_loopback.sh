@@ -109,6 +109,13 @@ kvf_check_eq "$(grep -c '^transport: ucx (this side offers ucx)' "$(kvf_logfile 
   "a listing sender says which transport it chose"
 kvf_check_eq "$(grep -c 'cuda_ipc left out\|cuda_ipc: this side' "$(kvf_logfile client-list-both)")" 0 \
   "host memory leaves GPU transports out quietly"
+# Without --transport, --topology takes the list from the topology's transports.preference.
+layers_run list-topology list env UCX_TLS=tcp -- --topology "$KVF_SOURCE/examples/topologies/gpu-2x.yaml"
+kvf_check_eq "$(grep -c '^transport: ucx (this side offers ucx)' "$(kvf_logfile client-list-topology)")" 1 \
+  "a sender taking [cuda_ipc, nccl, ucx] from the topology chooses ucx for host memory"
+kvf_run bad-topology 20 "$KVF_PERF" client --connect 127.0.0.1:1 --topology /etc/hostname
+kvf_check test $? -ne 0 -- "an invalid --topology fails the client"
+kvf_check_grep "$(kvf_logfile bad-topology)" "--topology /etc/hostname is not valid" "and says why"
 kvf_check kvf_alive list -- "list server still alive"
 
 # --- ucx_staged: gather -> one UCX put per slot -> the receiver scatters ------------------------
