@@ -174,13 +174,19 @@ struct KvConnector::Impl {
            (r.send_started && !r.send_ended);
   }
 
-  // Under the lock: the request, or why a call naming it is refused.
-  Result<Request*> find(RequestId id) {
+  // Under the lock: the request, aborted or not; kNotFound when unknown.
+  Result<Request*> known(RequestId id) {
     auto it = requests.find(id);
     if (it == requests.end())
       return Status(ErrorCode::kNotFound, request_name(id) + " is not known to the connector");
-    if (it->second.aborted) return Status(ErrorCode::kAborted, request_name(id) + " was aborted");
     return &it->second;
+  }
+
+  // Under the lock: the request, or why a call naming it is refused.
+  Result<Request*> find(RequestId id) {
+    auto r = known(id);
+    if (r.ok() && r.value()->aborted) return Status(ErrorCode::kAborted, request_name(id) + " was aborted");
+    return r;
   }
 
   Status need_registered(const char* call) const {
@@ -490,14 +496,13 @@ Status KvConnector::update_state_after_alloc(RequestId request, std::span<const 
 Result<bool> KvConnector::request_finished(RequestId request) {
   std::lock_guard lock(impl_->mutex);
   Impl& m = *impl_;
-  auto it = m.requests.find(request);
-  if (it == m.requests.end())
-    return Status(ErrorCode::kNotFound, request_name(request) + " is not known to the connector");
-  Impl::Request& r = it->second;
+  auto found = m.known(request);
+  if (!found.ok()) return found.status();
+  Impl::Request& r = *found.value();
   if (r.finished) return Status(ErrorCode::kInvalidArgument, request_name(request) + " was finished already");
   if (!Impl::pending(r)) {
     std::erase(m.to_start, request);
-    m.requests.erase(it);
+    m.requests.erase(request);
     return false;
   }
   r.finished = true;
@@ -507,10 +512,9 @@ Result<bool> KvConnector::request_finished(RequestId request) {
 Status KvConnector::abort(RequestId request) {
   std::lock_guard lock(impl_->mutex);
   Impl& m = *impl_;
-  auto it = m.requests.find(request);
-  if (it == m.requests.end())
-    return Status(ErrorCode::kNotFound, request_name(request) + " is not known to the connector");
-  Impl::Request& r = it->second;
+  auto found = m.known(request);
+  if (!found.ok()) return found.status();
+  Impl::Request& r = *found.value();
   if (r.aborted) return Status::Ok();
   r.aborted = true;
   std::erase(m.to_start, request);
@@ -668,10 +672,9 @@ Status KvConnector::send_kv_to(RequestId request, const std::string& peer, std::
 Status KvConnector::wait_for_send(RequestId request) {
   std::unique_lock lock(impl_->mutex);
   Impl& m = *impl_;
-  auto it = m.requests.find(request);
-  if (it == m.requests.end())
-    return Status(ErrorCode::kNotFound, request_name(request) + " is not known to the connector");
-  if (!it->second.send_started)
+  auto found = m.known(request);
+  if (!found.ok()) return found.status();
+  if (!found.value()->send_started)
     return Status(ErrorCode::kInvalidArgument, request_name(request) + " is not being sent (send_kv_to)");
   m.changed.wait(lock, [&] {
     auto r = m.requests.find(request);
@@ -710,10 +713,9 @@ std::vector<uint32_t> KvConnector::get_block_ids_with_load_errors() {
 
 Result<RequestProgress> KvConnector::progress(RequestId request) const {
   std::lock_guard lock(impl_->mutex);
-  auto it = impl_->requests.find(request);
-  if (it == impl_->requests.end())
-    return Status(ErrorCode::kNotFound, request_name(request) + " is not known to the connector");
-  const Impl::Request& r = it->second;
+  auto found = impl_->known(request);
+  if (!found.ok()) return found.status();
+  const Impl::Request& r = *found.value();
   return RequestProgress{
       r.matched, r.loaded, r.layers_saved, r.chunks_stored, r.load_ended && !r.load_status.ok(), r.aborted};
 }

@@ -33,11 +33,7 @@
 #include "kvf/engines/kv_connector.h"
 #include "kvf/engines/reference_model.h"
 #include "kvf/engines/synthetic_prompt.h"
-#include "kvf/fabric/control_channel.h"
-#include "kvf/fabric/stream_receiver.h"
-#include "kvf/fabric/stream_sender.h"
-#include "kvf/fabric/transfer_scheduler.h"
-#include "kvf/fabric/ucx_transport.h"
+#include "kvf/gpudirect/memory_region.h"
 
 namespace {
 
@@ -62,17 +58,17 @@ int fail(const std::string& what) {
   return kFailed;
 }
 
-// The pool's layers back to back in one region peers can write; the view the model reads.
+// The pool's layers back to back in one host allocation (as the connector's PD needs); the
+// connector registers it with UCX, as it would a real engine's cache. The view the model reads.
 struct KvPool {
   gpudirect::MemoryRegion region;
   engines::KvCacheView view;
 };
 
-Result<KvPool> make_pool(const std::shared_ptr<gpudirect::UcxContext>& ucx, const engines::ModelShape& shape,
-                         uint32_t blocks) {
+Result<KvPool> make_pool(const engines::ModelShape& shape, uint32_t blocks) {
   auto layout = protocol::KvLayout::create(shape.kv_layout_desc(blocks));
   if (!layout.ok()) return layout.status();
-  auto region = gpudirect::MemoryRegion::allocate_ucx(ucx, layout->layer_bytes() * shape.layers);
+  auto region = gpudirect::MemoryRegion::allocate_host(nullptr, layout->layer_bytes() * shape.layers);
   if (!region.ok()) return region.status();
   KvPool pool{std::move(region.value()), {layout.value(), {}}};
   for (uint32_t l = 0; l < shape.layers; ++l)
@@ -124,11 +120,10 @@ bool decode_context(const std::vector<uint8_t>& context, uint32_t* prompt_tokens
   return *prompt_tokens != 0 && *n_new != 0;
 }
 
-int run_decode(const cxxopts::ParseResult& args, const engines::ReferenceModel& model,
-               const std::shared_ptr<gpudirect::UcxContext>& ucx) {
+int run_decode(const cxxopts::ParseResult& args, const engines::ReferenceModel& model) {
   const engines::ModelShape& shape = model.shape();
   const uint32_t pool_blocks = args["pool-blocks"].as<uint32_t>();
-  auto pool = make_pool(ucx, shape, pool_blocks);
+  auto pool = make_pool(shape, pool_blocks);
   if (!pool.ok()) return fail("KV pool: " + pool.status().to_string());
   BlockManager blocks(pool_blocks);
 
@@ -194,8 +189,7 @@ int run_decode(const cxxopts::ParseResult& args, const engines::ReferenceModel& 
   return kOk;
 }
 
-int run_prefill(const cxxopts::ParseResult& args, const engines::ReferenceModel& model,
-                const std::shared_ptr<gpudirect::UcxContext>& ucx) {
+int run_prefill(const cxxopts::ParseResult& args, const engines::ReferenceModel& model) {
   const engines::ModelShape& shape = model.shape();
   const uint32_t prompt_tokens = args["prompt-tokens"].as<uint32_t>();
   const uint32_t n_new = args["new"].as<uint32_t>();
@@ -210,7 +204,7 @@ int run_prefill(const cxxopts::ParseResult& args, const engines::ReferenceModel&
   const auto request_blocks =
       static_cast<uint32_t>((positions + shape.block_tokens - 1) / shape.block_tokens);
   const uint32_t pool_blocks = request_blocks * 2;
-  auto pool = make_pool(ucx, shape, pool_blocks);
+  auto pool = make_pool(shape, pool_blocks);
   if (!pool.ok()) return fail("KV pool: " + pool.status().to_string());
   std::vector<uint32_t> table(request_blocks);
   for (uint32_t b = 0; b < request_blocks; ++b) table[b] = pool_blocks - 1 - 2 * b;  // scattered
@@ -309,12 +303,9 @@ int run(int argc, char** argv) {
   }
   auto model = engines::ReferenceModel::create(engines::ModelShape::tiny(), args["seed"].as<uint64_t>());
   if (!model.ok()) return fail("model: " + model.status().to_string());
-  auto ucx = gpudirect::UcxContext::create();
-  if (!ucx.ok()) return fail(ucx.status().to_string());
   std::signal(SIGTERM, on_signal);
   std::signal(SIGINT, on_signal);
-  return role == "decode" ? run_decode(args, model.value(), ucx.value())
-                          : run_prefill(args, model.value(), ucx.value());
+  return role == "decode" ? run_decode(args, model.value()) : run_prefill(args, model.value());
 }
 
 }  // namespace
