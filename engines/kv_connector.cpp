@@ -3,10 +3,12 @@
 #include <spdlog/spdlog.h>
 
 #include "kvf/fabric/control_channel.h"
+#include "kvf/fabric/cuda_ipc_transport.h"
 #include "kvf/fabric/stream_receiver.h"
 #include "kvf/fabric/stream_sender.h"
 #include "kvf/fabric/transfer_scheduler.h"
 #include "kvf/fabric/ucx_transport.h"
+#include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/memory_region.h"
 #include "kvf/gpudirect/ucx_context.h"
 
@@ -36,6 +38,8 @@ struct KvConnector::Impl {
     std::vector<uint32_t> tokens;
     std::vector<uint32_t> blocks;
     uint32_t max_chunks = 0;
+    // GPU caches: the layers' write events the engine's stream recorded (a store waits for them).
+    std::vector<std::shared_ptr<gpudirect::CudaEvent>> events;
   };
   struct Request {
     std::vector<uint32_t> prompt;
@@ -46,6 +50,9 @@ struct KvConnector::Impl {
     uint64_t load_tokens = 0;  // computed + external: the prefix the load places (0: no load)
     uint64_t loaded = 0;
     std::vector<bool> saved;
+    // GPU caches: per layer, the event recorded on the engine's stream at save_kv_layer (null: the
+    // engine said the layer was complete when it saved it).
+    std::vector<std::shared_ptr<gpudirect::CudaEvent>> layer_events;
     uint32_t layers_saved = 0;
     uint32_t chunks_stored = 0;
     bool load_queued = false;   // set up, not started yet
@@ -82,12 +89,15 @@ struct KvConnector::Impl {
   bool stopping = false;
   std::thread worker;
 
-  // PD: the caches registered with UCX, a transport, and (decode side) the receiver of streams.
+  // PD: the caches registered with UCX (and exported for CUDA IPC when they are GPU memory), a
+  // transport (cuda_ipc for GPU caches: same host, GPU to GPU; UCX for host caches), and (decode
+  // side) the receiver of streams.
   Status pd_unavailable = Status(ErrorCode::kUnavailable, "PD needs register_kv_caches first");
   uint8_t* caches_base = nullptr;
+  int caches_device = -1;  // the GPU holding the caches; -1: host memory
   std::optional<protocol::KvLayout> layout;
   std::shared_ptr<gpudirect::UcxContext> ucx;
-  std::unique_ptr<fabric::UcxTransport> transport;
+  std::unique_ptr<fabric::Transport> transport;
   std::optional<gpudirect::MemoryRegion> region;
   std::unique_ptr<fabric::StreamReceiver> receiver;
   std::unordered_map<RequestId, ReceivedKv> received;
@@ -105,14 +115,26 @@ struct KvConnector::Impl {
     if (!pd_unavailable.ok()) return pd_unavailable;
     auto context = gpudirect::UcxContext::create();
     if (!context.ok()) return context.status();
-    auto made = fabric::UcxTransport::create(context.value());
-    if (!made.ok()) return made.status();
-    auto caches_region = gpudirect::MemoryRegion::register_external(
-        context.value(), caches_base, layout->layer_bytes() * layers, protocol::MemoryKind::kHost);
-    if (!caches_region.ok()) return caches_region.status();
+    const uint64_t bytes = layout->layer_bytes() * layers;
+    if (caches_device >= 0) {
+      fabric::CudaIpcTransportOptions cuda;
+      cuda.device = caches_device;
+      auto made = fabric::CudaIpcTransport::create(context.value(), cuda);
+      if (!made.ok()) return made.status();
+      auto caches_region = gpudirect::MemoryRegion::register_cuda(context.value(), caches_base, bytes);
+      if (!caches_region.ok()) return caches_region.status();
+      transport = std::move(made.value());
+      region.emplace(std::move(caches_region.value()));
+    } else {
+      auto made = fabric::UcxTransport::create(context.value());
+      if (!made.ok()) return made.status();
+      auto caches_region = gpudirect::MemoryRegion::register_external(context.value(), caches_base, bytes,
+                                                                      protocol::MemoryKind::kHost);
+      if (!caches_region.ok()) return caches_region.status();
+      transport = std::move(made.value());
+      region.emplace(std::move(caches_region.value()));
+    }
     ucx = std::move(context.value());
-    transport = std::move(made.value());
-    region.emplace(std::move(caches_region.value()));
     return Status::Ok();
   }
 
@@ -131,13 +153,21 @@ struct KvConnector::Impl {
       o.shuffle = false;
       o.source_blocks = std::move(blocks);
       o.context = std::move(context);
-      o.before_layer = [this, id](uint32_t layer) -> void* {
+      // The layers' events stay alive here until the stream has ended (the transfer waits on them
+      // on the GPU after before_layer returns).
+      auto events = std::make_shared<std::vector<std::shared_ptr<gpudirect::CudaEvent>>>();
+      o.before_layer = [this, id, events](uint32_t layer) -> void* {
         std::unique_lock lock(mutex);
         changed.wait(lock, [&] {
           auto it = requests.find(id);
           return stopping || it == requests.end() || it->second.aborted || it->second.saved[layer];
         });
-        return nullptr;
+        auto it = requests.find(id);
+        if (it == requests.end() || layer >= it->second.layer_events.size() ||
+            !it->second.layer_events[layer])
+          return nullptr;
+        events->push_back(it->second.layer_events[layer]);
+        return events->back()->handle();
       };
       // An aborted request, or a connector going away, ends the stream before an unsaved layer.
       o.cancelled = [this, id]() -> Status {
@@ -275,6 +305,18 @@ struct KvConnector::Impl {
   }
 
   void run_store(const Job& job, std::unique_lock<std::mutex>& lock) {
+    // GPU caches: the store reads the blocks once the engine's writes of every layer are done.
+    for (const auto& event : job.events) {
+      if (Status s = event->synchronize(); !s.ok()) {
+        lock.lock();
+        --stores_outstanding;
+        if (auto it = requests.find(job.request); it != requests.end()) it->second.store_queued = false;
+        if (save_failure.ok())
+          save_failure = Status(s.code(), "storing " + request_name(job.request) +
+                                              ": waiting for layer writes: " + s.message());
+        return;
+      }
+    }
     auto result = store->store(job.tokens, job.blocks);
     lock.lock();
     --stores_outstanding;
@@ -366,9 +408,7 @@ Status KvConnector::register_kv_caches(const KvCacheView& caches) {
       break;
     }
   }
-  if (m.options.memory == LayerMemory::kCuda || (m.store && m.store->device() >= 0))
-    m.pd_unavailable =
-        Status(ErrorCode::kUnavailable, "PD through the connector runs on host memory only (for now)");
+  if (auto device = gpudirect::device_of(caches.layers[0]); device.ok()) m.caches_device = device.value();
   m.registered = true;
   if (!m.options.listen.empty()) {
     Status started = [&]() -> Status {
@@ -548,8 +588,12 @@ Status KvConnector::start_load_kv() {
     Impl::Request& r = it->second;
     r.load_queued = false;
     r.load_started = true;
-    m.jobs.push_back(Impl::Job{Impl::JobKind::kLoad, id, r.prompt, r.blocks,
-                               static_cast<uint32_t>(r.load_tokens / m.options.chunk_tokens)});
+    m.jobs.push_back(Impl::Job{Impl::JobKind::kLoad,
+                               id,
+                               r.prompt,
+                               r.blocks,
+                               static_cast<uint32_t>(r.load_tokens / m.options.chunk_tokens),
+                               {}});
     m.started.push_back(id);
   }
   m.to_start.clear();
@@ -598,6 +642,10 @@ Status KvConnector::wait_for_load(RequestId request) {
 }
 
 Status KvConnector::save_kv_layer(RequestId request, uint32_t layer) {
+  return save_kv_layer(request, layer, nullptr);
+}
+
+Status KvConnector::save_kv_layer(RequestId request, uint32_t layer, void* cuda_stream) {
   std::lock_guard lock(impl_->mutex);
   Impl& m = *impl_;
   auto found = m.registered_request("save_kv_layer", request);
@@ -616,10 +664,25 @@ Status KvConnector::save_kv_layer(RequestId request, uint32_t layer) {
     return Status(ErrorCode::kInvalidArgument,
                   request_name(request) + ": layer " + std::to_string(layer) + " was saved already");
   }
+  if (cuda_stream != nullptr) {
+    if (m.caches_device < 0) {
+      return Status(
+          ErrorCode::kInvalidArgument,
+          request_name(request) + ": save_kv_layer with a CUDA stream, but the caches are host memory");
+    }
+    auto event = gpudirect::CudaEvent::create(m.caches_device);
+    if (!event.ok()) return event.status();
+    if (Status s = event->record(cuda_stream); !s.ok()) return s;
+    r.layer_events.resize(m.layers);
+    r.layer_events[layer] = std::make_shared<gpudirect::CudaEvent>(std::move(event.value()));
+  }
   r.saved[layer] = true;
   ++r.layers_saved;
   if (r.layers_saved == m.layers && m.store && r.prompt.size() >= m.options.chunk_tokens) {
-    m.jobs.push_back(Impl::Job{Impl::JobKind::kStore, request, r.prompt, r.blocks, 0});
+    Impl::Job job{Impl::JobKind::kStore, request, r.prompt, r.blocks, 0, {}};
+    for (const auto& event : r.layer_events)
+      if (event) job.events.push_back(event);
+    m.jobs.push_back(std::move(job));
     r.store_queued = true;
     ++m.stores_outstanding;
   }

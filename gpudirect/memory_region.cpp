@@ -52,15 +52,25 @@ Result<MemoryRegion> MemoryRegion::allocate_cuda(std::shared_ptr<UcxContext> ucx
   if (bytes == 0) return Status(ErrorCode::kInvalidArgument, "allocate_cuda: zero bytes");
   auto buffer = DeviceBuffer::allocate(device, bytes);
   if (!buffer.ok()) return buffer.status();
-  auto blob = export_cuda_ipc(buffer->data(), bytes);
+  auto region = register_cuda(std::move(ucx), buffer->data(), bytes);
+  if (!region.ok()) return region.status();
+  region->ownership_ = Ownership::kCuda;
+  region->device_buffer_ = std::make_unique<DeviceBuffer>(std::move(buffer.value()));
+  return region;
+}
+
+Result<MemoryRegion> MemoryRegion::register_cuda(std::shared_ptr<UcxContext> ucx, void* device_ptr,
+                                                 uint64_t bytes) {
+  if (device_ptr == nullptr || bytes == 0)
+    return Status(ErrorCode::kInvalidArgument, "register_cuda: null address or zero length");
+  auto blob = export_cuda_ipc(device_ptr, bytes);
   if (!blob.ok())
     return Status(blob.status().code(), "exporting GPU memory for CUDA IPC: " + blob.status().message());
   MemoryRegion region;
-  region.address_ = buffer->data();
+  region.address_ = device_ptr;
   region.bytes_ = bytes;
   region.kind_ = protocol::MemoryKind::kCudaDevice;
-  region.ownership_ = Ownership::kCuda;
-  region.device_buffer_ = std::make_unique<DeviceBuffer>(std::move(buffer.value()));
+  region.ownership_ = Ownership::kNone;
   // The importer maps the whole exported range and finds a descriptor's bytes by their distance
   // from this address.
   auto base = reinterpret_cast<uint64_t>(region.address_);

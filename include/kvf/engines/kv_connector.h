@@ -11,7 +11,8 @@
 //   chunks, checked against their checksums before any byte reaches the engine's blocks; a
 //   request's full chunks are stored once every layer of it has been saved. Without a store every
 //   lookup matches nothing.
-// - PD (host memory, over UCX): a prefill engine names the decode engine of a request
+// - PD (host caches over UCX; GPU caches over cuda_ipc, GPU to GPU on one host, the caches'
+//   memory exported for CUDA IPC): a prefill engine names the decode engine of a request
 //   (send_kv_to); each layer goes to it as soon as save_kv_layer reports it, while later layers
 //   are computed. A decode engine listens (options.listen): arriving requests land straight in
 //   its blocks (from its allocate_blocks) and get_finished() lists them under `receiving` once
@@ -133,6 +134,11 @@ class KvConnector {
   // request without blocks yet (update_state_after_alloc); kNotFound for an unknown request,
   // kAborted for an aborted one (as for every call naming a request).
   Status save_kv_layer(RequestId request, uint32_t layer);
+  // The same for GPU caches written asynchronously: `cuda_stream` (a cudaStream_t of the caches'
+  // GPU) holds the layer's K/V writes; the connector records an event on it, and a PD stream or a
+  // store reads the layer only once that event has passed (the engine's stream never waits).
+  // kInvalidArgument when the caches are host memory.
+  Status save_kv_layer(RequestId request, uint32_t layer, void* cuda_stream);
   // Blocks until every queued store has ended; the first failure since the last call, or Ok.
   Status wait_for_save();
 
@@ -142,9 +148,10 @@ class KvConnector {
   // request's table is sent (so a table covering the tokens decode will append lets the decode
   // engine write them in place). Call after update_state_after_alloc and before saving layers. The
   // stream runs on a thread of its own; request_finished answers true until it has ended, and
-  // wait_for_send gives its outcome. kUnavailable when the caches are not one host allocation
-  // (see above). Aborting the request (or destroying the connector) ends its stream before the
-  // first layer not yet saved, and the decode engine is told (it never takes it as complete).
+  // wait_for_send gives its outcome. kUnavailable when the caches are not one allocation (see
+  // above), or GPU caches where CUDA IPC cannot run. Aborting the request (or destroying the connector) ends
+  // its stream before the first layer not yet saved, and the decode engine is told (it never takes it as
+  // complete).
   Status send_kv_to(RequestId request, const std::string& peer, std::vector<uint8_t> context);
   // Blocks until the request's stream has ended: Ok once the decode engine has every layer.
   Status wait_for_send(RequestId request);

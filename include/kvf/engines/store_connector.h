@@ -17,13 +17,13 @@
 // Layer buffers may be host memory (memcpy) or cudaMalloc'd memory of one GPU: then the arena
 // mapping is page-locked (cudaHostRegister) once and chunk bytes move between the GPU blocks and
 // the arena by copy-kernel launches: store = reserve -> one gather launch per chunk (all its
-// layers) -> synchronize -> commit; load = lease -> checksum check (on the CPU, as for host
-// memory) -> one scatter launch per layer (all chunks) -> each layer reported when its event has
-// passed -> release. The byte order in the store is the same, so host and GPU engines share chunks.
-// The GPU path runs on the connector's own stream and does not wait for the engine's: call store
-// only after the work writing those blocks has finished; loads have finished when they return.
-// Thread rules: one request at a time per connector (calls are not synchronized); several
-// connectors may share one StoreClient, and must be destroyed before it.
+// layers) -> synchronize -> commit; load = lease -> checksum check (on the CPU, chunks
+// hashed on several threads at once, as for host memory) -> one scatter launch per layer (all chunks) -> each
+// layer reported when its event has passed -> release. The byte order in the store is the same, so host and
+// GPU engines share chunks. The GPU path runs on the connector's own stream and does not wait for the
+// engine's: call store only after the work writing those blocks has finished; loads have finished when they
+// return. Thread rules: one request at a time per connector (calls are not synchronized); several connectors
+// may share one StoreClient, and must be destroyed before it.
 #pragma once
 
 #include <cstdint>

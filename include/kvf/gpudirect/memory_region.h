@@ -37,6 +37,11 @@ class MemoryRegion {
   // a process on this host can map it: the cuda_ipc transport) and registered with UCX when the
   // UCX build handles CUDA memory (`ucx` may be null: then it is not). data() is a device pointer.
   static Result<MemoryRegion> allocate_cuda(std::shared_ptr<UcxContext> ucx, int device, uint64_t bytes);
+  // An engine's cudaMalloc'd memory (not owned: the caller keeps it alive longer than the region),
+  // exported for CUDA IPC and registered with UCX where the UCX build handles CUDA memory, as
+  // allocate_cuda's: so peers can write an engine's GPU KV pool straight into its blocks.
+  static Result<MemoryRegion> register_cuda(std::shared_ptr<UcxContext> ucx, void* device_ptr,
+                                            uint64_t bytes);
   // Registers memory owned by the caller, which must outlive the region.
   static Result<MemoryRegion> register_external(std::shared_ptr<UcxContext> ucx, void* address,
                                                 uint64_t bytes, protocol::MemoryKind kind);
