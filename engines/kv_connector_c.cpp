@@ -7,6 +7,7 @@
 #include <cstring>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -45,6 +46,11 @@ struct kvf_connector {
     std::lock_guard lock(errors_mu);
     return errors[std::this_thread::get_id()];
   }
+};
+
+// A PD request's received KV, the caller's until kvf_connector_received_free.
+struct kvf_connector_received {
+  kvf::engines::ReceivedKv kv;
 };
 
 namespace {
@@ -148,20 +154,46 @@ void hand_over(std::deque<T>& pending, const Src& fresh, T* out, size_t capacity
   *written = n;
 }
 
-}  // namespace
-
-extern "C" {
-
-void kvf_connector_options_init(kvf_connector_options* opts) {
-  if (opts == nullptr) return;
-  *opts = kvf_connector_options{};
-  opts->chunk_tokens = kvf::protocol::kDefaultChunkTokens;
-  opts->verify_loads = 1;
-  opts->memory = KVF_CONNECTOR_MEMORY_AUTO;
+// A received KV's array for an accessor: the pointer (NULL when empty) and its count.
+template <typename T>
+int hand_array(const char* fn, const std::vector<T>& values, const T** data, size_t* count) noexcept {
+  if (data == nullptr || count == nullptr) {
+    return fail_in(nullptr, kInvalid, fn,
+                   data == nullptr ? "the array pointer is NULL" : "the count pointer is NULL");
+  }
+  *data = values.empty() ? nullptr : values.data();
+  *count = values.size();
+  return ok(nullptr);
 }
 
-int kvf_connector_create(const kvf_connector_options* opts, kvf_connector** out) {
-  constexpr const char* fn = "kvf_connector_create";
+// CUDA's cudaStreamLegacy, without the CUDA headers.
+void* const kCudaStreamLegacy = reinterpret_cast<void*>(uintptr_t{1});
+
+// The decode side's block manager in C, as KvConnector calls it (on its threads). Nothing thrown
+// reaches the connector's threads: a failure to allocate the list refuses the request.
+std::function<std::vector<uint32_t>(kvf::engines::RequestId, uint32_t)> c_allocate(
+    kvf_connector_allocate_blocks_fn fn, void* user) {
+  return [fn, user](kvf::engines::RequestId request, uint32_t n) -> std::vector<uint32_t> {
+    try {
+      std::vector<uint32_t> blocks(n);
+      if (n == 0 || fn(user, request, n, blocks.data()) != 0) return {};
+      return blocks;
+    } catch (...) {
+      return {};
+    }
+  };
+}
+
+std::function<void(kvf::engines::RequestId, std::vector<uint32_t>)> c_release(
+    kvf_connector_release_blocks_fn fn, void* user) {
+  return [fn, user](kvf::engines::RequestId request, std::vector<uint32_t> blocks) {
+    fn(user, request, blocks.data(), blocks.size());
+  };
+}
+
+// kvf_connector_create and kvf_connector_create_pd (pd may be NULL), as `fn`.
+int create_connector(const char* fn, const kvf_connector_options* opts, const kvf_connector_pd_options* pd,
+                     kvf_connector** out) noexcept {
   if (out == nullptr) return fail_in(nullptr, kInvalid, fn, "out is NULL");
   *out = nullptr;
   if (opts == nullptr) return fail_in(nullptr, kInvalid, fn, "opts is NULL");
@@ -188,6 +220,20 @@ int kvf_connector_create(const kvf_connector_options* opts, kvf_connector** out)
                     std::string(fn) + ": opts->memory " + std::to_string(opts->memory) +
                         " is not one of KVF_CONNECTOR_MEMORY_AUTO (0), _HOST (1), _CUDA (2)");
     }
+    if (pd != nullptr) {
+      if (pd->listen != nullptr && pd->listen[0] != '\0') {
+        if (pd->allocate_blocks == nullptr || pd->release_blocks == nullptr) {
+          return fail(nullptr, kInvalid,
+                      std::string(fn) +
+                          ": pd->listen is set, so pd->allocate_blocks and pd->release_blocks " +
+                          "are required (the decode side's block manager)");
+        }
+        o.listen = pd->listen;
+      }
+      if (pd->allocate_blocks != nullptr) o.allocate_blocks = c_allocate(pd->allocate_blocks, pd->user_data);
+      if (pd->release_blocks != nullptr) o.release_blocks = c_release(pd->release_blocks, pd->user_data);
+      if (pd->name != nullptr && pd->name[0] != '\0') o.name = pd->name;
+    }
     auto handle = std::make_unique<kvf_connector>();
     if (opts->store_socket != nullptr && opts->store_socket[0] != '\0') {
       kvf::store::StoreClientOptions so;
@@ -204,6 +250,32 @@ int kvf_connector_create(const kvf_connector_options* opts, kvf_connector** out)
   } catch (...) {
     return fail_exception(nullptr, fn);
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+void kvf_connector_options_init(kvf_connector_options* opts) {
+  if (opts == nullptr) return;
+  *opts = kvf_connector_options{};
+  opts->chunk_tokens = kvf::protocol::kDefaultChunkTokens;
+  opts->verify_loads = 1;
+  opts->memory = KVF_CONNECTOR_MEMORY_AUTO;
+}
+
+void kvf_connector_pd_options_init(kvf_connector_pd_options* pd) {
+  if (pd == nullptr) return;
+  *pd = kvf_connector_pd_options{};
+}
+
+int kvf_connector_create(const kvf_connector_options* opts, kvf_connector** out) {
+  return create_connector("kvf_connector_create", opts, nullptr, out);
+}
+
+int kvf_connector_create_pd(const kvf_connector_options* opts, const kvf_connector_pd_options* pd,
+                            kvf_connector** out) {
+  return create_connector("kvf_connector_create_pd", opts, pd, out);
 }
 
 void kvf_connector_destroy(kvf_connector* connector) {
@@ -386,6 +458,89 @@ int kvf_connector_get_block_ids_with_load_errors(kvf_connector* connector, uint3
     hand_over(connector->pending_load_errors, fresh, blocks, capacity, num_blocks);
     return ok(connector);
   });
+}
+
+int kvf_connector_save_kv_layer_on_stream(kvf_connector* connector, uint64_t request, uint32_t layer,
+                                          void* cuda_stream) {
+  // CUDA's stream 0 is the legacy default stream; KvConnector takes null as "no stream", so the
+  // legacy stream goes by its own handle (cudaStreamLegacy, 0x1), which records the same.
+  void* stream = cuda_stream == nullptr ? kCudaStreamLegacy : cuda_stream;
+  return guarded(connector, "kvf_connector_save_kv_layer_on_stream",
+                 [&](KvConnector& c) { return done(connector, c.save_kv_layer(request, layer, stream)); });
+}
+
+int kvf_connector_send_kv_to(kvf_connector* connector, uint64_t request, const char* peer,
+                             const void* context, size_t context_length) {
+  constexpr const char* fn = "kvf_connector_send_kv_to";
+  return guarded(connector, fn, [&](KvConnector& c) {
+    if (peer == nullptr) return fail(connector, kInvalid, null_arg(fn, "peer"));
+    if (context == nullptr && context_length != 0) return fail(connector, kInvalid, null_arg(fn, "context"));
+    const auto* bytes = static_cast<const uint8_t*>(context);
+    std::vector<uint8_t> copy(bytes, bytes + context_length);
+    return done(connector, c.send_kv_to(request, peer, std::move(copy)));
+  });
+}
+
+int kvf_connector_wait_for_send(kvf_connector* connector, uint64_t request) {
+  return guarded(connector, "kvf_connector_wait_for_send",
+                 [&](KvConnector& c) { return done(connector, c.wait_for_send(request)); });
+}
+
+int kvf_connector_listen_port(const kvf_connector* connector, uint16_t* port) {
+  constexpr const char* fn = "kvf_connector_listen_port";
+  return guarded(const_cast<kvf_connector*>(connector), fn, [&](KvConnector& c) {
+    if (port == nullptr) return fail(connector, kInvalid, null_arg(fn, "port"));
+    *port = c.listen_port();
+    return ok(connector);
+  });
+}
+
+int kvf_connector_take_received(kvf_connector* connector, uint64_t request, kvf_connector_received** out) {
+  constexpr const char* fn = "kvf_connector_take_received";
+  return guarded(connector, fn, [&](KvConnector& c) {
+    if (out == nullptr) return fail(connector, kInvalid, null_arg(fn, "out"));
+    *out = nullptr;
+    // Made before the KV is taken, so a failure to allocate it loses nothing.
+    auto received = std::make_unique<kvf_connector_received>();
+    auto kv = c.take_received(request);
+    if (!kv.ok()) return fail(connector, kv.status());
+    received->kv = std::move(kv).value();
+    *out = received.release();
+    return ok(connector);
+  });
+}
+
+int kvf_connector_received_request(const kvf_connector_received* received, uint64_t* request) {
+  constexpr const char* fn = "kvf_connector_received_request";
+  if (received == nullptr) return fail_in(nullptr, kInvalid, fn, "received is NULL");
+  if (request == nullptr) return fail_in(nullptr, kInvalid, fn, "request is NULL");
+  *request = received->kv.request;
+  return ok(nullptr);
+}
+
+int kvf_connector_received_blocks(const kvf_connector_received* received, const uint32_t** blocks,
+                                  size_t* num_blocks) {
+  constexpr const char* fn = "kvf_connector_received_blocks";
+  if (received == nullptr) return fail_in(nullptr, kInvalid, fn, "received is NULL");
+  return hand_array(fn, received->kv.blocks, blocks, num_blocks);
+}
+
+int kvf_connector_received_context(const kvf_connector_received* received, const uint8_t** context,
+                                   size_t* length) {
+  constexpr const char* fn = "kvf_connector_received_context";
+  if (received == nullptr) return fail_in(nullptr, kInvalid, fn, "received is NULL");
+  return hand_array(fn, received->kv.context, context, length);
+}
+
+int kvf_connector_received_layer_arrival_ms(const kvf_connector_received* received, const double** ms,
+                                            size_t* num_layers) {
+  constexpr const char* fn = "kvf_connector_received_layer_arrival_ms";
+  if (received == nullptr) return fail_in(nullptr, kInvalid, fn, "received is NULL");
+  return hand_array(fn, received->kv.layer_arrival_ms, ms, num_layers);
+}
+
+void kvf_connector_received_free(kvf_connector_received* received) {
+  delete received;
 }
 
 }  // extern "C"
