@@ -4,9 +4,17 @@
 // the buffers must outlive the connector. Errors raise kvfabric.Error with .code (the kvf::ErrorCode
 // value), .code_name ("not_found", ...) and .message. The wait_* calls release the GIL, so other
 // Python threads (the scheduler's) run while a worker thread waits on a load or a save.
+//
+// PD: the decode side's block manager is a pair of Python callables (allocate_blocks,
+// release_blocks) that the connector calls on its own threads: each call takes the GIL for itself.
+// So that such a call can never wait on a thread that holds the GIL while waiting on the connector,
+// the calls that block (the wait_* calls) and the connector's destruction (close(), or the object's
+// release) run with the GIL released; a callback that raises refuses the request (allocate) and is
+// reported through sys.unraisablehook.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -89,17 +97,45 @@ kvf::protocol::KvLayoutDesc layout_from(const py::handle& obj) {
   return desc;
 }
 
+// CUDA's cudaStreamLegacy (stream 0, the legacy default stream), without the CUDA headers:
+// KvConnector takes a null stream as "no stream".
+void* const kCudaStreamLegacy = reinterpret_cast<void*>(uintptr_t{1});
+
 // The connector and, when it was given a daemon socket, the store client it owns (declared
-// first, destroyed last: the connector must not outlive it).
+// first, destroyed last: the connector must not outlive it). The block manager's callables are
+// declared before both: they are released (under the GIL) only after the connector, whose threads
+// call them, has gone.
 class Connector {
  public:
   Connector(const std::string& model, uint32_t chunk_tokens, const std::optional<std::string>& store_socket,
-            bool verify_loads, const std::string& memory) {
+            bool verify_loads, const std::string& memory, const std::optional<std::string>& listen,
+            const py::object& allocate_blocks, const py::object& release_blocks, const std::string& name) {
     kvf::engines::KvConnectorOptions o;
     o.model = model;
     o.chunk_tokens = chunk_tokens;
     o.verify_loads = verify_loads;
     o.memory = parse_memory(memory);
+    o.name = name;
+    if (listen && !listen->empty()) {
+      if (allocate_blocks.is_none() || release_blocks.is_none()) {
+        throw_invalid(
+            "listen is set, so allocate_blocks and release_blocks are required (the decode side's "
+            "block manager)");
+      }
+      o.listen = *listen;
+    }
+    if (!allocate_blocks.is_none()) {
+      if (!PyCallable_Check(allocate_blocks.ptr())) throw_invalid("allocate_blocks is not callable");
+      allocate_ = allocate_blocks;
+      o.allocate_blocks = [this](RequestId request, uint32_t n) { return call_allocate(request, n); };
+    }
+    if (!release_blocks.is_none()) {
+      if (!PyCallable_Check(release_blocks.ptr())) throw_invalid("release_blocks is not callable");
+      release_ = release_blocks;
+      o.release_blocks = [this](RequestId request, std::vector<uint32_t> blocks) {
+        call_release(request, std::move(blocks));
+      };
+    }
     if (store_socket && !store_socket->empty()) {
       kvf::store::StoreClientOptions so;
       so.socket_path = *store_socket;
@@ -118,13 +154,86 @@ class Connector {
     check(connector_->register_kv_caches(view));
   }
 
-  KvConnector& c() { return *connector_; }
-  const KvConnector& c() const { return *connector_; }
+  ~Connector() { close(); }
+  Connector(const Connector&) = delete;
+  Connector& operator=(const Connector&) = delete;
+
+  // Ends the connector (its threads joined, queued work dropped) with the GIL released, so that a
+  // callback waiting for the GIL can finish; called with the GIL held.
+  void close() {
+    if (!connector_) return;
+    closing_ = true;
+    std::unique_ptr<KvConnector> connector = std::move(connector_);
+    {
+      py::gil_scoped_release release;
+      connector.reset();
+    }
+    store_.reset();
+  }
+
+  KvConnector& c() {
+    if (!connector_) throw_invalid("the connector is closed");
+    return *connector_;
+  }
+  const KvConnector& c() const {
+    if (!connector_) throw_invalid("the connector is closed");
+    return *connector_;
+  }
 
  private:
+  // On a connector thread: the Python allocate_blocks(request, n), under the GIL. A list of n
+  // block ids; None, an empty list, an exception or a wrong type refuse the request.
+  std::vector<uint32_t> call_allocate(RequestId request, uint32_t n) {
+    if (closing_) return {};
+    py::gil_scoped_acquire gil;
+    try {
+      py::object got = allocate_(request, n);
+      if (got.is_none()) return {};
+      return got.cast<std::vector<uint32_t>>();
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("kvfabric.KvConnector allocate_blocks");
+    } catch (const std::exception& e) {  // a result that is not a list of block ids
+      PyErr_SetString(
+          PyExc_TypeError,
+          (std::string("allocate_blocks must return a list of block ids or None: ") + e.what()).c_str());
+      PyErr_WriteUnraisable(allocate_.ptr());
+    }
+    return {};
+  }
+
+  // On a connector thread: the Python release_blocks(request, blocks), under the GIL.
+  void call_release(RequestId request, std::vector<uint32_t> blocks) {
+    if (closing_) return;
+    py::gil_scoped_acquire gil;
+    try {
+      release_(request, py::cast(blocks));
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("kvfabric.KvConnector release_blocks");
+    }
+  }
+
+  py::object allocate_;
+  py::object release_;
+  std::atomic<bool> closing_{false};
   std::unique_ptr<kvf::store::StoreClient> store_;
   std::unique_ptr<KvConnector> connector_;
 };
+
+// bytes from bytes, bytearray, memoryview or any buffer (or a list of ints).
+std::vector<uint8_t> bytes_of(const py::handle& obj) {
+  if (obj.is_none()) return {};
+  PyObject* raw = PyBytes_FromObject(obj.ptr());
+  if (raw == nullptr) {
+    PyErr_Clear();
+    throw_invalid("context must be bytes-like (bytes, bytearray, memoryview), not " +
+                  std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  auto b = py::reinterpret_steal<py::bytes>(raw);
+  char* data = nullptr;
+  Py_ssize_t size = 0;
+  if (PyBytes_AsStringAndSize(b.ptr(), &data, &size) != 0) throw py::error_already_set();
+  return std::vector<uint8_t>(data, data + size);
+}
 
 }  // namespace
 
@@ -145,6 +254,12 @@ PYBIND11_MODULE(kvfabric, m) {
       PyErr_SetObject(error->ptr(), exc.ptr());
     }
   });
+  // Whether the GPU paths (memory="cuda", PD over cuda_ipc, CUDA events) were compiled in.
+#ifdef KVF_HAVE_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
   m.def(
       "error_code_name",
       [](int code) { return std::string(kvf::error_code_name(static_cast<ErrorCode>(code))); },
@@ -190,12 +305,26 @@ PYBIND11_MODULE(kvfabric, m) {
 
   py::class_<Connector>(m, "KvConnector",
                         "The engine-facing connector. See include/kvf/engines/kv_connector.h for each call.")
-      .def(py::init<const std::string&, uint32_t, const std::optional<std::string>&, bool,
+      .def(py::init<const std::string&, uint32_t, const std::optional<std::string>&, bool, const std::string&,
+                    const std::optional<std::string>&, const py::object&, const py::object&,
                     const std::string&>(),
            py::arg("model"), py::kw_only(), py::arg("chunk_tokens") = kvf::protocol::kDefaultChunkTokens,
            py::arg("store_socket") = py::none(), py::arg("verify_loads") = true, py::arg("memory") = "auto",
+           py::arg("listen") = py::none(), py::arg("allocate_blocks") = py::none(),
+           py::arg("release_blocks") = py::none(), py::arg("name") = "kvfabric-engine",
            "store_socket: the node's kvfabricd Unix socket (None: no store; every lookup matches nothing). "
-           "memory: 'auto', 'host' or 'cuda'.")
+           "memory: 'auto', 'host' or 'cuda'. PD, decode side: listen: 'host:port' to take prefill engines' "
+           "streams on (port 0: any; listening starts at register_kv_caches, see listen_port); "
+           "allocate_blocks(request, n) -> list of n distinct block ids (None or []: refuse) and "
+           "release_blocks(request, blocks) (a failed stream's blocks handed back): the engine's block "
+           "manager, required when listening, called on the connector's threads (each takes the GIL). "
+           "name: shown to peers.")
+      .def("close", &Connector::close,
+           "Ends the connector now (queued work dropped, PD streams ended); later calls raise. Also done "
+           "when the object is released. Must not race other calls on it.")
+      .def("__enter__", [](py::object self) { return self; })
+      .def(
+          "__exit__", [](Connector& s, const py::args&) { s.close(); }, "close()")
       .def("register_kv_caches", &Connector::register_kv_caches, py::arg("layout"), py::arg("layers"),
            "layout: a LayoutDesc or a dict of its fields; layers: one buffer address per layer "
            "(tensor.data_ptr(), ctypes.addressof(...)). The buffers must outlive the connector.")
@@ -242,8 +371,16 @@ PYBIND11_MODULE(kvfabric, m) {
           py::arg("request"))
       .def(
           "save_kv_layer",
-          [](Connector& s, RequestId request, uint32_t layer) { check(s.c().save_kv_layer(request, layer)); },
-          py::arg("request"), py::arg("layer"))
+          [](Connector& s, RequestId request, uint32_t layer, std::optional<uintptr_t> cuda_stream) {
+            if (!cuda_stream) return check(s.c().save_kv_layer(request, layer));
+            void* stream = *cuda_stream == 0 ? kCudaStreamLegacy : reinterpret_cast<void*>(*cuda_stream);
+            check(s.c().save_kv_layer(request, layer, stream));
+          },
+          py::arg("request"), py::arg("layer"), py::arg("cuda_stream") = py::none(),
+          "cuda_stream (GPU caches written asynchronously): the cudaStream_t, as an int, holding the layer's "
+          "K/V writes (torch.cuda.current_stream().cuda_stream; 0 is the legacy default stream): the "
+          "connector records an event on it and reads the layer only once it has passed. None: the layer's "
+          "bytes are in place now.")
       .def("wait_for_save",
            [](Connector& s) {
              Status st;
@@ -276,5 +413,56 @@ PYBIND11_MODULE(kvfabric, m) {
             return d;
           },
           py::arg("request"))
-      .def_property_readonly("num_layers", [](const Connector& s) { return s.c().num_layers(); });
+      .def_property_readonly("num_layers", [](const Connector& s) { return s.c().num_layers(); })
+      // --- PD ---
+      .def(
+          "send_kv_to",
+          [](Connector& s, RequestId request, const std::string& peer, const py::object& context) {
+            check(s.c().send_kv_to(request, peer, bytes_of(context)));
+          },
+          py::arg("request"), py::arg("peer"), py::arg("context") = py::bytes(),
+          "Prefill side: the request's KV goes to the decode engine at peer ('host:port') with context "
+          "(bytes-like), layer by layer as save_kv_layer reports each. After update_state_after_alloc, "
+          "before the first save_kv_layer; the caches must be one allocation (layer l at layers[0] + "
+          "l * layer_bytes).")
+      .def(
+          "wait_for_send",
+          [](Connector& s, RequestId request) {
+            KvConnector& c = s.c();
+            Status st;
+            {
+              py::gil_scoped_release release;
+              st = c.wait_for_send(request);
+            }
+            check(st);
+          },
+          py::arg("request"),
+          "Blocks (without the GIL) until the request's stream has ended; raises its error.")
+      .def_property_readonly(
+          "listen_port", [](const Connector& s) { return s.c().listen_port(); },
+          "Decode side: the port listened on (0 when not listening or before register_kv_caches).")
+      .def(
+          "take_received",
+          [](Connector& s, RequestId request) { return value_of(s.c().take_received(request)); },
+          py::arg("request"),
+          "Decode side: a request get_finished() listed under receiving, once: a ReceivedKv (its blocks are "
+          "the engine's to use and free). not_found otherwise.");
+
+  py::class_<kvf::engines::ReceivedKv>(m, "ReceivedKv", "PD, decode side: a request whose KV arrived.")
+      .def_readonly("request", &kvf::engines::ReceivedKv::request)
+      .def_readonly("blocks", &kvf::engines::ReceivedKv::blocks,
+                    "The request's blocks in order (block i holds tokens [i*block_tokens, ...)).")
+      .def_property_readonly(
+          "context",
+          [](const kvf::engines::ReceivedKv& kv) {
+            return py::bytes(reinterpret_cast<const char*>(kv.context.data()), kv.context.size());
+          },
+          "What the prefill engine passed to send_kv_to (bytes).")
+      .def_readonly("layer_arrival_ms", &kvf::engines::ReceivedKv::layer_arrival_ms,
+                    "Per layer, milliseconds from the stream's acceptance to the layer's arrival.")
+      .def("__repr__", [](const kvf::engines::ReceivedKv& kv) {
+        return "ReceivedKv(request=" + std::to_string(kv.request) +
+               ", blocks=" + std::to_string(kv.blocks.size()) +
+               ", context=" + std::to_string(kv.context.size()) + " bytes)";
+      });
 }
