@@ -1,4 +1,5 @@
-// kvfabric-prefix-reuse: a prefix-reuse workload on the CPU reference engine, run twice: once
+// kvfabric-prefix-reuse: a prefix-reuse workload on the reference engine (the CPU, or one GPU with
+// --gpu N, where --shape llama3-8b runs the Llama-3-8B shape), run twice: once
 // recomputing every prompt, once through the engine connector (KvConnector) and the node's store
 // (kvfabricd). Two workloads: multi-round chat (a shared system prompt, several users, each round
 // appending the user's turn and the engine's answer to that user's history) and long documents
@@ -19,9 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "kvf/engines/host_kv_pool.h"
+#include "kvf/engines/engine_model.h"
 #include "kvf/engines/kv_connector.h"
-#include "kvf/engines/reference_model.h"
 #include "kvf/engines/synthetic_prompt.h"
 #include "kvf/store/store_client.h"
 
@@ -59,7 +59,7 @@ struct PassReport {
 // One engine: the model, a pool of blocks, and (store pass) the connector.
 class Engine {
  public:
-  Engine(const engines::ReferenceModel& model, engines::HostKvPool& pool, engines::KvConnector* connector)
+  Engine(engines::EngineModel& model, engines::KvPool& pool, engines::KvConnector* connector)
       : model_(model), pool_(pool), connector_(connector) {}
 
   Result<RequestOutcome> run(engines::RequestId id, const std::vector<uint32_t>& prompt, uint32_t n_new) {
@@ -76,7 +76,7 @@ class Engine {
     out.prompt_tokens = prompt.size();
     const auto started = Clock::now();
     uint64_t loaded = 0;
-    engines::LayerSavedFn on_layer;
+    engines::EngineModel::LayerSavedFn on_layer;
     if (connector_ != nullptr) {
       auto matched = connector_->get_num_new_matched_tokens(id, prompt, 0);
       if (!matched.ok()) return matched.status();
@@ -89,14 +89,17 @@ class Engine {
         spdlog::warn("request {}: load failed ({}); recomputing", id, waited.to_string());
         (void)connector_->get_block_ids_with_load_errors();
       }
-      on_layer = [this, id](uint32_t layer) {
-        if (Status s = connector_->save_kv_layer(id, layer); !s.ok()) save_error_ = s;
+      // On a GPU the layer's writes are still queued on the model's stream: the connector records
+      // an event there, and its store waits for it.
+      on_layer = [this, id](uint32_t layer, void* stream) {
+        Status s = stream != nullptr ? connector_->save_kv_layer(id, layer, stream)
+                                     : connector_->save_kv_layer(id, layer);
+        if (!s.ok()) save_error_ = s;
       };
     }
     const std::span<const uint32_t> all(prompt);
-    auto first = loaded > 0 ? model_.prefill_from(static_cast<uint32_t>(loaded), all.subspan(loaded), table,
-                                                  pool_.view(), on_layer)
-                            : model_.prefill(prompt, table, pool_.view(), on_layer);
+    auto first = model_.prefill_from(static_cast<uint32_t>(loaded), all.subspan(loaded), table, pool_.view(),
+                                     on_layer);
     if (!first.ok()) return first.status();
     out.ttft_ms = ms_between(started, Clock::now());
     out.loaded_tokens = loaded;
@@ -121,16 +124,15 @@ class Engine {
   }
 
  private:
-  const engines::ReferenceModel& model_;
-  engines::HostKvPool& pool_;
+  engines::EngineModel& model_;
+  engines::KvPool& pool_;
   engines::KvConnector* connector_;
   Status save_error_;
 };
 
 // Every prompt of the workload, in order; each request's answer joins that user's history (chat).
-Result<PassReport> run_pass(const Workload& w, const engines::ReferenceModel& model,
-                            engines::HostKvPool& pool, engines::KvConnector* connector,
-                            engines::RequestId& next_id, const char* pass) {
+Result<PassReport> run_pass(const Workload& w, engines::EngineModel& model, engines::KvPool& pool,
+                            engines::KvConnector* connector, engines::RequestId& next_id, const char* pass) {
   const uint32_t vocab = model.shape().vocab;
   Engine engine(model, pool, connector);
   PassReport report;
@@ -198,8 +200,9 @@ Summary summarize(const PassReport& r, uint32_t new_tokens) {
 }
 
 int run(int argc, char** argv) {
-  cxxopts::Options cli("kvfabric-prefix-reuse",
-                       "Prefix-reuse workloads on the CPU reference engine, with and without the store");
+  cxxopts::Options cli(
+      "kvfabric-prefix-reuse",
+      "Prefix-reuse workloads on the reference engine (CPU or GPU), with and without the store");
   cli.add_options()  //
       ("store", "the node daemon's Unix socket (kvfabricd --topology ... --node ...)",
        cxxopts::value<std::string>())  //
@@ -217,9 +220,11 @@ int run(int argc, char** argv) {
       ("questions", "doc: questions per document", cxxopts::value<uint32_t>()->default_value("3"))  //
       ("new", "tokens generated per request", cxxopts::value<uint32_t>()->default_value("8"))       //
       ("chunk-tokens", "tokens per store chunk (a whole number of 16-token blocks)",
-       cxxopts::value<uint32_t>()->default_value("64"))                                //
-      ("seed", "weights and prompts", cxxopts::value<uint64_t>()->default_value("1"))  //
-      ("v,verbose", "log more")                                                        //
+       cxxopts::value<uint32_t>()->default_value("64"))                                                     //
+      ("seed", "weights and prompts", cxxopts::value<uint64_t>()->default_value("1"))                       //
+      ("shape", "tiny | llama3-8b (GPU only)", cxxopts::value<std::string>()->default_value("tiny"))        //
+      ("gpu", "run the engine on this GPU (default: the CPU)", cxxopts::value<int>()->default_value("-1"))  //
+      ("v,verbose", "log more")                                                                             //
       ("h,help", "print this help");
   const auto args = cli.parse(argc, argv);
   if (args.count("help") != 0) {
@@ -269,11 +274,14 @@ int run(int argc, char** argv) {
                seed};
     workloads.push_back(w);
   }
-  auto model = engines::ReferenceModel::create(engines::ModelShape::tiny(), seed);
-  if (!model.ok()) {
-    std::cerr << "kvfabric-prefix-reuse: model: " << model.status().to_string() << '\n';
-    return kFailed;
+  const std::string shape_name = args["shape"].as<std::string>();
+  const int gpu = args["gpu"].as<int>();
+  if ((shape_name != "tiny" && shape_name != "llama3-8b") || (shape_name == "llama3-8b" && gpu < 0)) {
+    std::cerr << "kvfabric-prefix-reuse: --shape is tiny or llama3-8b (the latter with --gpu N)\n";
+    return kUsage;
   }
+  const engines::ModelShape shape =
+      shape_name == "tiny" ? engines::ModelShape::tiny() : engines::ModelShape::llama3_8b();
   uint64_t longest = 0;
   for (const Workload& w : workloads) {
     longest = std::max<uint64_t>(
@@ -281,9 +289,20 @@ int run(int argc, char** argv) {
                      ? uint64_t{w.system_tokens} + uint64_t{w.rounds} * (w.turn_tokens + new_tokens)
                      : uint64_t{w.doc_tokens} + w.turn_tokens);
   }
-  const uint32_t block_tokens = model->shape().block_tokens;
+  if (longest + new_tokens > (uint64_t{1} << 20)) {
+    std::cerr << "kvfabric-prefix-reuse: the longest prompt (" << longest << " tokens) is too long\n";
+    return kUsage;
+  }
+  const auto loading = Clock::now();
+  auto model = engines::EngineModel::create(shape, seed, gpu, static_cast<uint32_t>(longest + new_tokens));
+  if (!model.ok()) {
+    std::cerr << "kvfabric-prefix-reuse: model: " << model.status().to_string() << '\n';
+    return kFailed;
+  }
+  if (gpu >= 0) std::printf("model on cuda:%d in %.0f ms\n", gpu, ms_between(loading, Clock::now()));
+  const uint32_t block_tokens = shape.block_tokens;
   const auto pool_blocks = static_cast<uint32_t>(2 * ((longest + new_tokens) / block_tokens + 2));
-  auto pool = engines::HostKvPool::create(model->shape().kv_layout_desc(pool_blocks), 0xA5);
+  auto pool = engines::KvPool::create(shape.kv_layout_desc(pool_blocks), gpu, 0xA5);
   if (!pool.ok()) {
     std::cerr << "kvfabric-prefix-reuse: KV pool: " << pool.status().to_string() << '\n';
     return kFailed;
@@ -296,7 +315,7 @@ int run(int argc, char** argv) {
   options.model = args["model"].as<std::string>();
   options.chunk_tokens = args["chunk-tokens"].as<uint32_t>();
   options.store = &client;
-  options.memory = engines::LayerMemory::kHost;
+  options.memory = gpu < 0 ? engines::LayerMemory::kHost : engines::LayerMemory::kCuda;
   auto connector = engines::KvConnector::create(options);
   if (!connector.ok()) {
     std::cerr << "kvfabric-prefix-reuse: connector: " << connector.status().to_string() << '\n';
@@ -311,27 +330,32 @@ int run(int argc, char** argv) {
               << s.to_string() << '\n';
     return kFailed;
   }
-  std::printf("kvfabric-prefix-reuse: %s, chunks of %u tokens, store %s\n",
-              model->shape().to_string().c_str(), options.chunk_tokens,
-              args["store"].as<std::string>().c_str());
+  std::printf("kvfabric-prefix-reuse: %s, chunks of %u tokens, store %s\n", shape.to_string().c_str(),
+              options.chunk_tokens, args["store"].as<std::string>().c_str());
   engines::RequestId next_id = 1;
   bool identical = true;
   for (const Workload& w : workloads) {
     std::printf("%s workload:\n", w.name.c_str());
-    auto baseline = run_pass(w, model.value(), pool.value(), nullptr, next_id, "recompute");
+    auto baseline = run_pass(w, *model.value(), pool.value(), nullptr, next_id, "recompute");
     if (!baseline.ok()) {
       std::cerr << "kvfabric-prefix-reuse: " << w.name << " (recompute): " << baseline.status().to_string()
                 << '\n';
       return kFailed;
     }
-    auto reused = run_pass(w, model.value(), pool.value(), connector.value().get(), next_id, "store");
+    auto reused = run_pass(w, *model.value(), pool.value(), connector.value().get(), next_id, "store");
     if (!reused.ok()) {
       std::cerr << "kvfabric-prefix-reuse: " << w.name << " (store): " << reused.status().to_string() << '\n';
       return kFailed;
     }
-    uint32_t same = 0;
-    for (size_t i = 0; i < baseline->requests.size() && i < reused->requests.size(); ++i)
+    uint32_t same = 0, hits = 0;
+    double hit_recompute_ms = 0, hit_store_ms = 0;  // the requests that loaded a prefix, both ways
+    for (size_t i = 0; i < baseline->requests.size() && i < reused->requests.size(); ++i) {
       same += baseline->requests[i].tokens == reused->requests[i].tokens ? 1 : 0;
+      if (reused->requests[i].loaded_tokens == 0) continue;
+      ++hits;
+      hit_recompute_ms += baseline->requests[i].ttft_ms;
+      hit_store_ms += reused->requests[i].ttft_ms;
+    }
     const auto n = static_cast<uint32_t>(baseline->requests.size());
     identical = identical && same == n && reused->requests.size() == n;
     const Summary a = summarize(baseline.value(), new_tokens), b = summarize(reused.value(), new_tokens);
@@ -349,6 +373,13 @@ int run(int argc, char** argv) {
         "requests\n",
         w.name.c_str(), b.ttft_mean > 0 ? a.ttft_mean / b.ttft_mean : 0.0,
         a.requests_per_s > 0 ? b.requests_per_s / a.requests_per_s : 0.0, same, n);
+    if (hits > 0) {
+      std::printf(
+          "%s: the %u requests that loaded a prefix: TTFT mean %.2f ms with the store vs %.2f ms recomputed: "
+          "%.2fx faster\n",
+          w.name.c_str(), hits, hit_store_ms / hits, hit_recompute_ms / hits,
+          hit_store_ms > 0 ? hit_recompute_ms / hit_store_ms : 0.0);
+    }
   }
   if (!identical) {
     std::printf("FAILED: a request gave other tokens with the store than without\n");
