@@ -19,18 +19,22 @@
 #            tokens) against raw pinned cudaMemcpyAsync D2H / H2D of 1 GiB; also get without the
 #            checksum check (store-get-noverify), to show what the check costs. Starts its own
 #            kvfabricd (STORE_ARENA, default 3GiB of /dev/shm; STORE_HUGE_PAGES=1 tries hugetlbfs).
+#   pd:      time to first token of the GPU reference engine (Llama-3-8B shape, 8192-token prompt):
+#            one engine alone vs PD over cuda_ipc, layers streamed / sent after (kvfabric-pd-demo);
+#   reuse:   prefix reuse on the GPU reference engine: a 16k-token document's later questions load
+#            it from the store instead of recomputing it; a multi-round chat's throughput both ways.
 # Every kvfabric path is run once with --verify first (the receiver checks every byte of random
 # data in poisoned blocks); a failed check fails the cell.
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
-#   --only peer,nccl,pinned,overlap,store   (default: all; peer-sweep and staged-sweep: the
-#   cuda_ipc knobs, for tuning)
+#   --only peer,nccl,pinned,overlap,store,pd,reuse   (default: all; peer-sweep and staged-sweep:
+#   the cuda_ipc knobs, for tuning)
 # Environment: KVF_BIN (default build/bin); PEER_COPIES (see peer); RUN_LIMIT (seconds one run may
 # take before it is killed and counted as failed, default 240: a hang costs one cell, not the
 # session); needs 2 GPUs for peer/nccl/overlap.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
 
-rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap,store
+rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap,store,pd,reuse
 peer_copies=${PEER_COPIES:-kernel staged auto}
 run_limit=${RUN_LIMIT:-240}
 while (($#)); do
@@ -51,9 +55,10 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/bench-gpu.XXXXXX")
 json_dir=${json_dir:-$tmp}
 results=$tmp/results.tsv  # cell  side  round  GB/s (or a figure)
 : >"$results"
-server_pid= daemon_pid=
+server_pid= daemon_pid= extra_pids=()
 cleanup() {
   [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null
+  ((${#extra_pids[@]})) && kill "${extra_pids[@]}" 2>/dev/null
   [[ -n $daemon_pid ]] && kill "$daemon_pid" 2>/dev/null
   wait 2>/dev/null
   rm -rf "$tmp"
@@ -138,6 +143,8 @@ for cell, raw_cell in anchor.items():
     ratio = f"{k / r:.2f}" if isinstance(k, float) and isinstance(r, float) and r > 0 else "-"
     fmt = lambda x: f"{x:.1f}" if isinstance(x, float) else str(x)
     lines.append(f"| {cell}{' (VERIFY FAILED)' if cell in failed else ''} | {fmt(k)} | {fmt(r)} | {ratio} | {n} |")
+for cell in failed:
+    if cell not in anchor: lines.append(f"| {cell} (FAILED: see the log) | - | - | - | - |")
 r, n = med("nccl", "raw")
 if r is not None:
     k, _ = med("nccl", "kvfabric")
@@ -383,6 +390,86 @@ YAML
     done
   fi
   [[ -n $daemon_pid ]] && { kill "$daemon_pid" 2>/dev/null; wait "$daemon_pid" 2>/dev/null; daemon_pid=; }
+fi
+summarize >/dev/null
+
+# pd: time to first token of the GPU reference engine (Llama-3-8B shape, bf16, PD_TOKENS-token
+# prompts, default 8192): the topology examples/topologies/gpu-2x.yaml served by two kvfabric-engine
+# processes (prefill on cuda:0, decode on cuda:1) and driven by kvfabric-pd-demo, which alternates
+# each prompt through PD (the prefill engine streams each layer's KV over cuda_ipc while it computes;
+# PD's TTFT is when the first token is known AND every layer is at the decode engine) and through
+# the prefill engine alone (/generate), the first request left out as warm-up; once with layers
+# streamed, once with the KV sent after the prefill. Every PD request's tokens must equal one engine's.
+if cell_wanted pd && ((gpus >= 2)); then
+  pd_tokens=${PD_TOKENS:-8192} pd_port=$((20000 + RANDOM % 20000))
+  sed -e "s/port: 17100/port: $pd_port/" -e "s/port: 17101/port: $((pd_port + 1))/" \
+    "$(dirname "$0")/../examples/topologies/gpu-2x.yaml" >"$tmp/pd-topology.yaml"
+  for e in decode0 prefill0; do
+    "$bin/kvfabric-engine" --topology "$tmp/pd-topology.yaml" --engine $e >"$tmp/pd-$e.log" 2>&1 &
+    extra_pids+=($!)
+  done
+  pd_ok=1
+  for e in decode0 prefill0; do
+    for _ in $(seq 900); do grep -qE "serving on|kvfabric-engine: " "$tmp/pd-$e.log" && break; sleep 0.2; done
+    grep -q "serving on" "$tmp/pd-$e.log" || { echo "bench-gpu: pd: $e did not start:"; tail -5 "$tmp/pd-$e.log"; pd_ok=0; }
+  done
+  if ((pd_ok)); then
+    grep -h "serving on" "$tmp"/pd-*.log | sed "s/^/bench-gpu: pd: /"
+    for mode in stream after; do
+      flags=(--compare --warmup 1 --requests $((rounds + 1)) --prompt-tokens "$pd_tokens" --new 16)
+      [[ $mode == after ]] && flags+=(--no-stream --first-id 1000)
+      if timeout "$run_limit" "$bin/kvfabric-pd-demo" --topology "$tmp/pd-topology.yaml" "${flags[@]}" \
+           >"$tmp/pd-$mode.log" 2>&1; then
+        grep -hE "^TTFT medians|every request gave" "$tmp/pd-$mode.log" | sed "s/^/bench-gpu: pd ($mode): /"
+      else
+        echo "bench-gpu: pd ($mode): FAILED"; tail -6 "$tmp/pd-$mode.log"; record "pd-$mode" verify 0 fail
+      fi
+    done
+  else
+    record pd verify 0 fail
+  fi
+  [[ -n $json_dir ]] && cp "$tmp"/pd-*.log "$json_dir/" 2>/dev/null
+  kill "${extra_pids[@]}" 2>/dev/null; wait "${extra_pids[@]}" 2>/dev/null; extra_pids=()
+fi
+
+# reuse: prefix reuse on the GPU reference engine (Llama-3-8B shape) through KvConnector and a
+# kvfabricd of its own: questions about a REUSE_DOC_TOKENS-token document (default 16384: the
+# first question stores it, later ones load it) and a multi-round chat, each recomputed and then
+# through the store; TTFT of the requests that hit, throughput both ways, tokens compared.
+if cell_wanted reuse; then
+  reuse_dir=$tmp/reuse
+  mkdir -p "$reuse_dir"
+  rsock=$reuse_dir/kvfabricd.sock
+  cat >"$reuse_dir/topology.yaml" <<YAML
+cluster: bench-gpu-reuse
+models:
+  - name: llama8b
+    layout: {kind: flash_attention, layers: 32, kv_heads: 8, head_dim: 128, dtype: bf16, block_tokens: 16, blocks: 2048}
+    chunk_tokens: 256
+nodes:
+  - {name: bench, address: 127.0.0.1, http_port: $((20000 + RANDOM % 20000)), store: {dram: ${REUSE_ARENA:-8GiB}, socket: $rsock}}
+YAML
+  "$bin/kvfabricd" --topology "$reuse_dir/topology.yaml" --node bench --no-peers --no-huge-pages \
+    >"$reuse_dir/daemon.log" 2>&1 &
+  daemon_pid=$!
+  for _ in $(seq 100); do grep -q "ready: node" "$reuse_dir/daemon.log" && break; sleep 0.2; done
+  if ! grep -q "ready: node" "$reuse_dir/daemon.log"; then
+    echo "bench-gpu: reuse: kvfabricd did not start:"; tail -5 "$reuse_dir/daemon.log"; record reuse verify 0 fail
+  else
+    reuse=(timeout "$run_limit" "$bin/kvfabric-prefix-reuse" --store "$rsock" --model llama8b --gpu 0 --shape llama3-8b
+           --chunk-tokens 256 --new 16)
+    if "${reuse[@]}" --workload doc --docs 1 --doc-tokens "${REUSE_DOC_TOKENS:-16384}" --questions 4 --turn-tokens 64 \
+         >"$reuse_dir/doc.log" 2>&1 &&
+       "${reuse[@]}" --workload chat --users 4 --rounds 3 --system-tokens 2048 --turn-tokens 200 \
+         >"$reuse_dir/chat.log" 2>&1; then
+      grep -hE "^(model on|doc|chat|  (recompute|store)|every request|FAILED)" "$reuse_dir/doc.log" "$reuse_dir/chat.log" |
+        sed "s/^/bench-gpu: reuse: /"
+    else
+      echo "bench-gpu: reuse: FAILED:"; tail -8 "$reuse_dir"/*.log; record reuse verify 0 fail
+    fi
+    [[ -n $json_dir ]] && cp "$reuse_dir"/*.log "$json_dir/" 2>/dev/null
+  fi
+  kill "$daemon_pid" 2>/dev/null; wait "$daemon_pid" 2>/dev/null; daemon_pid=
 fi
 summarize >/dev/null
 summarize
