@@ -111,10 +111,11 @@ class DeviceGuard {
       cudaGetLastError();
       previous_ = -1;
     }
-    if (previous_ != device) {
-      status_ = cudaSetDevice(device);
-      switched_ = status_ == cudaSuccess && previous_ >= 0;
-    }
+    // Set even when it is already the current device: on a thread that has made no CUDA runtime
+    // call yet, cudaGetDevice answers 0 with no context current, and the driver API calls made
+    // under the guard (cuMemGetAddressRange) would fail with CUDA_ERROR_INVALID_CONTEXT.
+    status_ = cudaSetDevice(device);
+    switched_ = status_ == cudaSuccess && previous_ >= 0 && previous_ != device;
   }
   ~DeviceGuard() {
     if (switched_ && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
