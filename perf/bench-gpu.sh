@@ -460,7 +460,7 @@ YAML
            --chunk-tokens 256 --new 16)
     if "${reuse[@]}" --workload doc --docs 1 --doc-tokens "${REUSE_DOC_TOKENS:-16384}" --questions 4 --turn-tokens 64 \
          >"$reuse_dir/doc.log" 2>&1 &&
-       "${reuse[@]}" --workload chat --users 4 --rounds 3 --system-tokens 2048 --turn-tokens 200 \
+       "${reuse[@]}" --workload chat --users 4 --rounds 3 --system-tokens 2048 --turn-tokens 200 --overlap-saves \
          >"$reuse_dir/chat.log" 2>&1; then
       grep -hE "^(model on|doc|chat|  (recompute|store)|every request|FAILED)" "$reuse_dir/doc.log" "$reuse_dir/chat.log" |
         sed "s/^/bench-gpu: reuse: /"

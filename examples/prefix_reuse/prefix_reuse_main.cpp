@@ -18,6 +18,8 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "kvf/engines/engine_model.h"
@@ -42,6 +44,7 @@ struct Workload {
   uint32_t docs = 0, questions = 0, doc_tokens = 0;                    // doc (turn_tokens: a question)
   uint32_t new_tokens = 0;
   uint64_t seed = 1;
+  bool overlap_saves = false;
 };
 
 struct RequestOutcome {
@@ -59,8 +62,21 @@ struct PassReport {
 // One engine: the model, a pool of blocks, and (store pass) the connector.
 class Engine {
  public:
-  Engine(engines::EngineModel& model, engines::KvPool& pool, engines::KvConnector* connector)
-      : model_(model), pool_(pool), connector_(connector) {}
+  // overlap_saves: a request's store runs on while later requests compute (as in an engine: its
+  // blocks are freed once get_finished() lists it); otherwise each request waits for its store.
+  Engine(engines::EngineModel& model, engines::KvPool& pool, engines::KvConnector* connector,
+         bool overlap_saves)
+      : model_(model), pool_(pool), connector_(connector), overlap_saves_(overlap_saves) {}
+
+  // The end of a pass: every store done, every block free again.
+  Status drain() {
+    if (connector_ == nullptr) return Status::Ok();
+    Status s = connector_->wait_for_save();
+    reclaim();
+    if (!held_.empty())
+      return Status(ErrorCode::kInternal, "the connector still holds finished requests' blocks");
+    return s;
+  }
 
   Result<RequestOutcome> run(engines::RequestId id, const std::vector<uint32_t>& prompt, uint32_t n_new) {
     const uint32_t block_tokens = model_.shape().block_tokens;
@@ -70,6 +86,14 @@ class Engine {
     std::vector<uint32_t> table(pool_.layout().desc().num_blocks);
     std::iota(table.begin(), table.end(), 0u);
     std::shuffle(table.begin(), table.end(), std::mt19937_64(id * 7919));
+    // Blocks an earlier request's store still reads are not handed out again.
+    reclaim();
+    if (table.size() - held_blocks() < blocks && connector_ != nullptr) {
+      (void)connector_->wait_for_save();
+      reclaim();
+    }
+    std::erase_if(table, [&](uint32_t b) { return held_set_.count(b) != 0; });
+    if (table.size() < blocks) return Status(ErrorCode::kOutOfMemory, "the KV pool is too small");
     table.resize(blocks);
 
     RequestOutcome out;
@@ -112,13 +136,19 @@ class Engine {
     }
     if (connector_ != nullptr) {
       if (!save_error_.ok()) return std::exchange(save_error_, Status::Ok());
-      if (Status s = connector_->wait_for_save(); !s.ok())
-        spdlog::warn("request {}: store failed: {}", id, s.to_string());
+      if (!overlap_saves_) {
+        if (Status s = connector_->wait_for_save(); !s.ok())
+          spdlog::warn("request {}: store failed: {}", id, s.to_string());
+      }
       auto later = connector_->request_finished(id);
       if (!later.ok()) return later.status();
-      // wait_for_save returned, so nothing of the request is pending: its blocks are free now.
-      if (later.value())
-        return Status(ErrorCode::kInternal, "the connector still holds a saved request's blocks");
+      if (later.value()) {
+        // Only while saves overlap: wait_for_save returned otherwise, so nothing was pending.
+        if (!overlap_saves_)
+          return Status(ErrorCode::kInternal, "the connector still holds a saved request's blocks");
+        held_[id] = table;
+        held_set_.insert(table.begin(), table.end());
+      }
     }
     return out;
   }
@@ -127,14 +157,29 @@ class Engine {
   engines::EngineModel& model_;
   engines::KvPool& pool_;
   engines::KvConnector* connector_;
+  bool overlap_saves_;
   Status save_error_;
+  std::unordered_map<engines::RequestId, std::vector<uint32_t>> held_;  // finished, store still reading
+  std::unordered_set<uint32_t> held_set_;
+
+  size_t held_blocks() const { return held_set_.size(); }
+  // Frees the blocks of requests whose stores have ended.
+  void reclaim() {
+    if (connector_ == nullptr) return;
+    for (engines::RequestId id : connector_->get_finished().sending) {
+      auto it = held_.find(id);
+      if (it == held_.end()) continue;
+      for (uint32_t b : it->second) held_set_.erase(b);
+      held_.erase(it);
+    }
+  }
 };
 
 // Every prompt of the workload, in order; each request's answer joins that user's history (chat).
 Result<PassReport> run_pass(const Workload& w, engines::EngineModel& model, engines::KvPool& pool,
                             engines::KvConnector* connector, engines::RequestId& next_id, const char* pass) {
   const uint32_t vocab = model.shape().vocab;
-  Engine engine(model, pool, connector);
+  Engine engine(model, pool, connector, w.overlap_saves);
   PassReport report;
   const auto started = Clock::now();
   auto one = [&](const std::vector<uint32_t>& prompt,
@@ -172,6 +217,8 @@ Result<PassReport> run_pass(const Workload& w, engines::EngineModel& model, engi
       }
     }
   }
+  // Overlapped stores belong to the pass: its time ends when the last one has.
+  if (Status s = engine.drain(); !s.ok()) spdlog::warn("{} pass: store failed: {}", pass, s.to_string());
   report.seconds = ms_between(started, Clock::now()) / 1e3;
   return report;
 }
@@ -220,8 +267,11 @@ int run(int argc, char** argv) {
       ("questions", "doc: questions per document", cxxopts::value<uint32_t>()->default_value("3"))  //
       ("new", "tokens generated per request", cxxopts::value<uint32_t>()->default_value("8"))       //
       ("chunk-tokens", "tokens per store chunk (a whole number of 16-token blocks)",
-       cxxopts::value<uint32_t>()->default_value("64"))                                                     //
-      ("seed", "weights and prompts", cxxopts::value<uint64_t>()->default_value("1"))                       //
+       cxxopts::value<uint32_t>()->default_value("64"))                                //
+      ("seed", "weights and prompts", cxxopts::value<uint64_t>()->default_value("1"))  //
+      ("overlap-saves",
+       "a request's store runs on while later requests compute (its blocks are freed "
+       "once the connector lists it finished); default: each request waits for its store")                  //
       ("shape", "tiny | llama3-8b (GPU only)", cxxopts::value<std::string>()->default_value("tiny"))        //
       ("gpu", "run the engine on this GPU (default: the CPU)", cxxopts::value<int>()->default_value("-1"))  //
       ("v,verbose", "log more")                                                                             //
@@ -258,7 +308,8 @@ int run(int argc, char** argv) {
                0,
                0,
                new_tokens,
-               seed};
+               seed,
+               args.count("overlap-saves") != 0};
     workloads.push_back(w);
   }
   if (which != "chat") {
@@ -271,7 +322,8 @@ int run(int argc, char** argv) {
                args["questions"].as<uint32_t>(),
                args["doc-tokens"].as<uint32_t>(),
                new_tokens,
-               seed};
+               seed,
+               args.count("overlap-saves") != 0};
     workloads.push_back(w);
   }
   const std::string shape_name = args["shape"].as<std::string>();
@@ -301,7 +353,9 @@ int run(int argc, char** argv) {
   }
   if (gpu >= 0) std::printf("model on cuda:%d in %.0f ms\n", gpu, ms_between(loading, Clock::now()));
   const uint32_t block_tokens = shape.block_tokens;
-  const auto pool_blocks = static_cast<uint32_t>(2 * ((longest + new_tokens) / block_tokens + 2));
+  // Room for a request and (overlapping saves) a few finished ones whose stores still read them.
+  const uint32_t pools = args.count("overlap-saves") != 0 ? 4 : 2;
+  const auto pool_blocks = static_cast<uint32_t>(pools * ((longest + new_tokens) / block_tokens + 2));
   auto pool = engines::KvPool::create(shape.kv_layout_desc(pool_blocks), gpu, 0xA5);
   if (!pool.ok()) {
     std::cerr << "kvfabric-prefix-reuse: KV pool: " << pool.status().to_string() << '\n';

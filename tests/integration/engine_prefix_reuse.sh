@@ -22,5 +22,12 @@ kvf_check_grep "$log" "store     user 0 round 1 .* [1-9][0-9]* loaded" "a later 
 # A 300-token document and a 37-token question: chunks 0-3 (256 tokens) are the document's alone;
 # chunk 4 holds the question's first tokens, so it differs between questions.
 kvf_check_grep "$log" "store     doc 1 question 2 .*   256 loaded" "a later question loads the document's 4 whole chunks (256 tokens)"
+# Stores overlapping later requests (an engine frees a request's blocks once the connector lists it
+# finished): the same tokens, and blocks a store still reads are never handed out again.
+kvf_run reuse-overlap 200 "$KVF_BIN/kvfabric-prefix-reuse" --store "$sock" --workload chat --users 3 --rounds 3 \
+  --system-tokens 200 --turn-tokens 37 --new 6 --chunk-tokens 64 --seed 5 --overlap-saves
+kvf_check_eq "$?" 0 "chat with overlapping stores ran: $(tail -n1 "$(kvf_logfile reuse-overlap)")"
+kvf_check_grep "$(kvf_logfile reuse-overlap)" "^chat: store vs recompute: .*tokens identical in 9 of 9 requests" \
+  "overlapping stores: exactly the same tokens, 9 requests"
 kvf_check kvf_alive d -- "daemon alive at the end"
 kvf_finish
