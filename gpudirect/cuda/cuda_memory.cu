@@ -102,36 +102,7 @@ Status require_device(int device) {
   return Status::Ok();
 }
 
-// Makes `device` current for a scope and gives the caller's current device back afterwards:
-// engines call in from threads whose device they chose.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) {
-      cudaGetLastError();
-      previous_ = -1;
-    }
-    // Set even when it is already the current device: on a thread that has made no CUDA runtime
-    // call yet, cudaGetDevice answers 0 with no context current, and the driver API calls made
-    // under the guard (cuMemGetAddressRange) would fail with CUDA_ERROR_INVALID_CONTEXT.
-    status_ = cudaSetDevice(device);
-    switched_ = status_ == cudaSuccess && previous_ >= 0 && previous_ != device;
-  }
-  ~DeviceGuard() {
-    if (switched_ && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-  Status status(int device) const {
-    if (status_ == cudaSuccess) return Status::Ok();
-    return cuda_error("cudaSetDevice(" + std::to_string(device) + ")", status_);
-  }
-
- private:
-  int previous_ = -1;
-  bool switched_ = false;
-  cudaError_t status_ = cudaSuccess;
-};
+using DeviceGuard = ScopedDevice;
 
 const char* memory_type_name(cudaMemoryType type) {
   switch (type) {
@@ -223,7 +194,7 @@ Result<DeviceBuffer> DeviceBuffer::allocate(int device, uint64_t bytes) {
   if (bytes == 0) return Status(ErrorCode::kInvalidArgument, "DeviceBuffer::allocate: zero bytes");
   if (Status s = require_device(device); !s.ok()) return s;
   DeviceGuard guard(device);
-  if (Status s = guard.status(device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   void* p = nullptr;
   cudaError_t err = cudaMalloc(&p, bytes);
   if (err != cudaSuccess) {
@@ -296,7 +267,7 @@ Result<std::vector<uint8_t>> export_cuda_ipc(const void* device_ptr, uint64_t le
   if (!attr.ok()) return attr.status();
   const int device = attr->device;
   DeviceGuard guard(device);
-  if (Status s = guard.status(device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   Result<AllocationRange> allocation = allocation_of(device_ptr);
   if (!allocation.ok()) return allocation.status();
   const uint64_t offset = reinterpret_cast<uintptr_t>(device_ptr) - allocation->base;
@@ -332,7 +303,7 @@ Result<CudaIpcMapping> CudaIpcMapping::open(std::span<const uint8_t> bytes, int 
   if (Status s = check_cuda_ipc_importable(*blob); !s.ok()) return s;
   if (Status s = require_device(local_device); !s.ok()) return s;
   DeviceGuard guard(local_device);
-  if (Status s = guard.status(local_device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   cudaIpcMemHandle_t handle{};
   std::memcpy(handle.reserved, blob->ipc_handle.data(), CudaIpcBlob::kHandleBytes);
   void* base = nullptr;
@@ -383,7 +354,7 @@ Result<DmaBufExport> DmaBufExport::create(const void* device_ptr, uint64_t lengt
     return Status(ErrorCode::kUnavailable, "the CUDA driver does not export cuMemGetHandleForAddressRange");
   }
   DeviceGuard guard(attr->device);
-  if (Status s = guard.status(attr->device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   // The driver wants the range aligned to host pages.
   const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const auto p = reinterpret_cast<uintptr_t>(device_ptr);
@@ -427,7 +398,7 @@ Result<DeviceAllocation> device_allocation_of(const void* p) {
   Result<cudaPointerAttributes> attr = device_attributes_of(p, "device_allocation_of");
   if (!attr.ok()) return attr.status();
   DeviceGuard guard(attr->device);
-  if (Status s = guard.status(attr->device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   Result<AllocationRange> range = allocation_of(p);
   if (!range.ok()) return range.status();
   return DeviceAllocation{attr->device, range->base, range->bytes};
@@ -451,7 +422,7 @@ Status enable_peer_access(int from, int to) {
                                                std::to_string(to) + " directly (no P2P path between them)");
   }
   DeviceGuard guard(from);
-  if (Status s = guard.status(from); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   err = cudaDeviceEnablePeerAccess(to, 0);
   if (err == cudaErrorPeerAccessAlreadyEnabled) {
     cudaGetLastError();
@@ -481,7 +452,7 @@ Status fill_device(void* p, uint8_t value, uint64_t bytes) {
   Result<int> device = device_of(p);
   if (!device.ok()) return device.status();
   DeviceGuard guard(*device);
-  if (Status s = guard.status(*device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   // The legacy stream, not the whole device: an engine's own non-blocking streams run on.
   cudaError_t err = cudaMemset(p, value, bytes);
   if (err == cudaSuccess) err = cudaStreamSynchronize(nullptr);
@@ -494,7 +465,7 @@ Status fill_device(void* p, uint8_t value, uint64_t bytes) {
 Result<CudaStream> CudaStream::create(int device) {
   if (Status s = require_device(device); !s.ok()) return s;
   DeviceGuard guard(device);
-  if (Status s = guard.status(device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   cudaStream_t stream = nullptr;
   cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
   if (err != cudaSuccess) return cuda_error("cudaStreamCreateWithFlags", err);
@@ -512,7 +483,7 @@ Status CudaStream::copy_async(void* dst, const void* src, uint64_t bytes) const 
   if (bytes == 0) return Status::Ok();
   if (stream_ == nullptr) return Status(ErrorCode::kInvalidArgument, "copy_async on a moved-from stream");
   DeviceGuard guard(device_);
-  if (Status s = guard.status(device_); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   cudaError_t err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream_));
   if (err != cudaSuccess) return cuda_error("cudaMemcpyAsync of " + std::to_string(bytes) + " bytes", err);
   return Status::Ok();
@@ -538,7 +509,7 @@ Status CudaStream::synchronize() const {
 Result<CudaEvent> CudaEvent::create(int device, bool timing) {
   if (Status s = require_device(device); !s.ok()) return s;
   DeviceGuard guard(device);
-  if (Status s = guard.status(device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   cudaEvent_t event = nullptr;
   cudaError_t err = cudaEventCreateWithFlags(&event, timing ? cudaEventDefault : cudaEventDisableTiming);
   if (err != cudaSuccess) return cuda_error("cudaEventCreateWithFlags", err);
@@ -548,7 +519,7 @@ Result<CudaEvent> CudaEvent::create(int device, bool timing) {
 Result<CudaEvent> CudaEvent::create_interprocess(int device) {
   if (Status s = require_device(device); !s.ok()) return s;
   DeviceGuard guard(device);
-  if (Status s = guard.status(device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   cudaEvent_t event = nullptr;
   cudaError_t err = cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventInterprocess);
   if (err != cudaSuccess) return cuda_error("cudaEventCreateWithFlags(interprocess)", err);
@@ -572,7 +543,7 @@ Result<CudaEvent> CudaEvent::open_ipc(std::span<const uint8_t> bytes, int device
   }
   if (Status s = require_device(device); !s.ok()) return s;
   DeviceGuard guard(device);
-  if (Status s = guard.status(device); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   cudaIpcEventHandle_t handle{};
   std::memcpy(&handle, bytes.data(), sizeof(handle));
   cudaEvent_t event = nullptr;
@@ -591,7 +562,7 @@ void CudaEvent::reset() {
 Status CudaEvent::record(void* stream) const {
   if (event_ == nullptr) return Status(ErrorCode::kInvalidArgument, "record on a moved-from event");
   DeviceGuard guard(device_);
-  if (Status s = guard.status(device_); !s.ok()) return s;
+  if (Status s = guard.status(); !s.ok()) return s;
   cudaError_t err = cudaEventRecord(static_cast<cudaEvent_t>(event_), static_cast<cudaStream_t>(stream));
   if (err != cudaSuccess) return cuda_error("cudaEventRecord", err);
   return Status::Ok();
@@ -625,6 +596,27 @@ Result<bool> event_done(void* event) {
   if (err == cudaSuccess) return true;
   if (err == cudaErrorNotReady) return false;
   return cuda_error("the CUDA work before the event failed", err);
+}
+
+// --- ScopedDevice ------------------------------------------------------------------------------
+
+ScopedDevice::ScopedDevice(int device) : device_(device) {
+  if (cudaGetDevice(&previous_) != cudaSuccess) {
+    cudaGetLastError();
+    previous_ = -1;
+  }
+  const cudaError_t err = cudaSetDevice(device);
+  error_ = static_cast<int>(err);
+  switched_ = err == cudaSuccess && previous_ >= 0 && previous_ != device;
+}
+
+ScopedDevice::~ScopedDevice() {
+  if (switched_ && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
+}
+
+Status ScopedDevice::status() const {
+  if (error_ == static_cast<int>(cudaSuccess)) return Status::Ok();
+  return cuda_error("cudaSetDevice(" + std::to_string(device_) + ")", static_cast<cudaError_t>(error_));
 }
 
 }  // namespace kvf::gpudirect

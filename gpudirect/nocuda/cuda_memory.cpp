@@ -114,4 +114,10 @@ Result<bool> event_done(void*) {
   return built_without_cuda("event_done");
 }
 
+ScopedDevice::ScopedDevice(int device) : device_(device) {}
+ScopedDevice::~ScopedDevice() = default;
+Status ScopedDevice::status() const {
+  return built_without_cuda("ScopedDevice");
+}
+
 }  // namespace kvf::gpudirect

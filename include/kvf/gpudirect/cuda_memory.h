@@ -220,6 +220,27 @@ class DmaBufExport {
   uint64_t bytes_ = 0;
 };
 
+// Makes `device` current on the calling thread for a scope and gives the caller's current device
+// back afterwards (engines call in from threads whose device they chose). It sets the device even
+// when it already is the current one: on a thread that has made no CUDA call yet no context is
+// current, and driver API calls (cuMemGetAddressRange) would fail with CUDA_ERROR_INVALID_CONTEXT.
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device);
+  ~ScopedDevice();
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+  // Ok once the device is current; CUDA's error naming the device otherwise (kUnavailable without
+  // CUDA).
+  Status status() const;
+
+ private:
+  int device_;
+  int previous_ = -1;
+  bool switched_ = false;
+  int error_ = 0;  // a cudaError_t
+};
+
 // The ordinal of the GPU whose memory `p` points into (device or managed memory); kInvalidArgument
 // for host or unknown memory.
 Result<int> device_of(const void* p);
