@@ -17,6 +17,7 @@
 #include "kvf/engines/reference_kernels.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/cuda_probe.h"
+#include "request_checks.h"
 
 namespace kvf::engines {
 namespace {
@@ -68,34 +69,8 @@ Status cublas_failure(const char* call, cublasStatus_t status) {
     if (Status kvf_s = (expr); !kvf_s.ok()) return kvf_s; \
   } while (0)
 
-// Makes `device` current for a scope and gives the caller's current device back afterwards:
-// engines call in from threads whose device they chose.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) {
-      cudaGetLastError();
-      previous_ = -1;
-    }
-    if (previous_ != device) {
-      status_ = cudaSetDevice(device);
-      switched_ = status_ == cudaSuccess && previous_ >= 0;
-    }
-  }
-  ~DeviceGuard() {
-    if (switched_ && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-  Status status() const {
-    return status_ == cudaSuccess ? Status::Ok() : cuda_failure("cudaSetDevice", status_);
-  }
-
- private:
-  int previous_ = -1;
-  bool switched_ = false;
-  cudaError_t status_ = cudaSuccess;
-};
+// Calls come from threads whose CUDA device the engine chose; each sets the model's and restores theirs.
+using DeviceGuard = gpudirect::ScopedDevice;
 
 uint64_t blocks_for(uint64_t tokens, uint32_t block_tokens) {
   return (tokens + block_tokens - 1) / block_tokens;
@@ -525,23 +500,10 @@ uint64_t GpuReferenceModel::device_bytes() const {
 // --- validation --------------------------------------------------------------------------------------
 
 Status GpuReferenceModel::check_cache(const KvCacheView& kv) const {
-  const protocol::KvLayoutDesc& d = kv.layout.desc();
-  const protocol::KvLayoutDesc want = shape_.kv_layout_desc(d.num_blocks);
-  if (d != want) {
-    return invalid("KV layout " + kv.layout.to_string() + " does not match the model's: it needs " +
-                   std::string(protocol::layout_kind_name(want.kind)) + ", " +
-                   std::to_string(want.num_layers) + " layers, " + std::to_string(want.block_tokens) +
-                   "-token blocks, " + std::to_string(want.kv_heads) + " KV heads of dim " +
-                   std::to_string(want.head_dim) + ", bf16 (2 bytes)");
-  }
-  if (kv.layers.size() != shape_.layers) {
-    return invalid("KV cache has " + std::to_string(kv.layers.size()) + " layer buffers, the model has " +
-                   std::to_string(shape_.layers) + " layers");
-  }
+  if (Status s = check_kv_cache(shape_, kv); !s.ok()) return s;
   const uint64_t layer_bytes = kv.layout.layer_bytes();
   for (size_t l = 0; l < kv.layers.size(); ++l) {
     const std::string name = "KV layer buffer " + std::to_string(l);
-    if (kv.layers[l] == nullptr) return invalid(name + " is null");
     if (reinterpret_cast<uintptr_t>(kv.layers[l]) % 2 != 0)
       return invalid(name + " is not 2-byte aligned (bf16)");
     auto allocation = gpudirect::device_allocation_of(kv.layers[l]);
@@ -576,35 +538,7 @@ Status GpuReferenceModel::check_request(std::span<const uint32_t> tokens, uint64
                    " is beyond this model's max_context of " + std::to_string(options_.max_context) +
                    " positions (GpuModelOptions)");
   }
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    if (tokens[i] >= shape_.vocab) {
-      return invalid("token " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
-                     " is out of range: vocab is " + std::to_string(shape_.vocab));
-    }
-  }
-  const uint32_t block_tokens = shape_.block_tokens;
-  const uint64_t needed = blocks_for(end_position, block_tokens);
-  if (block_table.size() < needed) {
-    return invalid("block table too short: " + std::to_string(block_table.size()) + " blocks hold " +
-                   std::to_string(block_table.size() * uint64_t{block_tokens}) + " positions, but position " +
-                   std::to_string(end_position - 1) + " needs " + std::to_string(needed) + " blocks of " +
-                   std::to_string(block_tokens) + " tokens");
-  }
-  const uint32_t num_blocks = kv.layout.desc().num_blocks;
-  for (uint64_t i = 0; i < needed; ++i) {
-    if (block_table[i] >= num_blocks) {
-      return invalid("block id " + std::to_string(block_table[i]) + " at block table index " +
-                     std::to_string(i) + " is out of range: the KV cache has " + std::to_string(num_blocks) +
-                     " blocks");
-    }
-  }
-  // Two positions in one block would overwrite each other's K/V and attend to the wrong tokens.
-  std::vector<uint32_t> used(block_table.begin(), block_table.begin() + static_cast<std::ptrdiff_t>(needed));
-  std::sort(used.begin(), used.end());
-  if (auto dup = std::adjacent_find(used.begin(), used.end()); dup != used.end()) {
-    return invalid("block id " + std::to_string(*dup) + " appears more than once in the block table");
-  }
-  return Status::Ok();
+  return check_tokens_and_table(shape_, tokens, end_position, block_table, kv.layout.desc().num_blocks);
 }
 
 // --- calls -------------------------------------------------------------------------------------------
