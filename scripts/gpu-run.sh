@@ -69,7 +69,7 @@ if want sanitize; then
   : >"$out/sanitize.log"
   # test_cuda_memory's [api-errors] cases make CUDA calls fail on purpose (refused IPC opens):
   # memcheck counts those as errors, so they run only in the plain test phase.
-  for t in "test_paged_copy_cuda" "test_cuda_memory ~[api-errors]"; do
+  for t in "test_paged_copy_cuda" "test_cuda_memory ~[api-errors]" "test_gpu_reference_model ~[perf]"; do
     read -r exe filter <<<"$t"
     [[ -x $bin/$exe ]] || { note "sanitize: $exe not built"; continue; }
     # shellcheck disable=SC2086
