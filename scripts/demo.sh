@@ -38,4 +38,4 @@ for engine in decode0 prefill0; do
   grep -q 'serving on' "$log/$engine.log" || { echo "demo: engine $engine did not start:"; cat "$log/$engine.log"; exit 1; }
   sed "s/^/demo: /" "$log/$engine.log"
 done
-./build/bin/kvfabric-pd-demo --topology "$topology" --prompt-tokens $prompt --new 16 --requests 2 --compare
+./build/bin/kvfabric-pd-demo --topology "$topology" --prompt-tokens $prompt --new 16 --requests 3 --warmup 1 --compare
