@@ -44,6 +44,7 @@
 #include "kvf/engines/kv_connector.h"
 #include "kvf/engines/synthetic_prompt.h"
 #include "kvf/fabric/topology.h"
+#include "request_context.h"
 
 namespace {
 
@@ -72,25 +73,6 @@ int fail(const std::string& what) {
 // connector registers it, as it would a real engine's cache. Poisoned: unwritten KV reads as NaN.
 Result<engines::KvPool> make_pool(const engines::ModelShape& shape, uint32_t blocks, int device) {
   return engines::KvPool::create(shape.kv_layout_desc(blocks), device, 0xFF);
-}
-
-// The request's context on the wire: prompt length, the prompt's last token, tokens to generate.
-std::vector<uint8_t> encode_context(uint32_t prompt_tokens, uint32_t last_token, uint32_t n_new) {
-  std::vector<uint8_t> out(12);
-  std::memcpy(out.data(), &prompt_tokens, 4);
-  std::memcpy(out.data() + 4, &last_token, 4);
-  std::memcpy(out.data() + 8, &n_new, 4);
-  return out;
-}
-
-// The request's context: prompt length, the prompt's last token, tokens to generate.
-bool decode_context(const std::vector<uint8_t>& context, uint32_t* prompt_tokens, uint32_t* last_token,
-                    uint32_t* n_new) {
-  if (context.size() != 12) return false;
-  std::memcpy(prompt_tokens, context.data(), 4);
-  std::memcpy(last_token, context.data() + 4, 4);
-  std::memcpy(n_new, context.data() + 8, 4);
-  return *prompt_tokens != 0 && *n_new != 0;
 }
 
 int run_decode(const cxxopts::ParseResult& args, engines::EngineModel& model) {
@@ -125,18 +107,18 @@ int run_decode(const cxxopts::ParseResult& args, engines::EngineModel& model) {
     for (engines::RequestId id : finished.receiving) {
       auto kv = connector.value()->take_received(id);
       if (!kv.ok()) continue;
-      uint32_t prompt_tokens = 0, last_token = 0, n_new = 0;
+      engines::RequestContext context;
       const auto started = Clock::now();
       std::vector<uint32_t> tokens;
-      Status status = decode_context(kv->context, &prompt_tokens, &last_token, &n_new)
+      Status status = engines::RequestContext::decode(kv->context, &context)
                           ? Status::Ok()
                           : Status(ErrorCode::kMalformed, "a stream without a request context");
       // The first token: the prompt's last position again, over the KV that arrived (it rewrites
       // that position's K/V with the same values).
-      for (uint32_t i = 0; status.ok() && i < n_new; ++i) {
-        const uint32_t position = prompt_tokens - 1 + i;
-        auto next =
-            model.decode_step(position, i == 0 ? last_token : tokens.back(), kv->blocks, pool->view());
+      for (uint32_t i = 0; status.ok() && i < context.n_new; ++i) {
+        const uint32_t position = context.prompt_tokens - 1 + i;
+        auto next = model.decode_step(position, i == 0 ? context.last_token : tokens.back(), kv->blocks,
+                                      pool->view());
         if (!next.ok()) {
           status = next.status();
           break;
@@ -154,8 +136,10 @@ int run_decode(const cxxopts::ParseResult& args, engines::EngineModel& model) {
             "\nrequest %llu: %u-token prompt's KV in %u blocks, last layer %.2f ms after the offer; %u "
             "tokens "
             "decoded in %.2f ms\n",
-            static_cast<unsigned long long>(id), prompt_tokens, static_cast<uint32_t>(kv->blocks.size()),
-            kv->layer_arrival_ms.empty() ? 0.0 : kv->layer_arrival_ms.back(), n_new, ms_since(started));
+            static_cast<unsigned long long>(id), context.prompt_tokens,
+            static_cast<uint32_t>(kv->blocks.size()),
+            kv->layer_arrival_ms.empty() ? 0.0 : kv->layer_arrival_ms.back(), context.n_new,
+            ms_since(started));
       }
       std::fflush(stdout);
     }
@@ -186,7 +170,8 @@ class PrefillEngine {
       if (auto m = c_.get_num_new_matched_tokens(id, prompt, 0); !m.ok()) return m.status();
       if (Status s = c_.update_state_after_alloc(id, table, 0); !s.ok()) return s;
       if (Status s = c_.send_kv_to(
-              id, peer_, encode_context(static_cast<uint32_t>(prompt.size()), prompt.back(), n_new));
+              id, peer_,
+              engines::RequestContext{static_cast<uint32_t>(prompt.size()), prompt.back(), n_new}.encode());
           !s.ok()) {
         return Status(s.code(), "stream: " + s.message());
       }

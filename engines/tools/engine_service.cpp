@@ -26,6 +26,7 @@
 #include "kvf/engines/engine_model.h"
 #include "kvf/engines/kv_connector.h"
 #include "kvf/engines/synthetic_prompt.h"
+#include "request_context.h"
 
 namespace kvf::engines {
 namespace {
@@ -79,23 +80,6 @@ Reply from_status(const Status& s, const std::string& what) {
       break;
   }
   return error(code, what + ": " + s.to_string());
-}
-
-// The request context a prefill engine sends with the KV: prompt length, the prompt's last token
-// and the tokens to generate (the same 12 bytes kvfabric-engine's CLI modes use).
-std::vector<uint8_t> encode_context(uint32_t prompt_tokens, uint32_t last_token, uint32_t n_new) {
-  std::vector<uint8_t> out(12);
-  std::memcpy(out.data(), &prompt_tokens, 4);
-  std::memcpy(out.data() + 4, &last_token, 4);
-  std::memcpy(out.data() + 8, &n_new, 4);
-  return out;
-}
-
-bool decode_context(const std::vector<uint8_t>& context, uint32_t* prompt_tokens, uint32_t* n_new) {
-  if (context.size() != 12) return false;
-  std::memcpy(prompt_tokens, context.data(), 4);
-  std::memcpy(n_new, context.data() + 8, 4);
-  return *prompt_tokens != 0 && *n_new != 0;
 }
 
 // A JSON body's fields, checked: every field known to the route, each of the right type.
@@ -282,7 +266,8 @@ class Service {
     if (setup.ok())
       setup = c_.send_kv_to(
           rid, peer.value(),
-          encode_context(static_cast<uint32_t>(p.size()), p.back(), static_cast<uint32_t>(n_new.value())));
+          RequestContext{static_cast<uint32_t>(p.size()), p.back(), static_cast<uint32_t>(n_new.value())}
+              .encode());
     if (!setup.ok()) {
       (void)c_.abort(rid);
       (void)c_.request_finished(rid);
@@ -344,15 +329,16 @@ class Service {
       arrived_.erase(it);
     }
     const double kv_wait_ms = ms_since(waiting);
-    uint32_t prompt_tokens = 0, context_new = 0;
-    if (!decode_context(kv->context, &prompt_tokens, &context_new)) {
+    RequestContext context;
+    if (!RequestContext::decode(kv->context, &context)) {
       blocks_.release(kv->blocks);
       return error(http::status::bad_gateway, "/decode: the KV arrived without a valid request context");
     }
-    auto n_new = f->u64("n_new", context_new);
-    if (!n_new.ok() || n_new.value() == 0 || n_new.value() > context_new) {
+    auto n_new = f->u64("n_new", context.n_new);
+    if (!n_new.ok() || n_new.value() == 0 || n_new.value() > context.n_new) {
       blocks_.release(kv->blocks);
-      return error(http::status::bad_request, "/decode: 'n_new' must be 1 .. " + std::to_string(context_new) +
+      return error(http::status::bad_request, "/decode: 'n_new' must be 1 .. " +
+                                                  std::to_string(context.n_new) +
                                                   " (the blocks the prefill engine sent)");
     }
     std::lock_guard lock(model_mutex_);
@@ -361,7 +347,7 @@ class Service {
     Status status;
     // Exactly what one engine does after its prefill: the first token goes in at the prompt's end.
     for (uint32_t i = 1; status.ok() && i < n_new.value(); ++i) {
-      auto next = model_.decode_step(prompt_tokens + i - 1, tokens.back(), kv->blocks, pool_.view());
+      auto next = model_.decode_step(context.prompt_tokens + i - 1, tokens.back(), kv->blocks, pool_.view());
       if (!next.ok()) status = next.status();
       if (next.ok()) tokens.push_back(next.value());
     }
