@@ -4,6 +4,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -14,6 +15,8 @@
 namespace kvf::store {
 
 using protocol::ChunkKey;
+using protocol::KvCodec;
+using protocol::Tier;
 
 uint64_t chunk_checksum(const uint8_t* data, uint64_t length) {
   return XXH3_64bits(data, length);
@@ -21,20 +24,37 @@ uint64_t chunk_checksum(const uint8_t* data, uint64_t length) {
 
 namespace {
 
-enum class EntryState : uint8_t { kReserved, kCommitting, kCommitted };
+// kPromoting: a block being filled from the SSD tier (promote_locked); no reservation id, no
+// writer, no holds until it is committed.
+enum class EntryState : uint8_t { kReserved, kCommitting, kCommitted, kPromoting };
 
 struct Entry {
   ArenaBlock block;    // what the allocator gave (aligned length)
   uint64_t bytes = 0;  // what the writer asked for; the chunk's length
   uint64_t checksum = 0;
   ChunkKey model;  // the fingerprint the key was hashed with, as the writer said
+  KvCodec codec = KvCodec::kIdentity;
   uint64_t reservation_id = 0;
+  uint64_t replacement_id = 0;  // a replacement (re-encode) being written for this entry
   ClientId writer = 0;
   StoreClock::time_point deadline{};  // reservations only
   uint32_t pins = 0;
   uint32_t leases = 0;
   EntryState state = EntryState::kReserved;
-  bool detached = false;  // cleared while leased: out of the index, bytes kept for the readers
+  bool detached = false;                 // cleared while leased: out of the index, bytes kept for the readers
+  bool cleared_while_promoting = false;  // removed when its promotion lands
+};
+
+// New bytes for a committed entry (reserve_replacement); kept apart from the entry so that a
+// clear of the entry while the replacement is hashed cannot free the block under the hash.
+struct Replacement {
+  ChunkKey key;
+  ArenaBlock block;
+  uint64_t bytes = 0;
+  KvCodec codec = KvCodec::kIdentity;
+  ClientId writer = 0;
+  StoreClock::time_point deadline{};
+  bool committing = false;  // skipped by reaping, aborts, clears and drop_client
 };
 
 struct LeaseRecord {
@@ -53,14 +73,20 @@ std::string hex(const ChunkKey& key) {
 }  // namespace
 
 struct ChunkStore::Impl {
-  Impl(gpudirect::MemoryRegion region, ArenaAllocator alloc, ChunkStoreOptions opts)
-      : arena(std::move(region)), allocator(std::move(alloc)), options(std::move(opts)) {
+  using IndexIt = std::unordered_map<ChunkKey, Entry>::iterator;
+
+  Impl(gpudirect::MemoryRegion region, ArenaAllocator alloc, ChunkStoreOptions opts,
+       std::unique_ptr<SsdTier> tier)
+      : arena(std::move(region)),
+        allocator(std::move(alloc)),
+        options(std::move(opts)),
+        ssd(std::move(tier)) {
     policy = options.policy ? std::move(options.policy) : make_lru_policy();
   }
 
   StoreClock::time_point now() const { return options.clock ? options.clock() : StoreClock::now(); }
 
-  static bool is_protected(const Entry& e) { return e.pins > 0 || e.leases > 0; }
+  static bool is_protected(const Entry& e) { return e.pins > 0 || e.leases > 0 || e.replacement_id != 0; }
 
   // A visible entry stopped being evictable.
   void protect(const ChunkKey& key) {
@@ -75,22 +101,63 @@ struct ChunkStore::Impl {
     policy->on_insert(key);
   }
 
-  void free_block(const Entry& e) {
+  void free_block(const ArenaBlock& block) {
     // Every block here came from this allocator and is freed once; a refusal would be a store bug,
     // and leaking the block is safer than corrupting the free list. audit() then reports it.
-    if (Status st = allocator.free(e.block); !st.ok()) spdlog::error("chunk store: {}", st.to_string());
+    if (Status st = allocator.free(block); !st.ok()) spdlog::error("chunk store: {}", st.to_string());
+  }
+
+  enum class ReservationEnd { kAborted, kExpired, kDropped };
+  void count_end(ReservationEnd why) {
+    switch (why) {
+      case ReservationEnd::kAborted:
+        ++s.aborts;
+        break;
+      case ReservationEnd::kExpired:
+        ++s.expired_reservations;
+        break;
+      case ReservationEnd::kDropped:
+        ++s.dropped_reservations;
+        break;
+    }
+  }
+
+  // Frees a replacement's block and forgets it; does not touch its entry.
+  void drop_replacement(std::unordered_map<uint64_t, Replacement>::iterator r, ReservationEnd why) {
+    free_block(r->second.block);
+    --s.reservations;
+    s.bytes_reserved -= r->second.block.length;
+    count_end(why);
+    replacements.erase(r);
+  }
+  // Ends a replacement whose entry is still visible: the entry stops being protected by it.
+  void end_replacement(std::unordered_map<uint64_t, Replacement>::iterator r, ReservationEnd why) {
+    const ChunkKey key = r->second.key;
+    const uint64_t id = r->first;
+    drop_replacement(r, why);
+    auto it = index.find(key);
+    if (it != index.end() && it->second.replacement_id == id) {
+      it->second.replacement_id = 0;
+      if (it->second.state == EntryState::kCommitted && !is_protected(it->second)) unprotect(key);
+    }
   }
 
   enum class Removal { kEvicted, kCleared };
   // Takes a visible committed entry out of the index: frees its bytes, or, when leased, keeps
   // them in the detached map until the last lease goes.
-  void remove_visible(std::unordered_map<ChunkKey, Entry>::iterator it, Removal why) {
+  void remove_visible(IndexIt it, Removal why) {
     Entry& e = it->second;
     if (is_protected(e)) {
       --s.protected_entries;
     } else {
       --s.evictable;
       policy->on_remove(it->first);
+    }
+    if (e.replacement_id != 0) {
+      // A replacement being hashed finds its entry gone and drops itself (commit_replacement).
+      auto r = replacements.find(e.replacement_id);
+      if (r != replacements.end() && !r->second.committing) drop_replacement(r, ReservationEnd::kAborted);
+      e.replacement_id = 0;
     }
     if (e.pins > 0) --s.pinned;
     e.pins = 0;
@@ -108,27 +175,16 @@ struct ChunkStore::Impl {
       detached.insert(index.extract(it));
       return;
     }
-    free_block(e);
+    free_block(e.block);
     index.erase(it);
   }
 
-  enum class ReservationEnd { kAborted, kExpired, kDropped };
-  void end_reservation(std::unordered_map<ChunkKey, Entry>::iterator it, ReservationEnd why) {
+  void end_reservation(IndexIt it, ReservationEnd why) {
     Entry& e = it->second;
-    free_block(e);
+    free_block(e.block);
     --s.reservations;
     s.bytes_reserved -= e.block.length;
-    switch (why) {
-      case ReservationEnd::kAborted:
-        ++s.aborts;
-        break;
-      case ReservationEnd::kExpired:
-        ++s.expired_reservations;
-        break;
-      case ReservationEnd::kDropped:
-        ++s.dropped_reservations;
-        break;
-    }
+    count_end(why);
     reservations.erase(e.reservation_id);
     index.erase(it);
   }
@@ -155,7 +211,7 @@ struct ChunkStore::Impl {
     if (e.detached) {
       --s.detached;
       s.bytes_detached -= e.block.length;
-      free_block(e);
+      free_block(e.block);
       auto [first, last] = detached.equal_range(record.key);
       for (auto d = first; d != last; ++d) {
         if (&d->second == record.entry) {
@@ -179,6 +235,13 @@ struct ChunkStore::Impl {
         ++r.reservations;
       }
     }
+    for (auto it = replacements.begin(); it != replacements.end();) {
+      auto current = it++;
+      if (!current->second.committing && current->second.deadline <= t) {
+        end_replacement(current, ReservationEnd::kExpired);
+        ++r.reservations;
+      }
+    }
     for (auto it = leases.begin(); it != leases.end();) {
       auto current = it++;
       if (current->second.deadline <= t) {
@@ -189,7 +252,23 @@ struct ChunkStore::Impl {
     return r;
   }
 
-  // Allocates `bytes`, evicting in policy order; reaps expired holds once before giving up.
+  // Writes an evicted entry to the SSD tier (under the mutex: see chunk_store.h). A failure drops
+  // the entry as a store without a tier would, and is counted and logged (the first few, then
+  // every 1000th, so that a dead disk does not flood the log).
+  void spill(const ChunkKey& key, const Entry& e) {
+    if (!ssd) return;
+    auto put = ssd->put(key, {arena.data() + e.block.offset, static_cast<size_t>(e.bytes)}, e.checksum,
+                        e.model, e.codec);
+    if (put.ok()) return;
+    ++s.ssd_spill_failures;
+    if (s.ssd_spill_failures <= 10 || s.ssd_spill_failures % 1000 == 0) {
+      spdlog::warn("chunk store: evicted chunk {} dropped, not spilled ({} so far): {}", hex(key),
+                   s.ssd_spill_failures, put.status().to_string());
+    }
+  }
+
+  // Allocates `bytes`, evicting in policy order (spilling to the SSD tier when there is one);
+  // reaps expired holds once before giving up.
   Result<ArenaBlock> allocate_evicting(uint64_t bytes) {
     for (int pass = 0; pass < 2; ++pass) {
       for (;;) {
@@ -201,6 +280,7 @@ struct ChunkStore::Impl {
           return Status(ErrorCode::kInternal, "eviction policy offered " + hex(*victim) +
                                                   ", which is not an evictable entry of this store");
         }
+        spill(it->first, it->second);
         remove_visible(it, Removal::kEvicted);
       }
       if (pass == 0) {
@@ -214,7 +294,158 @@ struct ChunkStore::Impl {
                       " free, largest hole " + std::to_string(allocator.largest_free()) +
                       ") and nothing is evictable: " + std::to_string(s.pinned) + " entries pinned, " +
                       std::to_string(s.leased_entries) + " leased, " + std::to_string(s.reservations) +
-                      " reservations being written");
+                      " reservations being written, " + std::to_string(s.promoting) +
+                      " entries being read from the ssd tier");
+  }
+
+  // Moves an entry of the SSD tier into the arena; see chunk_store.h. Called with `lock` held and
+  // the key in the SSD index; unlocks while the bytes are read and hashed. Returns the committed
+  // entry with the lock held. Waiters on the key are woken however it ends.
+  Result<IndexIt> promote_locked(std::unique_lock<std::mutex>& lock, const ChunkKey& key) {
+    // Out of the SSD index first, so that spills made to free arena space cannot evict it.
+    std::optional<SsdEntry> taken = ssd->take(key);
+    if (!taken)
+      return Status(ErrorCode::kInternal, "promotion of chunk " + hex(key) + ": not in the ssd tier");
+    ++s.promoting;
+    auto block = allocate_evicting(taken->bytes);
+    if (!block.ok()) {
+      ssd->restore(*taken);
+      --s.promoting;
+      return Status(
+          block.status().code(),
+          "chunk " + hex(key) + " is in the ssd tier and cannot be loaded: " + block.status().message());
+    }
+    Entry e;
+    e.block = block.value();
+    e.bytes = taken->bytes;
+    e.checksum = taken->checksum;
+    e.model = taken->model;
+    e.codec = taken->codec;
+    e.state = EntryState::kPromoting;
+    index.emplace(key, e);
+    s.bytes_promoting += e.block.length;
+    const ArenaBlock placed = e.block;
+    std::span<uint8_t> dst(arena.data() + placed.offset, static_cast<size_t>(taken->bytes));
+    lock.unlock();
+    // The block is the promotion's (nothing frees a promoting entry) and the extent stays
+    // allocated until release_extent, so both are safe to use without the lock.
+    Status read = ssd->read(*taken, dst);
+    lock.lock();
+    ssd->release_extent(taken->extent);
+    --s.promoting;
+    s.bytes_promoting -= placed.length;
+    promoted.notify_all();
+    auto it = index.find(key);
+    if (it == index.end() || it->second.state != EntryState::kPromoting) {
+      return Status(ErrorCode::kInternal, "promotion of chunk " + hex(key) + ": its entry vanished");
+    }
+    if (!read.ok()) {
+      ++s.ssd_dropped;
+      free_block(placed);
+      index.erase(it);
+      spdlog::warn("chunk store: chunk {} dropped from the ssd tier: {}", hex(key), read.to_string());
+      return read;
+    }
+    it->second.state = EntryState::kCommitted;
+    ++s.entries;
+    s.bytes_entries += placed.length;
+    ++s.evictable;
+    ++s.promotions;
+    policy->on_insert(key);
+    if (it->second.cleared_while_promoting) {
+      it->second.cleared_while_promoting = false;
+      remove_visible(it, Removal::kCleared);
+      return Status(ErrorCode::kNotFound,
+                    "chunk " + hex(key) + " was cleared while it was read from the ssd tier");
+    }
+    return it;
+  }
+
+  // The committed DRAM entry of `key`: waits out a promotion in progress, promotes an SSD entry.
+  // Counts a hit of the tier it was found in, or a miss, when `count`. kNotFound when not stored.
+  Result<IndexIt> resolve_locked(std::unique_lock<std::mutex>& lock, const ChunkKey& key, bool count,
+                                 const std::string& what) {
+    for (;;) {
+      auto it = index.find(key);
+      if (it != index.end()) {
+        if (it->second.state == EntryState::kCommitted) {
+          if (count) ++s.hits;
+          return it;
+        }
+        if (it->second.state == EntryState::kPromoting) {
+          promoted.wait(lock);
+          continue;
+        }
+        break;  // reserved or committing: not stored yet
+      }
+      if (ssd && ssd->contains(key)) {
+        if (count) ++s.ssd_hits;
+        return promote_locked(lock, key);
+      }
+      break;
+    }
+    if (count) {
+      ++s.misses;
+      if (ssd) ++s.ssd_misses;
+    }
+    return Status(ErrorCode::kNotFound, what + "chunk " + hex(key) + " is not stored");
+  }
+
+  // The DRAM entry of `key` once no promotion of it is in progress (end() when there is none).
+  IndexIt settled_locked(std::unique_lock<std::mutex>& lock, const ChunkKey& key) {
+    for (;;) {
+      auto it = index.find(key);
+      if (it == index.end() || it->second.state != EntryState::kPromoting) return it;
+      promoted.wait(lock);
+    }
+  }
+
+  // Counts the matched prefix of a chain across both tiers; the tier of each matched key into
+  // `tiers` when given.
+  size_t match_locked(std::span<const ChunkKey> keys, std::vector<Tier>* tiers) {
+    size_t matched = 0;
+    for (const ChunkKey& key : keys) {
+      Tier tier = Tier::kDram;
+      auto it = index.find(key);
+      if (it != index.end() && it->second.state == EntryState::kCommitted) {
+        ++s.hits;
+      } else if ((it != index.end() && it->second.state == EntryState::kPromoting) ||
+                 (it == index.end() && ssd && ssd->contains(key))) {
+        ++s.ssd_hits;
+        tier = Tier::kSsd;
+      } else {
+        ++s.misses;
+        if (ssd) ++s.ssd_misses;
+        break;
+      }
+      if (tiers) tiers->push_back(tier);
+      ++matched;
+    }
+    return matched;
+  }
+
+  // How a clear treats one DRAM index entry: removes a committed one, marks a promoting one.
+  void clear_entry(IndexIt it, ClearResult& r) {
+    Entry& e = it->second;
+    if (e.state == EntryState::kPromoting) {
+      if (!e.cleared_while_promoting) {
+        e.cleared_while_promoting = true;
+        ++r.removed;
+        r.bytes += e.block.length;
+      }
+      return;
+    }
+    if (e.state != EntryState::kCommitted) return;
+    if (e.leases > 0) ++r.deferred;
+    r.bytes += e.block.length;
+    remove_visible(it, Removal::kCleared);
+    ++r.removed;
+  }
+  void count_ssd_cleared(const std::vector<SsdEntry>& removed, ClearResult& r) {
+    for (const auto& e : removed) {
+      ++r.removed;
+      r.bytes += e.extent.length;
+    }
   }
 
   StoreStats snapshot() const {
@@ -223,6 +454,20 @@ struct ChunkStore::Impl {
     out.bytes_used = allocator.bytes_used();
     out.bytes_free = allocator.bytes_free();
     out.largest_free_block = allocator.largest_free();
+    if (ssd) {
+      const SsdTierStats t = ssd->stats();
+      out.ssd_capacity_bytes = t.capacity_bytes;
+      out.ssd_bytes_used = t.bytes_used;
+      out.ssd_bytes_free = t.bytes_free;
+      out.ssd_bytes_entries = t.bytes_entries;
+      out.ssd_bytes_promoting = t.bytes_taken;
+      out.ssd_entries = t.entries;
+      out.ssd_spills = t.puts;
+      out.ssd_evictions = t.evictions;
+      out.ssd_cleared = t.erases;
+      out.ssd_bytes_written = t.bytes_written;
+      out.ssd_bytes_read = t.bytes_read;
+    }
     return out;
   }
 
@@ -230,15 +475,18 @@ struct ChunkStore::Impl {
   ArenaAllocator allocator;
   ChunkStoreOptions options;
   std::unique_ptr<EvictionPolicy> policy;
+  std::unique_ptr<SsdTier> ssd;  // null: no SSD tier
 
   mutable std::mutex mu;
-  std::unordered_map<ChunkKey, Entry> index;            // reserved, committing and committed entries
-  std::unordered_multimap<ChunkKey, Entry> detached;    // cleared while leased
+  std::condition_variable promoted;                     // a promotion ended (either way)
+  std::unordered_map<ChunkKey, Entry> index;            // reserved, committing, committed, promoting entries
+  std::unordered_multimap<ChunkKey, Entry> detached;    // cleared (or re-encoded) while leased
   std::unordered_map<uint64_t, ChunkKey> reservations;  // reservation id -> key (not yet committed)
+  std::unordered_map<uint64_t, Replacement> replacements;  // reservation id -> replacement
   std::unordered_map<uint64_t, LeaseRecord> leases;
   uint64_t next_reservation_id = 1;
   uint64_t next_lease_id = 1;
-  StoreStats s;  // gauges and counters; the arena fields are filled in by stats()
+  StoreStats s;  // gauges and counters; the arena and SSD tier fields are filled in by snapshot()
 };
 
 Result<std::unique_ptr<ChunkStore>> ChunkStore::create(gpudirect::MemoryRegion arena,
@@ -252,7 +500,14 @@ Result<std::unique_ptr<ChunkStore>> ChunkStore::create(gpudirect::MemoryRegion a
   }
   auto allocator = ArenaAllocator::create(arena.size(), options.alignment);
   if (!allocator.ok()) return allocator.status();
-  auto impl = std::make_unique<Impl>(std::move(arena), std::move(allocator.value()), std::move(options));
+  std::unique_ptr<SsdTier> ssd;
+  if (options.ssd) {
+    auto opened = SsdTier::open(*options.ssd);
+    if (!opened.ok()) return opened.status();
+    ssd = std::move(opened.value());
+  }
+  auto impl = std::make_unique<Impl>(std::move(arena), std::move(allocator.value()), std::move(options),
+                                     std::move(ssd));
   return std::unique_ptr<ChunkStore>(new ChunkStore(std::move(impl)));
 }
 
@@ -261,6 +516,10 @@ ChunkStore::~ChunkStore() = default;
 
 const gpudirect::MemoryRegion& ChunkStore::arena() const {
   return impl_->arena;
+}
+
+const SsdTier* ChunkStore::ssd_tier() const {
+  return impl_->ssd.get();
 }
 
 std::span<uint8_t> ChunkStore::bytes(const Reservation& r) const {
@@ -272,7 +531,7 @@ std::span<const uint8_t> ChunkStore::bytes(const Lease& l) const {
 }
 
 Result<Reservation> ChunkStore::reserve(const ChunkKey& key, uint64_t bytes, ClientId writer,
-                                        const ChunkKey& model) {
+                                        const ChunkKey& model, KvCodec codec) {
   Impl& m = *impl_;
   if (bytes == 0) return Status(ErrorCode::kInvalidArgument, "reserve of chunk " + hex(key) + ": zero bytes");
   if (bytes > m.allocator.capacity()) {
@@ -282,11 +541,19 @@ Result<Reservation> ChunkStore::reserve(const ChunkKey& key, uint64_t bytes, Cli
   }
   std::lock_guard lock(m.mu);
   if (auto it = m.index.find(key); it != m.index.end()) {
-    if (it->second.state == EntryState::kCommitted) {
-      return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is already stored");
+    switch (it->second.state) {
+      case EntryState::kCommitted:
+        return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is already stored");
+      case EntryState::kPromoting:
+        return Status(ErrorCode::kAborted,
+                      "chunk " + hex(key) + " is already stored (being read from the ssd tier)");
+      default:
+        return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is being stored by writer " +
+                                               std::to_string(it->second.writer));
     }
-    return Status(ErrorCode::kAborted,
-                  "chunk " + hex(key) + " is being stored by writer " + std::to_string(it->second.writer));
+  }
+  if (m.ssd && m.ssd->contains(key)) {
+    return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is already stored (in the ssd tier)");
   }
   auto block = m.allocate_evicting(bytes);
   if (!block.ok()) return block.status();
@@ -294,6 +561,7 @@ Result<Reservation> ChunkStore::reserve(const ChunkKey& key, uint64_t bytes, Cli
   e.block = block.value();
   e.bytes = bytes;
   e.model = model;
+  e.codec = codec;
   e.reservation_id = m.next_reservation_id++;
   e.writer = writer;
   e.deadline = m.now() + m.options.reservation_timeout;
@@ -313,7 +581,8 @@ Status ChunkStore::commit(const ChunkKey& key, uint64_t reservation_id,
   {
     std::lock_guard lock(m.mu);
     auto it = m.index.find(key);
-    if (it == m.index.end() || it->second.reservation_id != reservation_id) {
+    if (it == m.index.end() || it->second.reservation_id != reservation_id ||
+        it->second.state == EntryState::kPromoting) {
       return Status(ErrorCode::kNotFound, "commit of chunk " + hex(key) + ": no reservation " +
                                               std::to_string(reservation_id) +
                                               " (aborted, expired, dropped or never made)");
@@ -360,41 +629,166 @@ Status ChunkStore::abort(const ChunkKey& key, uint64_t reservation_id) {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   auto it = m.index.find(key);
-  if (it == m.index.end() || it->second.reservation_id != reservation_id) {
-    return Status(ErrorCode::kNotFound,
-                  "abort of chunk " + hex(key) + ": no reservation " + std::to_string(reservation_id));
+  if (it != m.index.end() && it->second.reservation_id == reservation_id &&
+      it->second.state != EntryState::kPromoting) {
+    if (it->second.state != EntryState::kReserved) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "abort of chunk " + hex(key) + ": already committed or committing");
+    }
+    m.end_reservation(it, Impl::ReservationEnd::kAborted);
+    return Status::Ok();
   }
-  if (it->second.state != EntryState::kReserved) {
+  if (auto r = m.replacements.find(reservation_id); r != m.replacements.end() && r->second.key == key) {
+    if (r->second.committing) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "abort of chunk " + hex(key) + ": its replacement is committing");
+    }
+    m.end_replacement(r, Impl::ReservationEnd::kAborted);
+    return Status::Ok();
+  }
+  return Status(ErrorCode::kNotFound,
+                "abort of chunk " + hex(key) + ": no reservation " + std::to_string(reservation_id));
+}
+
+Result<Reservation> ChunkStore::reserve_replacement(const ChunkKey& key, uint64_t bytes, KvCodec codec,
+                                                    ClientId writer) {
+  Impl& m = *impl_;
+  if (bytes == 0) {
+    return Status(ErrorCode::kInvalidArgument, "replacement of chunk " + hex(key) + ": zero bytes");
+  }
+  if (bytes > m.allocator.capacity()) {
     return Status(ErrorCode::kInvalidArgument,
-                  "abort of chunk " + hex(key) + ": already committed or committing");
+                  "replacement of chunk " + hex(key) + ": " + std::to_string(bytes) +
+                      " bytes can never fit a store arena of " + std::to_string(m.allocator.capacity()));
   }
-  m.end_reservation(it, Impl::ReservationEnd::kAborted);
+  std::unique_lock lock(m.mu);
+  auto found = m.resolve_locked(lock, key, false, "replacement: ");
+  if (!found.ok()) return found.status();
+  const auto it = found.value();
+  Entry& e = it->second;  // node-based: stays valid while allocate_evicting removes other entries
+  if (e.replacement_id != 0) {
+    return Status(ErrorCode::kAborted, "replacement of chunk " + hex(key) + ": another one is being written");
+  }
+  const uint64_t id = m.next_reservation_id++;
+  if (!Impl::is_protected(e)) m.protect(key);  // not evicted to make room for its own replacement
+  e.replacement_id = id;
+  auto block = m.allocate_evicting(bytes);
+  if (!block.ok()) {
+    e.replacement_id = 0;
+    if (!Impl::is_protected(e)) m.unprotect(key);
+    return block.status();
+  }
+  m.replacements.emplace(id, Replacement{key, block.value(), bytes, codec, writer,
+                                         m.now() + m.options.reservation_timeout, false});
+  ++m.s.reserves;
+  ++m.s.reservations;
+  m.s.bytes_reserved += block->length;
+  return Reservation{key, id, block->offset, bytes};
+}
+
+Status ChunkStore::commit_replacement(const ChunkKey& key, uint64_t reservation_id,
+                                      std::optional<uint64_t> expected_checksum) {
+  Impl& m = *impl_;
+  const uint8_t* data = nullptr;
+  uint64_t length = 0;
+  {
+    std::lock_guard lock(m.mu);
+    auto r = m.replacements.find(reservation_id);
+    if (r == m.replacements.end() || !(r->second.key == key)) {
+      return Status(ErrorCode::kNotFound, "commit of the replacement of chunk " + hex(key) +
+                                              ": no reservation " + std::to_string(reservation_id) +
+                                              " (aborted, expired, dropped, cleared or never made)");
+    }
+    if (r->second.committing) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "commit of the replacement of chunk " + hex(key) + ": a commit is in progress");
+    }
+    r->second.committing = true;  // its block stays put while we hash without the lock
+    data = m.arena.data() + r->second.block.offset;
+    length = r->second.bytes;
+  }
+  const uint64_t sum = chunk_checksum(data, length);
+  std::lock_guard lock(m.mu);
+  auto r = m.replacements.find(reservation_id);
+  if (r == m.replacements.end()) {
+    return Status(ErrorCode::kInternal, "commit of the replacement of chunk " + hex(key) + ": it vanished");
+  }
+  auto it = m.index.find(key);
+  if (it == m.index.end() || it->second.replacement_id != reservation_id ||
+      it->second.state != EntryState::kCommitted) {
+    m.drop_replacement(r, Impl::ReservationEnd::kAborted);
+    return Status(ErrorCode::kNotFound, "commit of the replacement of chunk " + hex(key) +
+                                            ": the entry was cleared meanwhile; the replacement is dropped");
+  }
+  if (expected_checksum && *expected_checksum != sum) {
+    r->second.committing = false;
+    return Status(ErrorCode::kVerifyFailed, "commit of the replacement of chunk " + hex(key) +
+                                                ": its bytes do not match the expected checksum");
+  }
+  Entry& e = it->second;
+  const Replacement rep = r->second;
+  const ArenaBlock old = e.block;
+  if (e.leases > 0) {
+    // Readers keep the old bytes: they move to a detached copy of the entry that their leases
+    // now point at, freed on the last release as any detached entry.
+    Entry ghost = e;
+    ghost.detached = true;
+    ghost.pins = 0;
+    ghost.replacement_id = 0;
+    Entry* moved = &m.detached.emplace(key, ghost)->second;
+    for (auto& [lease_id, l] : m.leases) {
+      if (l.entry == &e) l.entry = moved;
+    }
+    ++m.s.detached;
+    m.s.bytes_detached += old.length;
+    e.leases = 0;  // leased_entries is unchanged: the detached copy is the leased one now
+  } else {
+    m.free_block(old);
+  }
+  m.s.bytes_entries = m.s.bytes_entries - old.length + rep.block.length;
+  e.block = rep.block;
+  e.bytes = rep.bytes;
+  e.codec = rep.codec;
+  e.checksum = sum;
+  e.replacement_id = 0;
+  --m.s.reservations;
+  m.s.bytes_reserved -= rep.block.length;
+  ++m.s.replacements;
+  m.replacements.erase(r);
+  if (!Impl::is_protected(e)) m.unprotect(key);
   return Status::Ok();
 }
 
 size_t ChunkStore::lookup(std::span<const ChunkKey> keys) {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
-  size_t matched = 0;
-  for (const ChunkKey& key : keys) {
-    auto it = m.index.find(key);
-    if (it == m.index.end() || it->second.state != EntryState::kCommitted) {
-      ++m.s.misses;
-      break;
-    }
-    ++matched;
-  }
-  m.s.hits += matched;
-  return matched;
+  return m.match_locked(keys, nullptr);
+}
+
+std::vector<Tier> ChunkStore::lookup_tiers(std::span<const ChunkKey> keys) {
+  Impl& m = *impl_;
+  std::vector<Tier> tiers;
+  std::lock_guard lock(m.mu);
+  m.match_locked(keys, &tiers);
+  return tiers;
 }
 
 std::optional<EntryInfo> ChunkStore::peek(const ChunkKey& key) const {
   const Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   auto it = m.index.find(key);
-  if (it == m.index.end() || it->second.state != EntryState::kCommitted) return std::nullopt;
-  const Entry& e = it->second;
-  return EntryInfo{e.bytes, e.model, e.pins, e.leases};
+  if (it != m.index.end()) {
+    const Entry& e = it->second;
+    if (e.state == EntryState::kCommitted)
+      return EntryInfo{e.bytes, e.model, e.pins, e.leases, Tier::kDram, e.codec};
+    if (e.state == EntryState::kPromoting) return EntryInfo{e.bytes, e.model, 0, 0, Tier::kSsd, e.codec};
+    return std::nullopt;
+  }
+  if (m.ssd) {
+    if (const SsdEntry* e = m.ssd->find(key))
+      return EntryInfo{e->bytes, e->model, 0, 0, Tier::kSsd, e->codec};
+  }
+  return std::nullopt;
 }
 
 EntryTotals ChunkStore::totals() const {
@@ -402,30 +796,32 @@ EntryTotals ChunkStore::totals() const {
   std::lock_guard lock(m.mu);
   EntryTotals t;
   for (const auto& [key, e] : m.index) {
-    if (e.state != EntryState::kCommitted) continue;
+    if (e.state != EntryState::kCommitted && e.state != EntryState::kPromoting) continue;
     ++t.entries;
     t.bytes += e.bytes;
+  }
+  if (m.ssd) {
+    m.ssd->for_each([&t](const SsdEntry& e) {
+      ++t.entries;
+      t.bytes += e.bytes;
+    });
   }
   return t;
 }
 
 Result<Lease> ChunkStore::acquire(const ChunkKey& key, ClientId reader) {
   Impl& m = *impl_;
-  std::lock_guard lock(m.mu);
-  auto it = m.index.find(key);
-  if (it == m.index.end() || it->second.state != EntryState::kCommitted) {
-    ++m.s.misses;
-    return Status(ErrorCode::kNotFound, "chunk " + hex(key) + " is not stored");
-  }
-  ++m.s.hits;
-  Entry& e = it->second;
+  std::unique_lock lock(m.mu);
+  auto found = m.resolve_locked(lock, key, true, "");
+  if (!found.ok()) return found.status();
+  Entry& e = found.value()->second;
   if (!Impl::is_protected(e)) m.protect(key);
   if (e.leases++ == 0) ++m.s.leased_entries;
   uint64_t id = m.next_lease_id++;
   m.leases.emplace(id, LeaseRecord{key, &e, reader, m.now() + m.options.lease_timeout});
   ++m.s.leases_granted;
   ++m.s.active_leases;
-  return Lease{id, key, e.block.offset, e.bytes, e.checksum, e.model};
+  return Lease{id, key, e.block.offset, e.bytes, e.checksum, e.model, e.codec};
 }
 
 Status ChunkStore::release(uint64_t lease_id) {
@@ -457,12 +853,10 @@ Status ChunkStore::verify(const Lease& lease) const {
 
 Status ChunkStore::pin(const ChunkKey& key) {
   Impl& m = *impl_;
-  std::lock_guard lock(m.mu);
-  auto it = m.index.find(key);
-  if (it == m.index.end() || it->second.state != EntryState::kCommitted) {
-    return Status(ErrorCode::kNotFound, "pin of chunk " + hex(key) + ": not stored");
-  }
-  Entry& e = it->second;
+  std::unique_lock lock(m.mu);
+  auto found = m.resolve_locked(lock, key, false, "pin: ");
+  if (!found.ok()) return found.status();
+  Entry& e = found.value()->second;
   if (!Impl::is_protected(e)) m.protect(key);
   if (e.pins++ == 0) ++m.s.pinned;
   return Status::Ok();
@@ -470,9 +864,13 @@ Status ChunkStore::pin(const ChunkKey& key) {
 
 Status ChunkStore::unpin(const ChunkKey& key) {
   Impl& m = *impl_;
-  std::lock_guard lock(m.mu);
-  auto it = m.index.find(key);
+  std::unique_lock lock(m.mu);
+  auto it = m.settled_locked(lock, key);
   if (it == m.index.end() || it->second.state != EntryState::kCommitted) {
+    if (it == m.index.end() && m.ssd && m.ssd->contains(key)) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "unpin of chunk " + hex(key) + ": not pinned (in the ssd tier)");
+    }
     return Status(ErrorCode::kNotFound, "unpin of chunk " + hex(key) + ": not stored");
   }
   Entry& e = it->second;
@@ -490,12 +888,9 @@ ClearResult ChunkStore::clear_all() {
   ClearResult r;
   for (auto it = m.index.begin(); it != m.index.end();) {
     auto current = it++;  // remove_visible erases or extracts only the current element
-    if (current->second.state != EntryState::kCommitted) continue;
-    if (current->second.leases > 0) ++r.deferred;
-    r.bytes += current->second.block.length;
-    m.remove_visible(current, Impl::Removal::kCleared);
-    ++r.removed;
+    m.clear_entry(current, r);
   }
+  if (m.ssd) m.count_ssd_cleared(m.ssd->clear(), r);
   return r;
 }
 
@@ -505,11 +900,15 @@ ClearResult ChunkStore::clear(std::span<const ChunkKey> keys) {
   ClearResult r;
   for (const ChunkKey& key : keys) {
     auto it = m.index.find(key);
-    if (it == m.index.end() || it->second.state != EntryState::kCommitted) continue;
-    if (it->second.leases > 0) ++r.deferred;
-    r.bytes += it->second.block.length;
-    m.remove_visible(it, Impl::Removal::kCleared);
-    ++r.removed;
+    if (it != m.index.end()) {
+      m.clear_entry(it, r);
+    } else if (m.ssd) {
+      if (const SsdEntry* e = m.ssd->find(key)) {
+        ++r.removed;
+        r.bytes += e->extent.length;
+        m.ssd->erase(key);
+      }
+    }
   }
   return r;
 }
@@ -520,13 +919,10 @@ ClearResult ChunkStore::clear_model(const ChunkKey& model) {
   ClearResult r;
   for (auto it = m.index.begin(); it != m.index.end();) {
     auto current = it++;  // remove_visible erases or extracts only the current element
-    const Entry& e = current->second;
-    if (e.state != EntryState::kCommitted || !(e.model == model)) continue;
-    if (e.leases > 0) ++r.deferred;
-    r.bytes += e.block.length;
-    m.remove_visible(current, Impl::Removal::kCleared);
-    ++r.removed;
+    if (current->second.model == model) m.clear_entry(current, r);
   }
+  if (m.ssd)
+    m.count_ssd_cleared(m.ssd->erase_if([&model](const SsdEntry& e) { return e.model == model; }), r);
   return r;
 }
 
@@ -545,6 +941,13 @@ ReapResult ChunkStore::drop_client(ClientId client) {
     if (entry != m.index.end() && entry->second.state == EntryState::kReserved &&
         entry->second.writer == client) {
       m.end_reservation(entry, Impl::ReservationEnd::kDropped);
+      ++r.reservations;
+    }
+  }
+  for (auto it = m.replacements.begin(); it != m.replacements.end();) {
+    auto current = it++;
+    if (!current->second.committing && current->second.writer == client) {
+      m.end_replacement(current, Impl::ReservationEnd::kDropped);
       ++r.reservations;
     }
   }
@@ -578,6 +981,17 @@ Status ChunkStore::audit() const {
   for (const auto& [key, e] : m.index) {
     blocks.push_back(e.block);
     if (e.detached) return Status(ErrorCode::kInternal, "store audit: detached entry in the index");
+    if (m.ssd && m.ssd->contains(key)) {
+      return Status(ErrorCode::kInternal, "store audit: chunk " + hex(key) + " is in both tiers");
+    }
+    if (e.state == EntryState::kPromoting) {
+      ++c.promoting;
+      c.bytes_promoting += e.block.length;
+      if (e.pins != 0 || e.leases != 0 || e.replacement_id != 0 || e.reservation_id != 0) {
+        return Status(ErrorCode::kInternal, "store audit: promoting entry " + hex(key) + " is held");
+      }
+      continue;
+    }
     if (e.state != EntryState::kCommitted) {
       ++c.reservations;
       c.bytes_reserved += e.block.length;
@@ -585,7 +999,9 @@ Status ChunkStore::audit() const {
       if (r == m.reservations.end() || !(r->second == key)) {
         return Status(ErrorCode::kInternal, "store audit: reservation of " + hex(key) + " is not registered");
       }
-      if (e.pins != 0 || e.leases != 0) return Status(ErrorCode::kInternal, "store audit: held reservation");
+      if (e.pins != 0 || e.leases != 0 || e.replacement_id != 0) {
+        return Status(ErrorCode::kInternal, "store audit: held reservation");
+      }
       continue;
     }
     ++c.entries;
@@ -597,7 +1013,23 @@ Status ChunkStore::audit() const {
     } else {
       ++c.evictable;
     }
+    if (e.replacement_id != 0) {
+      auto r = m.replacements.find(e.replacement_id);
+      if (r == m.replacements.end() || !(r->second.key == key)) {
+        return Status(ErrorCode::kInternal, "store audit: replacement of " + hex(key) + " is not registered");
+      }
+    }
     lease_refs += e.leases;
+  }
+  for (const auto& [id, r] : m.replacements) {
+    blocks.push_back(r.block);
+    ++c.reservations;
+    c.bytes_reserved += r.block.length;
+    auto it = m.index.find(r.key);
+    const bool attached = it != m.index.end() && it->second.replacement_id == id;
+    if (!attached && !r.committing) {
+      return Status(ErrorCode::kInternal, "store audit: replacement " + std::to_string(id) + " has no entry");
+    }
   }
   for (const auto& [key, e] : m.detached) {
     blocks.push_back(e.block);
@@ -616,8 +1048,9 @@ Status ChunkStore::audit() const {
     }
   }
   if (lease_refs != m.leases.size()) return mismatch("lease references", lease_refs, m.leases.size());
-  if (m.reservations.size() != c.reservations)
-    return mismatch("reservations", c.reservations, m.reservations.size());
+  if (m.reservations.size() + m.replacements.size() != c.reservations) {
+    return mismatch("reservations", c.reservations, m.reservations.size() + m.replacements.size());
+  }
   if (m.policy->size() != c.evictable)
     return mismatch("policy size vs evictable", c.evictable, m.policy->size());
   std::sort(blocks.begin(), blocks.end(),
@@ -634,6 +1067,9 @@ Status ChunkStore::audit() const {
   if (c.entries != reported.entries) return mismatch("entries", c.entries, reported.entries);
   if (c.reservations != reported.reservations)
     return mismatch("reservations", c.reservations, reported.reservations);
+  if (c.promoting != reported.promoting) return mismatch("promoting", c.promoting, reported.promoting);
+  if (c.bytes_promoting != reported.bytes_promoting)
+    return mismatch("promoting bytes", c.bytes_promoting, reported.bytes_promoting);
   if (c.detached != reported.detached) return mismatch("detached", c.detached, reported.detached);
   if (c.pinned != reported.pinned) return mismatch("pinned", c.pinned, reported.pinned);
   if (c.leased_entries != reported.leased_entries)
@@ -651,6 +1087,11 @@ Status ChunkStore::audit() const {
   }
   if (c.bytes_detached != reported.bytes_detached) {
     return mismatch("detached bytes", c.bytes_detached, reported.bytes_detached);
+  }
+  if (m.ssd) {
+    if (Status st = m.ssd->audit(); !st.ok()) return st;
+    const SsdTierStats t = m.ssd->stats();
+    if (t.taken != reported.promoting) return mismatch("ssd extents being read", t.taken, reported.promoting);
   }
   return check_stats_invariants(reported);
 }

@@ -21,19 +21,21 @@ Status check_stats_invariants(const StoreStats& s) {
     return broken("used " + n(s.bytes_used) + " + free " + n(s.bytes_free) + " != capacity " +
                   n(s.capacity_bytes));
   }
-  if (s.bytes_used != s.bytes_entries + s.bytes_reserved + s.bytes_detached) {
+  if (s.bytes_used != s.bytes_entries + s.bytes_reserved + s.bytes_detached + s.bytes_promoting) {
     return broken("used " + n(s.bytes_used) + " != entries " + n(s.bytes_entries) + " + reserved " +
-                  n(s.bytes_reserved) + " + detached " + n(s.bytes_detached));
+                  n(s.bytes_reserved) + " + detached " + n(s.bytes_detached) + " + promoting " +
+                  n(s.bytes_promoting));
   }
   if (s.largest_free_block > s.bytes_free) return broken("largest free block exceeds free bytes");
-  if (s.reserves != s.inserts + s.aborts + s.expired_reservations + s.dropped_reservations + s.reservations) {
-    return broken("reserves " + n(s.reserves) + " != inserts " + n(s.inserts) + " + aborts " + n(s.aborts) +
-                  " + expired " + n(s.expired_reservations) + " + dropped " + n(s.dropped_reservations) +
-                  " + open " + n(s.reservations));
+  if (s.reserves != s.inserts + s.replacements + s.aborts + s.expired_reservations + s.dropped_reservations +
+                        s.reservations) {
+    return broken("reserves " + n(s.reserves) + " != inserts " + n(s.inserts) + " + replacements " +
+                  n(s.replacements) + " + aborts " + n(s.aborts) + " + expired " + n(s.expired_reservations) +
+                  " + dropped " + n(s.dropped_reservations) + " + open " + n(s.reservations));
   }
-  if (s.inserts != s.entries + s.evictions + s.cleared) {
-    return broken("inserts " + n(s.inserts) + " != entries " + n(s.entries) + " + evictions " +
-                  n(s.evictions) + " + cleared " + n(s.cleared));
+  if (s.inserts + s.promotions != s.entries + s.evictions + s.cleared) {
+    return broken("inserts " + n(s.inserts) + " + promotions " + n(s.promotions) + " != entries " +
+                  n(s.entries) + " + evictions " + n(s.evictions) + " + cleared " + n(s.cleared));
   }
   if (s.leases_granted != s.leases_released + s.expired_leases + s.dropped_leases + s.active_leases) {
     return broken("leases granted " + n(s.leases_granted) + " != released " + n(s.leases_released) +
@@ -48,6 +50,24 @@ Status check_stats_invariants(const StoreStats& s) {
   if (s.leased_entries > s.protected_entries + s.detached)
     return broken("more leased entries than held ones");
   if (s.leased_entries > s.active_leases) return broken("more leased entries than leases");
+  if (s.ssd_bytes_used + s.ssd_bytes_free != s.ssd_capacity_bytes) {
+    return broken("ssd used " + n(s.ssd_bytes_used) + " + free " + n(s.ssd_bytes_free) + " != capacity " +
+                  n(s.ssd_capacity_bytes));
+  }
+  if (s.ssd_bytes_used != s.ssd_bytes_entries + s.ssd_bytes_promoting) {
+    return broken("ssd used " + n(s.ssd_bytes_used) + " != entries " + n(s.ssd_bytes_entries) +
+                  " + promoting " + n(s.ssd_bytes_promoting));
+  }
+  if (s.ssd_spills !=
+      s.ssd_entries + s.ssd_evictions + s.promotions + s.ssd_cleared + s.ssd_dropped + s.promoting) {
+    return broken("ssd spills " + n(s.ssd_spills) + " != entries " + n(s.ssd_entries) + " + evictions " +
+                  n(s.ssd_evictions) + " + promotions " + n(s.promotions) + " + cleared " + n(s.ssd_cleared) +
+                  " + dropped " + n(s.ssd_dropped) + " + promoting " + n(s.promoting));
+  }
+  if (s.ssd_spills + s.ssd_spill_failures > s.evictions) {
+    return broken("ssd spills " + n(s.ssd_spills) + " + spill failures " + n(s.ssd_spill_failures) +
+                  " exceed DRAM evictions " + n(s.evictions));
+  }
   return Status::Ok();
 }
 

@@ -1,9 +1,18 @@
 // ChunkStore on one thread: put/commit/get with checksums, abort, expiry with an injected clock,
 // LRU order, pins under pressure, out-of-memory, clear, drop_client, error paths, and stats that
-// add up after every operation of a random sequence.
+// add up after every operation of a random sequence. Then the SSD tier under the arena (spill on
+// eviction, promotion on acquire with bytes checked on random data and poisoned blocks, a corrupted
+// file, a full tier, pins, clears, codecs, concurrent promotions; with O_DIRECT and with the
+// buffered fallback) and re-encoding entries (reserve_replacement / commit_replacement).
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "catch.h"
@@ -12,6 +21,8 @@
 using namespace kvf;
 using namespace kvf::store;
 using protocol::ChunkKey;
+using protocol::KvCodec;
+using protocol::Tier;
 using namespace std::chrono_literals;
 
 namespace {
@@ -39,17 +50,63 @@ std::vector<uint8_t> content(const ChunkKey& k, uint64_t bytes) {
 
 std::unique_ptr<ChunkStore> make_store(uint64_t capacity, ManualClock* clock = nullptr,
                                        StoreClock::duration reservation_timeout = 10s,
-                                       StoreClock::duration lease_timeout = 10s) {
+                                       StoreClock::duration lease_timeout = 10s,
+                                       std::optional<SsdTierOptions> ssd = std::nullopt) {
   auto arena = gpudirect::MemoryRegion::allocate_host(nullptr, capacity);
   REQUIRE(arena.ok());
   ChunkStoreOptions options;
   options.alignment = 256;
   options.reservation_timeout = reservation_timeout;
   options.lease_timeout = lease_timeout;
+  options.ssd = std::move(ssd);
   if (clock) options.clock = [clock] { return clock->now; };
   auto store = ChunkStore::create(std::move(arena.value()), std::move(options));
+  INFO(store.status().to_string());
   REQUIRE(store.ok());
   return std::move(store.value());
+}
+
+// How an SSD-tier test opens its file: in the temp directory (ext4 here: O_DIRECT), and again
+// through an opener that refuses O_DIRECT with EINVAL (as tmpfs before Linux 6.6 did), which runs
+// the buffered fallback.
+struct SsdMode {
+  bool refuse_direct = false;
+  std::string name() const { return refuse_direct ? "buffered fallback" : "O_DIRECT where the fs allows"; }
+};
+
+std::vector<SsdMode> ssd_modes() {
+  return {SsdMode{false}, SsdMode{true}};
+}
+
+SsdTierOptions ssd_file(const SsdMode& mode, uint64_t capacity) {
+  static int n = 0;
+  SsdTierOptions o;
+  o.path = std::filesystem::temp_directory_path().string() + "/kvf-chunk-store-test-" +
+           std::to_string(::getpid()) + "-" + std::to_string(n++) + ".ssd";
+  o.capacity = capacity;
+  if (mode.refuse_direct) {
+    o.open_file = [](const char* path, int flags, mode_t m) {
+      if ((flags & O_DIRECT) != 0) {
+        errno = EINVAL;
+        return -1;
+      }
+      return ::open(path, flags, m);
+    };
+  }
+  return o;
+}
+
+std::unique_ptr<ChunkStore> make_ssd_store(uint64_t capacity, const SsdMode& mode, uint64_t ssd_capacity) {
+  auto store = make_store(capacity, nullptr, 10s, 10s, ssd_file(mode, ssd_capacity));
+  REQUIRE(store->ssd_tier() != nullptr);
+  if (mode.refuse_direct) REQUIRE_FALSE(store->ssd_tier()->direct());
+  return store;
+}
+
+Tier tier_of(ChunkStore& store, const ChunkKey& k) {
+  auto info = store.peek(k);
+  REQUIRE(info.has_value());
+  return info->tier;
 }
 
 Status put(ChunkStore& store, const ChunkKey& k, uint64_t bytes, ClientId writer = 1,
@@ -518,18 +575,25 @@ TEST_CASE("drop_client frees the reservations and leases of a connection at once
   require_consistent(*store);
 }
 
-TEST_CASE("stats add up after every operation of a random sequence") {
+namespace {
+
+// A random sequence of every store operation with an audit after each; with `ssd`, over an SSD
+// tier, and with re-encodes (replacements) in the mix.
+void random_sequence(std::optional<SsdMode> ssd, bool replacements) {
   ManualClock clock;
-  auto store = make_store(32 * 1024, &clock, 3s, 3s);
+  auto store = !ssd ? make_store(32 * 1024, &clock, 3s, 3s)
+                    : make_store(32 * 1024, &clock, 3s, 3s, ssd_file(*ssd, 64 * 1024));
   std::mt19937_64 rng(2024);
   std::vector<Reservation> open;
+  std::vector<Reservation> replacing;
   std::vector<uint64_t> leases;
   for (int step = 0; step < 4000; ++step) {
     auto k = key(rng() % 64);
-    switch (rng() % 10) {
+    switch (rng() % (replacements ? 11 : 10)) {
       case 0:
       case 1: {
-        auto r = store->reserve(k, 1 + rng() % 4000, rng() % 3, ChunkKey{0, k.lo % 3});  // 3 models
+        auto r = store->reserve(k, 1 + rng() % 4000, rng() % 3, ChunkKey{0, k.lo % 3},  // 3 models
+                                static_cast<KvCodec>(rng() % 3));
         if (r.ok()) open.push_back(r.value());
         break;
       }
@@ -543,7 +607,10 @@ TEST_CASE("stats add up after every operation of a random sequence") {
         break;
       case 3: {
         auto l = store->acquire(k, rng() % 3);
-        if (l.ok()) leases.push_back(l->id);
+        if (l.ok()) {
+          leases.push_back(l->id);
+          REQUIRE(store->verify(l.value()).ok());  // promoted or not, the bytes are the committed ones
+        }
         break;
       }
       case 4:
@@ -567,7 +634,7 @@ TEST_CASE("stats add up after every operation of a random sequence") {
         } else if (rng() % 10 == 0) {
           const ChunkKey model{0, rng() % 3};
           (void)store->clear_model(model);
-          // None of that model's committed entries is left.
+          // None of that model's committed entries is left, in either tier.
           for (uint64_t i = 0; i < 64; ++i) {
             const auto info = store->peek(key(i));
             REQUIRE_FALSE((info && info->model == model));
@@ -584,6 +651,24 @@ TEST_CASE("stats add up after every operation of a random sequence") {
       case 9:
         if (rng() % 10 == 0) (void)store->drop_client(rng() % 3);
         break;
+      case 10:
+        if (!replacing.empty() && rng() % 2 == 0) {
+          size_t i = rng() % replacing.size();
+          auto r = replacing[i];
+          replacing.erase(replacing.begin() + static_cast<long>(i));
+          (void)(rng() % 4 == 0 ? store->abort(r.key, r.id) : store->commit_replacement(r.key, r.id));
+        } else {
+          // Mostly a stored key (few are stored at a time here), sometimes any.
+          for (uint64_t i = 0, start = rng(); i < 64 && rng() % 8 != 0; ++i) {
+            if (store->peek(key((start + i) % 64))) {
+              k = key((start + i) % 64);
+              break;
+            }
+          }
+          auto r = store->reserve_replacement(k, 1 + rng() % 2000, KvCodec::kInt8, rng() % 3);
+          if (r.ok()) replacing.push_back(r.value());
+        }
+        break;
     }
     Status audit = store->audit();
     INFO("step " << step << ": " << audit.to_string());
@@ -595,4 +680,402 @@ TEST_CASE("stats add up after every operation of a random sequence") {
   REQUIRE(s.evictions > 0);
   REQUIRE(s.cleared > 0);
   REQUIRE(s.expired_leases + s.expired_reservations > 0);
+  if (ssd) {
+    REQUIRE(s.ssd_spills > 0);
+    REQUIRE(s.promotions > 0);
+    REQUIRE(s.ssd_cleared > 0);
+  }
+  if (replacements) REQUIRE(s.replacements > 0);
+}
+
+}  // namespace
+
+TEST_CASE("stats add up after every operation of a random sequence") {
+  random_sequence(std::nullopt, false);
+}
+
+TEST_CASE("stats add up after every operation of a random sequence with re-encodes") {
+  random_sequence(std::nullopt, true);
+}
+
+TEST_CASE("stats add up after every operation of a random sequence over an SSD tier, with re-encodes") {
+  for (const auto& mode : ssd_modes()) {
+    INFO("ssd tier: " << mode.name());
+    random_sequence(mode, true);
+  }
+}
+
+// --- the SSD tier -------------------------------------------------------------------------------
+
+TEST_CASE(
+    "ssd tier: evictions spill, acquire promotes, and the bytes come back verified into poisoned blocks") {
+  for (const auto& mode : ssd_modes()) {
+    INFO("ssd tier: " << mode.name());
+    constexpr uint64_t kChunk = 64 * 1024 + 100;  // not a whole number of 4 KiB blocks
+    auto store = make_ssd_store(16 * (kChunk + 256), mode, 8 << 20);
+    std::vector<ChunkKey> keys;
+    for (uint64_t i = 0; i < 40; ++i) {
+      keys.push_back(key(i));
+      REQUIRE(put(*store, keys.back(), kChunk).ok());
+      require_consistent(*store);
+    }
+    auto s = store->stats();
+    CHECK(s.entries == 16);
+    CHECK(s.evictions == 24);
+    CHECK(s.ssd_spills == 24);
+    CHECK(s.ssd_entries == 24);
+    CHECK(s.ssd_spill_failures == 0);
+    CHECK(s.ssd_bytes_entries == 24 * ((kChunk + 4095) / 4096 * 4096));
+    CHECK(s.ssd_bytes_written >= 24 * kChunk);
+    // The chain reaches across both tiers; each key says where it is.
+    const auto tiers = store->lookup_tiers(keys);
+    REQUIRE(tiers.size() == 40);
+    for (size_t i = 0; i < 40; ++i) CHECK(tiers[i] == (i < 24 ? Tier::kSsd : Tier::kDram));
+    CHECK(store->lookup(keys) == 40);
+    s = store->stats();
+    CHECK(s.ssd_hits == 48);
+    CHECK(s.hits == 32);
+    CHECK(store->totals().entries == 40);
+    CHECK(store->totals().bytes == 40 * kChunk);
+    // Poison: 16 chunks of 0xEE fill the arena and push every real chunk to the SSD.
+    for (uint64_t i = 0; i < 16; ++i) {
+      auto r = store->reserve(key(1000 + i), kChunk, 9);
+      REQUIRE(r.ok());
+      std::fill(store->bytes(r.value()).begin(), store->bytes(r.value()).end(), uint8_t{0xEE});
+      REQUIRE(store->commit(key(1000 + i), r->id).ok());
+    }
+    CHECK(store->stats().ssd_entries == 40);
+    for (const auto& k : keys) CHECK(tier_of(*store, k) == Tier::kSsd);
+    // Every real chunk promoted back lands in a block that held poison (or another chunk).
+    for (size_t i = 0; i < keys.size(); ++i) {
+      auto lease = store->acquire(keys[i], 3);
+      INFO("chunk " << i << ": " << lease.status().to_string());
+      REQUIRE(lease.ok());
+      const auto expected = content(keys[i], kChunk);
+      auto got = store->bytes(lease.value());
+      REQUIRE(std::equal(got.begin(), got.end(), expected.begin(), expected.end()));
+      REQUIRE(store->verify(lease.value()).ok());
+      CHECK(tier_of(*store, keys[i]) == Tier::kDram);
+      REQUIRE(store->release(lease->id).ok());
+      require_consistent(*store);
+    }
+    s = store->stats();
+    CHECK(s.promotions == 40);
+    CHECK(s.ssd_dropped == 0);
+    CHECK(s.ssd_bytes_read >= 40 * kChunk);
+    CHECK(s.promoting == 0);
+    // Promoted entries left the SSD tier; what is there now is what the promotions evicted.
+    CHECK(s.ssd_entries + s.entries == 56);
+  }
+}
+
+TEST_CASE("ssd tier: the codec and model survive spill and promotion") {
+  auto store = make_ssd_store(4 * 4096, ssd_modes().front(), 1 << 20);
+  auto r = store->reserve(key(1), 4000, 1, key(77), KvCodec::kInt4);
+  REQUIRE(r.ok());
+  auto data = content(key(1), 4000);
+  std::copy(data.begin(), data.end(), store->bytes(r.value()).begin());
+  REQUIRE(store->commit(key(1), r->id).ok());
+  for (uint64_t i = 2; i < 8; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  auto info = store->peek(key(1));
+  REQUIRE(info);
+  CHECK(info->tier == Tier::kSsd);
+  CHECK(info->codec == KvCodec::kInt4);
+  CHECK(info->model == key(77));
+  CHECK(info->bytes == 4000);
+  auto lease = store->acquire(key(1), 2);
+  REQUIRE(lease.ok());
+  CHECK(lease->codec == KvCodec::kInt4);
+  CHECK(lease->model == key(77));
+  CHECK(store->verify(lease.value()).ok());
+  info = store->peek(key(1));
+  CHECK(info->tier == Tier::kDram);
+  CHECK(info->leases == 1);
+  REQUIRE(store->release(lease->id).ok());
+  require_consistent(*store);
+}
+
+TEST_CASE("ssd tier: a corrupted file is detected on promotion and the entry dropped") {
+  for (const auto& mode : ssd_modes()) {
+    INFO("ssd tier: " << mode.name());
+    auto store = make_ssd_store(4 * 4096, mode, 1 << 20);
+    for (uint64_t i = 0; i < 8; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+    REQUIRE(tier_of(*store, key(0)) == Tier::kSsd);
+    const SsdEntry* e = store->ssd_tier()->find(key(0));  // one thread: nothing else touches the index
+    REQUIRE(e != nullptr);
+    const int fd = ::open(store->ssd_tier()->path().c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    const uint8_t bad = static_cast<uint8_t>(content(key(0), 4000)[123] ^ 1);
+    REQUIRE(::pwrite(fd, &bad, 1, static_cast<off_t>(e->extent.offset + 123)) == 1);
+    ::close(fd);
+    auto lease = store->acquire(key(0), 1);
+    REQUIRE(!lease.ok());
+    CHECK(lease.status().code() == ErrorCode::kVerifyFailed);
+    auto s = store->stats();
+    CHECK(s.ssd_dropped == 1);
+    CHECK(s.promotions == 0);
+    CHECK_FALSE(store->peek(key(0)).has_value());
+    CHECK(store->acquire(key(0), 1).status().code() == ErrorCode::kNotFound);
+    require_consistent(*store);
+    // The key is free again: a writer can store it afresh.
+    REQUIRE(put(*store, key(0), 4000).ok());
+    auto again = store->acquire(key(0), 1);
+    REQUIRE(again.ok());
+    CHECK(store->verify(again.value()).ok());
+    REQUIRE(store->release(again->id).ok());
+    require_consistent(*store);
+  }
+}
+
+TEST_CASE("ssd tier: a full SSD tier evicts its least recently spilled entries") {
+  auto store = make_ssd_store(4 * 65536, ssd_modes().front(), 8 * 65536);
+  std::vector<ChunkKey> keys;
+  for (uint64_t i = 0; i < 20; ++i) {
+    keys.push_back(key(i));
+    REQUIRE(put(*store, key(i), 65536).ok());
+  }
+  for (uint64_t i = 0; i < 8; ++i) CHECK_FALSE(store->peek(key(i)).has_value());
+  for (uint64_t i = 8; i < 16; ++i) CHECK(tier_of(*store, key(i)) == Tier::kSsd);
+  for (uint64_t i = 16; i < 20; ++i) CHECK(tier_of(*store, key(i)) == Tier::kDram);
+  auto s = store->stats();
+  CHECK(s.evictions == 16);
+  CHECK(s.ssd_spills == 16);
+  CHECK(s.ssd_evictions == 8);
+  CHECK(s.ssd_entries == 8);
+  CHECK(s.ssd_bytes_free == 0);
+  // A chain that starts with an evicted key matches nothing: one miss in both tiers.
+  CHECK(store->lookup(keys) == 0);
+  CHECK(store->stats().misses == s.misses + 1);
+  CHECK(store->stats().ssd_misses == s.ssd_misses + 1);
+  const std::vector<ChunkKey> tail(keys.begin() + 8, keys.end());
+  const auto tiers = store->lookup_tiers(tail);
+  REQUIRE(tiers.size() == 12);
+  CHECK(tiers.front() == Tier::kSsd);
+  CHECK(tiers.back() == Tier::kDram);
+  require_consistent(*store);
+}
+
+TEST_CASE("ssd tier: pin promotes and keeps the entry in DRAM; pinned and leased entries never spill") {
+  auto store = make_ssd_store(4 * 4096, ssd_modes().front(), 1 << 20);
+  for (uint64_t i = 0; i < 8; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  REQUIRE(tier_of(*store, key(0)) == Tier::kSsd);
+  CHECK(store->unpin(key(0)).code() == ErrorCode::kInvalidArgument);  // in the SSD tier: not pinned
+  REQUIRE(store->pin(key(0)).ok());
+  CHECK(tier_of(*store, key(0)) == Tier::kDram);
+  CHECK(store->peek(key(0))->pins == 1);
+  auto lease = store->acquire(key(1), 5);  // promoted and leased
+  REQUIRE(lease.ok());
+  for (uint64_t i = 10; i < 30; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  CHECK(tier_of(*store, key(0)) == Tier::kDram);
+  CHECK(tier_of(*store, key(1)) == Tier::kDram);
+  CHECK(store->verify(lease.value()).ok());
+  REQUIRE(store->release(lease->id).ok());
+  REQUIRE(store->unpin(key(0)).ok());
+  for (uint64_t i = 30; i < 40; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  CHECK(tier_of(*store, key(0)) == Tier::kSsd);  // unpinned: spilled like any other
+  CHECK(store->pin(key(99)).code() == ErrorCode::kNotFound);
+  require_consistent(*store);
+}
+
+TEST_CASE("ssd tier: clear, clear_model and clear_all reach both tiers; reserve of an SSD key is kAborted") {
+  auto store = make_ssd_store(4 * 4096, ssd_modes().front(), 1 << 20);
+  for (uint64_t i = 0; i < 12; ++i) REQUIRE(put(*store, key(i), 4000, 1, ChunkKey{0, i % 2}).ok());
+  REQUIRE(tier_of(*store, key(0)) == Tier::kSsd);
+  REQUIRE(tier_of(*store, key(11)) == Tier::kDram);
+  CHECK(store->reserve(key(0), 4000, 1).status().code() == ErrorCode::kAborted);
+  CHECK(store->reserve(key(11), 4000, 1).status().code() == ErrorCode::kAborted);
+  const ChunkKey two[] = {key(0), key(11)};
+  auto r = store->clear(two);
+  CHECK(r.removed == 2);
+  CHECK(r.bytes == 4096 + 4096);  // an SSD extent and an arena block
+  auto s = store->stats();
+  CHECK(s.ssd_cleared == 1);
+  CHECK(s.cleared == 1);
+  require_consistent(*store);
+  r = store->clear_model(ChunkKey{0, 1});  // keys 1, 3, 5, 7, 9 (11 is gone)
+  CHECK(r.removed == 5);
+  for (uint64_t i = 1; i < 11; i += 2) CHECK_FALSE(store->peek(key(i)).has_value());
+  require_consistent(*store);
+  r = store->clear_all();
+  CHECK(r.removed == 5);  // 2, 4, 6, 8, 10
+  s = store->stats();
+  CHECK(s.entries == 0);
+  CHECK(s.ssd_entries == 0);
+  CHECK(s.ssd_bytes_used == 0);
+  CHECK(store->totals().entries == 0);
+  require_consistent(*store);
+}
+
+TEST_CASE("ssd tier: concurrent readers promote in parallel and wait for each other's promotions") {
+  for (const auto& mode : ssd_modes()) {
+    INFO("ssd tier: " << mode.name());
+    constexpr uint64_t kChunk = 20000;
+    auto store = make_ssd_store(12 * (kChunk + 256), mode, 4 << 20);
+    for (uint64_t i = 0; i < 48; ++i) REQUIRE(put(*store, key(i), kChunk).ok());
+    std::atomic<int> bad{0};
+    std::atomic<int> errors{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937_64 rng(static_cast<uint64_t>(t) + 1);
+        for (int n = 0; n < 300; ++n) {
+          const ChunkKey k = key(rng() % 48);
+          auto lease = store->acquire(k, static_cast<ClientId>(t));
+          if (!lease.ok()) {
+            ++errors;
+            continue;
+          }
+          const auto expected = content(k, kChunk);
+          auto got = store->bytes(lease.value());
+          if (!std::equal(got.begin(), got.end(), expected.begin(), expected.end())) ++bad;
+          if (!store->release(lease->id).ok()) ++errors;
+          if (n % 50 == 0) (void)store->lookup_tiers(std::vector<ChunkKey>{k, key(rng() % 48)});
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(bad == 0);
+    CHECK(errors == 0);
+    auto s = store->stats();
+    CHECK(s.promotions > 100);
+    CHECK(s.ssd_dropped == 0);
+    require_consistent(*store);
+  }
+}
+
+TEST_CASE("ssd tier: an SSD file that cannot be created fails the store's creation") {
+  auto arena = gpudirect::MemoryRegion::allocate_host(nullptr, 1 << 20);
+  REQUIRE(arena.ok());
+  ChunkStoreOptions options;
+  options.ssd = SsdTierOptions{};
+  options.ssd->path = "/nonexistent-kvf-dir/tier.ssd";
+  options.ssd->capacity = 1 << 20;
+  auto store = ChunkStore::create(std::move(arena.value()), std::move(options));
+  REQUIRE(!store.ok());
+  CHECK(store.status().message().find("/nonexistent-kvf-dir/tier.ssd") != std::string::npos);
+}
+
+// --- re-encoding entries (reserve_replacement / commit_replacement) -----------------------------
+
+TEST_CASE("replacement: new bytes and codec swap in at once; old leases keep the old bytes; pins stay") {
+  auto store = make_store(64 * 1024);
+  REQUIRE(put(*store, key(1), 10000, 1, key(5)).ok());
+  REQUIRE(store->pin(key(1)).ok());
+  auto old_lease = store->acquire(key(1), 2);
+  REQUIRE(old_lease.ok());
+  CHECK(old_lease->codec == KvCodec::kIdentity);
+  auto r = store->reserve_replacement(key(1), 3000, KvCodec::kZstd, 3);
+  REQUIRE(r.ok());
+  CHECK(store->reserve_replacement(key(1), 3000, KvCodec::kZstd, 3).status().code() == ErrorCode::kAborted);
+  const auto fresh = content(key(2), 3000);
+  std::copy(fresh.begin(), fresh.end(), store->bytes(r.value()).begin());
+  CHECK(store->peek(key(1))->codec == KvCodec::kIdentity);  // unchanged until the commit
+  CHECK(store->peek(key(1))->bytes == 10000);
+  CHECK(store->stats().reservations == 1);
+  require_consistent(*store);
+  // A wrong expected checksum leaves the replacement reserved.
+  CHECK(store->commit_replacement(key(1), r->id, 12345).code() == ErrorCode::kVerifyFailed);
+  REQUIRE(store->commit_replacement(key(1), r->id).ok());
+  CHECK(store->commit_replacement(key(1), r->id).code() == ErrorCode::kNotFound);
+  auto info = store->peek(key(1));
+  CHECK(info->bytes == 3000);
+  CHECK(info->codec == KvCodec::kZstd);
+  CHECK(info->pins == 1);
+  CHECK(info->model == key(5));
+  CHECK(info->leases == 0);  // the old lease holds the old bytes, not the entry
+  // The old lease still reads the old bytes, which match its checksum.
+  CHECK(store->verify(old_lease.value()).ok());
+  const auto old_bytes = content(key(1), 10000);
+  auto got = store->bytes(old_lease.value());
+  CHECK(std::equal(got.begin(), got.end(), old_bytes.begin(), old_bytes.end()));
+  auto s = store->stats();
+  CHECK(s.detached == 1);
+  CHECK(s.replacements == 1);
+  CHECK(s.reservations == 0);
+  require_consistent(*store);
+  auto new_lease = store->acquire(key(1), 2);
+  REQUIRE(new_lease.ok());
+  CHECK(new_lease->codec == KvCodec::kZstd);
+  CHECK(new_lease->length == 3000);
+  CHECK(new_lease->checksum == chunk_checksum(fresh.data(), fresh.size()));
+  CHECK(store->verify(new_lease.value()).ok());
+  REQUIRE(store->release(old_lease->id).ok());
+  s = store->stats();
+  CHECK(s.detached == 0);
+  CHECK(s.bytes_used == 3072);  // only the new bytes are left
+  REQUIRE(store->release(new_lease->id).ok());
+  require_consistent(*store);
+}
+
+TEST_CASE("replacement: abort, expiry, drop_client and a clear meanwhile end it; errors are clear") {
+  ManualClock clock;
+  auto store = make_store(64 * 1024, &clock, 2s, 10s);
+  REQUIRE(put(*store, key(1), 4000).ok());
+  CHECK(store->reserve_replacement(key(9), 100, KvCodec::kInt8, 1).status().code() == ErrorCode::kNotFound);
+  CHECK(store->reserve_replacement(key(1), 0, KvCodec::kInt8, 1).status().code() ==
+        ErrorCode::kInvalidArgument);
+  auto r = store->reserve_replacement(key(1), 1000, KvCodec::kInt8, 1);
+  REQUIRE(r.ok());
+  REQUIRE(store->abort(key(1), r->id).ok());
+  CHECK(store->peek(key(1))->codec == KvCodec::kIdentity);
+  require_consistent(*store);
+
+  r = store->reserve_replacement(key(1), 1000, KvCodec::kInt8, 1);
+  REQUIRE(r.ok());
+  clock.now += 3s;
+  CHECK(store->reap_expired(clock.now).reservations == 1);
+  CHECK(store->commit_replacement(key(1), r->id).code() == ErrorCode::kNotFound);
+  CHECK(store->stats().expired_reservations == 1);
+  require_consistent(*store);
+
+  r = store->reserve_replacement(key(1), 1000, KvCodec::kInt8, 4);
+  REQUIRE(r.ok());
+  CHECK(store->drop_client(4).reservations == 1);
+  CHECK(store->stats().dropped_reservations == 1);
+  require_consistent(*store);
+
+  r = store->reserve_replacement(key(1), 1000, KvCodec::kInt8, 1);
+  REQUIRE(r.ok());
+  const ChunkKey one[] = {key(1)};
+  CHECK(store->clear(one).removed == 1);
+  CHECK(store->commit_replacement(key(1), r->id).code() == ErrorCode::kNotFound);
+  auto s = store->stats();
+  CHECK(s.reservations == 0);
+  CHECK(s.bytes_used == 0);
+  require_consistent(*store);
+}
+
+TEST_CASE("replacement: an entry being re-encoded is not evicted") {
+  auto store = make_store(4 * 1024);
+  REQUIRE(put(*store, key(1), 1000).ok());
+  auto r = store->reserve_replacement(key(1), 500, KvCodec::kFp8, 1);
+  REQUIRE(r.ok());
+  for (uint64_t i = 10; i < 20; ++i) REQUIRE(put(*store, key(i), 1000).ok());
+  CHECK(store->peek(key(1)).has_value());
+  CHECK(store->stats().protected_entries == 1);
+  REQUIRE(store->commit_replacement(key(1), r->id).ok());
+  CHECK(store->stats().protected_entries == 0);
+  require_consistent(*store);
+}
+
+TEST_CASE("replacement: an entry in the SSD tier is promoted first; the new codec spills with it") {
+  auto store = make_ssd_store(4 * 4096, ssd_modes().front(), 1 << 20);
+  for (uint64_t i = 0; i < 8; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  REQUIRE(tier_of(*store, key(0)) == Tier::kSsd);
+  auto r = store->reserve_replacement(key(0), 2000, KvCodec::kLz4, 1);
+  REQUIRE(r.ok());
+  CHECK(tier_of(*store, key(0)) == Tier::kDram);
+  const auto fresh = content(key(100), 2000);
+  std::copy(fresh.begin(), fresh.end(), store->bytes(r.value()).begin());
+  REQUIRE(store->commit_replacement(key(0), r->id).ok());
+  for (uint64_t i = 10; i < 20; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  REQUIRE(tier_of(*store, key(0)) == Tier::kSsd);
+  CHECK(store->peek(key(0))->codec == KvCodec::kLz4);
+  auto lease = store->acquire(key(0), 1);
+  REQUIRE(lease.ok());
+  CHECK(lease->codec == KvCodec::kLz4);
+  auto got = store->bytes(lease.value());
+  CHECK(std::equal(got.begin(), got.end(), fresh.begin(), fresh.end()));
+  REQUIRE(store->release(lease->id).ok());
+  require_consistent(*store);
 }

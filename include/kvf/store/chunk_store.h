@@ -1,26 +1,59 @@
 // ChunkStore: the node's prefix store core. An index ChunkKey -> entry over one arena (a
 // MemoryRegion: POSIX shared memory that engine processes map, so they write and read chunks in
-// place with no copy through the daemon; or plain host memory in tests and in-process use).
+// place with no copy through the daemon; or plain host memory in tests and in-process use), and
+// optionally an SSD tier under it (ssd_tier.h) that catches what the arena evicts.
 //
-//   put: reserve(key, bytes, writer, model) -> Reservation {offset, length}; the writer fills
+//   put: reserve(key, bytes, writer, model, codec) -> Reservation {offset, length}; the writer fills
 //        arena[offset, +length) (memcpy or DMA) -> commit(key, id) hashes the bytes (XXH3-64) and
 //        makes the entry visible; abort(key, id) gives the space back. A reservation that is not
 //        committed within reservation_timeout (its writer died) is freed by reap_expired().
 //        `model` is the fingerprint the key was hashed with (ChunkHasher::model()); the entry keeps
 //        it so that clear_model() can remove one model's chunks (a key alone does not tell).
+//        `codec` says how the bytes are encoded (protocol/kv_codec.h; identity: raw KV); the store
+//        never looks inside, it keeps the byte with the entry and reports it with every lease.
 //   get: lookup(keys) -> the length of the stored prefix of a key chain (no lease, no LRU touch);
-//        acquire(key, reader) -> Lease {offset, length, checksum}: until release(lease id) the
-//        entry is neither evicted nor cleared nor its bytes reused. Leases also expire after
+//        lookup_tiers(keys) also says which tier each matched key is in.
+//        acquire(key, reader) -> Lease {offset, length, checksum, model, codec}: until release(lease
+//        id) the entry is neither evicted nor cleared nor its bytes reused. Leases also expire after
 //        lease_timeout (the reader died); a reader that overran it learns so from release().
 //   space: when the arena is full, reserve evicts entries in the policy's order (LRU by default);
-//        pinned, leased and reserved entries are never evicted. When nothing evictable is left,
-//        reserve fails with kOutOfMemory saying what holds the space.
-// Entries are immutable once committed (a key is a content address): reserving a key that is
-// stored or being stored fails with kAborted, which a writer treats as "nothing to do".
-// Thread rules: every method may be called from any thread at once; one mutex guards the index
-// and is never held while chunk bytes are hashed. Bytes in the arena are the callers' to
-// synchronize: a writer owns its reservation's range until commit/abort, readers share a leased
-// range read-only.
+//        pinned, leased, reserved and re-encoding entries are never evicted. When nothing evictable
+//        is left, reserve fails with kOutOfMemory saying what holds the space.
+//   re-encode (the control API's /compress): reserve_replacement(key, bytes, codec, writer) gives a
+//        Reservation for new bytes of a committed entry; commit_replacement(key, id) hashes them and
+//        swaps the entry's bytes, checksum and codec in one step (readers holding leases keep the
+//        old bytes until they release them; pins stay); abort(key, id) drops them.
+// SSD tier (ChunkStoreOptions::ssd; without it everything above is all there is):
+//   spill:   an entry that reserve evicts from the arena is written to the tier with its checksum,
+//            model and codec (one eviction from DRAM, one spill); a full tier evicts its own least
+//            recently spilled entries. An entry the tier cannot take (I/O error, no extent free) is
+//            dropped, as without a tier, and counted in ssd_spill_failures. Only evictable entries
+//            are ever spilled: pinned, leased, reserved and re-encoding ones stay in DRAM.
+//            The spill's write runs under the store's mutex (the arena block must stay the
+//            victim's until its bytes are on the SSD, and reserve needs that block at once):
+//            simple and correct, and every store call waits for it. perf/store_bench_main.cpp
+//            --ssd-path measures it (a 4 MiB spill is ~1-3 ms on this VM's disk).
+//   tiers:   every key is in at most one tier. lookup counts a chain across both tiers;
+//            reserving a key the SSD holds is kAborted like one the arena holds.
+//   promote: acquire (and pin, and reserve_replacement) of an entry in the SSD tier moves it into
+//            the arena: reserve a block (evicting and spilling others as needed), take the entry
+//            out of the SSD index, then, without the mutex, read its bytes and check them against
+//            its checksum; then commit it to DRAM and go on as with any DRAM entry. The entry
+//            leaves the SSD tier (it is in one tier at a time: a copy in both would spend SSD space
+//            on what DRAM holds, and an entry evicted again is written again). A mismatch drops it
+//            (kVerifyFailed); a read error likewise (kInternal). Other callers of the same key wait
+//            for the promotion; lookups count it as in the SSD until it is done; a clear during it
+//            removes the entry when it lands.
+//   pins:    a pin of an SSD entry promotes it and pins it in DRAM (a pin means "keep it fast");
+//            unpin of an SSD entry is kInvalidArgument (not pinned), as for any unpinned entry.
+// Entries are immutable once committed except through commit_replacement (a key is a content
+// address): reserving a key that is stored or being stored fails with kAborted, which a writer
+// treats as "nothing to do".
+// Thread rules: every method may be called from any thread at once; one mutex guards the index,
+// the allocator and the SSD tier's index, and is never held while chunk bytes are hashed or read
+// from the SSD; it is held while a spill writes to the SSD (above). Bytes in the arena are the
+// callers' to synchronize: a writer owns its reservation's range until commit/abort, readers share
+// a leased range read-only.
 #pragma once
 
 #include <chrono>
@@ -30,11 +63,15 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "kvf/gpudirect/memory_region.h"
 #include "kvf/protocol/chunk_key.h"
+#include "kvf/protocol/kv_codec.h"
 #include "kvf/protocol/status.h"
+#include "kvf/protocol/tier.h"
 #include "kvf/store/eviction_policy.h"
+#include "kvf/store/ssd_tier.h"
 #include "kvf/store/store_stats.h"
 
 namespace kvf::store {
@@ -52,6 +89,8 @@ struct ChunkStoreOptions {
   // Time source for deadlines; empty means StoreClock::now. Tests inject a manual clock.
   std::function<StoreClock::time_point()> clock;
   std::unique_ptr<EvictionPolicy> policy;  // null means LRU
+  // The SSD tier under the arena: unset, none (evicted entries are dropped).
+  std::optional<SsdTierOptions> ssd;
 };
 
 struct Reservation {
@@ -68,25 +107,29 @@ struct Lease {
   uint64_t length = 0;
   uint64_t checksum = 0;     // chunk_checksum of the committed bytes
   protocol::ChunkKey model;  // the fingerprint the entry was stored under (zero: none recorded)
+  protocol::KvCodec codec = protocol::KvCodec::kIdentity;  // how the bytes are encoded
 };
 
 // A committed entry as peek() sees it.
 struct EntryInfo {
   uint64_t bytes = 0;  // the chunk's length
   protocol::ChunkKey model;
-  uint32_t pins = 0;
+  uint32_t pins = 0;  // 0 in the SSD tier (pinned entries are in DRAM)
   uint32_t leases = 0;
+  protocol::Tier tier = protocol::Tier::kDram;  // kSsd: in the SSD tier, or being promoted from it
+  protocol::KvCodec codec = protocol::KvCodec::kIdentity;
 };
 
 struct EntryTotals {
-  uint64_t entries = 0;  // committed, visible
+  uint64_t entries = 0;  // committed, visible, in either tier
   uint64_t bytes = 0;    // their chunk lengths (not the aligned arena blocks)
 };
 
 struct ClearResult {
-  uint64_t removed = 0;   // entries that left the index
+  uint64_t removed = 0;   // entries that left the index (either tier)
   uint64_t deferred = 0;  // of those, entries whose bytes stay until their leases are released
   uint64_t bytes = 0;     // arena bytes of the removed entries (freed now, or on the last release)
+                          // and SSD extent bytes of the removed SSD entries
 };
 
 struct ReapResult {
@@ -110,42 +153,74 @@ class ChunkStore {
 
   // `model`: the model fingerprint `key` was hashed with; an entry reserved without one (zero) is
   // cleared by clear_model() only when it is asked for the zero fingerprint.
+  // `codec`: how the writer encoded the bytes; kept with the entry, reported by leases and peek.
   // Errors: kInvalidArgument (zero bytes; more than the arena can ever hold), kAborted (the key is
-  // stored or being stored), kOutOfMemory (full of pinned, leased and reserved entries).
+  // stored, in either tier, or being stored), kOutOfMemory (full of pinned, leased and reserved
+  // entries).
   Result<Reservation> reserve(const protocol::ChunkKey& key, uint64_t bytes, ClientId writer,
-                              const protocol::ChunkKey& model = {});
+                              const protocol::ChunkKey& model = {},
+                              protocol::KvCodec codec = protocol::KvCodec::kIdentity);
   // With `expected_checksum` (bytes that came from elsewhere, e.g. another node) the one hash
   // commit makes is also the check: a mismatch is kVerifyFailed and the entry stays reserved.
   // Errors: kNotFound (no such reservation: aborted, expired, dropped, or never made),
   // kInvalidArgument (already committed, or a commit of it is in progress).
   Status commit(const protocol::ChunkKey& key, uint64_t reservation_id,
                 std::optional<uint64_t> expected_checksum = std::nullopt);
+  // Also ends a replacement reservation (reserve_replacement) of that id.
   Status abort(const protocol::ChunkKey& key, uint64_t reservation_id);
+
+  // Re-encoding a committed entry in place of its bytes (for /compress): a reservation of `bytes`
+  // for the entry's new encoding, written like any reservation. The entry stays readable and
+  // unchanged meanwhile, and is not evicted (it counts as protected). An entry in the SSD tier is
+  // promoted first. Errors: kInvalidArgument (zero bytes, or more than the arena holds), kNotFound
+  // (not stored or not committed), kAborted (another replacement of it is being written),
+  // kOutOfMemory, and a promotion's errors.
+  Result<Reservation> reserve_replacement(const protocol::ChunkKey& key, uint64_t bytes,
+                                          protocol::KvCodec codec, ClientId writer);
+  // Hashes the replacement (without the mutex) and, in one step under it, makes it the entry's
+  // bytes, checksum and codec. Leases granted before keep reading the old bytes, which are freed
+  // on their last release; pins stay; the entry then counts as just used for eviction (like one
+  // whose last lease ended). With `expected_checksum`, a mismatch is kVerifyFailed and the
+  // replacement stays reserved. Errors: kNotFound (no such replacement; or the entry was cleared
+  // meanwhile: the replacement is dropped), kInvalidArgument (a commit of it is in progress).
+  Status commit_replacement(const protocol::ChunkKey& key, uint64_t reservation_id,
+                            std::optional<uint64_t> expected_checksum = std::nullopt);
 
   // How many leading keys of the chain are stored and committed; stops at the first miss. Takes
   // no lease and is a peek: it does not count as use for eviction, because routers probe every
   // node for a prompt and only the node that then serves it (acquire) should keep it warm.
+  // Counts each matched key as a hit of its tier (hits, ssd_hits) and a chain that stops as one
+  // miss (and, with an SSD tier, one ssd_miss).
   size_t lookup(std::span<const protocol::ChunkKey> keys);
-  // A committed entry's length, model and holds; nullopt when not stored. Counts nothing (no hit,
-  // no miss, no use for eviction): for the control API's bookkeeping, not for readers.
+  // lookup, and the tier of each matched key (the result's size is lookup's count). An entry
+  // being promoted counts as kSsd.
+  std::vector<protocol::Tier> lookup_tiers(std::span<const protocol::ChunkKey> keys);
+  // A committed entry's length, model, holds, tier and codec; nullopt when not stored. Counts
+  // nothing (no hit, no miss, no use for eviction): for the control API's bookkeeping, not for
+  // readers.
   std::optional<EntryInfo> peek(const protocol::ChunkKey& key) const;
   // Committed, visible entries and their chunk bytes, in one pass.
   EntryTotals totals() const;
-  // Errors: kNotFound (not stored or not yet committed).
+  // An entry in the SSD tier is promoted into the arena first (see above).
+  // Errors: kNotFound (not stored or not yet committed); from a promotion: kOutOfMemory (no
+  // arena space can be freed), kVerifyFailed (the SSD copy did not match its checksum: dropped),
+  // kInternal (the SSD read failed: dropped).
   Result<Lease> acquire(const protocol::ChunkKey& key, ClientId reader);
   // Errors: kNotFound (unknown lease, already released, or expired: the bytes may have changed).
   Status release(uint64_t lease_id);
   // Recomputes the checksum of a leased range. kVerifyFailed when it differs.
   Status verify(const Lease& lease) const;
 
-  // Pins are counted: an entry stays unevictable until unpinned as often as pinned.
+  // Pins are counted: an entry stays unevictable until unpinned as often as pinned. Pinning an
+  // entry in the SSD tier promotes it (with acquire's errors).
   // Errors: kNotFound (not stored), kInvalidArgument (unpin of an entry that is not pinned).
   Status pin(const protocol::ChunkKey& key);
   Status unpin(const protocol::ChunkKey& key);
 
-  // Removes committed entries, pinned ones too (an explicit clear beats a pin); leased entries
-  // leave the index at once and free their bytes on their last release. Reservations in progress
-  // are not touched. Unknown keys are skipped.
+  // Removes committed entries of both tiers, pinned ones too (an explicit clear beats a pin);
+  // leased entries leave the index at once and free their bytes on their last release; entries
+  // being promoted are removed when their read lands. Reservations in progress are not touched (a
+  // cleared entry's replacement is dropped). Unknown keys are skipped.
   ClearResult clear_all();
   ClearResult clear(std::span<const protocol::ChunkKey> keys);
   // The committed entries reserved under `model` (O(entries): it walks the index).
@@ -159,6 +234,9 @@ class ChunkStore {
   ReapResult drop_client(ClientId client);
 
   StoreStats stats() const;
+  // The SSD tier, for its path and I/O mode; null without one. Its index belongs to the store:
+  // call only its constant accessors (path, capacity, direct, io_name).
+  const SsdTier* ssd_tier() const;
   // Walks the index, the leases, the allocator and the policy and checks they agree with each
   // other and with stats() (O(entries), for tests and debugging). kInternal on a mismatch.
   Status audit() const;
