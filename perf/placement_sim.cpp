@@ -25,22 +25,35 @@ PlannerEntry entry_of(const TraceConfig& config, const Trace& trace, uint32_t co
   return e;
 }
 
+// Sums over requests. A context's first request cannot hit under any policy (a compulsory
+// miss): the "reuse" figures leave those out, so that they compare what policies can change.
 struct Tally {
-  double delay = 0;
-  double quality = 0;
-  uint64_t dram = 0, ssd = 0, miss = 0;
+  double delay = 0, quality = 0;
+  double reuse_delay = 0, reuse_quality = 0;
+  uint64_t dram = 0, ssd = 0, miss = 0, reuse_requests = 0;
+  std::vector<bool> seen;
 
-  void add(double d, double q, int where) {
+  explicit Tally(size_t contexts) : seen(contexts, false) {}
+  void add(uint32_t context, double d, double q, int where) {
     delay += d;
     quality += q;
     (where == 0 ? dram : where == 1 ? ssd : miss) += 1;
+    if (seen[context]) {
+      reuse_delay += d;
+      reuse_quality += q;
+      ++reuse_requests;
+    }
+    seen[context] = true;
   }
   SimResult result(std::string policy, uint64_t n) const {
     SimResult r;
     r.policy = std::move(policy);
     const double count = static_cast<double>(std::max<uint64_t>(1, n));
+    const double reuses = static_cast<double>(std::max<uint64_t>(1, reuse_requests));
     r.mean_delay_seconds = delay / count;
     r.mean_quality = quality / count;
+    r.reuse_delay_seconds = reuse_delay / reuses;
+    r.reuse_quality = reuse_quality / reuses;
     r.dram_hits = static_cast<double>(dram) / count;
     r.ssd_hits = static_cast<double>(ssd) / count;
     r.misses = static_cast<double>(miss) / count;
@@ -75,6 +88,7 @@ class LruTier {
     return evicted;
   }
   bool fits_ever(uint64_t bytes) const { return bytes <= capacity_; }
+  bool fits_now(uint64_t bytes) const { return used_ + bytes <= capacity_; }
 
  private:
   uint64_t capacity_;
@@ -140,7 +154,7 @@ SimResult simulate_static(const TraceConfig& config, const Trace& trace, const P
     size_of[c] = store::placement_bytes(node, entry_of(config, trace, c), codec);
   LruTier dram(node.dram_bytes, n);
   LruTier ssd(node.ssd_bytes, n);
-  Tally tally;
+  Tally tally(n);
 
   // Puts an entry into DRAM; what falls out spills to the SSD, and what falls out of that is gone.
   auto store_in_dram = [&](uint32_t c) {
@@ -157,14 +171,14 @@ SimResult simulate_static(const TraceConfig& config, const Trace& trace, const P
     if (dram.contains(c)) {
       dram.touch(c);
       const PlacementState p{codec, Tier::kDram};
-      tally.add(store::load_delay_seconds(node, e, p), store::placement_quality(node, e, p), 0);
+      tally.add(c, store::load_delay_seconds(node, e, p), store::placement_quality(node, e, p), 0);
     } else if (ssd.contains(c)) {
       const PlacementState p{codec, Tier::kSsd};
-      tally.add(store::load_delay_seconds(node, e, p), store::placement_quality(node, e, p), 1);
+      tally.add(c, store::load_delay_seconds(node, e, p), store::placement_quality(node, e, p), 1);
       ssd.erase(c, size_of[c]);  // reads promote
       store_in_dram(c);
     } else {
-      tally.add(e.recompute_seconds, 1.0, 2);
+      tally.add(c, e.recompute_seconds, 1.0, 2);
       store_in_dram(c);
     }
   }
@@ -180,6 +194,7 @@ SimResult simulate_adaptive(const TraceConfig& config, const Trace& trace, const
   const size_t n = trace.tokens.size();
   std::vector<int> codec_of(n, store::kNotStored);  // the codec an entry is held in (or will be stored in)
   std::vector<int> planned_codec(n, store::kNotStored);
+  std::vector<Tier> planned_tier(n, Tier::kDram);
   std::vector<bool> planned_drop(n, false);
   std::vector<uint64_t> size_of(n, 0);
   std::vector<double> count(n, 0.0);
@@ -187,7 +202,7 @@ SimResult simulate_adaptive(const TraceConfig& config, const Trace& trace, const
   LruTier dram(node.dram_bytes, n);
   LruTier ssd(node.ssd_bytes, n);
   uint64_t recodes = 0;
-  Tally tally;
+  Tally tally(n);
   const double decay_per_request = std::log(2.0) / adaptive.reuse_half_life;
 
   auto reuse_at = [&](uint32_t c, uint64_t now) {
@@ -247,6 +262,7 @@ SimResult simulate_adaptive(const TraceConfig& config, const Trace& trace, const
       std::vector<uint32_t> to_dram;
       for (uint32_t c = 0; c < n; ++c) {
         planned_codec[c] = plan[c].codec;
+        planned_tier[c] = plan[c].tier;
         planned_drop[c] = plan[c].codec == store::kNotStored && entries[c].reuse > 0;
         const bool held = dram.contains(c) || ssd.contains(c);
         if (!held) continue;
@@ -271,20 +287,36 @@ SimResult simulate_adaptive(const TraceConfig& config, const Trace& trace, const
     const PlannerEntry e = entry_of(config, trace, c);
     if (dram.contains(c)) {
       dram.touch(c);
-      tally.add(store::load_delay_seconds(node, e, PlacementState{codec_of[c], Tier::kDram}),
+      tally.add(c, store::load_delay_seconds(node, e, PlacementState{codec_of[c], Tier::kDram}),
                 store::placement_quality(node, e, PlacementState{codec_of[c], Tier::kDram}), 0);
     } else if (ssd.contains(c)) {
-      tally.add(store::load_delay_seconds(node, e, PlacementState{codec_of[c], Tier::kSsd}),
+      tally.add(c, store::load_delay_seconds(node, e, PlacementState{codec_of[c], Tier::kSsd}),
                 store::placement_quality(node, e, PlacementState{codec_of[c], Tier::kSsd}), 1);
-      ssd.erase(c, size_of[c]);  // reads promote
-      put_in_dram(c);
-    } else {
-      tally.add(e.recompute_seconds, 1.0, 2);
-      // Recomputed: stored in the codec the plan chose, or the best one for its reuse on its own.
-      const double reuse = reuse_at(c, i) + 1.0;
-      if (!planned_drop[c]) {
-        set_codec(c, planned_codec[c] != store::kNotStored ? planned_codec[c] : best_codec(c, reuse));
+      if (planned_codec[c] != store::kNotStored && planned_tier[c] == Tier::kSsd) {
+        ssd.touch(c);  // the plan keeps it on the SSD
+      } else {
+        ssd.erase(c, size_of[c]);  // reads promote
         put_in_dram(c);
+      }
+    } else {
+      tally.add(c, e.recompute_seconds, 1.0, 2);
+      // Recomputed: stored where and how the plan says. An entry the plan has not seen yet is
+      // admitted to DRAM only into free room (it must not push out entries the plan chose), else
+      // to the SSD, in the codec best for its reuse on its own.
+      if (planned_codec[c] != store::kNotStored) {
+        set_codec(c, planned_codec[c]);
+        if (planned_tier[c] == Tier::kDram) {
+          put_in_dram(c);
+        } else if (ssd.fits_ever(size_of[c])) {
+          ssd.insert(c, size_of[c], size_of);
+        }
+      } else if (!planned_drop[c]) {
+        set_codec(c, best_codec(c, reuse_at(c, i) + 1.0));
+        if (dram.fits_now(size_of[c])) {
+          dram.insert(c, size_of[c], size_of);
+        } else if (ssd.fits_ever(size_of[c])) {
+          ssd.insert(c, size_of[c], size_of);
+        }
       }
     }
     count[c] = reuse_at(c, i) + 1.0;

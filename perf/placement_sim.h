@@ -48,6 +48,9 @@ struct SimResult {
   double delay_weight = 0;  // adaptive only
   double mean_delay_seconds = 0;
   double mean_quality = 0;
+  // The same over requests whose context was requested before (compulsory misses left out).
+  double reuse_delay_seconds = 0;
+  double reuse_quality = 0;
   double dram_hits = 0;  // fractions of requests
   double ssd_hits = 0;
   double misses = 0;
