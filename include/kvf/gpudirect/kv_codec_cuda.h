@@ -4,7 +4,10 @@
 // no extra pass over memory. The encoded bytes equal the CPU codec's (gpudirect/kv_codec.h) byte
 // for byte, header and error estimates aside (the GPU sums errors in another order).
 // Without CUDA every call is kUnavailable. Thread rules: calls are asynchronous on `stream`;
-// callers keep buffers alive until the stream has passed the work; any thread.
+// callers keep buffers alive until the stream has passed the work; any thread. Each call uploads a
+// small descriptor (layer bases, block ids, header template) from one of 8 pinned slots per device,
+// so a ninth call in flight on a device waits on the host for the oldest one's kernels.
+// Pointers (layer bases, raw chunks, encoded buffers) must be 16-byte aligned, as cudaMalloc's are.
 #pragma once
 
 #include <cstdint>
@@ -26,19 +29,25 @@ struct PagedChunks {
   uint32_t blocks_per_chunk = 0;
 };
 
-// Encodes every chunk into out_device + i * fixed_encoded_bytes(params, geometry) (header and
-// segment table written too; the header's error estimates are summed on the GPU), a few launches
-// for the whole batch. kInvalidArgument for a codec that is not fixed-rate, a layout that is not
-// 16-bit, a block id past the layout; kUnavailable without CUDA.
+// Encodes every chunk into out_device + i * fixed_encoded_bytes(params, geometry) (header, segment
+// table and the zero padding between segments written too; the header's error estimates are summed
+// on the GPU), a few launches for the whole batch. kInvalidArgument for a codec that is not
+// fixed-rate or parameters validate_codec refuses for the chunk's geometry, a layout that is not
+// 16-bit, a block id past the layout, a layer_base count other than num_layers, block ids that are
+// not whole chunks, a null or misaligned pointer; kUnavailable without CUDA or a GPU. A lossy
+// chunk holding inf or NaN (which the CPU codec refuses to encode) gets NaN error estimates, so its
+// header fails read_chunk_header.
 Status encode_paged_chunks_cuda(const protocol::KvCodecParams& params, const PagedChunks& chunks,
                                 void* out_device, void* cuda_stream);
 // Decodes `chunks.block_ids.size() / blocks_per_chunk` encoded chunks laid out as above into the
 // paged blocks. The caller has checked the headers (read_chunk_header on a host copy) and that they
-// name `params`' codec; the kernels trust the fixed layout.
+// name `params`' codec; the kernels trust the fixed layout. The same errors as encoding, and
+// kInvalidArgument for a block id that repeats (two rows would land in one place).
 Status decode_paged_chunks_cuda(const protocol::KvCodecParams& params, const PagedChunks& chunks,
                                 const void* encoded_device, void* cuda_stream);
 
-// The same over one contiguous raw chunk in device memory (store order), for benchmarks and tests.
+// The same over one contiguous raw chunk in device memory (store order), for benchmarks and tests:
+// the same kernels, addressing the raw chunk as blocks 0..blocks-1 of one "layer buffer" per layer.
 Status encode_chunk_cuda(const protocol::KvCodecParams& params, const protocol::KvChunkGeometry& geometry,
                          const void* raw_device, void* out_device, void* cuda_stream);
 Status decode_chunk_cuda(const protocol::KvCodecParams& params, const protocol::KvChunkGeometry& geometry,
