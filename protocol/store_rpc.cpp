@@ -89,6 +89,7 @@ struct RequestEncoder {
     put_key(w, m.key);
     w.u64(m.bytes);
     put_key(w, m.model);
+    w.u8(static_cast<uint8_t>(m.codec));
   }
   void operator()(const CommitRequest& m) {
     put_key(w, m.key);
@@ -126,6 +127,7 @@ struct ReplyEncoder {
     w.u64(m.offset);
     w.u64(m.length);
     w.u64(m.checksum);
+    w.u8(static_cast<uint8_t>(m.codec));
   }
   void operator()(const ClearReply& m) {
     w.u64(m.removed);
@@ -140,6 +142,17 @@ struct ReplyEncoder {
     }
   }
 };
+
+bool get_codec(Reader& r, KvCodec& out) {
+  uint8_t codec = 0;
+  if (!r.u8("codec", codec)) return false;
+  if (codec >= kKvCodecCount) {
+    return r.fail("codec", "unknown codec " + std::to_string(codec) + " (0.." +
+                               std::to_string(kKvCodecCount - 1) + ")");
+  }
+  out = static_cast<KvCodec>(codec);
+  return true;
+}
 
 bool valid_counter_name(const std::string& s) {
   return !s.empty() && s.size() <= kMaxCounterName && std::all_of(s.begin(), s.end(), [](char c) {
@@ -160,6 +173,7 @@ Result<RequestBody> decode_request_body(Op op, Reader& r) {
       r.u64("bytes", m.bytes);
       if (r.ok() && m.bytes == 0) r.fail("bytes", "a chunk of zero bytes");
       get_key(r, "model", m.model);
+      get_codec(r, m.codec);
       return RequestBody(m);
     }
     case Op::kCommit:
@@ -242,6 +256,7 @@ Result<ReplyBody> decode_reply_body(Op op, Reader& r) {
       r.u64("offset", m.offset);
       r.u64("length", m.length);
       r.u64("checksum", m.checksum);
+      get_codec(r, m.codec);
       return ReplyBody(m);
     }
     case Op::kClear: {

@@ -296,9 +296,9 @@ std::span<uint8_t> StoreClient::arena() const {
 }
 
 Result<ClientReservation> StoreClient::reserve(const protocol::ChunkKey& key, uint64_t bytes,
-                                               const protocol::ChunkKey& model) {
+                                               const protocol::ChunkKey& model, protocol::KvCodec codec) {
   std::lock_guard lock(impl_->mu);
-  auto reply = impl_->call(rpc::Op::kReserve, rpc::ReserveRequest{key, bytes, model});
+  auto reply = impl_->call(rpc::Op::kReserve, rpc::ReserveRequest{key, bytes, model, codec});
   if (!reply.ok()) return reply.status();
   const auto& r = std::get<rpc::ReserveReply>(reply->body);
   if (r.length != bytes || r.offset > impl_->arena->size() || r.length > impl_->arena->size() - r.offset) {
@@ -331,8 +331,8 @@ Status StoreClient::abort(const ClientReservation& r) {
 }
 
 Status StoreClient::put(const protocol::ChunkKey& key, std::span<const uint8_t> data,
-                        const protocol::ChunkKey& model) {
-  auto r = reserve(key, data.size(), model);
+                        const protocol::ChunkKey& model, protocol::KvCodec codec) {
+  auto r = reserve(key, data.size(), model, codec);
   if (!r.ok()) return r.status();
   std::span<uint8_t> dst = bytes(*r);
   if (dst.size() != data.size()) {
@@ -365,7 +365,7 @@ Result<ClientLease> StoreClient::acquire(const protocol::ChunkKey& key) {
                                              std::to_string(a.length) + ") outside an arena of " +
                                              std::to_string(impl_->arena->size()));
   }
-  return ClientLease{Lease{a.lease_id, key, a.offset, a.length, a.checksum, {}}, impl_->connection};
+  return ClientLease{Lease{a.lease_id, key, a.offset, a.length, a.checksum, {}, a.codec}, impl_->connection};
 }
 
 std::span<const uint8_t> StoreClient::bytes(const ClientLease& l) const {

@@ -250,6 +250,7 @@ nlohmann::json RemoteStore::grant(const nlohmann::json& request) {
     }
     entries.push_back({{"key", key.to_hex()},
                        {"model", lease->model.to_hex()},
+                       {"codec", static_cast<int>(lease->codec)},
                        {"offset", lease->offset},
                        {"length", lease->length},
                        {"checksum", lease->checksum},
@@ -471,6 +472,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
   struct Entry {
     protocol::ChunkKey key;
     protocol::ChunkKey model;  // kept here as the holder kept it, so clear by model finds the copy
+    protocol::KvCodec codec;   // likewise: the copy's bytes are encoded as the holder's were
     uint64_t offset, length, checksum, lease;
     bool landing = false;  // room reserved here: it comes over the link
   };
@@ -498,6 +500,13 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
       if (!model.ok()) return malformed("an entry whose model is not a chunk key");
       entry.model = model.value();
     }
+    // Likewise the codec: a holder that sends none stores raw (identity) chunks only.
+    if (e.contains("codec")) {
+      if (!e["codec"].is_number_unsigned() || e["codec"].get<uint64_t>() >= protocol::kKvCodecCount) {
+        return malformed("an entry whose codec is not a known codec number");
+      }
+      entry.codec = static_cast<protocol::KvCodec>(e["codec"].get<uint64_t>());
+    }
     entries.push_back(entry);
   }
   auto missing = keys_of(g, "missing");
@@ -522,7 +531,7 @@ Result<FetchResult> RemoteStore::fetch(const std::string& from, const std::vecto
   std::vector<Landing> landings;
   std::vector<fabric::GetOp> gets;
   for (Entry& e : entries) {
-    auto r = store_.reserve(e.key, e.length, client, e.model);
+    auto r = store_.reserve(e.key, e.length, client, e.model, e.codec);
     if (!r.ok()) {
       if (r.status().code() == ErrorCode::kAborted) {  // stored here already (or being stored)
         ++result.already_here;

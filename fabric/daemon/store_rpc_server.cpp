@@ -274,7 +274,7 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       case rpc::Op::kReserve: {
         const auto& m = std::get<rpc::ReserveRequest>(request.body);
-        auto r = store.reserve(m.key, m.bytes, id_, m.model);
+        auto r = store.reserve(m.key, m.bytes, id_, m.model, m.codec);
         if (!r.ok()) {
           reply.status = r.status();
           return;
@@ -312,7 +312,7 @@ class Session : public std::enable_shared_from_this<Session> {
           return;
         }
         leases_.insert(l->id);
-        reply.body = rpc::AcquireReply{l->id, l->offset, l->length, l->checksum};
+        reply.body = rpc::AcquireReply{l->id, l->offset, l->length, l->checksum, l->codec};
         return;
       }
       case rpc::Op::kRelease: {

@@ -191,7 +191,7 @@ s.close()
 # 2. A good header whose payload fails its checksum: an error reply, and the connection stays.
 s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(path)
 payload = b"\x00" * 24
-s.sendall(struct.pack("<IBBBBQII", 0x3153564B, 2, 1, 2, 0, 77, len(payload), 0xDEADBEEF) + payload)
+s.sendall(struct.pack("<IBBBBQII", 0x3153564B, 3, 1, 2, 0, 77, len(payload), 0xDEADBEEF) + payload)
 version, kind, op, rid, code, body = read_reply(s)
 print(f"bad checksum -> reply kind={kind} op={op} id={rid} code={code} message={body[6:].decode(errors='replace')!r}")
 s.close()
@@ -214,7 +214,7 @@ PY
 kvf_check_grep "$KVF_TMP/garbage.log" '^garbage header -> closed$' "a garbage header closes that connection"
 kvf_check_grep "$KVF_TMP/garbage.log" "^bad checksum -> reply kind=2 op=2 id=77 code=2 message='.*checksum mismatch" \
   "a bad payload gets an error reply naming it"
-kvf_check_grep "$KVF_TMP/garbage.log" "^old version -> reply version=1 kind=2 op=1 id=501 code=3 message='store rpc version 1 is not supported: this kvfabricd speaks version 2" \
+kvf_check_grep "$KVF_TMP/garbage.log" "^old version -> reply version=1 kind=2 op=1 id=501 code=3 message='store rpc version 1 is not supported: this kvfabricd speaks version 3" \
   "an engine of store RPC version 1 gets an error reply in its own version saying which versions meet"
 kvf_check_grep "$KVF_TMP/garbage.log" '^old version -> closed$' "and the daemon closes that connection"
 kvf_check kvf_alive d1 -- "daemon alive after malformed frames"

@@ -80,6 +80,7 @@ std::vector<Request> sample_requests() {
       {Op::kHello, 1, HelloRequest{"prefill0 pid 42"}},
       {Op::kReserve, 2, ReserveRequest{kKey, 1 << 20, kModel}},
       {Op::kReserve, 2, ReserveRequest{kKey, 1, {}}},
+      {Op::kReserve, 2, ReserveRequest{kKey, 4096, kModel, KvCodec::kDrop}},
       {Op::kCommit, 3, CommitRequest{kKey, 99}},
       {Op::kAbort, 4, CommitRequest{kKey, 100}},
       {Op::kLookup, 5, LookupRequest{{kKey, ChunkKey{1, 2}, ChunkKey{3, 4}}}},
@@ -105,6 +106,7 @@ std::vector<Reply> sample_replies() {
       {Op::kCommit, 3, Status::Ok(), EmptyReply{}},
       {Op::kLookup, 5, Status::Ok(), LookupReply{2}},
       {Op::kAcquire, 7, Status::Ok(), AcquireReply{8, 4096, 1 << 20, 0xabcdef}},
+      {Op::kAcquire, 7, Status::Ok(), AcquireReply{8, 4096, 1 << 20, 0xabcdef, KvCodec::kInt8}},
       {Op::kClear, 11, Status::Ok(), ClearReply{3, 1, 3 << 20}},
       {Op::kStats, 12, Status::Ok(), StatsReply{{{"entries", 3}, {"bytes_used", 12345}}}},
       {Op::kReserve, 13, Status(ErrorCode::kOutOfMemory, "store full"), EmptyReply{}},
@@ -163,7 +165,8 @@ TEST_CASE("store rpc: bad headers are refused before any payload is read") {
   };
   require_error(with(0, 0x46545448, 4), ErrorCode::kMalformed, "bad magic 0x46545448");
   require_error(with(4, 1, 1), ErrorCode::kUnsupportedVersion, "version 1 is not supported");
-  require_error(with(4, 3, 1), ErrorCode::kUnsupportedVersion, "version 3 is not supported");
+  require_error(with(4, 2, 1), ErrorCode::kUnsupportedVersion, "version 2 is not supported");
+  require_error(with(4, 4, 1), ErrorCode::kUnsupportedVersion, "version 4 is not supported");
   require_error(with(5, 3, 1), ErrorCode::kMalformed, "unknown frame kind 3");
   require_error(with(6, 0, 1), ErrorCode::kMalformed, "unknown op 0");
   require_error(with(6, 12, 1), ErrorCode::kMalformed, "unknown op 12");
@@ -205,7 +208,7 @@ TEST_CASE("store rpc: a frame of another version gets an error reply that its se
   CHECK(rd(kHeaderBytes, 2) == static_cast<uint16_t>(ErrorCode::kUnsupportedVersion));
   const std::string message(f.begin() + kHeaderBytes + 6, f.end());
   CHECK(rd(kHeaderBytes + 2, 4) == message.size());
-  CHECK(message.find("store rpc version 1 is not supported: this kvfabricd speaks version 2") !=
+  CHECK(message.find("store rpc version 1 is not supported: this kvfabricd speaks version 3") !=
         std::string::npos);
 
   // A current frame, a bad magic or a short header is not refused for its version.
@@ -223,7 +226,7 @@ TEST_CASE("store rpc: payloads that do not match their header are refused") {
 
   // Length and checksum.
   require_error(decode_request(*header, payload_of(frame).first(10)).status(), ErrorCode::kMalformed,
-                "header says 40 payload bytes, got 10");
+                "header says 41 payload bytes, got 10");
   std::vector<uint8_t> flipped = frame;
   flipped.back() ^= 0x01;
   require_error(decode_request_frame(flipped).status(), ErrorCode::kMalformed, "checksum mismatch");
@@ -245,7 +248,11 @@ TEST_CASE("store rpc: malformed request payloads name the field") {
                 "bytes: a chunk of zero bytes");
   require_error(request(Op::kReserve, cat({key, le(1, 8)})), ErrorCode::kMalformed,
                 "reserve request.model: truncated");  // a version 1 reserve's payload
-  require_error(request(Op::kReserve, cat({key, le(1, 8), key, le(0, 1)})), ErrorCode::kMalformed,
+  require_error(request(Op::kReserve, cat({key, le(1, 8), key})), ErrorCode::kMalformed,
+                "reserve request.codec: truncated");  // a version 2 reserve's payload
+  require_error(request(Op::kReserve, cat({key, le(1, 8), key, le(8, 1)})), ErrorCode::kMalformed,
+                "reserve request.codec: unknown codec 8");
+  require_error(request(Op::kReserve, cat({key, le(1, 8), key, le(0, 1), le(0, 1)})), ErrorCode::kMalformed,
                 "1 trailing bytes after the payload");
   require_error(request(Op::kCommit, le(1, 7)), ErrorCode::kMalformed, "commit request.key: truncated");
   require_error(request(Op::kAcquire, {}), ErrorCode::kMalformed, "acquire request.key: truncated");
@@ -292,6 +299,10 @@ TEST_CASE("store rpc: malformed reply payloads name the field") {
                 ErrorCode::kMalformed, "trailing bytes");
   require_error(reply(Op::kAcquire, cat({le(0, 2), le(1, 8), le(2, 8)})), ErrorCode::kMalformed,
                 "acquire reply.length: truncated");
+  require_error(reply(Op::kAcquire, cat({le(0, 2), le(1, 8), le(2, 8), le(3, 8), le(4, 8)})),
+                ErrorCode::kMalformed, "acquire reply.codec: truncated");  // a version 2 reply
+  require_error(reply(Op::kAcquire, cat({le(0, 2), le(1, 8), le(2, 8), le(3, 8), le(4, 8), le(200, 1)})),
+                ErrorCode::kMalformed, "acquire reply.codec: unknown codec 200");
   require_error(
       reply(Op::kHello, cat({le(0, 2), le(1, 4), {'n'}, le(1, 4), {'/'}, le(7, 1), le(1, 8), le(1, 8)})),
       ErrorCode::kMalformed, "hello reply.backing: unknown arena backing 7");

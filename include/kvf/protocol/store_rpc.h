@@ -9,7 +9,8 @@
 // followed by the message string and nothing else, zero by the op's result fields. Decoding is
 // exact and bounds-checked like the control channel's (wire_codec): any malformed input is a
 // kMalformed/kUnsupportedVersion Status naming the field, never a crash or an oversized allocation.
-// Versions: 2 added the model fingerprint to reserve and the model scope to clear. The header and
+// Versions: 2 added the model fingerprint to reserve and the model scope to clear; 3 the codec
+// byte (kv_codec.h: how the chunk's bytes are encoded) to reserve and to acquire's reply. The header and
 // an error reply's payload are laid out alike in every version, so a daemon answers a frame of
 // another version with an error reply in that version (version_refusal) that the engine can read,
 // saying which versions meet, and closes the connection.
@@ -28,12 +29,13 @@
 #include <vector>
 
 #include "kvf/protocol/chunk_key.h"
+#include "kvf/protocol/kv_codec.h"
 #include "kvf/protocol/status.h"
 
 namespace kvf::protocol::store_rpc {
 
 inline constexpr uint32_t kMagic = 0x3153564Bu;  // "KVS1" read as little-endian u32
-inline constexpr uint8_t kVersion = 2;
+inline constexpr uint8_t kVersion = 3;
 inline constexpr size_t kHeaderBytes = 24;
 // Requests and replies are metadata only; the largest is a lookup or clear of many keys
 // (16 bytes each: 64 Ki keys per MiB).
@@ -75,6 +77,7 @@ struct ReserveRequest {
   ChunkKey key;
   uint64_t bytes = 0;
   ChunkKey model;  // the fingerprint `key` was hashed with (zero: none), kept with the entry
+  KvCodec codec = KvCodec::kIdentity;  // how the bytes will be encoded, kept with the entry
 };
 struct CommitRequest {  // also abort
   ChunkKey key;
@@ -133,6 +136,7 @@ struct AcquireReply {
   uint64_t offset = 0;
   uint64_t length = 0;
   uint64_t checksum = 0;
+  KvCodec codec = KvCodec::kIdentity;  // how the leased bytes are encoded
 };
 struct ClearReply {
   uint64_t removed = 0;

@@ -73,21 +73,24 @@ class StoreClient {
 
   // --- put ---
   // `model`: the fingerprint `key` was hashed with (ChunkHasher::model()); the daemon keeps it with
-  // the entry so that clearing a model finds its chunks. Zero records none.
+  // the entry so that clearing a model finds its chunks. Zero records none. `codec`: how the bytes
+  // are encoded (kv_codec.h); kept with the entry and reported by every lease of it.
   // Errors: kAborted when the key is stored or being stored (nothing to do), kOutOfMemory, and the
   // connection errors above.
   Result<ClientReservation> reserve(const protocol::ChunkKey& key, uint64_t bytes,
-                                    const protocol::ChunkKey& model = {});
+                                    const protocol::ChunkKey& model = {},
+                                    protocol::KvCodec codec = protocol::KvCodec::kIdentity);
   // The reservation's bytes in the mapped arena; empty when it belongs to an older connection.
   std::span<uint8_t> bytes(const ClientReservation& r) const;
   Status commit(const ClientReservation& r);
   Status abort(const ClientReservation& r);
   // reserve -> memcpy -> commit (abort when the copy cannot be made). kAborted: already stored.
   Status put(const protocol::ChunkKey& key, std::span<const uint8_t> data,
-             const protocol::ChunkKey& model = {});
+             const protocol::ChunkKey& model = {}, protocol::KvCodec codec = protocol::KvCodec::kIdentity);
 
   // --- get ---
-  // How many leading keys of the chain the store holds.
+  // How many leading keys of the chain the store holds (in DRAM or its SSD tier: an acquire of a
+  // key in the SSD tier loads it into the arena first, which takes a read of the chunk).
   Result<size_t> lookup(std::span<const protocol::ChunkKey> keys);
   Result<ClientLease> acquire(const protocol::ChunkKey& key);
   std::span<const uint8_t> bytes(const ClientLease& l) const;
