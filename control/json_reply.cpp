@@ -119,7 +119,9 @@ std::string render_stats(const ControlStats& stats) {
                      {"entries", t.entries},
                      {"hits", t.hits},
                      {"misses", t.misses},
-                     {"evictions", t.evictions}});
+                     {"evictions", t.evictions},
+                     {"spills", t.spills},
+                     {"promotions", t.promotions}});
   }
   return dump({{"node", stats.node},
                {"entries", stats.entries},

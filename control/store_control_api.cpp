@@ -41,10 +41,13 @@ Result<LookupResult> StoreControlApi::lookup(const LookupRequest& request) {
   const std::vector<ChunkKey>& keys = request.by_tokens() ? hashed : request.chunk_keys();
   LookupResult result;
   result.query_chunks = static_cast<uint32_t>(keys.size());
-  const size_t matched = keys.empty() ? 0 : store_.lookup(keys);
+  // The slowest tier the matched prefix reaches into: ssd when any of its chunks is there.
+  const std::vector<Tier> tiers = keys.empty() ? std::vector<Tier>{} : store_.lookup_tiers(keys);
+  const size_t matched = tiers.size();
   if (matched > 0) {
+    const Tier deepest = *std::max_element(tiers.begin(), tiers.end());
     result.matches.push_back(LookupMatch{node_, "", static_cast<uint64_t>(matched) * model->chunk_tokens,
-                                         static_cast<uint32_t>(matched), Tier::kDram});
+                                         static_cast<uint32_t>(matched), deepest});
   }
   // The rest of the cluster: what a local miss (or a shorter local prefix) could fetch instead.
   if (request.cluster && peers_.lookup && !keys.empty() && matched < keys.size()) {
@@ -161,12 +164,17 @@ Result<ControlStats> StoreControlApi::stats() {
   const store::StoreStats s = store_.stats();
   ControlStats out;
   out.node = node_;
-  out.entries = s.entries;
   out.pinned_entries = s.pinned;
   out.leased_entries = s.leased_entries;
   out.lookups = lookups_.load(std::memory_order_relaxed);
-  out.tiers.push_back(
-      TierStats{Tier::kDram, s.capacity_bytes, s.bytes_used, s.entries, s.hits, s.misses, s.evictions});
+  out.entries = s.entries + s.ssd_entries;
+  // Per tier, a miss is a key that tier did not hold: DRAM missed what the SSD then served too.
+  out.tiers.push_back(TierStats{Tier::kDram, s.capacity_bytes, s.bytes_used, s.entries, s.hits,
+                                s.misses + s.ssd_hits, s.evictions, s.ssd_spills, s.promotions});
+  if (s.ssd_capacity_bytes > 0) {
+    out.tiers.push_back(TierStats{Tier::kSsd, s.ssd_capacity_bytes, s.ssd_bytes_used, s.ssd_entries,
+                                  s.ssd_hits, s.ssd_misses, s.ssd_evictions, s.ssd_spills, s.promotions});
+  }
   return out;
 }
 

@@ -61,6 +61,8 @@ int run(int argc, char** argv) {
       ("drain-ms", "on SIGTERM, how long engines' requests in flight may take to finish",
        cxxopts::value<int64_t>()->default_value("5000"), "MS")  //
       ("no-huge-pages", "do not try hugetlbfs for the arena")   //
+      ("ssd-io", "the SSD tier's I/O: auto (O_DIRECT where the file system allows it), direct or buffered",
+       cxxopts::value<std::string>()->default_value("auto"), "MODE")  //
       ("peer-port",
        "port where the other nodes' daemons reach this one (default: the node's control_port; 0: any)",
        cxxopts::value<uint16_t>())                                                //
@@ -117,6 +119,17 @@ int run(int argc, char** argv) {
   daemon.reap_interval = positive_ms(args, "reap-interval-ms");
   daemon.drain_grace = positive_ms(args, "drain-ms");
   daemon.huge_pages = args.count("no-huge-pages") == 0;
+  const std::string ssd_io = args["ssd-io"].as<std::string>();
+  if (ssd_io == "auto") {
+    daemon.ssd_io = kvf::store::SsdIoMode::kAuto;
+  } else if (ssd_io == "direct") {
+    daemon.ssd_io = kvf::store::SsdIoMode::kDirect;
+  } else if (ssd_io == "buffered") {
+    daemon.ssd_io = kvf::store::SsdIoMode::kBuffered;
+  } else {
+    std::cerr << "kvfabricd: --ssd-io must be auto, direct or buffered, got '" << ssd_io << "'\n";
+    return kExitBadInput;
+  }
   if (args.count("peer-port")) daemon.peer_port = args["peer-port"].as<uint16_t>();
   daemon.peers = args.count("no-peers") == 0;
   const std::string fetch_by = args["fetch-by"].as<std::string>();

@@ -1,8 +1,10 @@
 // NodeDaemon: what `kvfabricd --topology FILE --node NAME` runs. Creates the node's store arena in
-// shared memory, a ChunkStore over it, the store RPC server for engines on a Unix socket, the
-// HTTP/JSON control API on the node's http port and the reaper; then waits for SIGTERM or SIGINT
-// and drains: the HTTP server stops, the RPC server stops accepting, removes its socket and lets
-// each engine's request in progress finish, and the arena's name is removed.
+// shared memory, a ChunkStore over it (with the node's SSD tier when the topology gives store.ssd:
+// the file <store.ssd_path>/kvfabric-<node>.ssd, preallocated, removed at exit), the store RPC
+// server for engines on a Unix socket, the HTTP/JSON control API on the node's http port and the
+// reaper; then waits for SIGTERM or SIGINT and drains: the HTTP server stops, the RPC server stops
+// accepting, removes its socket and lets each engine's request in progress finish, and the arena's
+// name is removed.
 // It also joins the other nodes of the topology (RemoteStore on the node's control_port): lookups
 // report what the peers hold, and /move fetches entries between arenas over UCX.
 // Thread rules: call run_node_daemon from the main thread before any other thread exists (it
@@ -14,6 +16,8 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+
+#include "kvf/store/ssd_tier.h"
 
 namespace kvf::daemon {
 
@@ -31,7 +35,9 @@ struct NodeDaemonOptions {
   bool peers = true;                  // join the other nodes (RemoteStore)
   bool fetch_by_get = false;          // fetches read the holder's arena (else the holder writes)
   std::optional<uint16_t> peer_port;  // unset: the node's control_port; 0: any free port
-  size_t rpc_threads = 1;  // requests take microseconds: a second thread only adds wake-ups
+  size_t rpc_threads = 1;             // requests take microseconds: a second thread only adds wake-ups
+  // The SSD tier's I/O (when the node has store.ssd): O_DIRECT where the file system allows it.
+  store::SsdIoMode ssd_io = store::SsdIoMode::kAuto;
 };
 
 // Exit codes.

@@ -1,7 +1,11 @@
 // StoreControlApi, the daemon's ControlApi over a real ChunkStore: a router's lookup by tokens
 // hashes them the way engines key their chunks (the topology's model fingerprint and chunk size),
 // pin/unpin/clear (all, keys, model) act on the store, compress covers entries with the identity
-// codec, stats and metrics read it, and what is not built says so.
+// codec, stats and metrics read it, and what is not built says so. With an SSD tier under the
+// store, lookups say "ssd" for prefixes that reach into it and stats report both tiers.
+#include <unistd.h>
+
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,13 +40,21 @@ nodes:
 )";
 
 struct Fixture {
-  Fixture() {
+  // With `ssd_bytes`, the store has an SSD tier of that size in the temp directory.
+  explicit Fixture(uint64_t arena_bytes = 1 << 20, uint64_t ssd_bytes = 0) {
     auto load = fabric::load_topology_string(kTopology, "t.yaml");
     REQUIRE(load.topology);
     topology = *load.topology;
-    auto arena = gpudirect::MemoryRegion::allocate_host(nullptr, 1 << 20);
+    auto arena = gpudirect::MemoryRegion::allocate_host(nullptr, arena_bytes);
     REQUIRE(arena.ok());
-    auto made = store::ChunkStore::create(std::move(arena.value()));
+    store::ChunkStoreOptions options;
+    if (ssd_bytes > 0) {
+      options.ssd = store::SsdTierOptions{};
+      options.ssd->path = std::filesystem::temp_directory_path().string() + "/kvf-control-api-test-" +
+                          std::to_string(::getpid()) + ".ssd";
+      options.ssd->capacity = ssd_bytes;
+    }
+    auto made = store::ChunkStore::create(std::move(arena.value()), std::move(options));
     REQUIRE(made.ok());
     store = std::move(made.value());
     api = std::make_unique<StoreControlApi>(topology, "n", *store,
@@ -256,4 +268,52 @@ TEST_CASE("store control api: compress with identity reports what it covered; ot
           "codec '" + std::string(codec) +
               "' is not built (identity only: the store has no other codecs yet)");
   }
+}
+
+TEST_CASE("store control api: with an SSD tier, lookup reports ssd for prefixes that reach into it") {
+  Fixture f(4096, 1 << 20);  // the arena holds 4 chunks of 1000 bytes; the rest spill
+  const std::vector<uint32_t> tokens = prompt(8 * 32);
+  const std::vector<ChunkKey> keys = f.put_prompt(tokens);
+  REQUIRE(keys.size() == 8);
+  LookupRequest whole{"m", tokens, false};
+  auto r = f.api->lookup(whole);
+  REQUIRE(r.ok());
+  REQUIRE(r->matches.size() == 1);
+  CHECK(r->matches[0].matched_chunks == 8);
+  CHECK(r->matches[0].tier == Tier::kSsd);
+  LookupRequest tail{"m", std::vector<ChunkKey>(keys.begin() + 4, keys.end()), false};
+  r = f.api->lookup(tail);
+  REQUIRE(r.ok());
+  REQUIRE(r->matches.size() == 1);
+  CHECK(r->matches[0].matched_chunks == 4);
+  CHECK(r->matches[0].tier == Tier::kDram);
+
+  auto stats = f.api->stats();
+  REQUIRE(stats.ok());
+  CHECK(stats->entries == 8);
+  REQUIRE(stats->tiers.size() == 2);
+  CHECK(stats->tiers[0].tier == Tier::kDram);
+  CHECK(stats->tiers[0].entries == 4);
+  CHECK(stats->tiers[0].evictions == 4);
+  CHECK(stats->tiers[0].spills == 4);
+  CHECK(stats->tiers[1].tier == Tier::kSsd);
+  CHECK(stats->tiers[1].capacity_bytes == 1 << 20);
+  CHECK(stats->tiers[1].entries == 4);
+  CHECK(stats->tiers[1].used_bytes == 4 * 4096);
+  CHECK(stats->tiers[1].hits == 4);  // the whole-prompt lookup's first 4 chunks
+  CHECK(stats->tiers[0].misses == 4);
+  auto metrics = f.api->metrics();
+  REQUIRE(metrics.ok());
+  CHECK(metrics->find("\nkvf_store_ssd_entries 4\n") != std::string::npos);
+  CHECK(metrics->find("\nkvf_store_ssd_spills_total 4\n") != std::string::npos);
+
+  // Compress covers both tiers; a pin brings an SSD entry back to DRAM.
+  auto compressed = f.api->compress(CompressRequest{true, {}, "identity"});
+  REQUIRE(compressed.ok());
+  CHECK(compressed->compressed == 8);
+  auto pinned = f.api->pin(PinRequest{{keys[0]}});
+  REQUIRE(pinned.ok());
+  CHECK(pinned->changed == 1);
+  CHECK(f.store->peek(keys[0])->tier == Tier::kDram);
+  CHECK(f.store->audit().ok());
 }

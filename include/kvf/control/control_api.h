@@ -112,7 +112,8 @@ struct HealthReport {
   std::vector<std::string> problems;  // why not healthy, one line each
 };
 
-// GET /stats: counters of one tier of the node's store.
+// GET /stats: counters of one tier of the node's store. A hit is a key found in this tier, a miss
+// a key looked for here and not found (so DRAM's misses include what the SSD tier then served).
 struct TierStats {
   Tier tier = Tier::kDram;
   uint64_t capacity_bytes = 0;
@@ -120,7 +121,9 @@ struct TierStats {
   uint64_t entries = 0;
   uint64_t hits = 0;
   uint64_t misses = 0;
-  uint64_t evictions = 0;
+  uint64_t evictions = 0;   // entries this tier evicted (DRAM's went to the SSD tier, or were dropped)
+  uint64_t spills = 0;      // entries moved from DRAM into the SSD tier (the same count in both tiers)
+  uint64_t promotions = 0;  // entries moved from the SSD tier back into DRAM (likewise)
 };
 
 struct ControlStats {

@@ -1,13 +1,15 @@
 // StoreControlApi: the ControlApi of one node, over that node's ChunkStore: what kvfabricd serves
 // on its HTTP port. Lookups hash tokens with the topology's model (fingerprint and chunk size), the
-// way engines do, and report the node's own store (tier dram) and, with peers set, what the
-// other nodes' stores hold; pin, unpin and clear act on the store: all, the listed keys, or one
-// model's entries (the name resolves through the topology to the fingerprint engines record with
-// every chunk they store; an unknown name is kInvalidArgument naming the models there are); move
-// goes to the peers (remote fetch between daemons); health, stats and metrics read it. Compress
-// has one codec, "identity": it re-encodes nothing and reports the entries it covered (all, or
-// the listed keys found; bytes after = bytes before); any other codec is kInvalidArgument "codec
-// X is not built (identity only ...)". Without peers, move is kUnavailable saying so.
+// way engines do, and report the node's own store (tier dram, or ssd when the matched prefix
+// reaches into the store's SSD tier) and, with peers set, what the other nodes' stores hold; pin,
+// unpin and clear act on the store: all, the listed keys, or one model's entries (the name
+// resolves through the topology to the fingerprint engines record with every chunk they store; an
+// unknown name is kInvalidArgument naming the models there are); move goes to the peers (remote
+// fetch between daemons); health, stats (one TierStats for DRAM, one for the SSD tier when the
+// store has one) and metrics read it. Compress has one codec, "identity": it re-encodes nothing
+// and reports the entries it covered (all, or the listed keys found; bytes after = bytes before);
+// any other codec is kInvalidArgument "codec X is not built (identity only ...)". Without peers,
+// move is kUnavailable saying so.
 // Thread-safe: every method may be called from several threads at once (the store is).
 #pragma once
 
