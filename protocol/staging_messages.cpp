@@ -3,6 +3,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "kvf/protocol/kv_codec.h"
 #include "kvf/protocol/messages.h"
 #include "wire_codec.h"
 
@@ -14,12 +15,27 @@ enum class Type : uint16_t { kRequest = 1, kOffer = 2, kScatter = 3, kScattered 
 constexpr size_t kMaxBlob = 4096;
 constexpr size_t kMaxEventHandle = 256;
 
-wire::Writer header(Type type) {
+wire::Writer header(Type type, uint16_t version = kMinVersion) {
   wire::Writer w;
   w.u32(kMagic);
-  w.u16(kVersion);
+  w.u16(version);
   w.u16(static_cast<uint16_t>(type));
   return w;
+}
+
+// v2's codec fields; messages without them are written as v1.
+bool has_codec(uint8_t codec, uint32_t row_bytes) {
+  return codec != 0 || row_bytes != 0;
+}
+
+bool codec_fields(wire::Reader& r, uint8_t& codec, uint32_t& row_bytes) {
+  if (!r.u8("codec", codec) || !r.u32("row_bytes", row_bytes)) return false;
+  if (codec >= kKvCodecCount) return r.fail("codec", "unknown codec " + std::to_string(codec));
+  if (row_bytes > kMaxRowBytes)
+    return r.fail("row_bytes", std::to_string(row_bytes) + ", at most " + std::to_string(kMaxRowBytes));
+  if (codec != 0 && (row_bytes == 0 || row_bytes % 2 != 0))
+    return r.fail("row_bytes", std::to_string(row_bytes) + " is no row of 16-bit values for a codec");
+  return true;
 }
 
 // A byte field of at most `limit` bytes.
@@ -49,7 +65,8 @@ std::vector<uint8_t> encode(const Message& message) {
       [](const auto& m) {
         using T = std::decay_t<decltype(m)>;
         if constexpr (std::is_same_v<T, StagingRequest>) {
-          wire::Writer w = header(Type::kRequest);
+          const bool coded = has_codec(m.codec, m.row_bytes);
+          wire::Writer w = header(Type::kRequest, coded ? 2 : 1);
           w.u64(m.sender);
           w.u32(m.slots);
           w.u64(m.slot_bytes);
@@ -57,6 +74,10 @@ std::vector<uint8_t> encode(const Message& message) {
           w.count(m.slot_events.size());
           for (const auto& e : m.slot_events) w.bytes(e);
           w.bytes(m.nccl_id);
+          if (coded) {
+            w.u8(m.codec);
+            w.u32(m.row_bytes);
+          }
           return w.take();
         } else if constexpr (std::is_same_v<T, StagingOffer>) {
           wire::Writer w = header(Type::kOffer);
@@ -68,7 +89,8 @@ std::vector<uint8_t> encode(const Message& message) {
           w.string(m.message.substr(0, kMaxStringBytes));
           return w.take();
         } else if constexpr (std::is_same_v<T, Scatter>) {
-          wire::Writer w = header(Type::kScatter);
+          const bool coded = has_codec(m.codec, m.row_bytes);
+          wire::Writer w = header(Type::kScatter, coded ? 2 : 1);
           w.u64(m.sender);
           w.u64(m.batch);
           w.u32(m.slot);
@@ -76,6 +98,10 @@ std::vector<uint8_t> encode(const Message& message) {
           for (const ScatterPiece& p : m.pieces) {
             w.u64(p.destination);
             w.u64(p.bytes);
+          }
+          if (coded) {
+            w.u8(m.codec);
+            w.u32(m.row_bytes);
           }
           return w.take();
         } else if constexpr (std::is_same_v<T, StagingClosed>) {
@@ -103,10 +129,10 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
   if (!r.u32("magic", magic) || magic != kMagic)
     return Status(ErrorCode::kMalformed, "cuda_ipc staging message: no staging magic");
   if (!r.u16("version", version) || !r.u16("type", type)) return r.finish();
-  if (version != kVersion) {
-    return Status(ErrorCode::kUnsupportedVersion, "cuda_ipc staging message version " +
-                                                      std::to_string(version) + ", this build speaks " +
-                                                      std::to_string(kVersion));
+  if (version < kMinVersion || version > kVersion) {
+    return Status(ErrorCode::kUnsupportedVersion,
+                  "cuda_ipc staging message version " + std::to_string(version) + ", this build speaks " +
+                      std::to_string(kMinVersion) + " to " + std::to_string(kVersion));
   }
   Message out;
   switch (static_cast<Type>(type)) {
@@ -130,6 +156,9 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
         if (bounded_bytes(r, "nccl_id", m.nccl_id, kMaxEventHandle) && !m.nccl_id.empty() &&
             !m.slot_events.empty())
           r.fail("nccl_id", "a staging request names slot events or an NCCL communicator, not both");
+        if (r.ok() && version >= 2 && codec_fields(r, m.codec, m.row_bytes) && m.codec != 0 &&
+            (!m.slot_events.empty() || !m.nccl_id.empty()))
+          r.fail("codec", "a codec on GPU staging (slot events or NCCL): only host staging encodes");
       }
       out = std::move(m);
       break;
@@ -163,7 +192,10 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
           }
           total += p.bytes;
         }
-        if (r.ok() && total > kMaxSlotBytes) r.fail("pieces", "larger than any slot");
+        if (r.ok() && version >= 2) codec_fields(r, m.codec, m.row_bytes);
+        // Raw bytes: a codec's pieces decode to up to twice what the slot holds.
+        if (r.ok() && total > (m.codec == 0 ? kMaxSlotBytes : 2 * kMaxSlotBytes))
+          r.fail("pieces", "larger than any slot");
       }
       out = std::move(m);
       break;

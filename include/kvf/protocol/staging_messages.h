@@ -10,6 +10,10 @@
 // Every message starts with a magic that no stream frame ("KVF1") has, so the transport can take
 // its own messages out of the notification stream. Decoding checks every count against the bytes
 // present before allocating, and refuses unknown types, versions and trailing bytes.
+// Versions: v1 as above; v2 adds a KV codec and a row size to StagingRequest and Scatter (the
+// ucx_staged transport's compressed slots). A message whose codec is identity with no row size is
+// written as v1, byte for byte what v1 wrote, so raw staging still meets v1 peers; decode takes
+// both (v1: identity).
 // Value types, no threads.
 #pragma once
 
@@ -24,7 +28,9 @@
 namespace kvf::protocol::staging {
 
 inline constexpr uint32_t kMagic = 0x5343564b;  // "KVCS" little-endian
-inline constexpr uint16_t kVersion = 1;
+inline constexpr uint16_t kVersion = 2;         // the newest this build writes
+inline constexpr uint16_t kMinVersion = 1;      // the oldest it reads
+inline constexpr uint32_t kMaxRowBytes = 1u << 20;
 inline constexpr uint32_t kMaxSlots = 64;
 inline constexpr uint64_t kMaxSlotBytes = 1ull << 30;
 inline constexpr uint32_t kMaxPieces = 1u << 20;
@@ -41,6 +47,10 @@ struct StagingRequest {
   // carries the slots with send/recv; then slot_events is empty. At most one of the two is given;
   // neither: host staging (the ucx_staged transport), whose slots the sender fills by UCX puts.
   std::vector<uint8_t> nccl_id;
+  // v2, host staging: every slot of this sender is encoded with `codec` (protocol/kv_codec.h;
+  // identity, int8 or fp8) in runs of whole rows of `row_bytes` (channels x 2) bytes.
+  uint8_t codec = 0;
+  uint32_t row_bytes = 0;
 };
 
 struct StagingOffer {
@@ -61,11 +71,16 @@ struct ScatterPiece {
   uint64_t bytes = 0;
 };
 
+// With a codec (v2), piece i's `bytes` are raw bytes (whole rows of row_bytes) and the slot holds
+// each piece encoded in turn: its rows' float32 scales, then their codes (gpudirect/kv_codec.h's
+// encode_rows), rows x (4 + row_bytes / 2) bytes a piece.
 struct Scatter {
   uint64_t sender = 0;
   uint64_t batch = 0;  // the sender's sequence number, echoed back
   uint32_t slot = 0;
   std::vector<ScatterPiece> pieces;
+  uint8_t codec = 0;  // v2: as the StagingRequest's
+  uint32_t row_bytes = 0;
 };
 
 struct Scattered {
