@@ -201,6 +201,18 @@ KVF_HD uint32_t e4m3(float f) {
   return magnitude > 0x7f800000u ? 0u : (code | sign);
 }
 
+// codec_math::e4m3_to_float with its branches as selects (checked over all 256 codes).
+KVF_HD float e4m3_value(uint32_t b) {
+  const uint32_t sign = (b & 0x80u) << 24;
+  const uint32_t exponent = (b >> 3) & 0xfu;
+  const uint32_t mantissa = b & 0x7u;
+  const uint32_t subnormal =
+      cm::as_bits(cm::mul(to_float(static_cast<int32_t>(mantissa)), 0.001953125f)) | sign;
+  uint32_t bits = exponent == 0 ? subnormal : (sign | ((exponent + 120u) << 23) | (mantissa << 20));
+  bits = exponent == 15 && mantissa == 7 ? (sign | 0x7fc00000u) : bits;
+  return cm::as_float(bits);
+}
+
 // One value's code, and its decoded value before the rounding to bf16 (for the error sums).
 struct Coded {
   uint32_t code;
@@ -214,7 +226,7 @@ KVF_HD Coded row_code(float x, float scale) {
     return Coded{bits & 0xffu, cm::mul(integer_value(bits), scale)};
   } else {
     const uint32_t code = e4m3(cm::div(x, scale));  // scale 0: 0/0 is NaN, coded 0
-    return Coded{code, cm::mul(cm::e4m3_to_float(static_cast<uint8_t>(code)), scale)};
+    return Coded{code, cm::mul(e4m3_value(code), scale)};
   }
 }
 template <RowOp kOp>
@@ -222,7 +234,7 @@ KVF_HD uint16_t row_decode(uint32_t code, float scale) {
   if constexpr (kOp == RowOp::kInt8) {
     return cm::float_to_bf16(cm::mul(to_float(static_cast<int8_t>(code)), scale));
   } else {
-    return cm::float_to_bf16(cm::mul(cm::e4m3_to_float(static_cast<uint8_t>(code)), scale));
+    return cm::float_to_bf16(cm::mul(e4m3_value(code), scale));
   }
 }
 
