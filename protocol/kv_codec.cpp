@@ -270,7 +270,8 @@ void write_chunk_segment(const KvChunkHeader& header, std::span<uint8_t> out, ui
 
 Result<KvSegment> read_chunk_segment(const KvChunkHeader& header, std::span<const uint8_t> in,
                                      uint32_t index) {
-  if (index >= header.geometry.layers * header.geometry.parts) return malformed("segment index out of range");
+  // In 64 bits: layers * parts can pass 2^32 for a header that claims a huge table.
+  if (index >= uint64_t{header.geometry.layers} * header.geometry.parts) return malformed("segment index out of range");
   KvSegment s;
   s.offset = get<uint64_t>(in, kKvChunkHeaderBytes + 16ull * index);
   s.length = get<uint64_t>(in, kKvChunkHeaderBytes + 16ull * index + 8);

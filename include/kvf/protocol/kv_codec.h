@@ -18,9 +18,11 @@
 //   zstd/lz4  compress(byte_shuffle(tile)); byte_shuffle = every value's low byte in order, then
 //             every high byte (zstd at the params' level; lz4 default).
 //   int8      T float32 scales (absmax of the token's row / 127; 0 for an all-zero row), then T x C
-//             int8: clamp(round_even(x / scale), -127, 127).
+//             int8: clamp(round_even(x / scale), -127, 127) (0 where the scale is 0). Decoding:
+//             x = code * scale, rounded to bf16.
 //   fp8       T float32 scales (absmax / 448), then T x C fp8 e4m3 bytes of x / scale (round to
-//             nearest even, saturating at +-448; never NaN).
+//             nearest even, saturating at +-448; never NaN; 0 where the scale is 0). Decoding:
+//             x = e4m3_to_float(code) * scale, rounded to bf16.
 //   int4/int2 KIVI: b bits, L = 2^b - 1 levels, G = group, R = residual_tokens, Q = T - R (a multiple
 //             of G). Keys (part 0; the MLA latent too) per channel over groups of G tokens: for each
 //             group g < Q/G, for each channel c: {fp16 min, fp16 scale}; then the codes, for each g,
@@ -28,15 +30,20 @@
 //             (C a multiple of G): for each token t < Q, for each channel group: {fp16 min, fp16
 //             scale}; then the codes in [token][channel] order. Codes are packed little-endian, the
 //             first value in the lowest bits. min = the group's min rounded to fp16, scale = (max -
-//             min) / L rounded to fp16, code = clamp(round_even((x - min) / scale), 0, L) (0 when
-//             scale is 0). Then the last R tokens' rows as raw bf16. Decoding: x = min + code * scale
-//             (a multiply, then an add: never fused), rounded to bf16.
+//             min) / L rounded to fp16, with that rounded min, code = clamp(round_even((x - min) /
+//             scale), 0, L) with the rounded min and scale (0 when that scale is 0). A min or max of
+//             zero counts as +0 (take min + 0.0f and max + 0.0f): -0 and +0 compare equal, so which
+//             one a reduction returns depends on its order, and the CPU and GPU reduce in different
+//             orders. Then the last R tokens' rows as raw bf16. Decoding: x = min + code * scale (a
+//             multiply, then an add: never fused), rounded to bf16.
 //   drop      token dropping: keep K = kept_tokens rows of each layer, ranked by the L2 norm of the
 //             token's key row (float sums over channels in order; ties keep the earlier token).
 //             Segment: u32 K, u32 0, K u16 token positions ascending (padded to 8 bytes), K rows of
 //             raw bf16. The value segment keeps the same positions. Dropped rows decode to zeros.
 // Every float in the math is IEEE binary32 with round-to-nearest-even (no fused multiply-add), so
-// the CPU and the GPU encode to the same bytes.
+// the CPU and the GPU encode to the same bytes. Lossy codecs take finite values: the CPU encoder
+// refuses a chunk holding inf or NaN (kInvalidArgument), as its error estimates would not be
+// finite and read_chunk_header would refuse them.
 #pragma once
 
 #include <cstdint>
