@@ -97,9 +97,12 @@ std::string render_move(const MoveRequest& request, const MoveResult& result) {
 std::string render_compress(const CompressRequest& request, const CompressResult& result) {
   return dump({{"codec", request.codec},
                {"compressed", result.compressed},
+               {"unchanged", result.unchanged},
+               {"failed", result.failed},
                {"bytes_before", result.bytes_before},
                {"bytes_after", result.bytes_after},
-               {"not_found", key_list(result.not_found)}});
+               {"not_found", key_list(result.not_found)},
+               {"errors", result.errors}});
 }
 
 std::string render_health(const HealthReport& report) {

@@ -1,9 +1,12 @@
 #include "kvf/control/store_control_api.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <utility>
 
 #include "kvf/fabric/version.h"
+#include "kvf/gpudirect/kv_codec.h"
 #include "kvf/store/store_stats_fields.h"
 
 namespace kvf::control {
@@ -121,29 +124,110 @@ Result<MoveResult> StoreControlApi::move(const MoveRequest& request) {
   return peers_.move(request);
 }
 
-Result<CompressResult> StoreControlApi::compress(const CompressRequest& request) {
-  if (request.codec != "identity") {
-    return Status(
-        ErrorCode::kInvalidArgument,
-        "codec '" + request.codec + "' is not built (identity only: the store has no other codecs yet)");
-  }
-  // Identity re-encodes nothing: it reports the entries it covers, each the same size after.
-  CompressResult result;
-  if (request.all) {
-    const store::EntryTotals t = store_.totals();
-    result.compressed = t.entries;
-    result.bytes_before = t.bytes;
-  } else {
-    for (const auto& key : request.keys) {
-      if (auto info = store_.peek(key)) {
-        ++result.compressed;
-        result.bytes_before += info->bytes;
-      } else {
-        result.not_found.push_back(key);
-      }
+Result<protocol::KvChunkGeometry> StoreControlApi::geometry_of(const ChunkKey& model) const {
+  for (const fabric::ModelSpec& m : topology_.models) {
+    if (protocol::model_fingerprint(m.name, m.layout) != model) continue;
+    const protocol::KvLayoutDesc& d = m.layout;
+    protocol::KvChunkGeometry g;
+    g.layers = d.num_layers;
+    g.parts = d.kind == protocol::KvLayoutKind::kMla ? 1 : 2;
+    g.block_tokens = d.block_tokens;
+    g.blocks = d.block_tokens == 0 ? 0 : m.chunk_tokens / d.block_tokens;
+    g.channels = d.kv_heads * d.head_dim;
+    g.dtype_bytes = d.dtype_bytes;
+    if (Status st = g.validate(); !st.ok()) {
+      return Status(ErrorCode::kInvalidArgument, "model '" + m.name + "': " + st.message());
     }
+    return g;
   }
-  result.bytes_after = result.bytes_before;
+  return Status(
+      ErrorCode::kNotFound,
+      "the entry's model fingerprint is not a model of the topology (stored by an engine of another "
+      "model, or without one): its chunk shape is unknown");
+}
+
+Status StoreControlApi::recode(const ChunkKey& key, const protocol::KvCodecParams& params, uint64_t client,
+                               CompressResult& result) {
+  // Already in that codec: nothing to do, and no lease (which would promote an SSD entry).
+  if (auto info = store_.peek(key); info && info->codec == params.codec) {
+    result.bytes_before += info->bytes;
+    result.bytes_after += info->bytes;
+    ++result.unchanged;
+    return Status::Ok();
+  }
+  auto lease = store_.acquire(key, client);
+  if (!lease.ok()) return lease.status();
+  struct Release {
+    store::ChunkStore& store;
+    uint64_t id;
+    ~Release() { (void)store.release(id); }
+  } release{store_, lease->id};
+  if (lease->codec == params.codec) {  // re-encoded by someone else meanwhile
+    result.bytes_before += lease->length;
+    result.bytes_after += lease->length;
+    ++result.unchanged;
+    return Status::Ok();
+  }
+  auto geometry = geometry_of(lease->model);
+  if (!geometry.ok()) return geometry.status();
+  const std::span<const uint8_t> stored = store_.bytes(*lease);
+  if (Status st = store_.verify(*lease); !st.ok()) return st;
+  // The raw chunk: the stored bytes, or what an earlier codec's bytes decode to (a lossy codec's
+  // loss stays; the new codec encodes what the engines would have loaded).
+  std::vector<uint8_t> decoded;
+  std::span<const uint8_t> raw = stored;
+  if (lease->codec != protocol::KvCodec::kIdentity) {
+    decoded.resize(geometry->raw_bytes());
+    if (Status st = gpudirect::decode_chunk(stored, decoded); !st.ok()) return st;
+    raw = decoded;
+  } else if (stored.size() != geometry->raw_bytes()) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "the entry holds " + std::to_string(stored.size()) + " bytes, not the " +
+                      std::to_string(geometry->raw_bytes()) + " of its model's chunk shape");
+  }
+  std::vector<uint8_t> encoded;
+  if (params.codec == protocol::KvCodec::kIdentity) {
+    encoded.assign(raw.begin(), raw.end());
+  } else {
+    auto bound = gpudirect::max_encoded_bytes(params, *geometry);
+    if (!bound.ok()) return bound.status();
+    encoded.resize(*bound);
+    auto n = gpudirect::encode_chunk(params, *geometry, raw, encoded);
+    if (!n.ok()) return n.status();
+    encoded.resize(*n);
+  }
+  auto reservation = store_.reserve_replacement(key, encoded.size(), params.codec, client);
+  if (!reservation.ok()) return reservation.status();
+  std::memcpy(store_.bytes(*reservation).data(), encoded.data(), encoded.size());
+  if (Status st = store_.commit_replacement(key, reservation->id); !st.ok()) {
+    (void)store_.abort(key, reservation->id);
+    return st;
+  }
+  result.bytes_before += lease->length;
+  result.bytes_after += encoded.size();
+  ++result.compressed;
+  return Status::Ok();
+}
+
+Result<CompressResult> StoreControlApi::compress(const CompressRequest& request) {
+  auto codec = protocol::parse_codec(request.codec);
+  if (!codec.ok()) return Status(ErrorCode::kInvalidArgument, codec.status().message());
+  protocol::KvCodecParams params;
+  params.codec = codec.value();
+  static std::atomic<uint64_t> next_client{1};
+  const uint64_t client = (uint64_t{3} << 62) | next_client.fetch_add(1);
+  const std::vector<ChunkKey> keys = request.all ? store_.keys() : request.keys;
+  CompressResult result;
+  for (const ChunkKey& key : keys) {
+    Status st = recode(key, params, client, result);
+    if (st.ok()) continue;
+    if (st.code() == ErrorCode::kNotFound && !store_.peek(key)) {
+      result.not_found.push_back(key);  // not stored (or gone meanwhile)
+      continue;
+    }
+    ++result.failed;
+    if (result.errors.size() < 8) result.errors.push_back(st.message());
+  }
   return result;
 }
 

@@ -809,6 +809,17 @@ EntryTotals ChunkStore::totals() const {
   return t;
 }
 
+std::vector<ChunkKey> ChunkStore::keys() const {
+  const Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  std::vector<ChunkKey> out;
+  for (const auto& [key, e] : m.index) {
+    if (e.state == EntryState::kCommitted || e.state == EntryState::kPromoting) out.push_back(key);
+  }
+  if (m.ssd) m.ssd->for_each([&out](const SsdEntry& e) { out.push_back(e.key); });
+  return out;
+}
+
 Result<Lease> ChunkStore::acquire(const ChunkKey& key, ClientId reader) {
   Impl& m = *impl_;
   std::unique_lock lock(m.mu);

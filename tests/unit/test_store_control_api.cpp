@@ -1,18 +1,22 @@
 // StoreControlApi, the daemon's ControlApi over a real ChunkStore: a router's lookup by tokens
 // hashes them the way engines key their chunks (the topology's model fingerprint and chunk size),
-// pin/unpin/clear (all, keys, model) act on the store, compress covers entries with the identity
-// codec, stats and metrics read it, and what is not built says so. With an SSD tier under the
+// pin/unpin/clear (all, keys, model) act on the store, compress re-encodes entries with real codecs
+// (and back), stats and metrics read it, and what is not built says so. With an SSD tier under the
 // store, lookups say "ssd" for prefixes that reach into it and stats report both tiers.
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "catch.h"
 #include "kvf/control/store_control_api.h"
 #include "kvf/fabric/topology.h"
+#include "kvf/gpudirect/kv_codec.h"
+#include "kvf/gpudirect/kv_codec_math.h"
 #include "kvf/gpudirect/memory_region.h"
 #include "kvf/store/chunk_store.h"
 
@@ -232,42 +236,100 @@ TEST_CASE("store control api: clear by model removes that model's entries and no
   CHECK(f.store->stats().entries == 4);  // an unknown name clears nothing
 }
 
-TEST_CASE("store control api: compress with identity reports what it covered; other codecs are refused") {
+TEST_CASE(
+    "store control api: compress re-encodes entries with a codec and back; what cannot be is reported") {
   Fixture f;
-  const auto keys = f.put_prompt(prompt(64), "m", 1000);   // 2 entries
-  const auto more = f.put_prompt(prompt(96), "m2", 1500);  // 3 entries
-  const ChunkKey absent{7, 7};
-  const auto before = f.store->stats();
+  // Model m's chunk: 2 layers x K,V x 32 tokens x 128 channels of bf16 = 32 KiB.
+  const fabric::ModelSpec& m = *f.topology.find_model("m");
+  const ChunkKey fingerprint = protocol::model_fingerprint(m.name, m.layout);
+  const protocol::KvChunkGeometry geometry{2, 2, 2, 16, 128, 2};
+  REQUIRE(geometry.raw_bytes() == 32768);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.5f);
+  auto put = [&](const ChunkKey& key, uint64_t bytes, const ChunkKey& model) {
+    std::vector<uint8_t> data(bytes);
+    for (size_t i = 0; i + 1 < bytes; i += 2) {
+      const uint16_t v = codec_math::float_to_bf16(normal(rng));
+      std::memcpy(&data[i], &v, 2);
+    }
+    auto r = f.store->reserve(key, bytes, 1, model);
+    REQUIRE(r.ok());
+    std::memcpy(f.store->bytes(*r).data(), data.data(), bytes);
+    REQUIRE(f.store->commit(key, r->id).ok());
+    return data;
+  };
+  auto stored = [&](const ChunkKey& key) {
+    auto lease = f.store->acquire(key, 2);
+    REQUIRE(lease.ok());
+    std::vector<uint8_t> bytes(f.store->bytes(*lease).begin(), f.store->bytes(*lease).end());
+    const protocol::KvCodec codec = lease->codec;
+    REQUIRE(f.store->release(lease->id).ok());
+    return std::make_pair(codec, bytes);
+  };
+  const ChunkKey k0{1, 1}, k1{2, 2}, k2{3, 3}, odd{4, 4}, orphan{5, 5}, absent{7, 7};
+  const auto raw0 = put(k0, 32768, fingerprint);
+  put(k1, 32768, fingerprint);
+  put(k2, 32768, fingerprint);
+  put(odd, 1000, fingerprint);     // not the model's chunk size
+  put(orphan, 32768, ChunkKey{});  // no model recorded: its shape is unknown
 
-  auto all = f.api->compress(CompressRequest{true, {}, "identity"});
-  REQUIRE(all.ok());
-  CHECK(all->compressed == 5);
-  CHECK(all->bytes_before == 2 * 1000 + 3 * 1500);
-  CHECK(all->bytes_after == all->bytes_before);
-  CHECK(all->not_found.empty());
+  // What int8 makes of chunk 0, by the CPU codec directly.
+  protocol::KvCodecParams int8;
+  int8.codec = protocol::KvCodec::kInt8;
+  std::vector<uint8_t> expected(protocol::fixed_encoded_bytes(int8, geometry));
+  REQUIRE(gpudirect::encode_chunk(int8, geometry, raw0, expected).ok());
 
-  auto some = f.api->compress(CompressRequest{false, {keys[1], absent, more[0]}, "identity"});
+  auto some = f.api->compress(CompressRequest{false, {k0, k1, absent}, "int8"});
   REQUIRE(some.ok());
   CHECK(some->compressed == 2);
-  CHECK(some->bytes_before == 2500);
-  CHECK(some->bytes_after == 2500);
+  CHECK(some->failed == 0);
   CHECK(some->not_found == std::vector<ChunkKey>{absent});
+  CHECK(some->bytes_before == 2 * 32768);
+  CHECK(some->bytes_after == 2 * expected.size());
+  CHECK(some->bytes_after < some->bytes_before * 52 / 100);
+  const auto [codec0, bytes0] = stored(k0);
+  CHECK(codec0 == protocol::KvCodec::kInt8);
+  CHECK(bytes0 == expected);
+  CHECK(f.store->peek(k0)->codec == protocol::KvCodec::kInt8);
+  CHECK(f.store->audit().ok());
 
-  // Compressing counts no lookups and changes no entry.
-  const auto after = f.store->stats();
-  CHECK(after.hits == before.hits);
-  CHECK(after.misses == before.misses);
-  CHECK(after.entries == before.entries);
-  CHECK(after.bytes_used == before.bytes_used);
+  // All: k0 and k1 are int8 already, k2 is re-encoded, the other two cannot be and say why.
+  auto all = f.api->compress(CompressRequest{true, {}, "int8"});
+  REQUIRE(all.ok());
+  CHECK(all->compressed == 1);
+  CHECK(all->unchanged == 2);
+  CHECK(all->failed == 2);
+  REQUIRE(all->errors.size() == 2);
+  const std::string reasons = all->errors[0] + " | " + all->errors[1];
+  CHECK(reasons.find("not the 32768") != std::string::npos);
+  CHECK(reasons.find("not a model of the topology") != std::string::npos);
+  CHECK(f.store->peek(odd)->codec == protocol::KvCodec::kIdentity);
 
-  for (const char* codec : {"lz4", "fp8", "", "Identity"}) {
-    auto refused = f.api->compress(CompressRequest{true, {}, codec});
+  // Back to identity: the raw bytes are what int8 decodes to (its loss stays).
+  auto back = f.api->compress(CompressRequest{false, {k0}, "identity"});
+  REQUIRE(back.ok());
+  CHECK(back->compressed == 1);
+  const auto [codec_back, bytes_back] = stored(k0);
+  CHECK(codec_back == protocol::KvCodec::kIdentity);
+  std::vector<uint8_t> decoded(32768, 0xA5);
+  REQUIRE(gpudirect::decode_chunk(expected, decoded).ok());
+  CHECK(bytes_back == decoded);
+
+  // A lossless codec round-trips the raw bytes exactly.
+  auto zstd = f.api->compress(CompressRequest{false, {k0}, "zstd"});
+  REQUIRE(zstd.ok());
+  CHECK(zstd->compressed == 1);
+  CHECK(zstd->bytes_after < 32768);
+  REQUIRE(f.api->compress(CompressRequest{false, {k0}, "identity"}).ok());
+  CHECK(stored(k0).second == decoded);
+
+  for (const char* name : {"gzip", "", "Int8"}) {
+    auto refused = f.api->compress(CompressRequest{true, {}, name});
     REQUIRE_FALSE(refused.ok());
     CHECK(refused.status().code() == ErrorCode::kInvalidArgument);
-    CHECK(refused.status().message() ==
-          "codec '" + std::string(codec) +
-              "' is not built (identity only: the store has no other codecs yet)");
+    CHECK(refused.status().message().find("unknown codec") != std::string::npos);
   }
+  CHECK(f.store->audit().ok());
 }
 
 TEST_CASE("store control api: with an SSD tier, lookup reports ssd for prefixes that reach into it") {
@@ -307,10 +369,12 @@ TEST_CASE("store control api: with an SSD tier, lookup reports ssd for prefixes 
   CHECK(metrics->find("\nkvf_store_ssd_entries 4\n") != std::string::npos);
   CHECK(metrics->find("\nkvf_store_ssd_spills_total 4\n") != std::string::npos);
 
-  // Compress covers both tiers; a pin brings an SSD entry back to DRAM.
+  // Compress covers both tiers (identity: every entry is already raw, none is promoted for it); a
+  // pin brings an SSD entry back to DRAM.
   auto compressed = f.api->compress(CompressRequest{true, {}, "identity"});
   REQUIRE(compressed.ok());
-  CHECK(compressed->compressed == 8);
+  CHECK(compressed->unchanged == 8);
+  CHECK(f.store->peek(keys[0])->tier == Tier::kSsd);
   auto pinned = f.api->pin(PinRequest{{keys[0]}});
   REQUIRE(pinned.ok());
   CHECK(pinned->changed == 1);

@@ -89,7 +89,8 @@ struct MoveResult {
   std::vector<ChunkKey> not_found;
 };
 
-// POST /compress: re-encode entries with a codec ("identity" until codecs exist).
+// POST /compress: re-encode entries with a codec (protocol/kv_codec.h: identity, zstd, lz4, int8,
+// fp8, int4, int2, drop).
 struct CompressRequest {
   bool all = false;  // every entry; otherwise `keys`
   std::vector<ChunkKey> keys;
@@ -98,9 +99,12 @@ struct CompressRequest {
 
 struct CompressResult {
   uint64_t compressed = 0;  // entries re-encoded
+  uint64_t unchanged = 0;   // entries already in that codec
+  uint64_t failed = 0;      // entries that could not be re-encoded (see errors)
   uint64_t bytes_before = 0;
   uint64_t bytes_after = 0;
   std::vector<ChunkKey> not_found;
+  std::vector<std::string> errors;  // the first few reasons
 };
 
 // GET /health. Being unhealthy is an answer, not an error: the server replies 503 with the report.

@@ -6,9 +6,13 @@
 // resolves through the topology to the fingerprint engines record with every chunk they store; an
 // unknown name is kInvalidArgument naming the models there are); move goes to the peers (remote
 // fetch between daemons); health, stats (one TierStats for DRAM, one for the SSD tier when the
-// store has one) and metrics read it. Compress has one codec, "identity": it re-encodes nothing
-// and reports the entries it covered (all, or the listed keys found; bytes after = bytes before);
-// any other codec is kInvalidArgument "codec X is not built (identity only ...)". Without peers,
+// store has one) and metrics read it. Compress re-encodes entries (all, or the listed keys) with a
+// codec of protocol/kv_codec.h, on the CPU, under a lease, and swaps the new bytes in
+// (ChunkStore::commit_replacement): the chunk shape comes from the topology's model whose
+// fingerprint the entry was stored under; an encoded entry is decoded first (identity makes it
+// raw again, with whatever loss its codec had); an entry already in the codec is left as it is.
+// Entries that cannot be re-encoded (unknown model, wrong size) are counted as failed with the
+// reason; the others are done. Engines decode what they load (StoreConnector). Without peers,
 // move is kUnavailable saying so.
 // Thread-safe: every method may be called from several threads at once (the store is).
 #pragma once
@@ -23,6 +27,7 @@
 
 #include "kvf/control/control_api.h"
 #include "kvf/fabric/topology.h"
+#include "kvf/protocol/kv_codec.h"
 #include "kvf/store/chunk_store.h"
 
 namespace kvf::control {
@@ -58,6 +63,12 @@ class StoreControlApi final : public ControlApi {
  private:
   // The topology's model of that name; kInvalidArgument listing the known ones.
   Result<const fabric::ModelSpec*> model_named(const std::string& name) const;
+  // The chunk shape of the topology's model with that fingerprint (what codecs need); kNotFound.
+  Result<protocol::KvChunkGeometry> geometry_of(const ChunkKey& model) const;
+  // Re-encodes one entry with `params` under a lease (decoding it first when it is encoded) and
+  // swaps it in (ChunkStore::commit_replacement); adds to `result`.
+  Status recode(const ChunkKey& key, const protocol::KvCodecParams& params, uint64_t client,
+                CompressResult& result);
 
   const fabric::Topology& topology_;
   std::string node_;

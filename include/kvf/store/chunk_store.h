@@ -201,6 +201,8 @@ class ChunkStore {
   std::optional<EntryInfo> peek(const protocol::ChunkKey& key) const;
   // Committed, visible entries and their chunk bytes, in one pass.
   EntryTotals totals() const;
+  // The keys of every committed entry, in either tier (a snapshot; O(entries)).
+  std::vector<protocol::ChunkKey> keys() const;
   // An entry in the SSD tier is promoted into the arena first (see above).
   // Errors: kNotFound (not stored or not yet committed); from a promotion: kOutOfMemory (no
   // arena space can be freed), kVerifyFailed (the SSD copy did not match its checksum: dropped),
