@@ -9,29 +9,36 @@
 #include "gpu_store_path.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/cuda_probe.h"
+#include "kvf/gpudirect/kv_codec.h"
 
 namespace kvf::engines {
 
 namespace {
+
+// Runs work(i) for i in [0, n) on up to 8 threads (this one included).
+template <typename Work>
+void parallel_for(size_t n, const Work& work) {
+  const size_t threads = std::min<size_t>({n, std::max(1u, std::thread::hardware_concurrency()), size_t{8}});
+  std::atomic<size_t> next{0};
+  auto run = [&] {
+    for (size_t i = next++; i < n; i = next++) work(i);
+  };
+  std::vector<std::thread> helpers;
+  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(run);
+  run();
+  for (std::thread& t : helpers) t.join();
+}
 
 // The index of the first chunk whose bytes do not hash to its recorded checksum, or none. A long
 // prefix is gigabytes (16k tokens of Llama-3-8B: 2 GiB), more than one core hashes in the time the
 // copies take, so the chunks are checked on several threads at once (memory bandwidth, not one
 // core, is then the limit).
 std::optional<size_t> first_bad_chunk(std::span<const uint8_t* const> chunks,
-                                      std::span<const uint64_t> expected, uint64_t chunk_bytes) {
+                                      std::span<const uint64_t> expected, std::span<const uint64_t> lengths) {
   const size_t n = chunks.size();
   std::vector<char> bad(n, 0);
-  const size_t threads = std::min<size_t>({n, std::max(1u, std::thread::hardware_concurrency()), size_t{8}});
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t c = next++; c < n; c = next++)
-      bad[c] = store::chunk_checksum(chunks[c], chunk_bytes) != expected[c] ? 1 : 0;
-  };
-  std::vector<std::thread> helpers;
-  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(work);
-  work();
-  for (std::thread& t : helpers) t.join();
+  parallel_for(
+      n, [&](size_t c) { bad[c] = store::chunk_checksum(chunks[c], lengths[c]) != expected[c] ? 1 : 0; });
   for (size_t c = 0; c < n; ++c)
     if (bad[c] != 0) return c;
   return std::nullopt;
@@ -260,6 +267,84 @@ Result<StoreResult> StoreConnector::store(std::span<const uint32_t> tokens,
   return result;
 }
 
+protocol::KvChunkGeometry StoreConnector::chunk_geometry() const {
+  const protocol::KvLayoutDesc& d = options_.layout;
+  return protocol::KvChunkGeometry{d.num_layers,   layout_.parts(),         blocks_per_chunk(),
+                                   d.block_tokens, d.kv_heads * d.head_dim, d.dtype_bytes};
+}
+
+Status StoreConnector::check_stored_chunk(size_t index, std::span<const uint8_t> bytes,
+                                          protocol::KvCodec codec) const {
+  if (codec == protocol::KvCodec::kIdentity) {
+    if (bytes.size() == chunk_bytes()) return Status::Ok();
+    return Status(ErrorCode::kMalformed, "chunk " + std::to_string(index) + " holds " +
+                                             std::to_string(bytes.size()) + " bytes, " +
+                                             std::to_string(chunk_bytes()) +
+                                             " expected (stored with another layout or chunk size?)");
+  }
+  // An encoded chunk says what it holds: it must be this engine's chunk shape, in the codec the
+  // store recorded. The decoder checks the rest.
+  auto header = protocol::read_chunk_header(bytes);
+  if (!header.ok()) {
+    return Status(header.status().code(),
+                  "chunk " + std::to_string(index) + ": " + header.status().message());
+  }
+  if (header->params.codec != codec) {
+    return Status(ErrorCode::kMalformed, "chunk " + std::to_string(index) + " is recorded as " +
+                                             std::string(protocol::codec_name(codec)) +
+                                             " but its bytes say " +
+                                             std::string(protocol::codec_name(header->params.codec)));
+  }
+  if (!(header->geometry == chunk_geometry())) {
+    return Status(ErrorCode::kMalformed,
+                  "chunk " + std::to_string(index) +
+                      " was encoded for another chunk shape (model layout or chunk size)");
+  }
+  return Status::Ok();
+}
+
+Status StoreConnector::decode_chunks(std::vector<const uint8_t*>& chunks,
+                                     std::span<const uint64_t> stored_bytes,
+                                     std::span<const protocol::KvCodec> codecs) {
+  decoded_range_ = {};
+  std::vector<size_t> encoded;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    if (codecs[c] != protocol::KvCodec::kIdentity) encoded.push_back(c);
+  }
+  if (encoded.empty()) return Status::Ok();
+  const uint64_t need = encoded.size() * chunk_bytes();
+  uint8_t* scratch = nullptr;
+  if (gpu_) {
+    // The copy kernels read decoded chunks from mapped pinned memory, as they read the arena.
+    if (!decode_pinned_ || decode_pinned_->size() < need) {
+      decode_pinned_.reset();
+      auto allocated = gpudirect::PinnedBuffer::allocate(need);
+      if (!allocated.ok()) return allocated.status();
+      decode_pinned_.emplace(std::move(allocated.value()));
+    }
+    scratch = static_cast<uint8_t*>(decode_pinned_->data());
+  } else {
+    if (decode_host_.size() < need) decode_host_.resize(need);
+    scratch = decode_host_.data();
+  }
+  std::vector<Status> results(encoded.size());
+  parallel_for(encoded.size(), [&](size_t i) {
+    const size_t c = encoded[i];
+    results[i] = gpudirect::decode_chunk(std::span(chunks[c], stored_bytes[c]),
+                                         std::span(scratch + i * chunk_bytes(), chunk_bytes()));
+  });
+  for (size_t i = 0; i < encoded.size(); ++i) {
+    if (!results[i].ok()) {
+      return Status(results[i].code(), "decoding chunk " + std::to_string(encoded[i]) + " (" +
+                                           std::string(protocol::codec_name(codecs[encoded[i]])) +
+                                           "): " + results[i].message());
+    }
+    chunks[encoded[i]] = scratch + i * chunk_bytes();
+  }
+  decoded_range_ = {scratch, need};
+  return Status::Ok();
+}
+
 Result<LoadResult> StoreConnector::load(std::span<const uint32_t> tokens,
                                         std::span<const uint32_t> block_table, uint32_t max_chunks) {
   return load_layers(tokens, block_table, nullptr, max_chunks);
@@ -279,6 +364,8 @@ Result<LoadResult> StoreConnector::load_layers(std::span<const uint32_t> tokens,
   auto release_all = [&] {
     for (const auto& l : leases) (void)client_->release(l);
   };
+  std::vector<uint64_t> stored_bytes;     // each chunk's length in the store
+  std::vector<protocol::KvCodec> codecs;  // how each is encoded
   for (const auto& key : keys) {
     auto lease = client_->acquire(key);
     if (!lease.ok()) {
@@ -287,22 +374,22 @@ Result<LoadResult> StoreConnector::load_layers(std::span<const uint32_t> tokens,
       return lease.status();
     }
     std::span<const uint8_t> bytes = client_->bytes(lease.value());
-    if (bytes.size() != chunk_bytes()) {
+    const protocol::KvCodec codec = lease.value().lease.codec;
+    if (Status s = check_stored_chunk(leases.size(), bytes, codec); !s.ok()) {
       (void)client_->release(lease.value());
       release_all();
-      return Status(ErrorCode::kMalformed, "chunk " + std::to_string(leases.size()) + " holds " +
-                                               std::to_string(bytes.size()) + " bytes, " +
-                                               std::to_string(chunk_bytes()) +
-                                               " expected (stored with another layout or chunk size?)");
+      return s;
     }
     leases.push_back(lease.value());
     chunk_data.push_back(bytes.data());
+    stored_bytes.push_back(bytes.size());
+    codecs.push_back(codec);
   }
   const uint32_t chunks = static_cast<uint32_t>(leases.size());
   if (options_.verify_loads) {
     std::vector<uint64_t> expected;
     for (const auto& l : leases) expected.push_back(l.lease.checksum);
-    if (auto bad = first_bad_chunk(chunk_data, expected, chunk_bytes()); bad.has_value()) {
+    if (auto bad = first_bad_chunk(chunk_data, expected, stored_bytes); bad.has_value()) {
       release_all();
       return Status(
           ErrorCode::kVerifyFailed,
@@ -310,6 +397,12 @@ Result<LoadResult> StoreConnector::load_layers(std::span<const uint32_t> tokens,
     }
   }
   if (Status s = check_table(block_table, chunks); !s.ok()) {
+    release_all();
+    return s;
+  }
+  // Compressed chunks are decoded (on the CPU, several at once) into scratch memory the copies
+  // then read instead of the arena.
+  if (Status s = decode_chunks(chunk_data, stored_bytes, codecs); !s.ok()) {
     release_all();
     return s;
   }
@@ -353,10 +446,18 @@ Status StoreConnector::load_chunks_gpu(std::span<const uint32_t> block_table,
     }
     seen[block_table[i]] = true;
   }
-  // Every leased chunk lies in the client's current arena; one registration covers them all.
-  if (Status s = gpu_->pin(client_->arena(), chunks[0], chunk_bytes()); !s.ok()) return s;
+  // Every chunk not decoded into the (mapped, pinned) scratch lies in the client's current arena;
+  // one registration covers them all.
+  auto decoded = [&](const uint8_t* chunk) {
+    return chunk >= decoded_range_.data() && chunk < decoded_range_.data() + decoded_range_.size();
+  };
   for (const uint8_t* chunk : chunks) {
-    if (!gpu_->pinned(chunk, chunk_bytes())) {
+    if (decoded(chunk)) continue;
+    if (Status s = gpu_->pin(client_->arena(), chunk, chunk_bytes()); !s.ok()) return s;
+    break;
+  }
+  for (const uint8_t* chunk : chunks) {
+    if (!decoded(chunk) && !gpu_->pinned(chunk, chunk_bytes())) {
       return Status(ErrorCode::kPeerLost,
                     "the leased chunks lie in two arenas (the store client reconnected)");
     }
@@ -382,7 +483,9 @@ Status StoreConnector::load_chunks_gpu(std::span<const uint32_t> block_table,
   for (uint32_t l = 0; l < layers && failed.ok(); ++l) {
     segments.clear();
     for (uint32_t c = 0; c < chunks.size(); ++c) {
-      layer_segments(c, l, block_table, gpu_->device_address(chunks[c]), false, segments);
+      // Mapped pinned memory has the same address on the GPU (unified addressing).
+      const uint64_t base = decoded(chunks[c]) ? address(chunks[c]) : gpu_->device_address(chunks[c]);
+      layer_segments(c, l, block_table, base, false, segments);
     }
     failed = gpu_->launch(segments);
     if (failed.ok() && on_layer) failed = gpu_->mark_layer(l);

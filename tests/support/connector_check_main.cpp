@@ -26,6 +26,7 @@
 
 #include "kvf/engines/store_connector.h"
 #include "kvf/gpudirect/cuda_memory.h"
+#include "kvf/gpudirect/kv_codec.h"
 
 namespace {
 
@@ -96,6 +97,12 @@ int main(int argc, char** argv) {
       ("mem", "the pool's memory: host or cuda:N", cxxopts::value<std::string>()->default_value("host"))  //
       ("chunk", "corrupt: which chunk of the prompt", cxxopts::value<uint32_t>()->default_value("0"))     //
       ("expect-fail", "load: the load must be refused (a corrupt chunk), nothing written")                //
+      ("finite",
+       "store/load: the bytes are finite bf16 values (|x| < 2), as KV is, so lossy codecs take them")  //
+      ("codec",
+       "load: the store holds the chunks encoded with this codec (the daemon's /compress): each "
+       "loaded block must equal what `store` wrote after the CPU codec's encode and decode",
+       cxxopts::value<std::string>()->default_value("identity"))  //
       ("expect-tokens", "load/lookup: the tokens that must be found",
        cxxopts::value<int64_t>()->default_value("-1"));
   options.parse_positional({"command"});
@@ -146,6 +153,13 @@ int main(int argc, char** argv) {
   if (!connector.ok()) return fail(3, connector.status().to_string());
   const int64_t expect = args["expect-tokens"].as<int64_t>();
 
+  // The byte `store` writes at i of (logical block, layer, part); with --finite every 16-bit value's
+  // top exponent bit is cleared, so each is a finite bf16 below 2 in magnitude.
+  const bool finite = args.count("finite") > 0;
+  auto data_byte = [&](uint32_t b, uint32_t l, uint32_t p, uint64_t i) -> uint8_t {
+    const uint8_t v = pattern(seed, b, l, p, i);
+    return finite && (i & 1) ? static_cast<uint8_t>(v & 0xBF) : v;
+  };
   auto each_block = [&](auto&& fn) {
     for (uint32_t b = 0; b < blocks; ++b) {
       for (uint32_t l = 0; l < desc.num_layers; ++l) {
@@ -167,7 +181,7 @@ int main(int argc, char** argv) {
   }
   if (command == "store") {
     each_block([&](uint32_t b, uint32_t l, uint32_t p, uint8_t* at, uint64_t len) {
-      for (uint64_t i = 0; i < len; ++i) at[i] = pattern(seed, b, l, p, i);
+      for (uint64_t i = 0; i < len; ++i) at[i] = data_byte(b, l, p, i);
     });
     for (uint32_t l = 0; l < desc.num_layers; ++l) {
       if (Status s = upload(l); !s.ok()) return fail(3, s.to_string());
@@ -201,6 +215,49 @@ int main(int argc, char** argv) {
   std::vector<uint32_t> reported;
   std::string order_problem;
   const uint32_t blocks_per_chunk = connector->blocks_per_chunk();
+  // What a loaded block must hold: the pattern `store` wrote, or, when the store re-encoded the
+  // chunks, what the CPU codec makes of each whole chunk of it (encode, then decode).
+  auto codec = protocol::parse_codec(args["codec"].as<std::string>());
+  if (!codec.ok()) return fail(2, "--codec: " + codec.status().message());
+  std::vector<std::vector<uint8_t>> expected_part;  // [((b * layers) + l) * parts + p]
+  auto part_index = [&](uint32_t b, uint32_t l, uint32_t p) {
+    return (uint64_t{b} * desc.num_layers + l) * layout->parts() + p;
+  };
+  if (codec.value() != protocol::KvCodec::kIdentity) {
+    expected_part.resize(uint64_t{blocks} * desc.num_layers * layout->parts());
+    const protocol::KvChunkGeometry geometry{
+        desc.num_layers, layout->parts(), blocks_per_chunk, desc.block_tokens, desc.kv_heads * desc.head_dim,
+        desc.dtype_bytes};
+    protocol::KvCodecParams params;
+    params.codec = codec.value();
+    auto bound = gpudirect::max_encoded_bytes(params, geometry);
+    if (!bound.ok()) return fail(2, bound.status().to_string());
+    std::vector<uint8_t> raw(geometry.raw_bytes()), encoded(*bound), decoded(geometry.raw_bytes());
+    const uint64_t part_bytes = layout->part_bytes();
+    for (uint32_t first = 0; first + blocks_per_chunk <= blocks; first += blocks_per_chunk) {
+      uint64_t at = 0;  // the store's order: layer, block of the chunk, part
+      for (uint32_t l = 0; l < desc.num_layers; ++l)
+        for (uint32_t b = first; b < first + blocks_per_chunk; ++b)
+          for (uint32_t p = 0; p < layout->parts(); ++p, at += part_bytes)
+            for (uint64_t i = 0; i < part_bytes; ++i) raw[at + i] = data_byte(b, l, p, i);
+      auto encoded_bytes = gpudirect::encode_chunk(params, geometry, raw, encoded);
+      if (!encoded_bytes.ok()) return fail(3, encoded_bytes.status().to_string());
+      if (Status st = gpudirect::decode_chunk(std::span(encoded).first(*encoded_bytes), decoded); !st.ok())
+        return fail(3, st.to_string());
+      at = 0;
+      for (uint32_t l = 0; l < desc.num_layers; ++l)
+        for (uint32_t b = first; b < first + blocks_per_chunk; ++b)
+          for (uint32_t p = 0; p < layout->parts(); ++p, at += part_bytes)
+            expected_part[part_index(b, l, p)].assign(
+                decoded.begin() + static_cast<ptrdiff_t>(at),
+                decoded.begin() + static_cast<ptrdiff_t>(at + part_bytes));
+    }
+  }
+  auto expected_byte = [&](uint32_t b, uint32_t l, uint32_t p, uint64_t i) {
+    const uint64_t k = part_index(b, l, p);
+    return k < expected_part.size() && !expected_part[k].empty() ? expected_part[k][i]
+                                                                 : data_byte(b, l, p, i);
+  };
   // A block holds what `store` wrote iff it is in a loaded chunk; everything else stays poisoned.
   auto check_layer = [&](uint32_t layer, uint32_t loaded_blocks, bool want_loaded) -> std::string {
     for (uint32_t b = 0; b < blocks; ++b) {
@@ -209,7 +266,7 @@ int main(int argc, char** argv) {
         const uint8_t* at = pool[layer].data() + e.offset;
         const bool loaded = want_loaded && b < loaded_blocks;
         for (uint64_t i = 0; i < e.length; ++i) {
-          const uint8_t want = loaded ? pattern(seed, b, layer, p, i) : kPoison;
+          const uint8_t want = loaded ? expected_byte(b, layer, p, i) : kPoison;
           if (at[i] != want) {
             return "layer " + std::to_string(layer) + " block " + std::to_string(b) + " part " +
                    std::to_string(p) + " byte " + std::to_string(i) + ": " +

@@ -13,7 +13,10 @@
 // so any engine with the same model and block geometry loads what another stored, whatever
 // block ids either used. Bytes move between the engine's buffers and the store's shared arena
 // in place (no copy through the daemon); every loaded chunk is checked against the checksum the
-// store recorded at commit before any byte of it reaches the engine's blocks.
+// store recorded at commit before any byte of it reaches the engine's blocks. A chunk the store holds
+// compressed (the daemon's /compress; its lease names the codec) must carry this engine's chunk shape in
+// its header; it is decoded on the CPU (gpudirect/kv_codec.h, several chunks at once) into scratch
+// memory, which the copies then read instead of the arena.
 // Layer buffers may be host memory (memcpy) or cudaMalloc'd memory of one GPU: then the arena
 // mapping is page-locked (cudaHostRegister) once and chunk bytes move between the GPU blocks and
 // the arena by copy-kernel launches: store = reserve -> one gather launch per chunk (all its
@@ -29,12 +32,15 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/paged_copy.h"
 #include "kvf/protocol/chunk_key.h"
+#include "kvf/protocol/kv_codec.h"
 #include "kvf/protocol/kv_layout.h"
 #include "kvf/protocol/status.h"
 #include "kvf/store/store_client.h"
@@ -126,12 +132,25 @@ class StoreConnector {
   Status load_chunks_gpu(std::span<const uint32_t> block_table, std::span<const uint8_t* const> chunks,
                          const std::function<void(uint32_t layer)>& on_layer);
 
+  // The shape of one chunk's raw bytes, as the codecs see it.
+  protocol::KvChunkGeometry chunk_geometry() const;
+  // A leased chunk's bytes are what this engine can load: raw, chunk_bytes() long; or encoded,
+  // with a header naming this engine's chunk shape and the codec the store recorded.
+  Status check_stored_chunk(size_t index, std::span<const uint8_t> bytes, protocol::KvCodec codec) const;
+  // Decodes the chunks whose codec is not identity into scratch memory and points `chunks` there.
+  Status decode_chunks(std::vector<const uint8_t*>& chunks, std::span<const uint64_t> stored_bytes,
+                       std::span<const protocol::KvCodec> codecs);
+
   store::StoreClient* client_;
   StoreConnectorOptions options_;
   protocol::KvLayout layout_;
   protocol::ChunkHasher hasher_;
   std::vector<uint8_t*> layers_;
   std::unique_ptr<GpuStorePath> gpu_;  // null for host memory
+  // Where decode_chunks puts decoded chunks: host memory, or mapped pinned memory for the GPU path.
+  std::vector<uint8_t> decode_host_;
+  std::optional<gpudirect::PinnedBuffer> decode_pinned_;
+  std::span<uint8_t> decoded_range_;  // the part of the scratch the last load used
 };
 
 }  // namespace kvf::engines
