@@ -3,7 +3,9 @@
 # by scripts/fetch-gpu-deps.sh on a networked machine), build kvfabric for sm_90, run the GPU and
 # unit tests (kernel tests also under compute-sanitizer memcheck) and perf/bench-gpu.sh. Logs and
 # results go under $OUT (or ./gpu-out when OUT is unset); a summary table is printed last.
-# Usage: scripts/gpu-run.sh [build] [test] [sanitize] [bench] [bench-args...]   (default: all four)
+# Usage: scripts/gpu-run.sh [build] [test] [sanitize] [bench] [quality] [bench-args...]
+#   (default: build test sanitize bench; quality: the KV codecs on the Llama-3-8B-shaped GPU
+#   reference engine, then the placement bench on the profiles it measured)
 #   e.g. scripts/gpu-run.sh build bench --rounds 3
 # Environment: KVF_GPU_BUILD (build dir, default build-gpu), BENCH_ARGS (extra args to bench-gpu.sh),
 #   KVF_TEST_LABELS (ctest labels of the test phase, default "gpu|unit"), KVF_TEST_REGEX (only the
@@ -20,7 +22,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 
 phases=() bench_args=()
 for a in "$@"; do
-  case $a in build|test|sanitize|bench) phases+=("$a") ;; *) bench_args+=("$a") ;; esac
+  case $a in build|test|sanitize|bench|quality) phases+=("$a") ;; *) bench_args+=("$a") ;; esac
 done
 ((${#phases[@]})) || phases=(build test sanitize bench)
 want() { local p; for p in "${phases[@]}"; do [[ $p == "$1" ]] && return 0; done; return 1; }
@@ -69,7 +71,7 @@ if want sanitize; then
   : >"$out/sanitize.log"
   # test_cuda_memory's [api-errors] cases make CUDA calls fail on purpose (refused IPC opens):
   # memcheck counts those as errors, so they run only in the plain test phase.
-  for t in "test_paged_copy_cuda" "test_cuda_memory ~[api-errors]" "test_gpu_reference_model ~[perf]"; do
+  for t in "test_paged_copy_cuda" "test_kv_codec_cuda" "test_cuda_memory ~[api-errors]" "test_gpu_reference_model ~[perf]"; do
     read -r exe filter <<<"$t"
     [[ -x $bin/$exe ]] || { note "sanitize: $exe not built"; continue; }
     # shellcheck disable=SC2086
@@ -89,6 +91,21 @@ if want bench; then
   KVF_BIN=$bin perf/bench-gpu.sh --out "$out/bench-gpu.md" ${BENCH_ARGS:-} "${bench_args[@]}" \
     2>&1 | tee "$out/bench.log" | tail -60
   note "bench: see bench-gpu.md"
+fi
+# --- codec quality on the GPU reference engine, and placement on what it measured ---------------
+if want quality; then
+  # QUALITY_PROMPTS x QUALITY_STEPS next tokens per codec after a 512-token compressed prefix.
+  if "$bin/kvfabric-codec-quality" --gpu 0 --shape llama3-8b --prompts "${QUALITY_PROMPTS:-24}" --prefix-chunks 2 \
+       --steps "${QUALITY_STEPS:-24}" --json "$out/quality.json" --profiles-out "$out/profiles.json" \
+       >"$out/quality.log" 2>&1; then
+    note "quality: $(grep -c . "$out/profiles.json") lines of profiles"
+    grep -A20 "^codec " "$out/quality.log"
+    "$bin/kvfabric-placement-bench" --profiles "$out/profiles.json" --json "$out/placement.json" \
+      >"$out/placement.log" 2>&1 && note "placement: see placement.log" || note "placement: FAILED"
+    tail -12 "$out/placement.log"
+  else
+    note "quality: FAILED (rc $?): $(tail -n 3 "$out/quality.log")"
+  fi
 fi
 echo "==== gpu-run summary ===="
 printf '%s\n' "${summary[@]}"
