@@ -150,8 +150,9 @@ void add_row_exact(const uint8_t* row, const uint8_t* decoded, size_t n, ErrorSu
   }
 }
 
+// 0 when x is all zero; NaN stays NaN (a chunk holding NaN must not look error-free).
 double relative_error(const ErrorSums& s) {
-  return s.ref2 > 0 ? std::sqrt(s.diff2 / s.ref2) : 0.0;
+  return s.ref2 == 0 ? 0.0 : std::sqrt(s.diff2 / s.ref2);
 }
 
 // --- where a tile's rows lie in the raw chunk -------------------------------------------------

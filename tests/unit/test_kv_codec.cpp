@@ -961,11 +961,20 @@ TEST_CASE("lossy codecs refuse inf and NaN; lossless ones carry them") {
       CHECK(encoded.status().code() == ErrorCode::kInvalidArgument);
     }
   }
-  put16(raw, row_offset(g, 0, 0, 2) + 6, 0x7fc1);  // a NaN key
-  for (KvCodec codec : {KvCodec::kInt8, KvCodec::kFp8, KvCodec::kInt4, KvCodec::kInt2, KvCodec::kDrop}) {
-    INFO("codec " << codec_name(codec));
-    CHECK(encode(params_of(codec), g, raw).status().code() == ErrorCode::kInvalidArgument);
+  for (uint32_t part = 0; part < 2; ++part) {  // one NaN, in K, then in V
+    raw = kv_like(g, test_seed() + 7);
+    put16(raw, row_offset(g, 0, part, 2) + 6, 0x7fc1);
+    for (KvCodec codec : {KvCodec::kInt8, KvCodec::kFp8, KvCodec::kInt4, KvCodec::kInt2}) {
+      INFO("codec " << codec_name(codec) << ", NaN in part " << part);
+      CHECK(encode(params_of(codec), g, raw).status().code() == ErrorCode::kInvalidArgument);
+    }
+    auto stats = gpudirect::compare_chunks(g, raw, raw);
+    REQUIRE(stats.ok());
+    CHECK(std::isnan(part == 0 ? stats->key_relative : stats->value_relative));  // not "no error"
   }
+  raw = kv_like(g, test_seed() + 7);
+  put16(raw, row_offset(g, 0, 0, 2) + 6, 0x7fc1);  // a NaN key: drop cannot rank the tokens
+  CHECK(encode(params_of(KvCodec::kDrop), g, raw).status().code() == ErrorCode::kInvalidArgument);
 }
 
 TEST_CASE("huge finite values: the error sums fall back to double") {
