@@ -348,9 +348,26 @@ __device__ __forceinline__ void dequantize_row(uint64_t seg, uint64_t row, uint3
   }
 }
 
-// A row's bytes from src to dst with the widest accesses both allow, four in flight per lane.
-template <typename V>
-__device__ __forceinline__ void copy_units(uint64_t src, uint64_t dst, uint32_t n, uint32_t lane) {
+__device__ __forceinline__ void sum_squares(uint16_t v, float& sq) {
+  const float x = cm::bf16_to_float(v);
+  sq += x * x;  // an estimate: fusing does not matter here
+}
+__device__ __forceinline__ void sum_squares(uint32_t w, float& sq) {
+  sum_squares(static_cast<uint16_t>(w & 0xffffu), sq);
+  sum_squares(static_cast<uint16_t>(w >> 16), sq);
+}
+__device__ __forceinline__ void sum_squares(uint4 v, float& sq) {
+  sum_squares(v.x, sq);
+  sum_squares(v.y, sq);
+  sum_squares(v.z, sq);
+  sum_squares(v.w, sq);
+}
+
+// A row's bytes from src to dst with the widest accesses both allow, four in flight per lane; the
+// squares of the values summed when asked (the KIVI residual rows weigh in ||x||, as in the CPU
+// codec, though they are exact).
+template <typename V, bool kSquares>
+__device__ __forceinline__ void copy_units(uint64_t src, uint64_t dst, uint32_t n, uint32_t lane, float& sq) {
   for (uint32_t k = lane; k < n; k += 4 * 32) {
     V v[4];
 #pragma unroll
@@ -359,27 +376,32 @@ __device__ __forceinline__ void copy_units(uint64_t src, uint64_t dst, uint32_t 
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      if (k + 32u * u < n) store<V>(dst + sizeof(V) * (k + 32u * u), v[u]);
+      if (k + 32u * u < n) {
+        store<V>(dst + sizeof(V) * (k + 32u * u), v[u]);
+        if constexpr (kSquares) sum_squares(v[u], sq);
+      }
     }
   }
 }
 
-__device__ __forceinline__ void copy_row(uint64_t src, uint64_t dst, uint32_t channels, uint32_t lane) {
+template <bool kSquares>
+__device__ __forceinline__ void copy_row(uint64_t src, uint64_t dst, uint32_t channels, uint32_t lane,
+                                         float& sq) {
   const uint64_t bytes = uint64_t{channels} * 2;
   const uint64_t bits = src | dst | bytes;
   if ((bits & 15) == 0) {
-    copy_units<uint4>(src, dst, static_cast<uint32_t>(bytes / 16), lane);
+    copy_units<uint4, kSquares>(src, dst, static_cast<uint32_t>(bytes / 16), lane, sq);
   } else if ((bits & 3) == 0) {
-    copy_units<uint32_t>(src, dst, static_cast<uint32_t>(bytes / 4), lane);
+    copy_units<uint32_t, kSquares>(src, dst, static_cast<uint32_t>(bytes / 4), lane, sq);
   } else {
-    copy_units<uint16_t>(src, dst, channels, lane);
+    copy_units<uint16_t, kSquares>(src, dst, channels, lane, sq);
   }
 }
 
 struct RowsArgs {
   DeviceGeometry g;
   uint64_t encoded = 0;          // the batch's first encoded chunk
-  double* errors = nullptr;      // quantizing encodes: [chunk][part][squared error, squared values]
+  double* errors = nullptr;      // encodes: [chunk][part][squared error, squared values]; null: none
   uint64_t copy_offset[2] = {};  // kCopy: where row row_begin of a part's tile lands in its segment
   uint32_t row_begin = 0;
   uint32_t row_count = 0;  // rows of each tile handled
@@ -406,9 +428,13 @@ __global__ void __launch_bounds__(kRowThreads, 4) rows_kernel(const RowsArgs a) 
     if constexpr (kOp == RowOp::kCopy) {
       const uint64_t at = seg + a.copy_offset[part] + uint64_t{rel} * g.channels * 2;
       if constexpr (kEncode) {
-        copy_row(row, at, g.channels, lane);
+        if (a.errors != nullptr) {
+          copy_row<true>(row, at, g.channels, lane, sq);
+        } else {
+          copy_row<false>(row, at, g.channels, lane, sq);
+        }
       } else {
-        copy_row(at, row, g.channels, lane);
+        copy_row<false>(at, row, g.channels, lane, sq);
       }
     } else if constexpr (kEncode) {
       quantize_row<kOp, kVec, true>(row, seg, t, g, lane, err, sq);
@@ -416,8 +442,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) rows_kernel(const RowsArgs a) 
       dequantize_row<kOp, kVec>(seg, row, t, g, lane);
     }
   }
-  if constexpr (kEncode && kOp != RowOp::kCopy)
-    accumulate_errors(err, sq, a.errors + (uint64_t{chunk} * 2 + part) * 2);
+  if (kEncode && a.errors != nullptr) accumulate_errors(err, sq, a.errors + (uint64_t{chunk} * 2 + part) * 2);
 }
 
 // --- KIVI ---------------------------------------------------------------------------------------
@@ -1140,15 +1165,15 @@ Status run(const Batch& b, uint64_t encoded, bool encode, cudaStream_t stream) {
             if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
           }
         }
-        // The residual rows, raw, after each segment's metadata and codes (left out of the error
-        // estimates, as the CPU codec leaves them).
+        // The residual rows, raw, after each segment's metadata and codes (their squares count in
+        // the error estimates' ||x||, as in the CPU codec).
         uint64_t residual_at[2] = {0, 0};
         for (uint32_t p = 0; p < parts; ++p) {
           const uint64_t meta =
               p == 0 ? uint64_t{q / gsize} * geo.channels * 4 : uint64_t{q} * (geo.channels / gsize) * 4;
           residual_at[p] = meta + uint64_t{q} * geo.channels * bits / 8;
         }
-        if (cudaError_t e = rows(RowOp::kCopy, q, geo.tokens() - q, residual_at[0], residual_at[1], nullptr);
+        if (cudaError_t e = rows(RowOp::kCopy, q, geo.tokens() - q, residual_at[0], residual_at[1], errors);
             e != cudaSuccess) {
           return e;
         }
