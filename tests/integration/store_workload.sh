@@ -10,6 +10,9 @@
 # saw a changed byte, the pinned chunks all stayed and read back intact, and the daemon's counters
 # (RPC stats and HTTP /stats) satisfy their invariants and equal the sums of what the clients did.
 # The daemon then drains on SIGTERM and exits 0.
+# KVF_WORKLOAD_SSD_MIB (default 0: none) gives the node an SSD tier of that size in the test's temp
+# directory: the evictions then spill there, readers' acquires promote them back, and the counters
+# are checked across both tiers.
 #
 # KVF_STORE_BIN (default: KVF_BIN) is where kvfabricd and kvfabric-store-workload come from:
 # scripts/asan-store-workload.sh points it at an AddressSanitizer+UBSan build, and then any
@@ -33,6 +36,12 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 
 arena_mib=32
 arena=$((arena_mib * 1024 * 1024))
+ssd_mib=${KVF_WORKLOAD_SSD_MIB:-0}
+ssd_lines=""
+if ((ssd_mib > 0)); then
+  ssd_lines="      ssd: ${ssd_mib}MiB
+      ssd_path: $KVF_TMP"
+fi
 sock=$KVF_TMP/wl.sock
 stop=$KVF_TMP/stop
 http_port=$(kvf_free_port)
@@ -50,6 +59,7 @@ nodes:
     store:
       dram: ${arena_mib}MiB
       socket: $sock
+$ssd_lines
 YAML
 
 kvf_start_bg daemon "$daemon" --topology "$KVF_TMP/topology.yaml" --node wl --no-peers --reap-interval-ms 200 \
@@ -132,11 +142,19 @@ kvf_check_eq "$(s detached)" 0 "stats: no cleared entry still waiting for a read
 kvf_check_eq "$(s bytes_detached)" 0 "stats: no detached bytes"
 kvf_check_eq "$(s capacity_bytes)" $arena "stats: capacity is the arena"
 kvf_check_eq "$(($(s bytes_used) + $(s bytes_free)))" "$(s capacity_bytes)" "bytes_used + bytes_free == capacity"
-kvf_check_eq "$(s bytes_used)" "$(($(s bytes_entries) + $(s bytes_reserved) + $(s bytes_detached)))" \
-  "bytes_used == entries + reserved + detached bytes"
-kvf_check_eq "$(s reserves)" "$(($(s inserts) + $(s aborts) + $(s expired_reservations) + $(s dropped_reservations) + $(s reservations)))" \
-  "reserves == inserts + aborts + expired + dropped + open reservations"
-kvf_check_eq "$(s inserts)" "$(($(s entries) + $(s evictions) + $(s cleared)))" "inserts == entries + evictions + cleared"
+kvf_check_eq "$(s bytes_used)" "$(($(s bytes_entries) + $(s bytes_reserved) + $(s bytes_detached) + $(s bytes_promoting)))" \
+  "bytes_used == entries + reserved + detached + promoting bytes"
+kvf_check_eq "$(s reserves)" "$(($(s inserts) + $(s replacements) + $(s aborts) + $(s expired_reservations) + $(s dropped_reservations) + $(s reservations)))" \
+  "reserves == inserts + replacements + aborts + expired + dropped + open reservations"
+kvf_check_eq "$(($(s inserts) + $(s promotions)))" "$(($(s entries) + $(s evictions) + $(s cleared)))" \
+  "inserts + promotions == entries + evictions + cleared"
+if ((ssd_mib > 0)); then
+  kvf_check_eq "$(s ssd_spills)" "$(($(s ssd_entries) + $(s ssd_evictions) + $(s promotions) + $(s ssd_cleared) + $(s ssd_dropped) + $(s promoting)))" \
+    "ssd spills == ssd entries + ssd evictions + promotions + ssd cleared + dropped + promoting"
+  kvf_check test "$(s ssd_spills)" -gt 0 -- "evictions spilled to the SSD tier ($(s ssd_spills))"
+  kvf_check test "$(s promotions)" -gt 0 -- "readers' acquires promoted chunks back ($(s promotions))"
+  kvf_check_eq "$(s ssd_dropped)$(s ssd_spill_failures)" 00 "no SSD copy failed its checksum, no spill failed"
+fi
 kvf_check_eq "$(s leases_granted)" "$(($(s leases_released) + $(s expired_leases) + $(s dropped_leases) + $(s active_leases)))" \
   "leases granted == released + expired + dropped + active"
 kvf_check_eq "$(($(s evictable) + $(s protected_entries)))" "$(s entries)" "evictable + protected == entries"
@@ -148,9 +166,11 @@ kvf_check_eq "$(s inserts)" "$(sum inserts "${all[@]}")" "inserts == the clients
 kvf_check_eq "$(s aborts)" "$(sum aborts "${all[@]}")" "aborts == the writers' aborts"
 kvf_check_eq "$(s leases_granted)" "$(sum leases "${all[@]}")" "leases granted == the clients' acquires"
 kvf_check_eq "$(s leases_released)" "$(sum releases "${all[@]}")" "leases released == the clients' releases"
-kvf_check_eq "$(s hits)" "$(sum hits "${all[@]}")" "hits == the clients' acquires and matched lookup keys"
+kvf_check_eq "$(($(s hits) + $(s ssd_hits)))" "$(sum hits "${all[@]}")" \
+  "hits (both tiers) == the clients' acquires and matched lookup keys"
 kvf_check_eq "$(s misses)" "$(sum misses "${all[@]}")" "misses == the clients' failed acquires and short lookups"
-kvf_check_eq "$(s cleared)" "$(sum cleared operator)" "cleared == what the operator's clears removed"
+kvf_check_eq "$(($(s cleared) + $(s ssd_cleared)))" "$(sum cleared operator)" \
+  "cleared (both tiers) == what the operator's clears removed"
 kvf_check_eq "$(s expired_leases)$(s dropped_leases)$(s expired_reservations)$(s dropped_reservations)" 0000 \
   "nothing expired or was dropped"
 
@@ -159,9 +179,10 @@ http() { curl -sS -m 10 "$@" 2>&1; }
 stats_json=$(http "$base/stats")
 field() { python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {"d": d}))' "$1" "$2" 2>&1; }
 kvf_check_eq "$(field "$stats_json" '(d["entries"], d["pinned_entries"], d["leased_entries"])')" \
-  "($(s entries), 8, 0)" "GET /stats: entries, pinned, leased"
-kvf_check_eq "$(field "$stats_json" '[(t["hits"], t["misses"], t["evictions"], t["used_bytes"]) for t in d["tiers"]]')" \
-  "[($(s hits), $(s misses), $(s evictions), $(s bytes_used))]" "GET /stats: the dram tier's hits, misses, evictions, used bytes"
+  "($(($(s entries) + $(s ssd_entries))), 8, 0)" "GET /stats: entries (both tiers), pinned, leased"
+kvf_check_eq "$(field "$stats_json" '[(t["hits"], t["misses"], t["evictions"], t["used_bytes"]) for t in d["tiers"]][0]')" \
+  "($(s hits), $(($(s misses) + $(s ssd_hits))), $(s evictions), $(s bytes_used))" \
+  "GET /stats: the dram tier's hits, misses (keys it did not hold), evictions, used bytes"
 kvf_check_eq "$(field "$(http "$base/health")" 'd["status"], d["problems"]')" "('ok', [])" \
   "GET /health: ok (the daemon finds its own stats consistent)"
 
