@@ -23,10 +23,15 @@
 #            one engine alone vs PD over cuda_ipc, layers streamed / sent after (kvfabric-pd-demo);
 #   reuse:   prefix reuse on the GPU reference engine: a 16k-token document's later questions load
 #            it from the store instead of recomputing it; a multi-round chat's throughput both ways.
+#   codec:   the GPU KV codecs (kvfabric-codec-bench-gpu, one GPU) on the same request (32 chunks of
+#            256 tokens in shuffled blocks): each fixed-rate codec's encode (paged blocks -> encoded
+#            chunks) and decode (encoded chunks -> paged blocks) vs a device-to-device cudaMemcpyAsync
+#            of the raw 1 GiB, alternating in one process; GB/s of bytes read + bytes written, both
+#            sides. Chunk 0 of every codec is checked against the CPU codec byte for byte first.
 # Every kvfabric path is run once with --verify first (the receiver checks every byte of random
 # data in poisoned blocks); a failed check fails the cell.
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
-#   --only peer,nccl,pinned,overlap,store,pd,reuse   (default: all; peer-sweep and staged-sweep:
+#   --only peer,nccl,pinned,overlap,store,pd,reuse,codec   (default: all; peer-sweep and staged-sweep:
 #   the cuda_ipc knobs, for tuning)
 # Environment: KVF_BIN (default build/bin); PEER_COPIES (see peer); RUN_LIMIT (seconds one run may
 # take before it is killed and counted as failed, default 240: a hang costs one cell, not the
@@ -34,7 +39,7 @@
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
 
-rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap,store,pd,reuse
+rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap,store,pd,reuse,codec
 peer_copies=${PEER_COPIES:-kernel staged auto}
 run_limit=${RUN_LIMIT:-240}
 while (($#)); do
@@ -44,7 +49,7 @@ while (($#)); do
     --out) out=${2:?}; shift 2 ;;
     --json-dir) json_dir=${2:?}; shift 2 ;;
     --only) only=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -135,6 +140,8 @@ anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M",
           "store-put": "store-put", "store-get": "store-get", "store-get-noverify": "store-get"}
 for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith(("staged-", "nccl-sweep-"))):
     anchor[cell] = "nccl" if cell.startswith("nccl-sweep-") else "peer"  # staged-sweep variants (STAGED_VARIANTS)
+for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("codec-")):
+    anchor[cell] = "codec-d2d"  # the codec cell: every codec's encode and decode against the same copy
 lines = ["| path | kvfabric GB/s | raw GB/s | ratio | runs |", "|---|---|---|---|---|"]
 for cell, raw_cell in anchor.items():
     k, n = med(cell, "kvfabric")
@@ -470,6 +477,41 @@ YAML
     [[ -n $json_dir ]] && cp "$reuse_dir"/*.log "$json_dir/" 2>/dev/null
   fi
   kill "$daemon_pid" 2>/dev/null; wait "$daemon_pid" 2>/dev/null; daemon_pid=
+fi
+summarize >/dev/null
+
+# codec: the GPU KV codecs against a device-to-device copy of the same raw bytes (one GPU). The
+# bench alternates the copy with each codec's calls itself; every round's figure is recorded, so
+# the medians here are the bench's.
+if cell_wanted codec; then
+  codec_bench=$bin/kvfabric-codec-bench-gpu
+  j=$json_dir/kvf-codec.json
+  rm -f "$j"
+  if [[ ! -x $codec_bench ]]; then
+    echo "bench-gpu: codec: $codec_bench is not built"; record codec verify 0 fail
+  else
+    timeout "$run_limit" "$codec_bench" --rounds "$rounds" --json "$j" >"$tmp/codec.log" 2>&1
+    codec_rc=$?
+    grep -E "^(verify|\||VERIFY)" "$tmp/codec.log" | sed "s/^/bench-gpu: codec: /"
+    if [[ -s $j ]]; then
+      python3 - "$j" >>"$results" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+raw = d["shape"]["raw_bytes"]
+for i, r in enumerate(d["results"]):
+    moved = raw + r["encoded_bytes"]
+    for k, ms in enumerate(r["encode_runs_ms"]):
+        print(f"codec-{r['codec']}-encode\tkvfabric\t{k + 1}\t{moved / ms / 1e6:.3f}")
+    for k, ms in enumerate(r["decode_runs_ms"]):
+        print(f"codec-{r['codec']}-decode\tkvfabric\t{k + 1}\t{moved / ms / 1e6:.3f}")
+    for k, ms in enumerate(r["anchor_runs_ms"]):
+        print(f"codec-d2d\traw\t{i * 1000 + k + 1}\t{2 * raw / ms / 1e6:.3f}")
+EOF
+    fi
+    if ((codec_rc != 0)); then
+      echo "bench-gpu: codec: FAILED (exit $codec_rc)"; tail -5 "$tmp/codec.log"; record codec verify 0 fail
+    fi
+  fi
 fi
 summarize >/dev/null
 summarize

@@ -115,7 +115,7 @@ class FakeControlApi : public ControlApi {
     std::lock_guard lock(mutex_);
     last_compress = request;
     if (!fail.ok()) return fail;
-    return CompressResult{request.all ? 3 : request.keys.size(), 3000, 1500, {}};
+    return CompressResult{request.all ? 3 : request.keys.size(), 3000, 1500, {}, 0, 0, {}};
   }
   HealthReport health() override {
     std::lock_guard lock(mutex_);

@@ -99,11 +99,11 @@ struct CompressRequest {
 
 struct CompressResult {
   uint64_t compressed = 0;  // entries re-encoded
-  uint64_t unchanged = 0;   // entries already in that codec
-  uint64_t failed = 0;      // entries that could not be re-encoded (see errors)
   uint64_t bytes_before = 0;
   uint64_t bytes_after = 0;
   std::vector<ChunkKey> not_found;
+  uint64_t unchanged = 0;           // entries already in that codec
+  uint64_t failed = 0;              // entries that could not be re-encoded (see errors)
   std::vector<std::string> errors;  // the first few reasons
 };
 
