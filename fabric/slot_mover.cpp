@@ -2,13 +2,19 @@
 
 #include <string>
 
+#include "kvf/gpudirect/kv_codec.h"
 #include "kvf/gpudirect/memory_region.h"
 
 namespace kvf::fabric {
 
-Result<std::unique_ptr<SlotMover>> SlotMover::create(int device) {
+Result<std::unique_ptr<SlotMover>> SlotMover::create(int device, uint32_t workers, Post post) {
   std::unique_ptr<SlotMover> mover(new SlotMover(device));
-  if (device < 0) return mover;
+  if (device < 0) {
+    if (workers > 0 && !post) return Status(ErrorCode::kInvalidArgument, "slot mover: workers need a post");
+    mover->post_ = std::move(post);
+    for (uint32_t i = 0; i < workers; ++i) mover->workers_.emplace_back([m = mover.get()] { m->work(); });
+    return mover;
+  }
   auto copier = gpudirect::SegmentCopier::create(device, 1u << 16, 4);
   if (!copier.ok()) return copier.status();
   auto stream = gpudirect::CudaStream::create(device);
@@ -19,8 +25,59 @@ Result<std::unique_ptr<SlotMover>> SlotMover::create(int device) {
 }
 
 SlotMover::~SlotMover() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  for (std::thread& t : workers_) t.join();  // they finish what is queued first
   // Nothing may still read or write a slot whose registration goes away.
   if (on_gpu()) (void)stream_.synchronize();
+}
+
+void SlotMover::work() {
+  for (;;) {
+    std::function<void()> job;
+    {
+      std::unique_lock lock(mutex_);
+      wake_.wait(lock, [&] { return stopping_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+      ++running_;
+    }
+    job();
+    {
+      std::lock_guard lock(mutex_);
+      --running_;
+      if (running_ == 0 && jobs_.empty()) idle_.notify_all();
+    }
+  }
+}
+
+void SlotMover::drain() {
+  std::unique_lock lock(mutex_);
+  idle_.wait(lock, [&] { return running_ == 0 && jobs_.empty(); });
+}
+
+Status SlotMover::run(const Coding& coding, const std::vector<gpudirect::CopySegment>& segments) {
+  if (coding.codec == protocol::KvCodec::kIdentity) {
+    gpudirect::copy_segments_cpu(segments);
+    return Status::Ok();
+  }
+  const uint64_t row_bytes = uint64_t{coding.channels} * 2;
+  for (const gpudirect::CopySegment& s : segments) {
+    const uint64_t rows = s.bytes / row_bytes;
+    const uint64_t encoded = gpudirect::encoded_rows_bytes(coding.channels, rows);
+    const auto* src = reinterpret_cast<const uint8_t*>(s.src);
+    auto* dst = reinterpret_cast<uint8_t*>(s.dst);
+    const Status st =
+        coding.encode
+            ? gpudirect::encode_rows(coding.codec, coding.channels, {src, s.bytes}, rows, {dst, encoded})
+            : gpudirect::decode_rows(coding.codec, coding.channels, {src, encoded}, rows, {dst, s.bytes});
+    if (!st.ok()) return st;
+  }
+  return Status::Ok();
 }
 
 Status SlotMover::pin(void* p, uint64_t bytes) {
@@ -57,11 +114,24 @@ Status SlotMover::check_kv_memory(const void* p, uint64_t bytes) const {
   return Status::Ok();
 }
 
-void SlotMover::copy(std::vector<gpudirect::CopySegment> segments, Done done) {
-  if (!on_gpu()) {
-    gpudirect::copy_segments_cpu(segments);
-    return done(Status::Ok());
+void SlotMover::transcode(Coding coding, std::vector<gpudirect::CopySegment> segments, Done done) {
+  if (on_gpu()) {
+    if (coding.codec == protocol::KvCodec::kIdentity) return copy(std::move(segments), std::move(done));
+    return done(Status(ErrorCode::kUnavailable, "KV codecs run on host memory only"));
   }
+  if (workers_.empty()) return done(run(coding, segments));
+  {
+    std::lock_guard lock(mutex_);
+    jobs_.push_back([this, coding, segments = std::move(segments), done = std::move(done)]() mutable {
+      Status s = run(coding, segments);
+      post_([done = std::move(done), s] { done(s); });
+    });
+  }
+  wake_.notify_one();
+}
+
+void SlotMover::copy(std::vector<gpudirect::CopySegment> segments, Done done) {
+  if (!on_gpu()) return transcode(Coding{}, std::move(segments), std::move(done));
   if (Status s = copier_->copy(segments, stream_.handle()); !s.ok()) return done(s);
   auto event = gpudirect::CudaEvent::create(device_);
   if (!event.ok()) return done(event.status());

@@ -74,6 +74,23 @@ Status from_code(uint32_t code, const std::string& message) {
   return Status(static_cast<ErrorCode>(code), message);
 }
 
+using protocol::KvCodec;
+
+bool streamable(KvCodec codec) {
+  return codec == KvCodec::kIdentity || codec == KvCodec::kInt8 || codec == KvCodec::kFp8;
+}
+
+// Slot bytes of one encoded row (its scale and one code a value); 0 for identity.
+uint64_t encoded_row_bytes(KvCodec codec, uint32_t row_bytes) {
+  return codec == KvCodec::kIdentity ? 0 : 4 + uint64_t{row_bytes} / 2;
+}
+
+std::string describe_codec(KvCodec codec, uint32_t row_bytes) {
+  std::string s(protocol::codec_name(codec));
+  if (codec != KvCodec::kIdentity) s += " (rows of " + std::to_string(row_bytes) + " bytes)";
+  return s;
+}
+
 }  // namespace
 
 bool is_staged_transport_address(std::span<const uint8_t> address) {
@@ -101,6 +118,7 @@ class StagedTransport::Impl {
   ~Impl() {
     helpers_.join_all();
     call<int>([this] {
+      closing_ = true;  // no new copy, encode or decode from here on
       const Status down(ErrorCode::kAborted, "transport shut down");
       for (auto& [peer, lane] : lanes_) {
         if (lane->state == Lane::State::kReady) {
@@ -113,6 +131,9 @@ class StagedTransport::Impl {
       return 0;
     });
     helpers_.join_all();
+    // Workers finish what they hold (their completions are posted to the inner transport, which
+    // is still there) before the inner transport and the slots go.
+    mover_->drain();
     // The inner transport stops (and with it every callback) before the slots it reads go away.
     inner_.reset();
     lanes_.clear();
@@ -157,9 +178,10 @@ class StagedTransport::Impl {
     });
     inner_->disconnect(peer);
     // UCX has finished or aborted every put from the lane's slots now; a gather still running on
-    // the GPU must end before they are freed.
+    // the GPU or a worker must end before they are freed.
     call<int>([&] {
       while (mover_->poll()) std::this_thread::yield();
+      mover_->drain();
       retired_lanes_.erase(peer);
       return 0;
     });
@@ -207,9 +229,10 @@ class StagedTransport::Impl {
   };
   struct Chunk {
     std::shared_ptr<Batch> batch;
-    std::vector<gpudirect::CopySegment> gathers;  // dst: offset into the slot
-    std::vector<staging::ScatterPiece> pieces;    // the receiver's addresses
-    uint64_t bytes = 0;
+    // src: KV; dst: offset into the slot; bytes: raw (a codec writes fewer into the slot).
+    std::vector<gpudirect::CopySegment> gathers;
+    std::vector<staging::ScatterPiece> pieces;  // the receiver's addresses, raw bytes
+    uint64_t bytes = 0;                         // of the slot: what crosses the link
   };
   struct InFlight {
     Chunk chunk;
@@ -242,6 +265,8 @@ class StagedTransport::Impl {
     uint32_t count = 0;
     uint64_t slot_bytes = 0;
     PeerId back = 0;
+    KvCodec codec = KvCodec::kIdentity;  // what its slots hold
+    uint32_t row_bytes = 0;
   };
 
   template <typename T>
@@ -258,6 +283,8 @@ class StagedTransport::Impl {
     batch->done = std::move(done);
     std::vector<Chunk> chunks(1);
     const uint64_t slot_bytes = options_.slot_bytes;
+    const uint64_t row = options_.row_bytes;
+    const uint64_t encoded_row = encoded_row_bytes(options_.codec, options_.row_bytes);
     for (const PutOp& op : ops) {
       auto region = regions_.find(op.remote);
       if (region == regions_.end() || region->second.peer != peer ||
@@ -267,19 +294,46 @@ class StagedTransport::Impl {
                                       std::to_string(op.remote_offset) + " outside region " +
                                       std::to_string(op.remote) + " of this peer"));
       }
+      if (encoded_row != 0 && op.length % row != 0) {
+        return batch->done(
+            Status(ErrorCode::kInvalidArgument, "ucx_staged: a put of " + std::to_string(op.length) +
+                                                    " bytes is not whole rows of " + std::to_string(row) +
+                                                    " bytes, which the " +
+                                                    std::string(protocol::codec_name(options_.codec)) +
+                                                    " codec encodes (row_bytes = channels x 2)"));
+      }
       const uint64_t src = reinterpret_cast<uint64_t>(op.local);
       const uint64_t dst = region->second.base + op.remote_offset;
       for (uint64_t at = 0; at < op.length;) {
-        if (chunks.back().bytes == slot_bytes) chunks.emplace_back();
+        // Raw bytes that fit in what is left of the slot: whole rows with a codec.
+        uint64_t take = 0, used = 0;
+        for (int attempt = 0; attempt < 2 && take == 0; ++attempt) {
+          if (chunks.back().bytes == slot_bytes || attempt == 1) chunks.emplace_back();
+          const uint64_t room = slot_bytes - chunks.back().bytes;
+          if (encoded_row == 0) {
+            take = used = std::min(op.length - at, room);
+          } else {
+            const uint64_t rows = std::min((op.length - at) / row, room / encoded_row);
+            take = rows * row;
+            used = rows * encoded_row;
+          }
+        }
         Chunk& c = chunks.back();
-        const uint64_t take = std::min(op.length - at, slot_bytes - c.bytes);
-        c.gathers.push_back(gpudirect::CopySegment{src + at, c.bytes, take});
-        if (!c.pieces.empty() && c.pieces.back().destination + c.pieces.back().bytes == dst + at) {
+        // A run continues the last one where both ends do (a codec encodes a piece as one run).
+        const bool extends = !c.pieces.empty() &&
+                             c.pieces.back().destination + c.pieces.back().bytes == dst + at &&
+                             (encoded_row == 0 || c.gathers.back().src + c.gathers.back().bytes == src + at);
+        if (extends && encoded_row != 0) {
+          c.gathers.back().bytes += take;
+        } else {
+          c.gathers.push_back(gpudirect::CopySegment{src + at, c.bytes, take});
+        }
+        if (extends) {
           c.pieces.back().bytes += take;
         } else {
           c.pieces.push_back(staging::ScatterPiece{dst + at, take});
         }
-        c.bytes += take;
+        c.bytes += used;
         at += take;
       }
     }
@@ -317,7 +371,14 @@ class StagedTransport::Impl {
     for (uint32_t i = 0; i < options_.slots; ++i) lane->free_local.push_back(i);
     const uint64_t token = lane->token;
     Lane* raw = lanes_.emplace(peer, std::move(lane)).first->second.get();
-    staging::StagingRequest request{token, options_.slots, options_.slot_bytes, address_, {}, {}};
+    staging::StagingRequest request{token,
+                                    options_.slots,
+                                    options_.slot_bytes,
+                                    address_,
+                                    {},
+                                    {},
+                                    static_cast<uint8_t>(options_.codec),
+                                    options_.codec == KvCodec::kIdentity ? 0 : options_.row_bytes};
     inner_->notify(peer, staging::encode(request), [this, peer, token](const Status& s) {
       if (!s.ok()) refused(peer, token, s);
     });
@@ -388,8 +449,8 @@ class StagedTransport::Impl {
       for (gpudirect::CopySegment& g : gathers) g.dst += base;
       lane.in_flight.emplace(batch, std::move(f));
       const uint64_t token = lane.token;
-      mover_->copy(std::move(gathers),
-                   [this, peer, token, batch](const Status& s) { gathered(peer, token, batch, s); });
+      mover_->transcode(coding(options_.codec, options_.row_bytes, true), std::move(gathers),
+                        [this, peer, token, batch](const Status& s) { gathered(peer, token, batch, s); });
       keep_polling();
     }
   }
@@ -415,7 +476,12 @@ class StagedTransport::Impl {
       if (f2 == l->in_flight.end()) return;
       if (!flushed.ok()) return fail_lane(*l, Status(flushed.code(), "ucx_staged: " + flushed.message()));
       l->free_local.push_back(f2->second.local);
-      staging::Scatter scatter{token, batch, f2->second.remote, f2->second.chunk.pieces};
+      staging::Scatter scatter{token,
+                               batch,
+                               f2->second.remote,
+                               f2->second.chunk.pieces,
+                               static_cast<uint8_t>(options_.codec),
+                               options_.codec == KvCodec::kIdentity ? 0 : options_.row_bytes};
       inner_->notify(peer, staging::encode(scatter), [this, token](const Status& sent) {
         if (sent.ok()) return;
         PeerId r = 0;
@@ -477,6 +543,10 @@ class StagedTransport::Impl {
     lane.flushes.clear();
   }
 
+  static SlotMover::Coding coding(KvCodec codec, uint32_t row_bytes, bool encode) {
+    return SlotMover::Coding{codec, row_bytes / 2, encode};
+  }
+
   void keep_polling() {
     if (!mover_->on_gpu() || polling_) return;
     polling_ = true;
@@ -520,12 +590,30 @@ class StagedTransport::Impl {
   void send_offer(PeerId back, const staging::StagingRequest& request) {
     staging::StagingOffer offer{request.sender, 0, 0, {}, 0, {}};
     auto refuse = [&](const Status& s) {
+      spdlog::warn("ucx_staged: refused sender {:016x}: {}", request.sender, s.to_string());
       offer.error = static_cast<uint32_t>(s.code());
       offer.message = s.message();
       inner_->notify(back, staging::encode(offer), nullptr);
     };
     auto it = senders_.find(request.sender);
     if (it == senders_.end()) {
+      const auto codec = static_cast<KvCodec>(request.codec);
+      if (codec != options_.codec || (codec != KvCodec::kIdentity && options_.row_bytes != 0 &&
+                                      request.row_bytes != options_.row_bytes)) {
+        return refuse(Status(ErrorCode::kInvalidArgument,
+                             "the sender encodes its slots as " + describe_codec(codec, request.row_bytes) +
+                                 ", this receiver takes " +
+                                 describe_codec(options_.codec, options_.row_bytes) +
+                                 ": give both sides the same codec and row size"));
+      }
+      if (codec != KvCodec::kIdentity &&
+          (mover_->on_gpu() || encoded_row_bytes(codec, request.row_bytes) > request.slot_bytes)) {
+        return refuse(Status(ErrorCode::kInvalidArgument,
+                             mover_->on_gpu() ? "this receiver's KV is on a GPU, where slots are not decoded"
+                                              : "a slot of " + std::to_string(request.slot_bytes) +
+                                                    " bytes holds no encoded row of " +
+                                                    std::to_string(request.row_bytes) + " bytes"));
+      }
       const uint64_t bytes = uint64_t{request.slots} * request.slot_bytes;
       if (allocated_ + bytes > options_.receive_limit) {
         return refuse(Status(ErrorCode::kOutOfMemory, "staging " + std::to_string(bytes >> 20) +
@@ -540,8 +628,8 @@ class StagedTransport::Impl {
       if (Status s = mover_->pin(slots->data(), slots->size()); !s.ok()) return refuse(s);
       allocated_ += bytes;
       it = senders_
-               .emplace(request.sender,
-                        Sender{std::move(slots.value()), request.slots, request.slot_bytes, back})
+               .emplace(request.sender, Sender{std::move(slots.value()), request.slots, request.slot_bytes,
+                                               back, codec, request.row_bytes})
                .first;
     }
     const protocol::RegionDescriptor d = it->second.slots.descriptor(0);
@@ -563,13 +651,32 @@ class StagedTransport::Impl {
       answer.message = why.message();
       inner_->notify(back, staging::encode(answer), nullptr);
     };
+    if (closing_) return fail(Status(ErrorCode::kAborted, "the receiver is shutting down"));
     if (scatter.slot >= s.count) return fail(Status(ErrorCode::kInvalidArgument, "no such slot"));
+    const auto codec = static_cast<KvCodec>(scatter.codec);
+    if (codec != s.codec || (codec != KvCodec::kIdentity && scatter.row_bytes != s.row_bytes)) {
+      return fail(Status(ErrorCode::kInvalidArgument, "a scatter of " +
+                                                          describe_codec(codec, scatter.row_bytes) +
+                                                          " from a sender that asked for " +
+                                                          describe_codec(s.codec, s.row_bytes) + " slots"));
+    }
+    const uint64_t encoded_row = encoded_row_bytes(s.codec, s.row_bytes);
     const uint64_t slot_base = reinterpret_cast<uint64_t>(s.slots.data()) + scatter.slot * s.slot_bytes;
     std::vector<gpudirect::CopySegment> segments;
     uint64_t offset = 0;
     for (const staging::ScatterPiece& piece : scatter.pieces) {
-      if (piece.bytes > s.slot_bytes - offset) {
-        return fail(Status(ErrorCode::kInvalidArgument, "the scatter names more bytes than a slot holds"));
+      if (encoded_row != 0 && piece.bytes % s.row_bytes != 0) {
+        return fail(Status(ErrorCode::kInvalidArgument, "a scatter piece of " + std::to_string(piece.bytes) +
+                                                            " bytes is not whole rows of " +
+                                                            std::to_string(s.row_bytes) + " bytes"));
+      }
+      // What the piece takes of the slot: its raw bytes, or its encoded rows.
+      const uint64_t in_slot = encoded_row == 0 ? piece.bytes : piece.bytes / s.row_bytes * encoded_row;
+      if (in_slot > s.slot_bytes - offset) {
+        return fail(Status(ErrorCode::kInvalidArgument,
+                           "the scatter names more bytes than a slot holds (" +
+                               std::to_string(offset + in_slot) + " of " + std::to_string(s.slot_bytes) +
+                               " in slot bytes by piece " + std::to_string(segments.size()) + ")"));
       }
       const auto* dst = reinterpret_cast<const void*>(piece.destination);
       if (Status c = mover_->check_kv_memory(dst, piece.bytes); !c.ok()) return fail(c);
@@ -581,20 +688,21 @@ class StagedTransport::Impl {
         }
       }
       segments.push_back(gpudirect::CopySegment{slot_base + offset, piece.destination, piece.bytes});
-      offset += piece.bytes;
+      offset += in_slot;
     }
-    mover_->copy(std::move(segments), [this, back, answer](const Status& done) mutable {
-      if (!done.ok()) {
-        answer.error = static_cast<uint32_t>(done.code());
-        answer.message = done.message();
-      }
-      inner_->notify(back, staging::encode(answer), nullptr);
-    });
+    mover_->transcode(coding(s.codec, s.row_bytes, false), std::move(segments),
+                      [this, back, answer](const Status& done) mutable {
+                        if (!done.ok()) {
+                          answer.error = static_cast<uint32_t>(done.code());
+                          answer.message = done.message();
+                        }
+                        inner_->notify(back, staging::encode(answer), nullptr);
+                      });
     keep_polling();
   }
 
   // A sender closed or died: its slots go once nothing reads them (the mover is idle for it only
-  // when nothing of it is queued: on the GPU, wait for the queue to drain first).
+  // when nothing of it is queued: on the GPU or the workers, wait for the queue to drain first).
   void forget_sender(uint64_t token) {
     auto it = senders_.find(token);
     if (it == senders_.end()) return;
@@ -602,6 +710,7 @@ class StagedTransport::Impl {
     if (mover_->on_gpu()) {
       while (mover_->poll()) std::this_thread::yield();  // short: one slot's scatter at most per slot
     }
+    mover_->drain();
     allocated_ -= it->second.slots.size();
     senders_.erase(it);
   }
@@ -659,6 +768,7 @@ class StagedTransport::Impl {
   std::unordered_map<PeerId, uint64_t> back_senders_;  // connection back -> sender token
   uint64_t allocated_ = 0;
   bool polling_ = false;
+  bool closing_ = false;
   NotificationHandler user_notification_;
   PeerFailureHandler user_failure_;
   HelperThreads helpers_;
@@ -671,10 +781,38 @@ Result<std::unique_ptr<StagedTransport>> StagedTransport::create(
     return Status(ErrorCode::kInvalidArgument,
                   "ucx_staged: 1 to " + std::to_string(staging::kMaxSlots) + " slots of at most 1 GiB each");
   }
-  auto mover = SlotMover::create(options.device);
-  if (!mover.ok()) return mover.status();
+  if (!streamable(options.codec)) {
+    return Status(ErrorCode::kInvalidArgument, "ucx_staged: codec " +
+                                                   std::string(protocol::codec_name(options.codec)) +
+                                                   " cannot stream: identity, int8 or fp8");
+  }
+  if (options.codec != KvCodec::kIdentity) {
+    if (options.device >= 0) {
+      return Status(ErrorCode::kUnavailable,
+                    "ucx_staged: KV codecs run on host memory; GPU KV is staged raw (codec identity)");
+    }
+    if (options.row_bytes == 0 || options.row_bytes % 2 != 0 || options.row_bytes > staging::kMaxRowBytes) {
+      return Status(ErrorCode::kInvalidArgument, "ucx_staged: codec " +
+                                                     std::string(protocol::codec_name(options.codec)) +
+                                                     " needs row_bytes (channels x 2: even, 2 to " +
+                                                     std::to_string(staging::kMaxRowBytes) + "), got " +
+                                                     std::to_string(options.row_bytes));
+    }
+    if (encoded_row_bytes(options.codec, options.row_bytes) > options.slot_bytes) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "ucx_staged: a slot of " + std::to_string(options.slot_bytes) +
+                        " bytes holds no encoded row of " + std::to_string(options.row_bytes) + " bytes");
+    }
+  }
+  if (options.workers > 16) return Status(ErrorCode::kInvalidArgument, "ucx_staged: at most 16 workers");
   auto inner = UcxTransport::create(context, options.ucx);
   if (!inner.ok()) return inner.status();
+  // Workers hand their completions to the progress thread; the transport drains them before the
+  // inner transport goes.
+  UcxTransport* progress = inner.value().get();
+  auto mover = SlotMover::create(options.device, options.device >= 0 ? 0 : options.workers,
+                                 [progress](std::function<void()> fn) { progress->post(std::move(fn)); });
+  if (!mover.ok()) return mover.status();
   return std::unique_ptr<StagedTransport>(new StagedTransport(std::make_unique<Impl>(
       std::move(context), options, std::move(inner.value()), std::move(mover.value()))));
 }

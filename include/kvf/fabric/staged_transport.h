@@ -7,7 +7,21 @@
 // turns many small extents into few large transfers over a slow link.
 //
 // With `device` set, KV lives in that GPU's memory: gathers and scatters are one copy-kernel
-// launch each through pinned slots. Otherwise KV is host memory and the CPU copies. The receiver
+// launch each through pinned slots. Otherwise KV is host memory and the CPU copies, on `workers`
+// threads of the transport's own so that the progress thread keeps UCX busy meanwhile.
+//
+// Compressed slots (host memory only): with `codec` int8 or fp8 every put is split into runs of
+// whole rows of `row_bytes` (a KV block part is block_tokens rows of channels bf16 values, so
+// row_bytes = channels x 2), the gather encodes each run into the slot (per row a float32 scale
+// and one byte a value: gpudirect::encode_rows, the bytes the tile codec writes for those rows),
+// and the receiver decodes while scattering. Only the encoded bytes cross the link (int8/fp8:
+// (4 + channels) / (2 x channels) of raw, 0.502x for 1024 channels). The values that land are
+// the codec's decode of the source, not the source: lossy by design. Both sides must be created
+// with the same codec (and, where the receiver sets one, row size); a receiver refuses a sender
+// of another codec when it asks for slots, and that refusal fails the sender's puts with both
+// named. A put whose lengths are not whole rows fails with kInvalidArgument. The receiver
+// checks every Scatter against the sender's codec, row size and slot before it writes a byte.
+// The receiver
 // places bytes only in memory it could have been written by a put anyway (UCX-registered host
 // memory, or cudaMalloc'd memory of its GPU), outside its slots, and answers each slot; a put
 // completes when every byte of it is placed, so a flush after it means "arrived".
@@ -24,6 +38,7 @@
 #include "kvf/fabric/transport.h"
 #include "kvf/fabric/ucx_transport.h"
 #include "kvf/gpudirect/ucx_context.h"
+#include "kvf/protocol/kv_codec.h"
 
 namespace kvf::fabric {
 
@@ -33,6 +48,14 @@ struct StagedTransportOptions {
   uint32_t slots = 4;                               // slots per sender on each side (bytes in flight)
   uint64_t receive_limit = 1ull << 30;              // slots this receiver gives all senders together
   std::chrono::milliseconds offer_timeout{10'000};  // a receiver that never offers fails the puts
+  // Host memory: identity (raw), int8 or fp8 (per-token scaled, protocol/kv_codec.h); what this
+  // side's puts are encoded with, and the only codec it takes from senders.
+  protocol::KvCodec codec = protocol::KvCodec::kIdentity;
+  // With a codec: bytes of one token row (channels x 2, even); puts are whole rows. On a
+  // receiver, 0 takes any row size, else senders must use this one.
+  uint32_t row_bytes = 0;
+  // Host memory: threads that copy, encode and decode slots (0: the progress thread does).
+  uint32_t workers = 1;
   UcxTransportOptions ucx;
 };
 
