@@ -3,12 +3,18 @@
 //   kvfabric-perf client --connect HOST:PORT --mode bw|lat|layers [--sizes 4K,64K,1M,4M] [--iters N]
 //                        [--layers L --blocks B --block-bytes S --shuffle --verify] [--json FILE]
 //   kvfabric-perf local --mem cuda:N --mode gather|scatter [--layers ... --shuffle --verify --copy ...]
+//   kvfabric-perf codec --codec int8|fp8 [--row-bytes R --block-bytes S --iters N]
 // bw: one-sided puts of each size back to back (a window in flight), flushed at the end, like
 // ucx_perftest's ucp_put_bw. lat: put + flush round trips. layers: a KV request of L layers of B
 // blocks (K and V of S bytes each) streamed layer by layer into the server's blocks (shuffled
 // when asked) through the TransferScheduler, every byte checked by the server with --verify.
 // GPU: --transport cuda_ipc on both sides, --mem cuda:N (the server's blocks / the client's source
 // on GPU N); layers mode then moves the blocks GPU to GPU (--copy picks kernel or copy engines).
+// Compressed layers: --transport ucx_staged --codec identity|int8|fp8 on both sides (the same
+// codec and --row-bytes): the client streams random bf16 KV, encoded per token row in the staging
+// slots; the server lands it in a poisoned pool of its own and checks every block against the CPU
+// codec's decode of the client's values (codec_stream_check.h); the client waits for that check
+// after each request and fails on any difference.
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
@@ -21,6 +27,7 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include "codec_stream_check.h"
 #include "kvf/fabric/control_channel.h"
 #include "kvf/fabric/cuda_ipc_transport.h"
 #include "kvf/fabric/multi_transport.h"
@@ -83,10 +90,21 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
     if (!transport.ok()) return transport.status();
     return std::unique_ptr<Transport>(std::move(transport.value()));
   }
+  auto codec = protocol::parse_codec(args["codec"].as<std::string>());
+  if (!codec.ok()) return Status(ErrorCode::kInvalidArgument, "--codec: " + codec.status().message());
+  if (codec.value() != protocol::KvCodec::kIdentity && kind != "ucx_staged") {
+    return Status(ErrorCode::kInvalidArgument, "--codec " + args["codec"].as<std::string>() +
+                                                   " needs --transport ucx_staged (the transport that "
+                                                   "encodes its staging slots), not " +
+                                                   kind);
+  }
   if (kind == "ucx_staged") {
     StagedTransportOptions staged;
     staged.device = memory.gpu ? memory.device : -1;
     staged.ucx = options;
+    staged.codec = codec.value();
+    staged.row_bytes = args["row-bytes"].as<uint32_t>();
+    staged.workers = args["staging-workers"].as<uint32_t>();
     auto slot = perf::parse_size(args["staging-bytes"].as<std::string>());
     auto limit = perf::parse_size(args["staging-limit"].as<std::string>());
     if (!slot || *slot == 0 || !limit) {
@@ -235,7 +253,23 @@ int run_server(const cxxopts::ParseResult& args) {
   options.name = "kvfabric-perf-server";
   options.buffers = setup->memory;
   options.max_request_bytes = perf::parse_size(args["max-bytes"].as<std::string>()).value_or(16ull << 30);
-  options.on_stream_done = [](const StreamReport& r) {
+  // --codec: streams land in a pool of this server's own that it checks against the codec.
+  std::unique_ptr<perf::CodecVerifyServer> checker;
+  if (args.count("codec") != 0) {
+    if (setup->memory.gpu) return fail("--codec: the server's pool is host memory (leave out --mem)");
+    auto layout = perf::layers_layout(args["layers"].as<uint32_t>(), args["blocks"].as<uint32_t>(),
+                                      args["block-bytes"].as<std::string>());
+    if (!layout.ok()) return fail(layout.status().message());
+    const auto codec = protocol::parse_codec(args["codec"].as<std::string>()).value();  // checked above
+    auto started = perf::CodecVerifyServer::start(setup->ucx, layout->desc(), codec,
+                                                  args["row-bytes"].as<uint32_t>(), hp->first);
+    if (!started.ok()) return fail("--codec: " + started.status().to_string());
+    checker = std::move(started.value());
+    options.pool = checker->pool();
+    options.name = perf::codec_server_name(checker->info());
+    options.retire_grace = std::chrono::milliseconds(3000);  // a failed stream's pool comes back sooner
+  }
+  options.on_stream_done = [checker = checker.get()](const StreamReport& r) {
     double last_ms = r.layer_arrival_ns.empty() ? 0 : static_cast<double>(r.layer_arrival_ns.back()) / 1e6;
     if (r.status.ok()) {
       std::printf("stream %llu from %s: %llu bytes in %u layers, last layer at %.1f ms after the offer, %s\n",
@@ -248,11 +282,19 @@ int run_server(const cxxopts::ParseResult& args) {
                   r.peer.c_str(), r.status.to_string().c_str());
     }
     std::fflush(stdout);
+    if (checker != nullptr) checker->stream_done(r);
   };
   auto receiver = StreamReceiver::start(setup->ucx, *setup->transport, hp->first, hp->second, options);
   if (!receiver.ok()) return fail(receiver.status().to_string());
   std::printf("kvfabric-perf server %s listening on %s:%u (Ctrl-C to stop)\n", std::string(version()).c_str(),
               hp->first.c_str(), receiver.value()->port());
+  if (checker) {
+    std::printf(
+        "codec %s, rows of %u bytes: streams land in a poisoned pool of %u layers x %u blocks, checked "
+        "against the CPU codec (answers on port %u)\n",
+        std::string(protocol::codec_name(checker->info().codec)).c_str(), checker->info().row_bytes,
+        args["layers"].as<uint32_t>(), args["blocks"].as<uint32_t>(), checker->port());
+  }
   std::fflush(stdout);
   int sig = 0;
   sigwait(&signals, &sig);
@@ -268,6 +310,8 @@ struct Measurement {
   double gbps = 0;
   double p50_us = 0;
   double p99_us = 0;
+  std::string codec;                    // layers with --codec
+  std::vector<double> request_seconds;  // layers: every request
 };
 
 Result<protocol::RunResult> request_target(PeerLink& link, protocol::RunMode mode, uint64_t bytes,
@@ -409,6 +453,29 @@ int run_client(const cxxopts::ParseResult& args) {
     std::printf("transport: %s (this side offers %s)\n",
                 std::string(multi->chosen(link.value()->peer())).c_str(), std::string(multi->name()).c_str());
   }
+  // --codec: the server must run the same codec and rows, and says so (and where it answers
+  // checks) in its name.
+  std::optional<perf::CodecServerInfo> codec_server;
+  const auto my_codec = protocol::parse_codec(args["codec"].as<std::string>());
+  if (!my_codec.ok()) return fail("--codec: " + my_codec.status().message());
+  const uint32_t row_bytes = args["row-bytes"].as<uint32_t>();
+  if (args.count("codec") != 0) {
+    if (mode != "layers") return fail("--codec is measured in layers mode (--mode layers)");
+    codec_server = perf::parse_codec_server_name(link.value()->remote_name());
+    if (!codec_server) {
+      return fail("the server at " + args["connect"].as<std::string>() +
+                  " was not started with --codec (it checks raw patterns only): start it with --transport "
+                  "ucx_staged --codec " +
+                  args["codec"].as<std::string>());
+    }
+    if (codec_server->codec != my_codec.value() || codec_server->row_bytes != row_bytes) {
+      return fail("codec mismatch: the server runs --codec " +
+                  std::string(protocol::codec_name(codec_server->codec)) + " --row-bytes " +
+                  std::to_string(codec_server->row_bytes) + ", this client --codec " +
+                  std::string(protocol::codec_name(my_codec.value())) + " --row-bytes " +
+                  std::to_string(row_bytes) + ": start both with the same");
+    }
+  }
 
   std::vector<Measurement> results;
   uint64_t run_id = static_cast<uint64_t>(Clock::now().time_since_epoch().count());
@@ -480,31 +547,48 @@ int run_client(const cxxopts::ParseResult& args) {
     std::printf("layers: %u layers x %u blocks x 2 x %llu bytes = %.1f MiB per request, %s, %s\n",
                 desc.num_layers, desc.num_blocks, static_cast<unsigned long long>(block_bytes),
                 static_cast<double>(total) / (1 << 20), args["shuffle"].as<bool>() ? "shuffled" : "in order",
-                args["verify"].as<bool>() ? "verified" : "unverified");
+                codec_server ? ("codec " + std::string(protocol::codec_name(codec_server->codec)) +
+                                ", every block checked by the server against the CPU codec's decode")
+                                   .c_str()
+                : args["verify"].as<bool>() ? "verified"
+                                            : "unverified");
     std::vector<double> seconds;
     for (uint64_t it = 0; it < iters; ++it) {
       uint64_t seed = run_id + it;
       for (uint32_t l = 0; l < desc.num_layers; ++l) {
-        if (Status st = fill_layer_pattern(source.value(), layout.value(), l, seed); !st.ok())
-          return fail("filling layer " + std::to_string(l) + ": " + st.to_string());
+        const Status st = codec_server
+                              ? perf::fill_kv_layer(source.value(), layout.value(), l, seed, row_bytes)
+                              : fill_layer_pattern(source.value(), layout.value(), l, seed);
+        if (!st.ok()) return fail("filling layer " + std::to_string(l) + ": " + st.to_string());
       }
       PatternStreamOptions options;
       options.request_id = ++run_id;
       options.seed = seed;
-      options.verify = args["verify"].as<bool>();
+      // With a codec the server checks the blocks itself (against the codec, not the raw pattern).
+      options.verify = args["verify"].as<bool>() && !codec_server;
       options.shuffle = args["shuffle"].as<bool>();
       options.timeout = std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 2);
+      if (codec_server) options.context = perf::seed_context(seed);
       auto outcome = send_pattern_stream(*link.value(), *setup->transport, scheduler, source.value(),
                                          layout.value(), options);
       if (!outcome.ok()) return fail("stream " + std::to_string(it) + ": " + outcome.status().to_string());
       seconds.push_back(outcome->seconds);
-      std::printf(
-          "  request %llu/%llu: %.3f s, %.3f GB/s%s\n", static_cast<unsigned long long>(it + 1),
-          static_cast<unsigned long long>(iters), outcome->seconds,
-          static_cast<double>(total) / outcome->seconds / 1e9,
-          options.verify
-              ? (", receiver verified " + std::to_string(outcome->result.bytes_verified) + " bytes").c_str()
-              : "");
+      std::string checked;
+      if (codec_server) {
+        std::string message;
+        if (Status s = perf::query_codec_check(
+                hp->first, codec_server->verify_port, options.request_id,
+                std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 4), &message);
+            !s.ok()) {
+          return fail("stream " + std::to_string(it) + ": the server's codec check: " + s.to_string());
+        }
+        checked = ", server: " + message;
+      } else if (options.verify) {
+        checked = ", receiver verified " + std::to_string(outcome->result.bytes_verified) + " bytes";
+      }
+      std::printf("  request %llu/%llu: %.3f s, %.3f GB/s%s\n", static_cast<unsigned long long>(it + 1),
+                  static_cast<unsigned long long>(iters), outcome->seconds,
+                  static_cast<double>(total) / outcome->seconds / 1e9, checked.c_str());
       std::fflush(stdout);
       if (options.verify && outcome->result.bytes_verified != total) {
         return fail("receiver verified " + std::to_string(outcome->result.bytes_verified) + " of " +
@@ -515,6 +599,8 @@ int run_client(const cxxopts::ParseResult& args) {
     m.mode = "layers";
     m.bytes = total;
     m.iters = iters;
+    m.codec = codec_server ? std::string(protocol::codec_name(codec_server->codec)) : "";
+    m.request_seconds = seconds;
     m.seconds = perf::percentile(seconds, 50);
     m.gbps = static_cast<double>(total) / m.seconds / 1e9;
     std::printf("%-6s %12s %10s %10s\n%-6s %12llu %10llu %10.3f\n", "mode", "bytes", "iters", "GB/s",
@@ -526,18 +612,37 @@ int run_client(const cxxopts::ParseResult& args) {
     nlohmann::json out;
     out["results"] = nlohmann::json::array();
     for (const auto& m : results) {
-      out["results"].push_back({{"mode", m.mode},
-                                {"bytes", m.bytes},
-                                {"iters", m.iters},
-                                {"seconds", m.seconds},
-                                {"gbps", m.gbps},
-                                {"p50_us", m.p50_us},
-                                {"p99_us", m.p99_us}});
+      nlohmann::json r = {{"mode", m.mode}, {"bytes", m.bytes},   {"iters", m.iters},  {"seconds", m.seconds},
+                          {"gbps", m.gbps}, {"p50_us", m.p50_us}, {"p99_us", m.p99_us}};
+      if (!m.codec.empty()) r["codec"] = m.codec;
+      if (!m.request_seconds.empty()) r["request_seconds"] = m.request_seconds;
+      out["results"].push_back(std::move(r));
     }
     std::ofstream f(args["json"].as<std::string>());
     if (!f) return fail("cannot write " + args["json"].as<std::string>());
     f << out.dump(2) << "\n";
   }
+  return 0;
+}
+
+// kvfabric-perf codec --codec int8|fp8 [--row-bytes R] [--block-bytes S]: the row codec's speed on
+// one thread, encode and decode, over 256 MiB of random KV values in runs of one block part.
+int run_codec_speed(const cxxopts::ParseResult& args) {
+  auto codec = protocol::parse_codec(args["codec"].as<std::string>());
+  if (!codec.ok()) return fail("--codec: " + codec.status().message());
+  auto run = perf::parse_size(args["block-bytes"].as<std::string>());
+  if (!run) return fail("--block-bytes: bad size");
+  const uint32_t row_bytes = args["row-bytes"].as<uint32_t>();
+  const uint64_t iters = std::max<uint64_t>(args["iters"].as<uint64_t>(), 1);
+  auto speed =
+      perf::measure_row_codec(codec.value(), row_bytes, 256ull << 20, *run, static_cast<uint32_t>(iters));
+  if (!speed.ok()) return fail(speed.status().to_string());
+  std::printf(
+      "row codec %s, rows of %u bytes, runs of %llu bytes, one thread, best of %llu passes over 256 MiB: "
+      "encode %.2f GB/s, decode %.2f GB/s (raw bytes per second of CPU time; memcpy %.2f GB/s)\n",
+      std::string(protocol::codec_name(codec.value())).c_str(), row_bytes,
+      static_cast<unsigned long long>(*run), static_cast<unsigned long long>(iters), speed->encode_gbps,
+      speed->decode_gbps, speed->memcpy_gbps);
   return 0;
 }
 
@@ -550,7 +655,7 @@ int main(int argc, char** argv) {
                            "  kvfabric-perf client --connect HOST:PORT --mode bw|lat|layers ...");
   // clang-format off
   options.add_options()
-      ("role", "server, client or local", cxxopts::value<std::string>())
+      ("role", "server, client, local or codec (the row codec's speed on one thread)", cxxopts::value<std::string>())
       ("listen", "server: HOST:PORT to listen on", cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))
       ("connect", "client: the server's HOST:PORT", cxxopts::value<std::string>()->default_value("127.0.0.1:18515"))
       ("mode", "client: bw | lat | layers; local: gather | scatter", cxxopts::value<std::string>()->default_value("bw"))
@@ -583,6 +688,14 @@ int main(int argc, char** argv) {
       ("staging-slots", "staged copies: slots the sender asks of the receiver (ucx_staged: and keeps itself)", cxxopts::value<uint32_t>()->default_value("4"))
       ("staging-copy-streams", "cuda_ipc staged copies: streams each chunk's copy is split over", cxxopts::value<uint32_t>()->default_value("1"))
       ("copy-kernel-blocks", "cuda_ipc and nccl: thread blocks a copy kernel launches at most (0: automatic: all that fit; nccl: one per SM, leaving room for NCCL's kernels)", cxxopts::value<uint32_t>()->default_value("0"))
+      ("codec", "ucx_staged: identity | int8 | fp8: encode KV per token row in the staging slots (host memory; "
+       "client and server must agree). Layers mode then streams random bf16 values and the server checks every "
+       "block against the CPU codec's decode (a server with --codec takes only such clients)",
+       cxxopts::value<std::string>()->default_value("identity"))
+      ("row-bytes", "--codec: bytes of one token row (KV heads x head dim x 2; Llama-3-8B: 8 x 128 x 2)",
+       cxxopts::value<uint32_t>()->default_value("2048"))
+      ("staging-workers", "ucx_staged: threads that copy, encode and decode slots (0: the progress thread)",
+       cxxopts::value<uint32_t>()->default_value("1"))
       ("staging-limit", "staging receiver: the most memory all senders' slots may take (GPU memory for cuda_ipc/nccl, host for ucx_staged)", cxxopts::value<std::string>()->default_value("1G"))
       ("max-bytes", "server: largest buffer a client may ask for", cxxopts::value<std::string>()->default_value("16G"))
       ("json", "client: write results as JSON to FILE", cxxopts::value<std::string>())
@@ -607,7 +720,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   spdlog::set_level(args.count("verbose") != 0 ? spdlog::level::info : spdlog::level::warn);
-  if (args.count("role") == 0) return fail("say server, client or local (see --help)");
+  if (args.count("role") == 0) return fail("say server, client, local or codec (see --help)");
   if (std::string pe = args["peer-errors"].as<std::string>(); pe != "auto" && pe != "on" && pe != "off") {
     return fail("--peer-errors must be auto, on or off, got '" + pe + "'");
   }
@@ -615,5 +728,6 @@ int main(int argc, char** argv) {
   if (role == "server") return run_server(args);
   if (role == "client") return run_client(args);
   if (role == "local") return perf::run_local_copy(args);
-  return fail("unknown role '" + role + "': say server, client or local");
+  if (role == "codec") return run_codec_speed(args);
+  return fail("unknown role '" + role + "': say server, client, local or codec");
 }
