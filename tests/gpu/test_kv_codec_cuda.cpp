@@ -364,6 +364,8 @@ TEST_CASE("GPU codecs refuse bad arguments", "[gpu][codec]") {
   const KvLayout layout = kvf::test::make_layout(d);
   DeviceBuffer l0 = device_buffer(layout.layer_bytes());
   DeviceBuffer l1 = device_buffer(layout.layer_bytes());
+  require_ok(fill_device(l0.data(), 0x3c, l0.size()));  // defined bytes for the calls that run
+  require_ok(fill_device(l1.data(), 0x3c, l1.size()));
   const KvChunkGeometry geo{2, 2, 2, 16, 128, 2};
   DeviceBuffer out = device_buffer(fixed_encoded_bytes(codec(KvCodec::kInt8), geo) * 2 + 64);
   std::vector<void*> bases = {l0.data(), l1.data()};
