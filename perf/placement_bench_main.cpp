@@ -82,9 +82,9 @@ nlohmann::json to_json(const SimResult& r) {
 }
 
 void print_row(const SimResult& r) {
-  std::printf("%-28s %9.3g %10.2f %9.4f %7.1f%% %7.1f%% %7.1f%%\n", r.policy.c_str(), r.delay_weight,
-              r.mean_delay_seconds * 1e3, r.mean_quality, r.dram_hits * 100, r.ssd_hits * 100,
-              r.misses * 100);
+  std::printf("%-26s %8.3g %9.2f %8.4f %10.2f %8.4f %6.1f%% %6.1f%% %6.1f%%\n", r.policy.c_str(),
+              r.delay_weight, r.mean_delay_seconds * 1e3, r.mean_quality, r.reuse_delay_seconds * 1e3,
+              r.reuse_quality, r.dram_hits * 100, r.ssd_hits * 100, r.misses * 100);
 }
 
 }  // namespace
@@ -185,8 +185,9 @@ int main(int argc, char** argv) {
         trace_config.contexts, static_cast<unsigned long>(trace_config.requests), trace_config.zipf,
         trace_config.min_tokens, trace_config.max_tokens, static_cast<double>(working_set) / (1ull << 30),
         seeds);
-    std::printf("%-28s %9s %10s %9s %8s %8s %8s\n", "policy", "weight", "delay ms", "quality", "DRAM", "SSD",
-                "miss");
+    std::printf("delay and quality: over all requests; reuse: over requests whose context was seen before\n");
+    std::printf("%-26s %8s %9s %8s %10s %8s %7s %7s %7s\n", "policy", "weight", "delay ms", "quality",
+                "reuse ms", "reuse q", "DRAM", "SSD", "miss");
     std::vector<SimResult> statics, adaptives;
     for (const auto& runs : static_runs) statics.push_back(median_of(runs));
     for (size_t i = 0; i < adaptive_runs.size(); ++i) {
