@@ -130,6 +130,12 @@ Status GpuStorePath::launch(std::span<const gpudirect::CopySegment> segments) {
   return copier_->copy(segments, stream_.handle());
 }
 
+Status GpuStorePath::launch_decode(const protocol::KvCodecParams& params, const gpudirect::PagedChunks& chunk,
+                                   const uint8_t* encoded_in_arena) {
+  const auto* encoded = reinterpret_cast<const void*>(device_address(encoded_in_arena));
+  return gpudirect::decode_paged_chunks_cuda(params, chunk, encoded, stream_.handle());
+}
+
 Status GpuStorePath::mark_layer(uint32_t layer) {
   if (layer >= layer_events_.size()) {
     return Status(ErrorCode::kInvalidArgument, "layer " + std::to_string(layer) + " has no event");

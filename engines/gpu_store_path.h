@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "kvf/gpudirect/cuda_memory.h"
+#include "kvf/gpudirect/kv_codec_cuda.h"
 #include "kvf/gpudirect/paged_copy.h"
 #include "kvf/gpudirect/segment_copier.h"
 #include "kvf/protocol/status.h"
@@ -68,6 +69,10 @@ class GpuStorePath {
 
   // Enqueues the copies (engine addresses are device pointers, arena ones device_address()es).
   Status launch(std::span<const gpudirect::CopySegment> segments);
+  // Enqueues the fused decode of one encoded chunk in the (pinned) arena straight into the engine's
+  // paged blocks (gpudirect/kv_codec_cuda.h): the kernels read the chunk over PCIe, no staging.
+  Status launch_decode(const protocol::KvCodecParams& params, const gpudirect::PagedChunks& chunk,
+                       const uint8_t* encoded_in_arena);
   // Records layer `layer`'s event behind everything launched so far.
   Status mark_layer(uint32_t layer);
   // Whether the work before layer `layer`'s mark has finished (an error when it failed).

@@ -10,6 +10,7 @@
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/cuda_probe.h"
 #include "kvf/gpudirect/kv_codec.h"
+#include "kvf/gpudirect/kv_codec_cuda.h"
 
 namespace kvf::engines {
 
@@ -309,7 +310,10 @@ Status StoreConnector::decode_chunks(std::vector<const uint8_t*>& chunks,
   decoded_range_ = {};
   std::vector<size_t> encoded;
   for (size_t c = 0; c < chunks.size(); ++c) {
-    if (codecs[c] != protocol::KvCodec::kIdentity) encoded.push_back(c);
+    // On the GPU path fixed-rate chunks are decoded by the GPU, fused with the scatter.
+    if (codecs[c] == protocol::KvCodec::kIdentity || (gpu_ && protocol::codec_is_fixed_rate(codecs[c])))
+      continue;
+    encoded.push_back(c);
   }
   if (encoded.empty()) return Status::Ok();
   const uint64_t need = encoded.size() * chunk_bytes();
@@ -406,7 +410,7 @@ Result<LoadResult> StoreConnector::load_layers(std::span<const uint32_t> tokens,
     release_all();
     return s;
   }
-  const Status copied = gpu_ ? load_chunks_gpu(block_table, chunk_data, on_layer)
+  const Status copied = gpu_ ? load_chunks_gpu(block_table, chunk_data, stored_bytes, codecs, on_layer)
                              : load_chunks(block_table, chunk_data, on_layer);
   release_all();
   if (!copied.ok()) return copied;
@@ -433,6 +437,8 @@ Status StoreConnector::load_chunks(std::span<const uint32_t> block_table,
 
 Status StoreConnector::load_chunks_gpu(std::span<const uint32_t> block_table,
                                        std::span<const uint8_t* const> chunks,
+                                       std::span<const uint64_t> stored_bytes,
+                                       std::span<const protocol::KvCodec> codecs,
                                        const std::function<void(uint32_t)>& on_layer) {
   // The kernel copies all segments of a launch in parallel: two chunks' pieces landing in one
   // block would race (on the CPU the later one wins), so a repeated block is refused.
@@ -451,16 +457,34 @@ Status StoreConnector::load_chunks_gpu(std::span<const uint32_t> block_table,
   auto decoded = [&](const uint8_t* chunk) {
     return chunk >= decoded_range_.data() && chunk < decoded_range_.data() + decoded_range_.size();
   };
-  for (const uint8_t* chunk : chunks) {
-    if (decoded(chunk)) continue;
-    if (Status s = gpu_->pin(client_->arena(), chunk, chunk_bytes()); !s.ok()) return s;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    if (decoded(chunks[c])) continue;
+    if (Status s = gpu_->pin(client_->arena(), chunks[c], stored_bytes[c]); !s.ok()) return s;
     break;
   }
-  for (const uint8_t* chunk : chunks) {
-    if (!decoded(chunk) && !gpu_->pinned(chunk, chunk_bytes())) {
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    if (!decoded(chunks[c]) && !gpu_->pinned(chunks[c], stored_bytes[c])) {
       return Status(ErrorCode::kPeerLost,
                     "the leased chunks lie in two arenas (the store client reconnected)");
     }
+  }
+  // Chunks still encoded (fixed-rate codecs, left in the arena by decode_chunks) are decoded by the
+  // GPU straight into their blocks, all layers at once, ahead of the other chunks' layer copies: each
+  // layer's event is recorded behind them.
+  std::vector<bool> fused(chunks.size(), false);
+  std::vector<void*> layer_base(layers_.begin(), layers_.end());
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    if (decoded(chunks[c]) || codecs[c] == protocol::KvCodec::kIdentity) continue;
+    auto header = protocol::read_chunk_header(std::span(chunks[c], stored_bytes[c]));
+    if (!header.ok()) return header.status();
+    const gpudirect::PagedChunks paged{options_.layout, layer_base,
+                                       block_table.subspan(c * blocks_per_chunk(), blocks_per_chunk()),
+                                       blocks_per_chunk()};
+    if (Status s = gpu_->launch_decode(header->params, paged, chunks[c]); !s.ok()) {
+      (void)gpu_->synchronize();
+      return Status(s.code(), "decoding chunk " + std::to_string(c) + " on the GPU: " + s.message());
+    }
+    fused[c] = true;
   }
   const uint32_t layers = options_.layout.num_layers;
   std::vector<gpudirect::CopySegment> segments;
@@ -483,6 +507,7 @@ Status StoreConnector::load_chunks_gpu(std::span<const uint32_t> block_table,
   for (uint32_t l = 0; l < layers && failed.ok(); ++l) {
     segments.clear();
     for (uint32_t c = 0; c < chunks.size(); ++c) {
+      if (fused[c]) continue;
       // Mapped pinned memory has the same address on the GPU (unified addressing).
       const uint64_t base = decoded(chunks[c]) ? address(chunks[c]) : gpu_->device_address(chunks[c]);
       layer_segments(c, l, block_table, base, false, segments);

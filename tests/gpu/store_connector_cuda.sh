@@ -62,5 +62,27 @@ engine cglayers load --seed 44 --table-seed 13 --mem cuda:$g1 --layers --expect-
 kvf_check_eq "$?" 0 "the same, layer by layer: $(last cglayers)"
 engine chload load --seed 44 --table-seed 14 --expect-fail
 kvf_check_eq "$?" 0 "host engine: refused likewise: $(last chload)"
+# Compressed entries (the daemon's /compress) loaded into GPU blocks: fixed-rate codecs decoded by
+# the GPU straight from the pinned arena into the blocks, zstd on the CPU through pinned scratch;
+# every byte equal to what the CPU codec makes of the stored chunk. KV-like data (finite bf16): the
+# other prompts' random bytes are refused by the lossy codecs and reported as failed.
+port=$(sed -n 's/.*http_port: \([0-9]*\).*/\1/p' "$KVF_TMP/topology.yaml")
+compress() {
+  curl -s -o "$KVF_TMP/reply.json" -w '%{http_code}' -H 'Content-Type: application/json' \
+    -X POST "http://127.0.0.1:$port/compress" -d "{\"all\": true, \"codec\": \"$1\"}"
+}
+engine zstore store --seed 45 --table-seed 15 --mem cuda:$g0 --finite
+kvf_check_eq "$?" 0 "GPU engine stores a KV-like prompt: $(last zstore)"
+for codec in int8 int4 fp8; do
+  kvf_check_eq "$(compress $codec)" 200 "POST /compress $codec: $(cat "$KVF_TMP/reply.json")"
+  kvf_check_grep "$KVF_TMP/reply.json" '"compressed":15' "the KV-like prompt's 15 chunks re-encoded to $codec"
+  engine "z$codec" load --seed 45 --table-seed 16 --mem cuda:$g1 --finite --codec $codec --expect-tokens 960
+  kvf_check_eq "$?" 0 "GPU engine loads $codec chunks decoded by the GPU into its blocks: $(last "z$codec")"
+  engine "zl$codec" load --seed 45 --table-seed 17 --mem cuda:$g1 --finite --codec $codec --layers --expect-tokens 960
+  kvf_check_eq "$?" 0 "the same, layer by layer: $(last "zl$codec")"
+done
+kvf_check_eq "$(compress zstd)" 200 "POST /compress zstd (from fp8): $(cat "$KVF_TMP/reply.json")"
+engine zzstd load --seed 45 --table-seed 18 --mem cuda:$g1 --finite --codec fp8 --expect-tokens 960
+kvf_check_eq "$?" 0 "zstd chunks (CPU-decoded into pinned scratch) equal the fp8 result exactly: $(last zzstd)"
 kvf_check kvf_alive d -- "daemon alive at the end"
 kvf_finish

@@ -15,8 +15,10 @@
 // in place (no copy through the daemon); every loaded chunk is checked against the checksum the
 // store recorded at commit before any byte of it reaches the engine's blocks. A chunk the store holds
 // compressed (the daemon's /compress; its lease names the codec) must carry this engine's chunk shape in
-// its header; it is decoded on the CPU (gpudirect/kv_codec.h, several chunks at once) into scratch
-// memory, which the copies then read instead of the arena.
+// its header. On the GPU path a fixed-rate chunk (int8, fp8, int4, int2) is decoded by the GPU
+// straight from the pinned arena into the engine's blocks (gpudirect/kv_codec_cuda.h: the decode fused
+// with the scatter); other codecs, and every codec on the host path, are decoded on the CPU (several
+// chunks at once) into scratch memory, which the copies then read instead of the arena.
 // Layer buffers may be host memory (memcpy) or cudaMalloc'd memory of one GPU: then the arena
 // mapping is page-locked (cudaHostRegister) once and chunk bytes move between the GPU blocks and
 // the arena by copy-kernel launches: store = reserve -> one gather launch per chunk (all its
@@ -129,7 +131,10 @@ class StoreConnector {
   // by layer, calling on_layer(l) (when set) once layer l of every chunk is in place.
   Status load_chunks(std::span<const uint32_t> block_table, std::span<const uint8_t* const> chunks,
                      const std::function<void(uint32_t layer)>& on_layer);
+  // `stored_bytes`: each chunk's length where it lies (the arena, or chunk_bytes() once decoded);
+  // chunks still encoded are decoded by the GPU into their blocks.
   Status load_chunks_gpu(std::span<const uint32_t> block_table, std::span<const uint8_t* const> chunks,
+                         std::span<const uint64_t> stored_bytes, std::span<const protocol::KvCodec> codecs,
                          const std::function<void(uint32_t layer)>& on_layer);
 
   // The shape of one chunk's raw bytes, as the codecs see it.
