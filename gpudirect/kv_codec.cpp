@@ -63,29 +63,33 @@ Status invalid(const std::string& what) {
 }
 
 // Unaligned little-endian access to caller buffers (memcpy folds into a plain load or store).
-inline uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
+template <typename T>
+inline T load_as(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
   return v;
+}
+template <typename T>
+inline void store_as(uint8_t* p, T v) {
+  std::memcpy(p, &v, sizeof(T));
+}
+inline uint16_t load_u16(const uint8_t* p) {
+  return load_as<uint16_t>(p);
 }
 inline void store_u16(uint8_t* p, uint16_t v) {
-  std::memcpy(p, &v, 2);
+  store_as(p, v);
 }
 inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
+  return load_as<uint32_t>(p);
 }
 inline void store_u32(uint8_t* p, uint32_t v) {
-  std::memcpy(p, &v, 4);
+  store_as(p, v);
 }
 inline float load_f32(const uint8_t* p) {
-  float v;
-  std::memcpy(&v, p, 4);
-  return v;
+  return load_as<float>(p);
 }
 inline void store_f32(uint8_t* p, float v) {
-  std::memcpy(p, &v, 4);
+  store_as(p, v);
 }
 
 // The bf16 nearest a float, as a float: what a decoder writes (float_to_bf16), read back, for the
