@@ -9,13 +9,15 @@
 #            and checking every block against the CPU codec (raw: the values themselves; int8: the
 #            codec's decode of them); a client fails on any difference, and so does the bench
 #   link:    loopback (default), or with --netns two network namespaces joined by veth (root):
-#            servers in one, clients in the other, UCX tcp over the veth pair
-# Usage: perf/bench-pd-codec.sh [--rounds N] [--iters I] [--codec int8|fp8] [--netns] [--direct]
-#                               [--blocks B] [--workers W] [--json FILE] [--tsv FILE]
+#            servers in one, clients in the other, UCX tcp over the veth pair; --rate caps the
+#            clients' side of the veth (tc tbf), a slow link whose wire, not the CPU, is the limit
+# Usage: perf/bench-pd-codec.sh [--rounds N] [--iters I] [--codec int8|fp8] [--netns [--rate R]]
+#                               [--direct] [--blocks B] [--workers W] [--json FILE] [--tsv FILE]
 #   --rounds N   rounds (default 5); each runs a raw client and a compressed client, I requests each
 #   --iters I    requests per client run (default 3); a run's figure is its median request
 #   --codec C    the compressed codec (default int8)
 #   --netns      between two network namespaces over veth instead of loopback (needs root)
+#   --rate R     with --netns: the clients' egress capped at R (tc's units: 2gbit, 500mbit, ...)
 #   --direct     also a raw client over the plain ucx transport (direct puts, no staging) each round
 #   --blocks B   blocks per layer (default 512: 1 GiB a request)
 #   --workers W  ucx_staged encode/decode/copy threads per process (default 1)
@@ -25,13 +27,14 @@
 # BENCH_KEEP_TMP=1 keeps the logs. Prints a table and "ratio <codec>/raw = X (medians of N rounds)".
 set -uo pipefail
 
-rounds=5 iters=3 codec=int8 netns=0 direct=0 blocks=512 workers=1 json= tsv=
+rounds=5 iters=3 codec=int8 netns=0 rate= direct=0 blocks=512 workers=1 json= tsv=
 while (($#)); do
   case $1 in
     --rounds) rounds=${2:?}; shift 2 ;;
     --iters) iters=${2:?}; shift 2 ;;
     --codec) codec=${2:?}; shift 2 ;;
     --netns) netns=1; shift ;;
+    --rate) rate=${2:?}; shift 2 ;;
     --direct) direct=1; shift ;;
     --blocks) blocks=${2:?}; shift 2 ;;
     --workers) workers=${2:?}; shift 2 ;;
@@ -46,6 +49,7 @@ for v in rounds iters blocks; do
 done
 [[ $workers =~ ^[0-9]+$ ]] || { echo "bench-pd-codec.sh: --workers wants an integer" >&2; exit 2; }
 [[ $codec == int8 || $codec == fp8 ]] || { echo "bench-pd-codec.sh: --codec is int8 or fp8" >&2; exit 2; }
+[[ -z $rate || $netns == 1 ]] || { echo "bench-pd-codec.sh: --rate needs --netns" >&2; exit 2; }
 
 bin=${KVF_BIN:-build/bin}
 [[ -x $bin/kvfabric-perf ]] || { echo "bench-pd-codec.sh: $bin/kvfabric-perf is not built (set KVF_BIN)" >&2; exit 2; }
@@ -82,6 +86,10 @@ if ((netns)); then
   source "$(dirname "${BASH_SOURCE[0]}")/../tests/netns/lib.sh"
   kvf_netns_cluster 2 || { echo "bench-pd-codec.sh: --netns: $KVF_NETNS_ERROR" >&2; exit 2; }
   ns_server=(ip netns exec "${KVF_NS[1]}") ns_client=(ip netns exec "${KVF_NS[2]}") host=${KVF_NS_ADDR[1]}
+  if [[ -n $rate ]]; then
+    tc -n "${KVF_NS[2]}" qdisc add dev kvf0 root tbf rate "$rate" burst 4mb latency 200ms ||
+      { echo "bench-pd-codec.sh: tc could not cap the link at $rate" >&2; exit 2; }
+  fi
 fi
 
 common=(--layers 32 --blocks "$blocks" --block-bytes 32K --row-bytes 2048)
@@ -114,11 +122,14 @@ if ((direct)); then
   cells+=(direct)
 fi
 
+link=loopback
+((netns)) && link="veth between two namespaces"
+[[ -n $rate ]] && link+=", the clients' egress capped at $rate"
 results=$tmp/results.tsv
 : >"$results"
 failed=0
 echo "bench-pd-codec: $rounds rounds x (${cells[*]}), $iters requests each, 32 x $blocks blocks x 2 x 32K," \
-  "UCX_TLS=tcp over $( ((netns)) && echo "veth between two namespaces" || echo loopback)"
+  "UCX_TLS=tcp over $link"
 for ((round = 1; round <= rounds; round++)); do
   # Alternate which cell goes first, so neither always follows the other.
   order=("${cells[@]}")
@@ -149,9 +160,9 @@ for ((round = 1; round <= rounds; round++)); do
 done
 [[ -n $tsv ]] && { printf 'round\tcell\tgbps\n'; cat "$results"; } >"$tsv"
 
-python3 - "$results" "$codec" "$rounds" "$iters" "$blocks" "$netns" "$workers" "${json:-}" <<'PY'
+python3 - "$results" "$codec" "$rounds" "$iters" "$blocks" "$netns" "$workers" "${json:-}" "${rate:-}" <<'PY'
 import json, statistics, sys
-path, codec, rounds, iters, blocks, netns, workers, out = sys.argv[1:9]
+path, codec, rounds, iters, blocks, netns, workers, out, rate = sys.argv[1:10]
 runs = [line.rstrip("\n").split("\t") for line in open(path) if line.strip()]
 cells = {}
 for r, cell, g in runs:
@@ -175,7 +186,8 @@ if ratio is not None:
 if out:
     doc = {"request": {"layers": 32, "blocks": int(blocks), "block_bytes": 32768, "row_bytes": 2048,
                        "bytes": 32 * int(blocks) * 2 * 32768},
-           "link": "veth between two network namespaces" if netns == "1" else "loopback",
+           "link": ("veth between two network namespaces" + (f", clients' egress capped at {rate}" if rate else ""))
+                   if netns == "1" else "loopback",
            "ucx_tls": "tcp", "codec": codec, "workers": int(workers), "rounds": int(rounds),
            "iters": int(iters),
            "runs": [{"round": int(r), "cell": c, "gbps": None if g == "fail" else float(g)} for r, c, g in runs],
