@@ -78,7 +78,7 @@ CodecCase parse_case(const std::string& spec) {
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> out;
   size_t start = 0;
-  // Commas inside "name:a=1,b=2" belong to the codec: split on ';' when one is present.
+  // Codec specs are ';'-separated, since commas belong to one codec's options ("int4:r=32,g=64").
   while (start <= s.size()) {
     const size_t end = s.find(sep, start);
     out.push_back(s.substr(start, end - start));
