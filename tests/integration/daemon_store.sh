@@ -61,22 +61,7 @@ wait_stat() {
   return 1
 }
 
-# call NAME METHOD PATH [BODY]: curl, reply body in $KVF_TMP/NAME.json, status in CODE.
-CODE=0
-call() {
-  local args=(-sS -m 10 -o "$KVF_TMP/$1.json" -w '%{http_code}' -X "$2")
-  [[ -n ${4:-} ]] && args+=(-H 'Content-Type: application/json' --data-binary "$4")
-  CODE=$(curl "${args[@]}" "$base$3" 2>"$KVF_TMP/$1.curl") || CODE="curl-failed:$(cat "$KVF_TMP/$1.curl")"
-}
-field() {
-  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(eval(sys.argv[2], {"d": d})))' \
-    "$KVF_TMP/$1.json" "$2" 2>/dev/null || echo "<no JSON>"
-}
-expect_ok() {  # NAME METHOD PATH BODY EXPR VALUE
-  call "$1" "$2" "$3" "$4"
-  kvf_check_eq "$CODE" 200 "$2 $3 ($1): status" || { sed 's/^/    | /' "$KVF_TMP/$1.json" >&2; return; }
-  kvf_check_eq "$(field "$1" "$5")" "$6" "$2 $3 ($1): $5"
-}
+# kvf_http_call NAME METHOD PATH [BODY]: curl, reply body in $KVF_TMP/NAME.json, status in CODE.
 
 start_daemon d1
 log1=$(kvf_logfile d1)
@@ -109,39 +94,39 @@ kvf_check_eq "$(stat active_leases)" 0 "stats: every lease released"
 mapfile -t keys < <("$tool" keys --seed 42 --chunks 20)
 key_list=$(printf '"%s",' "${keys[@]}")
 key_list="[${key_list%,}]"
-expect_ok health GET /health '' '[d["status"], d["node"]]' '["ok", "it"]'
-expect_ok stats GET /stats '' '[d["entries"], d["tiers"][0]["tier"], d["tiers"][0]["capacity_bytes"]]' \
+kvf_http_expect_ok health GET /health '' '[d["status"], d["node"]]' '["ok", "it"]'
+kvf_http_expect_ok stats GET /stats '' '[d["entries"], d["tiers"][0]["tier"], d["tiers"][0]["capacity_bytes"]]' \
   '[16, "dram", 67108864]'
-expect_ok lookup_keys POST /lookup "{\"model\": \"m\", \"chunk_keys\": $key_list}" \
+kvf_http_expect_ok lookup_keys POST /lookup "{\"model\": \"m\", \"chunk_keys\": $key_list}" \
   '[d["query_chunks"], d["matches"][0]["node"], d["matches"][0]["matched_chunks"], d["matches"][0]["matched_tokens"]]' \
   '[20, "it", 16, 512]'
-expect_ok lookup_tokens POST /lookup '{"model": "m", "tokens": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33]}' \
+kvf_http_expect_ok lookup_tokens POST /lookup '{"model": "m", "tokens": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33]}' \
   '[d["query_chunks"], d["matches"]]' '[1, []]'
-call lookup_model POST /lookup '{"model": "nope", "tokens": [1]}'
+kvf_http_call lookup_model POST /lookup '{"model": "nope", "tokens": [1]}'
 kvf_check_eq "$CODE" 400 "POST /lookup of an unknown model: status"
-expect_ok pin POST /pin "{\"keys\": [\"${keys[0]}\", \"${keys[19]}\"]}" '[d["pinned"], d["not_found"]]' "[1, [\"${keys[19]}\"]]"
+kvf_http_expect_ok pin POST /pin "{\"keys\": [\"${keys[0]}\", \"${keys[19]}\"]}" '[d["pinned"], d["not_found"]]' "[1, [\"${keys[19]}\"]]"
 kvf_check_eq "$(stat pinned)" 1 "stats: the pin reached the store"
-expect_ok unpin POST /unpin "{\"keys\": [\"${keys[0]}\"]}" 'd["unpinned"]' 1
-expect_ok clear_key POST /clear "{\"keys\": [\"${keys[15]}\"]}" '[d["cleared"], d["freed_bytes"]]' "[1, $bytes]"
-call move POST /move "{\"from\": \"it\", \"to\": \"other\", \"keys\": [\"${keys[0]}\"]}"
+kvf_http_expect_ok unpin POST /unpin "{\"keys\": [\"${keys[0]}\"]}" 'd["unpinned"]' 1
+kvf_http_expect_ok clear_key POST /clear "{\"keys\": [\"${keys[15]}\"]}" '[d["cleared"], d["freed_bytes"]]' "[1, $bytes]"
+kvf_http_call move POST /move "{\"from\": \"it\", \"to\": \"other\", \"keys\": [\"${keys[0]}\"]}"
 kvf_check_eq "$CODE" 400 "POST /move to a node the topology lacks: refused"
-kvf_check_eq "$(field move '"no node '"'"'other'"'"'" in d["error"]')" true "POST /move: the message names the unknown node"
-call bad_json POST /lookup '{"model": "m", "tokens": [1,'
+kvf_check_eq "$(kvf_json_field move '"no node '"'"'other'"'"'" in d["error"]')" true "POST /move: the message names the unknown node"
+kvf_http_call bad_json POST /lookup '{"model": "m", "tokens": [1,'
 kvf_check_eq "$CODE" 400 "malformed JSON: 400"
 # Clear by model: an engine of model m (the topology's) stores 3 chunks beside the 15 of the tool's
 # own model; POST /clear {"model": "m"} takes exactly those 3.
 kvf_run put_m 20 "$tool" put --socket "$sock" --seed 9 --chunks 3 --bytes 4096 --topology "$KVF_TMP/topology.yaml" --model m
 kvf_check_grep "$(kvf_logfile put_m)" '^put: stored 3 chunks' "engine of model m stored 3 chunks"
 kvf_check_eq "$(stat entries)" 18 "stats: 15 + 3 entries"
-expect_ok clear_model POST /clear '{"model": "m"}' '[d["cleared"], d["freed_bytes"]]' '[3, 12288]'
+kvf_http_expect_ok clear_model POST /clear '{"model": "m"}' '[d["cleared"], d["freed_bytes"]]' '[3, 12288]'
 kvf_check_eq "$(stat entries)" 15 "clear by model left the other model's 15 entries"
 kvf_run get_after_clear 20 "$tool" get --socket "$sock" --seed 42 --chunks 15 --bytes $bytes
 kvf_check_eq $? 0 "the other model's entries still read back verified"
 kvf_run lookup_m 20 "$tool" lookup --socket "$sock" --seed 9 --chunks 3 --topology "$KVF_TMP/topology.yaml" --model m
 kvf_check_grep "$(kvf_logfile lookup_m)" '^lookup: 0 of 3 chunks held' "model m's chunks are gone"
-call clear_unknown POST /clear '{"model": "nope"}'
+kvf_http_call clear_unknown POST /clear '{"model": "nope"}'
 kvf_check_eq "$CODE" 400 "POST /clear of a model the topology lacks: 400"
-kvf_check_eq "$(field clear_unknown 'd["error"]')" '"unknown model '"'"'nope'"'"' (the topology has: m)"' \
+kvf_check_eq "$(kvf_json_field clear_unknown 'd["error"]')" '"unknown model '"'"'nope'"'"' (the topology has: m)"' \
   "POST /clear of an unknown model: the message names the models there are"
 # The same over the store RPC, from an engine process.
 kvf_run put_m2 20 "$tool" put --socket "$sock" --seed 10 --chunks 2 --bytes 4096 --topology "$KVF_TMP/topology.yaml" --model m
@@ -151,16 +136,16 @@ kvf_check_eq "$(stat entries)" 15 "RPC clear by model left the other model's ent
 # Compress: identity over identity entries leaves them unchanged; a real codec needs the entry's
 # chunk shape, which the tool's own model (not in the topology) does not give: each entry is
 # counted as failed with the reason, and nothing changes; an unknown codec is a 400.
-expect_ok compress_all POST /compress '{"all": true, "codec": "identity"}' \
+kvf_http_expect_ok compress_all POST /compress '{"all": true, "codec": "identity"}' \
   '[d["codec"], d["compressed"], d["unchanged"], d["bytes_before"], d["bytes_after"]]' \
   "[\"identity\", 0, 15, $((15 * bytes)), $((15 * bytes))]"
-expect_ok compress_keys POST /compress "{\"keys\": [\"${keys[0]}\", \"${keys[19]}\"], \"codec\": \"identity\"}" \
+kvf_http_expect_ok compress_keys POST /compress "{\"keys\": [\"${keys[0]}\", \"${keys[19]}\"], \"codec\": \"identity\"}" \
   '[d["unchanged"], d["bytes_before"], d["not_found"]]' "[1, $bytes, [\"${keys[19]}\"]]"
-expect_ok compress_lz4 POST /compress '{"all": true, "codec": "lz4"}' \
+kvf_http_expect_ok compress_lz4 POST /compress '{"all": true, "codec": "lz4"}' \
   '[d["compressed"], d["failed"], "not a model of the topology" in d["errors"][0]]' '[0, 15, true]'
-call compress_nope POST /compress '{"all": true, "codec": "nope"}'
+kvf_http_call compress_nope POST /compress '{"all": true, "codec": "nope"}'
 kvf_check_eq "$CODE" 400 "POST /compress with an unknown codec: 400"
-call metrics GET /metrics
+kvf_http_call metrics GET /metrics
 kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_store_entries 15$' "metrics: store entries"
 kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_store_rpc_requests_total [1-9][0-9]*$' "metrics: RPC counters"
 
@@ -256,7 +241,7 @@ kvf_run frozen 10 "$tool" stats --socket "$sock" --timeout-ms 500
 rc=$?
 took=$(($(kvf_now_ms) - started))
 kill -CONT "$(kvf_pid d1)"
-kvf_check_eq $rc 3 "engine call to a stopped daemon: a store error (exit 3)"
+kvf_check_eq $rc 3 "engine kvf_http_call to a stopped daemon: a store error (exit 3)"
 kvf_check_grep "$(kvf_logfile frozen)" '^stats: error: timeout: ' "it is a timeout"
 kvf_check test $took -lt 3000 -- "within its deadline (${took} ms for a 500 ms deadline)"
 kvf_check_eq "$(stat entries)" 15 "the daemon serves again once continued"
@@ -272,7 +257,7 @@ started=$(kvf_now_ms)
 kvf_run down 10 "$tool" get --socket "$sock" --seed 42 --chunks 1 --bytes $bytes --timeout-ms 2000
 rc=$?
 took=$(($(kvf_now_ms) - started))
-kvf_check_eq $rc 3 "engine call while the daemon is down: a store error (exit 3)"
+kvf_check_eq $rc 3 "engine kvf_http_call while the daemon is down: a store error (exit 3)"
 kvf_check_grep "$(kvf_logfile down)" '^get: error: unavailable: store daemon not reachable' "it says the daemon is not reachable"
 kvf_check test $took -lt 2000 -- "and says so at once (${took} ms), no hang"
 

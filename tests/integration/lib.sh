@@ -361,3 +361,23 @@ kvf_check_verified() {
     return 1
   fi
 }
+
+# HTTP/JSON helpers for scripts that talk to a daemon's control port; the script sets base to
+# "http://HOST:PORT". kvf_http_call NAME METHOD PATH [BODY]: the reply body goes to
+# $KVF_TMP/NAME.json and its status to CODE. kvf_json_field NAME EXPR: EXPR (Python, over the reply
+# as d) as JSON. kvf_http_expect_ok NAME METHOD PATH BODY EXPR VALUE: a 200 whose EXPR is VALUE.
+CODE=0
+kvf_http_call() {
+  local args=(-sS -m 10 -o "$KVF_TMP/$1.json" -w '%{http_code}' -X "$2")
+  [[ -n ${4:-} ]] && args+=(-H 'Content-Type: application/json' --data-binary "$4")
+  CODE=$(curl "${args[@]}" "$base$3" 2>"$KVF_TMP/$1.curl") || CODE="curl-failed:$(cat "$KVF_TMP/$1.curl")"
+}
+kvf_json_field() {
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(eval(sys.argv[2], {"d": d})))' \
+    "$KVF_TMP/$1.json" "$2" 2>/dev/null || echo "<no JSON>"
+}
+kvf_http_expect_ok() {
+  kvf_http_call "$1" "$2" "$3" "$4"
+  kvf_check_eq "$CODE" 200 "$2 $3 ($1): status" || { sed 's/^/    | /' "$KVF_TMP/$1.json" >&2; return; }
+  kvf_check_eq "$(kvf_json_field "$1" "$5")" "$6" "$2 $3 ($1): $5"
+}

@@ -47,21 +47,6 @@ YAML
 counter() {
   "$tool" stats --socket "$sock" --timeout-ms 3000 2>&1 | sed -n "s/^$1=//p"
 }
-CODE=0
-call() {  # NAME METHOD PATH [BODY]: reply body in $KVF_TMP/NAME.json, status in CODE
-  local args=(-sS -m 10 -o "$KVF_TMP/$1.json" -w '%{http_code}' -X "$2")
-  [[ -n ${4:-} ]] && args+=(-H 'Content-Type: application/json' --data-binary "$4")
-  CODE=$(curl "${args[@]}" "$base$3" 2>"$KVF_TMP/$1.curl") || CODE="curl-failed:$(cat "$KVF_TMP/$1.curl")"
-}
-field() {
-  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(eval(sys.argv[2], {"d": d})))' \
-    "$KVF_TMP/$1.json" "$2" 2>/dev/null || echo "<no JSON>"
-}
-expect_ok() {  # NAME METHOD PATH BODY EXPR VALUE
-  call "$1" "$2" "$3" "$4"
-  kvf_check_eq "$CODE" 200 "$2 $3 ($1): status" || { sed 's/^/    | /' "$KVF_TMP/$1.json" >&2; return; }
-  kvf_check_eq "$(field "$1" "$5")" "$6" "$2 $3 ($1): $5"
-}
 
 kvf_start_bg daemon "$daemon" --topology "$KVF_TMP/topology.yaml" --node ssdit --no-peers --drain-ms 3000
 kvf_wait_for_line daemon '\] ready: ' 20 || kvf_die "kvfabricd did not get ready: $(tail -n 5 "$(kvf_logfile daemon)")"
@@ -90,11 +75,11 @@ kvf_check_grep "$(kvf_logfile lookup)" "^lookup: $chunks of $chunks chunks held"
 mapfile -t keys < <("$tool" keys --seed 42 --chunks $chunks)
 all=$(printf '"%s",' "${keys[@]}")
 tail16=$(printf '"%s",' "${keys[@]:32:16}")
-expect_ok lookup_all POST /lookup "{\"model\": \"m\", \"chunk_keys\": [${all%,}], \"scope\": \"node\"}" \
+kvf_http_expect_ok lookup_all POST /lookup "{\"model\": \"m\", \"chunk_keys\": [${all%,}], \"scope\": \"node\"}" \
   '[d["matches"][0]["matched_chunks"], d["matches"][0]["tier"]]' '[48, "ssd"]'
-expect_ok lookup_tail POST /lookup "{\"model\": \"m\", \"chunk_keys\": [${tail16%,}], \"scope\": \"node\"}" \
+kvf_http_expect_ok lookup_tail POST /lookup "{\"model\": \"m\", \"chunk_keys\": [${tail16%,}], \"scope\": \"node\"}" \
   '[d["matches"][0]["matched_chunks"], d["matches"][0]["tier"]]' '[16, "dram"]'
-expect_ok stats GET /stats '' \
+kvf_http_expect_ok stats GET /stats '' \
   '[d["entries"], [t["tier"] for t in d["tiers"]], d["tiers"][1]["capacity_bytes"], d["tiers"][1]["entries"], d["tiers"][1]["spills"]]' \
   '[48, ["dram", "ssd"], 67108864, 32, 32]'
 
@@ -108,8 +93,8 @@ kvf_check_eq "$rdigest" "$wdigest" "checksum digest of the bytes read equals the
 kvf_check test "$(counter promotions)" -ge 32 -- "stats: at least 32 promotions ($(counter promotions))"
 kvf_check_eq "$(counter ssd_dropped)" 0 "stats: nothing dropped on the way up"
 kvf_check_eq "$(counter active_leases)" 0 "stats: every lease released"
-expect_ok health GET /health '' 'd["status"]' '"ok"'  # includes the stats invariants across both tiers
-call metrics GET /metrics
+kvf_http_expect_ok health GET /health '' 'd["status"]' '"ok"'  # includes the stats invariants across both tiers
+kvf_http_call metrics GET /metrics
 kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_store_ssd_spills_total [1-9][0-9]*$' "metrics: SSD spills"
 kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_store_promotions_total [1-9][0-9]*$' "metrics: promotions"
 kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_store_ssd_capacity_bytes 67108864$' "metrics: the SSD tier's capacity"
@@ -126,7 +111,7 @@ kvf_check_grep "$(kvf_logfile lookup_after)" '^lookup: 0 of 1 chunks held' "the 
 kvf_check_grep "$log" 'dropped from the ssd tier: verify_failed' "the daemon logged the drop"
 
 # --- clear reaches the SSD tier; SIGTERM removes the file ----------------------------------------
-expect_ok clear POST /clear '{"all": true}' 'd["cleared"]' "$(($(counter entries) + $(counter ssd_entries)))"
+kvf_http_expect_ok clear POST /clear '{"all": true}' 'd["cleared"]' "$(($(counter entries) + $(counter ssd_entries)))"
 kvf_check_eq "$(counter ssd_entries)" 0 "clear emptied the SSD tier"
 kvf_check_eq "$(counter ssd_bytes_used)" 0 "and freed its extents"
 kill -TERM "$(kvf_pid daemon)"
