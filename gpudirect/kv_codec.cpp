@@ -382,18 +382,21 @@ KiviShape kivi_shape(const KvCodecParams& p, const KvChunkGeometry& g) {
 }
 
 // The {fp16 min, fp16 scale} of n groups, written to meta[4 i], from their min and max keys
-// (order_key), and the two as floats: min = the group's min rounded to fp16, scale = (max - min) / L
-// rounded to fp16, min there being the rounded one. A zero min or max counts as +0 (adding +0
-// turns -0 into +0), so the bytes do not depend on the order the min and max were taken in (the
-// GPU reduces in another order).
+// (order_key), and the two as floats, with 1 / scale (0 where scale is 0): min = the group's min
+// rounded to fp16, scale = (max - min) / L rounded to fp16, min there being the rounded one. A zero min or
+// max counts as +0 (adding +0 turns -0 into +0), so the bytes do not depend on the order the min and max were
+// taken in (the GPU reduces in another order).
 KVF_KERNEL void kivi_metas(const int16_t* __restrict lo, const int16_t* __restrict hi, size_t n, float levels,
-                           uint8_t* __restrict meta, float* __restrict mins, float* __restrict scales) {
+                           uint8_t* __restrict meta, float* __restrict mins, float* __restrict scales,
+                           float* __restrict inverses) {
   for (size_t i = 0; i < n; ++i) {
     const uint16_t min_half = half_lane(cm::add(order_value(lo[i]), 0.0f));
     const float min = half_to_float_lane(min_half);
     const uint16_t scale_half = half_lane(cm::div(cm::sub(cm::add(order_value(hi[i]), 0.0f), min), levels));
+    const float scale = half_to_float_lane(scale_half);
     mins[i] = min;
-    scales[i] = half_to_float_lane(scale_half);
+    scales[i] = scale;
+    inverses[i] = scale == 0.0f ? 0.0f : cm::div(1.0f, scale);
     store_u32(meta + 4 * i, uint32_t{min_half} | (uint32_t{scale_half} << 16));
   }
 }
@@ -406,8 +409,9 @@ KVF_KERNEL void kivi_read_metas(const uint8_t* __restrict meta, size_t n, float*
   }
 }
 
-// code = clamp(round_even((x - min) / scale), 0, L), 0 where scale is 0, ORed into packed[c]
-// shifted left by `shift` (keys pack the codes of 8 / b tokens of a channel into one byte: each
+// code = clamp(round_even((x - min) * (1 / scale)), 0, L), 0 where scale is 0 (a multiply by the
+// group's inverse, not a division per value: the GPU's encode is bound by its arithmetic), ORed into
+// packed[c] shifted left by `shift` (keys pack the codes of 8 / b tokens of a channel into one byte: each
 // token's row lands in its bits; the caller zeroes `packed`). diff[c] = x - the decoded
 // min + code * scale (rounded to bf16), for the error.
 // mins and scales: per channel (keys: const float*) or one for the row's run (values: Broadcast).
@@ -417,13 +421,13 @@ struct Broadcast {
 };
 template <typename Param>
 __attribute__((always_inline)) inline void kivi_quantize(const uint8_t* __restrict row, size_t n, Param mins,
-                                                         Param scales, float levels,
+                                                         Param scales, Param inverses, float levels,
                                                          uint8_t* __restrict packed, uint32_t shift,
                                                          float* __restrict diff) {
   for (size_t c = 0; c < n; ++c) {
     const float x = cm::bf16_to_float(load_u16(row + 2 * c));
     const float scale = scales[c];
-    const float q = round_clamp(cm::div(cm::sub(x, mins[c]), scale), 0.0f, levels);
+    const float q = round_clamp(cm::mul(cm::sub(x, mins[c]), inverses[c]), 0.0f, levels);
     const auto code = static_cast<uint32_t>(static_cast<int32_t>(q));
     const uint32_t kept = select_bits(scale == 0.0f, 0u, code);  // 0 where scale is 0
     packed[c] = static_cast<uint8_t>(packed[c] | (kept << shift));
@@ -432,13 +436,15 @@ __attribute__((always_inline)) inline void kivi_quantize(const uint8_t* __restri
   }
 }
 KVF_KERNEL void kivi_quantize_row(const uint8_t* __restrict row, size_t n, const float* __restrict mins,
-                                  const float* __restrict scales, float levels, uint8_t* __restrict packed,
-                                  uint32_t shift, float* __restrict diff) {
-  kivi_quantize(row, n, mins, scales, levels, packed, shift, diff);
+                                  const float* __restrict scales, const float* __restrict inverses,
+                                  float levels, uint8_t* __restrict packed, uint32_t shift,
+                                  float* __restrict diff) {
+  kivi_quantize(row, n, mins, scales, inverses, levels, packed, shift, diff);
 }
 KVF_KERNEL void kivi_quantize_run(const uint8_t* __restrict row, size_t n, float min, float scale,
-                                  float levels, uint8_t* __restrict packed, float* __restrict diff) {
-  kivi_quantize(row, n, Broadcast{min}, Broadcast{scale}, levels, packed, 0, diff);
+                                  float inverse, float levels, uint8_t* __restrict packed,
+                                  float* __restrict diff) {
+  kivi_quantize(row, n, Broadcast{min}, Broadcast{scale}, Broadcast{inverse}, levels, packed, 0, diff);
 }
 
 // x = min + code * scale rounded to bf16, code = (packed[c] >> shift) & mask.
@@ -697,7 +703,7 @@ void kivi_encode_keys(const KiviShape& s, const uint8_t* raw, const TileRows& ti
   uint8_t* codes = seg + 4ull * groups * n;
   const uint32_t slab = key_slab(s);
   std::vector<int16_t> lo(slab), hi(slab);
-  std::vector<float> mins(slab), scales(slab), diff(slab);
+  std::vector<float> mins(slab), scales(slab), inverses(slab), diff(slab);
   std::vector<uint8_t> stage(uint64_t{group_bytes} * slab), decoded;
   for (uint32_t g = 0; g < groups; ++g) {
     const uint32_t t0 = g * s.group;
@@ -708,14 +714,15 @@ void kivi_encode_keys(const KiviShape& s, const uint8_t* raw, const TileRows& ti
       for (uint32_t t = 1; t < s.group; ++t)
         fold_min_max(raw + tile.row(t0 + t) + 2ull * c0, width, lo.data(), hi.data());
       kivi_metas(lo.data(), hi.data(), width, s.levels, meta + 4 * (uint64_t{g} * n + c0), mins.data(),
-                 scales.data());
+                 scales.data(), inverses.data());
       // Stage row k holds byte k of every channel's codes: tokens k * per_byte + i in bits i * b.
       std::memset(stage.data(), 0, stage.size());
       for (uint32_t t = 0; t < s.group; ++t) {
         const uint8_t* row = raw + tile.row(t0 + t) + 2ull * c0;
         uint8_t* packed = stage.data() + uint64_t{t / s.per_byte} * width;
         const uint32_t shift = (t % s.per_byte) * s.bits;
-        kivi_quantize_row(row, width, mins.data(), scales.data(), s.levels, packed, shift, diff.data());
+        kivi_quantize_row(row, width, mins.data(), scales.data(), inverses.data(), s.levels, packed, shift,
+                          diff.data());
         kivi_add_row_error(diff.data(), row, width, decoded, err, [&](uint8_t* out) {
           kivi_dequantize_row(packed, width, mins.data(), scales.data(), shift, mask, out);
         });
@@ -758,18 +765,19 @@ void kivi_encode_values(const KiviShape& s, const uint8_t* raw, const TileRows& 
   const uint64_t row_code_bytes = n / s.per_byte;
   uint8_t* meta = seg;
   uint8_t* codes = seg + 4ull * s.quantized * groups;
-  std::vector<float> mins(groups), scales(groups), diff(n);
+  std::vector<float> mins(groups), scales(groups), inverses(groups), diff(n);
   std::vector<int16_t> lo(groups), hi(groups);
   std::vector<uint8_t> stage(n), decoded;
   for (uint32_t t = 0; t < s.quantized; ++t) {
     const uint8_t* row = raw + tile.row(t);
     group_min_max(row, n, s.group, lo.data(), hi.data());
     std::memset(stage.data(), 0, n);
-    kivi_metas(lo.data(), hi.data(), groups, s.levels, meta + 4ull * t * groups, mins.data(), scales.data());
+    kivi_metas(lo.data(), hi.data(), groups, s.levels, meta + 4ull * t * groups, mins.data(), scales.data(),
+               inverses.data());
     for (uint32_t gi = 0; gi < groups; ++gi) {
       const uint64_t c0 = uint64_t{gi} * s.group;
-      kivi_quantize_run(row + 2 * c0, s.group, mins[gi], scales[gi], s.levels, stage.data() + c0,
-                        diff.data() + c0);
+      kivi_quantize_run(row + 2 * c0, s.group, mins[gi], scales[gi], inverses[gi], s.levels,
+                        stage.data() + c0, diff.data() + c0);
     }
     kivi_add_row_error(diff.data(), row, n, decoded, err, [&](uint8_t* out) {
       for (uint32_t gi = 0; gi < groups; ++gi) {

@@ -19,6 +19,7 @@
 // An encode is one upload of a small descriptor (layer bases, block ids, header template, zeroed
 // error sums) from a pinned staging slot, then 2-4 launches; a decode is the upload and 1-3
 // launches. Everything is asynchronous on the caller's stream.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -454,6 +455,7 @@ struct GroupScale {
   uint32_t bits;  // min | scale << 16, as the segment stores it
   float min;
   float scale;
+  float inverse;  // encodes: 1 / scale, 0 where scale is 0 (the codes multiply by it)
 };
 
 template <int kBits>
@@ -462,33 +464,42 @@ KVF_HD GroupScale group_scale(float lo, float hi) {
   const uint16_t min_h = cm::float_to_half(cm::add(lo, 0.0f));
   const float min_f = cm::half_to_float(min_h);
   const uint16_t scale_h = cm::float_to_half(cm::div(cm::sub(cm::add(hi, 0.0f), min_f), kLevels));
-  return GroupScale{uint32_t{min_h} | (uint32_t{scale_h} << 16), min_f, cm::half_to_float(scale_h)};
+  const float scale_f = cm::half_to_float(scale_h);
+  return GroupScale{uint32_t{min_h} | (uint32_t{scale_h} << 16), min_f, scale_f,
+                    scale_f == 0.0f ? 0.0f : cm::div(1.0f, scale_f)};
 }
 
+// The code's bits as round_bits leaves them (the code in the low bits): (x - min) times the
+// inverse, so 0 where the scale is 0 (an inverse of 0; NaN clamps to 0 too).
 template <int kBits>
-KVF_HD uint32_t kivi_code(float x, const GroupScale& s) {
+KVF_HD uint32_t kivi_code_bits(float y_minus_min, const GroupScale& s) {
   constexpr float kLevels = static_cast<float>((1 << kBits) - 1);
-  if (s.scale == 0.0f) return 0;
-  return round_bits(cm::clamp_value(cm::div(cm::sub(x, s.min), s.scale), 0.0f, kLevels)) &
-         ((1u << kBits) - 1);
+  return round_bits(cm::clamp_value(cm::mul(y_minus_min, s.inverse), 0.0f, kLevels));
 }
 KVF_HD uint16_t kivi_decode(uint32_t code, const GroupScale& s) {
   return cm::float_to_bf16(cm::add(s.min, cm::mul(to_float(static_cast<int32_t>(code)), s.scale)));
 }
 KVF_HD GroupScale unpack_scale(uint32_t bits) {
   return GroupScale{bits, cm::half_to_float(static_cast<uint16_t>(bits & 0xffffu)),
-                    cm::half_to_float(static_cast<uint16_t>(bits >> 16))};
+                    cm::half_to_float(static_cast<uint16_t>(bits >> 16)), 0.0f};
 }
 
+// One value's code, its squared error and squared value added to the sums. The error is against
+// the decoded value exactly as a decode rounds it to bf16 (the CPU's figure), with the hardware's
+// conversion: it equals codec_math::float_to_bf16 for every non-NaN float, and only the estimate,
+// never a payload byte, depends on it.
 template <int kBits, bool kErrors>
 __device__ __forceinline__ uint32_t kivi_code_sum(float x, const GroupScale& s, float& err, float& sq) {
-  const uint32_t c = kivi_code<kBits>(x, s);
+  const float y = cm::sub(x, s.min);
+  const uint32_t bits = kivi_code_bits<kBits>(y, s);
   if constexpr (kErrors) {
-    const float d = x - cm::bf16_to_float(kivi_decode(c, s));
+    const float decoded =
+        __bfloat162float(__float2bfloat16_rn(cm::add(s.min, cm::mul(integer_value(bits), s.scale))));
+    const float d = x - decoded;
     err += d * d;
     sq += x * x;
   }
-  return c;
+  return bits & ((1u << kBits) - 1);
 }
 
 // The running min and max of a group (any order gives the same bytes: see GroupScale).

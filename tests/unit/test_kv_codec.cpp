@@ -220,8 +220,9 @@ std::vector<uint8_t> reference_encode(const KvCodecParams& p, const KvChunkGeome
         };
         const auto code_of = [&](float v, Meta m) -> uint32_t {
           if (m.scale == 0.0f) return 0;
+          const float inverse = cm::div(1.0f, m.scale);  // once a group: the spec multiplies by it
           return static_cast<uint32_t>(
-              cm::clamp_value(cm::round_even(cm::div(cm::sub(v, m.min), m.scale)), 0.0f, L));
+              cm::clamp_value(cm::round_even(cm::mul(cm::sub(v, m.min), inverse)), 0.0f, L));
         };
         // Code number i of the segment's code stream at bits i * b, little-endian.
         const auto put_code = [&](uint64_t codes_at, uint64_t i, uint32_t code) {

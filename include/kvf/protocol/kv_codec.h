@@ -30,8 +30,9 @@
 //             (C a multiple of G): for each token t < Q, for each channel group: {fp16 min, fp16
 //             scale}; then the codes in [token][channel] order. Codes are packed little-endian, the
 //             first value in the lowest bits. min = the group's min rounded to fp16, scale = (max -
-//             min) / L rounded to fp16, with that rounded min, code = clamp(round_even((x - min) /
-//             scale), 0, L) with the rounded min and scale (0 when that scale is 0). A min or max of
+//             min) / L rounded to fp16, with that rounded min, code = clamp(round_even((x - min) *
+//             r), 0, L) with the rounded min and r = 1 / the rounded scale (a float division, once a
+//             group; 0 when that scale is 0, and so is the code). A min or max of
 //             zero counts as +0 (take min + 0.0f and max + 0.0f): -0 and +0 compare equal, so which
 //             one a reduction returns depends on its order, and the CPU and GPU reduce in different
 //             orders. Then the last R tokens' rows as raw bf16. Decoding: x = min + code * scale (a
