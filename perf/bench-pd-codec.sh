@@ -12,7 +12,8 @@
 #            servers in one, clients in the other, UCX tcp over the veth pair; --rate caps the
 #            clients' side of the veth (tc tbf), a slow link whose wire, not the CPU, is the limit
 # Usage: perf/bench-pd-codec.sh [--rounds N] [--iters I] [--codec int8|fp8] [--netns [--rate R]]
-#                               [--direct] [--blocks B] [--workers W] [--json FILE] [--tsv FILE]
+#                               [--direct] [--blocks B] [--workers W] [--slots N] [--slot-bytes S]
+#                               [--json FILE] [--tsv FILE]
 #   --rounds N   rounds (default 5); each runs a raw client and a compressed client, I requests each
 #   --iters I    requests per client run (default 3); a run's figure is its median request
 #   --codec C    the compressed codec (default int8)
@@ -21,13 +22,15 @@
 #   --direct     also a raw client over the plain ucx transport (direct puts, no staging) each round
 #   --blocks B   blocks per layer (default 512: 1 GiB a request)
 #   --workers W  ucx_staged encode/decode/copy threads per process (default 1)
+#   --slots N    ucx_staged staging slots a side (default: kvfabric-perf's, 4)
+#   --slot-bytes S  bytes of raw KV per staging slot (default: kvfabric-perf's, 32M)
 #   --json FILE  results as JSON: every run, the medians, the ratio
 #   --tsv FILE   every run as TSV: round, cell, GB/s
 # Environment: KVF_BIN (default build/bin), BENCH_TIMEOUT_S (per client run, default 300),
 # BENCH_KEEP_TMP=1 keeps the logs. Prints a table and "ratio <codec>/raw = X (medians of N rounds)".
 set -uo pipefail
 
-rounds=5 iters=3 codec=int8 netns=0 rate= direct=0 blocks=512 workers=1 json= tsv=
+rounds=5 iters=3 codec=int8 netns=0 rate= direct=0 blocks=512 workers=1 slots= slot_bytes= json= tsv=
 while (($#)); do
   case $1 in
     --rounds) rounds=${2:?}; shift 2 ;;
@@ -38,6 +41,8 @@ while (($#)); do
     --direct) direct=1; shift ;;
     --blocks) blocks=${2:?}; shift 2 ;;
     --workers) workers=${2:?}; shift 2 ;;
+    --slots) slots=${2:?}; shift 2 ;;
+    --slot-bytes) slot_bytes=${2:?}; shift 2 ;;
     --json) json=${2:?}; shift 2 ;;
     --tsv) tsv=${2:?}; shift 2 ;;
     -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -48,6 +53,8 @@ for v in rounds iters blocks; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "bench-pd-codec.sh: --$v wants a positive integer" >&2; exit 2; }
 done
 [[ $workers =~ ^[0-9]+$ ]] || { echo "bench-pd-codec.sh: --workers wants an integer" >&2; exit 2; }
+[[ -z $slots || $slots =~ ^[1-9][0-9]*$ ]] || { echo "bench-pd-codec.sh: --slots wants a positive integer" >&2; exit 2; }
+[[ -z $slot_bytes || $slot_bytes =~ ^[1-9][0-9]*[KMG]?$ ]] || { echo "bench-pd-codec.sh: --slot-bytes wants a size (8M, 32M, ...)" >&2; exit 2; }
 [[ $codec == int8 || $codec == fp8 ]] || { echo "bench-pd-codec.sh: --codec is int8 or fp8" >&2; exit 2; }
 [[ -z $rate || $netns == 1 ]] || { echo "bench-pd-codec.sh: --rate needs --netns" >&2; exit 2; }
 
@@ -94,6 +101,8 @@ fi
 
 common=(--layers 32 --blocks "$blocks" --block-bytes 32K --row-bytes 2048)
 staged=(--transport ucx_staged --staging-workers "$workers")
+[[ -n $slots ]] && staged+=(--staging-slots "$slots")
+[[ -n $slot_bytes ]] && staged+=(--staging-bytes "$slot_bytes")
 
 # start_server NAME ARGS...: a server on $host:0, its port in server_port[NAME].
 start_server() {
