@@ -396,7 +396,9 @@ KVF_KERNEL void kivi_metas(const int16_t* __restrict lo, const int16_t* __restri
     const float scale = half_to_float_lane(scale_half);
     mins[i] = min;
     scales[i] = scale;
-    inverses[i] = scale == 0.0f ? 0.0f : cm::div(1.0f, scale);
+    // Divided always, then selected as bits: a branch would keep the loop from vectorizing.
+    const float inverse = cm::div(1.0f, scale);
+    inverses[i] = cm::as_float(select_bits(scale == 0.0f, 0u, cm::as_bits(inverse)));
     store_u32(meta + 4 * i, uint32_t{min_half} | (uint32_t{scale_half} << 16));
   }
 }
