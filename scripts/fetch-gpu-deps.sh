@@ -4,6 +4,8 @@
 #   - UCX built with CUDA (PyPI's libucx-cu13 wheel: headers, libraries, ucx_perftest). The GPU
 #     machine's own UCX 1.16 runtime has no headers and no CUDA transports.
 #   - xxhash headers (Debian's libxxhash-dev and libxxhash0; the GPU machine has neither).
+#   - iproute2 (ip, tc) and the libraries it links, for the host benches between network
+#     namespaces (gpu-run.sh's host phase): the GPU machine has no `ip`.
 # Static archives and duplicate .so copies are dropped so the carried tree stays small.
 # Idempotent: does nothing when .gpu-deps/READY exists (delete it to refetch).
 set -euo pipefail
@@ -31,5 +33,10 @@ cp -r "$tmp/libucx/lib/pkgconfig" "$deps/libucx/lib/"
 
 echo "fetch-gpu-deps: downloading Debian's libxxhash-dev"
 (cd "$deps/debs" && apt-get download -q libxxhash-dev libxxhash0 >/dev/null)
+echo "fetch-gpu-deps: downloading Debian's iproute2 and its libraries"
+mkdir -p "$deps/net-debs"
+(cd "$deps/net-debs" && apt-get download -q iproute2 libbpf1 libelf1 libmnl0 libcap2 libdb5.3 libtirpc3 \
+  libxtables12 libselinux1 libpcre2-8-0 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libkeyutils1 \
+  libcom-err2 >/dev/null)
 touch "$deps/READY"
 du -sh "$deps"

@@ -3,13 +3,18 @@
 # by scripts/fetch-gpu-deps.sh on a networked machine), build kvfabric for sm_90, run the GPU and
 # unit tests (kernel tests also under compute-sanitizer memcheck) and perf/bench-gpu.sh. Logs and
 # results go under $OUT (or ./gpu-out when OUT is unset); a summary table is printed last.
-# Usage: scripts/gpu-run.sh [build] [test] [sanitize] [bench] [quality] [bench-args...]
+# Usage: scripts/gpu-run.sh [build] [test] [sanitize] [bench] [quality] [host] [bench-args...]
 #   (default: build test sanitize bench; quality: the KV codecs on the Llama-3-8B-shaped GPU
-#   reference engine, then the placement bench on the profiles it measured)
+#   reference engine, then the placement bench on the profiles it measured; host: the host-memory
+#   benches that the 2-core CPU machine cannot run without its CPU being the limit, on this
+#   machine's cores: remote fetch between two network namespaces and compressed PD layers over
+#   loopback tcp)
 #   e.g. scripts/gpu-run.sh build bench --rounds 3
 # Environment: KVF_GPU_BUILD (build dir, default build-gpu), BENCH_ARGS (extra args to bench-gpu.sh),
 #   KVF_TEST_LABELS (ctest labels of the test phase, default "gpu|unit"), KVF_TEST_REGEX (only the
-#   tests whose names match, as ctest -R), KVF_BUILD_TARGETS (build only these targets).
+#   tests whose names match, as ctest -R), KVF_BUILD_TARGETS (build only these targets),
+#   HOST_ROUNDS (rounds of each host bench, default 7), PD_CODEC_ARGS (extra bench-pd-codec.sh
+#   arguments for the host phase, default "--workers 8 --slots 8 --slot-bytes 8M").
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -22,7 +27,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 
 phases=() bench_args=()
 for a in "$@"; do
-  case $a in build|test|sanitize|bench|quality) phases+=("$a") ;; *) bench_args+=("$a") ;; esac
+  case $a in build|test|sanitize|bench|quality|host) phases+=("$a") ;; *) bench_args+=("$a") ;; esac
 done
 ((${#phases[@]})) || phases=(build test sanitize bench)
 want() { local p; for p in "${phases[@]}"; do [[ $p == "$1" ]] && return 0; done; return 1; }
@@ -106,6 +111,32 @@ if want quality; then
   else
     note "quality: FAILED (rc $?): $(tail -n 3 "$out/quality.log")"
   fi
+fi
+# --- host benches on this machine's cores --------------------------------------------------------
+if want host; then
+  # `ip` and `tc` from the carried Debian iproute2, run through the loader with its libraries, so
+  # nothing that `ip netns exec` starts inherits them.
+  netroot=$(mktemp -d) netbin=$(mktemp -d)
+  for d in "$deps"/net-debs/*.deb; do dpkg -x "$d" "$netroot"; done
+  for t in ip tc; do
+    exe=$(ls "$netroot"/{bin,sbin,usr/bin,usr/sbin}/$t 2>/dev/null | head -1)
+    [[ -n $exe ]] && printf '#!/bin/sh\nexec /lib64/ld-linux-x86-64.so.2 --library-path %s %s "$@"\n' \
+      "$netroot/usr/lib/x86_64-linux-gnu:$netroot/lib/x86_64-linux-gnu" "$exe" >"$netbin/$t" && chmod +x "$netbin/$t"
+  done
+  if PATH=$netbin:$PATH KVF_BIN=$bin timeout 300 perf/bench-remote-fetch.sh --rounds "${HOST_ROUNDS:-7}" \
+       >"$out/host-fetch.log" 2>&1; then
+    note "host: remote fetch $(grep -E '^ratio' "$out/host-fetch.log")"
+  else
+    note "host: remote fetch FAILED (rc $?): $(tail -n 3 "$out/host-fetch.log")"
+  fi
+  # shellcheck disable=SC2086
+  if KVF_BIN=$bin BENCH_TIMEOUT_S=60 timeout 300 perf/bench-pd-codec.sh --rounds "${HOST_ROUNDS:-7}" --iters 3 \
+       ${PD_CODEC_ARGS:---workers 8 --slots 8 --slot-bytes 8M} >"$out/host-pd-codec.log" 2>&1; then
+    note "host: compressed PD $(grep -E '^ratio' "$out/host-pd-codec.log" | head -1)"
+  else
+    note "host: compressed PD FAILED (rc $?): $(tail -n 3 "$out/host-pd-codec.log")"
+  fi
+  rm -rf "$netroot" "$netbin"
 fi
 echo "==== gpu-run summary ===="
 printf '%s\n' "${summary[@]}"
