@@ -1,12 +1,15 @@
 // kvfabric-http-bench: requests per second of POST /lookup with N-chunk prompts over loopback,
 // N keep-alive connections, against its anchor measured in the same run: a raw Beast server that
 // reads the same request and writes the same reply bytes with no routing, validation or JSON.
-// Rounds alternate anchor and kvfabric; medians are reported with their ratio. The ControlApi
-// behind the real server is trivial, so the figure is the HTTP/JSON front end's own cost.
+// Rounds alternate anchor and kvfabric; medians are reported with their ratio. By default the
+// ControlApi behind the real server is trivial, so the figure is the HTTP/JSON front end's own
+// cost; with --daemon-port the kvfabric side is a running kvfabricd (its store's index behind
+// /lookup), asked about chunk keys it holds (--keys-file, e.g. from `kvfabric-store-tool keys`).
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -218,9 +221,27 @@ class Load {
   std::atomic<bool> stopping_{false};
 };
 
-std::string lookup_body(size_t chunks, bool by_tokens) {
-  nlohmann::json body = {{"model", "llama-3-8b"}};
-  if (by_tokens) {
+// The chunk keys (32 hex digits each, whitespace-separated) of a file, in order.
+std::vector<std::string> read_keys(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot read --keys-file " + path);
+  std::vector<std::string> keys;
+  for (std::string key; in >> key;) {
+    if (!protocol::ChunkKey::from_hex(key).ok()) {
+      throw std::runtime_error("--keys-file " + path + ": '" + key + "' is not a 32-hex-digit chunk key");
+    }
+    keys.push_back(key);
+  }
+  if (keys.empty()) throw std::runtime_error("--keys-file " + path + " holds no keys");
+  return keys;
+}
+
+std::string lookup_body(size_t chunks, bool by_tokens, const std::string& model,
+                        const std::vector<std::string>& file_keys) {
+  nlohmann::json body = {{"model", model}};
+  if (!file_keys.empty()) {
+    body["chunk_keys"] = file_keys;
+  } else if (by_tokens) {
     std::vector<uint32_t> tokens(chunks * protocol::kDefaultChunkTokens);
     for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>((i * 7919) % 128256);
     body["tokens"] = tokens;
@@ -282,10 +303,17 @@ int main(int argc, char** argv) {
        cxxopts::value<std::string>()->default_value("keys"))                                               //
       ("server-threads", "io threads of each server", cxxopts::value<size_t>()->default_value("1"))        //
       ("client-threads", "threads driving the connections", cxxopts::value<size_t>()->default_value("1"))  //
+      ("daemon-port", "measure a running kvfabricd's HTTP port on 127.0.0.1 instead of the trivial API",
+       cxxopts::value<uint16_t>())  //
+      ("keys-file", "chunk keys to look up (hex, whitespace-separated; replaces --chunks and --query)",
+       cxxopts::value<std::string>())                                                              //
+      ("model", "the lookup's model", cxxopts::value<std::string>()->default_value("llama-3-8b"))  //
       ("help", "this text");
   size_t connections, rounds, chunks, server_threads, client_threads;
   double duration, warmup;
-  std::string query;
+  std::string query, model;
+  std::optional<uint16_t> daemon_port;
+  std::vector<std::string> file_keys;
   try {
     const auto args = cli.parse(argc, argv);
     if (args.count("help") != 0) {
@@ -300,6 +328,13 @@ int main(int argc, char** argv) {
     query = args["query"].as<std::string>();
     server_threads = args["server-threads"].as<size_t>();
     client_threads = args["client-threads"].as<size_t>();
+    model = args["model"].as<std::string>();
+    if (args.count("daemon-port") != 0) daemon_port = args["daemon-port"].as<uint16_t>();
+    if (args.count("keys-file") != 0) {
+      file_keys = read_keys(args["keys-file"].as<std::string>());
+      chunks = file_keys.size();
+      query = "keys";
+    }
     if (query != "keys" && query != "tokens") throw std::invalid_argument("--query must be keys or tokens");
     if (connections == 0 || rounds == 0 || server_threads == 0 || client_threads == 0 || duration <= 0 ||
         warmup < 0) {
@@ -311,19 +346,28 @@ int main(int argc, char** argv) {
   }
 
   try {
-    const std::string body = lookup_body(chunks, query == "tokens");
+    const std::string body = lookup_body(chunks, query == "tokens", model, file_keys);
     const std::string bytes = request_bytes(body);
 
-    HttpServerOptions options;
-    options.io_threads = server_threads;
-    auto started = HttpControlServer::start(std::make_shared<TrivialApi>(), options);
-    if (!started.ok()) {
-      std::cerr << "kvfabric-http-bench: " << started.status().to_string() << "\n";
-      return 1;
+    std::unique_ptr<HttpControlServer> trivial;
+    uint16_t kvf_port = 0;
+    if (daemon_port) {
+      kvf_port = *daemon_port;
+    } else {
+      HttpServerOptions options;
+      options.io_threads = server_threads;
+      auto started = HttpControlServer::start(std::make_shared<TrivialApi>(), options);
+      if (!started.ok()) {
+        std::cerr << "kvfabric-http-bench: " << started.status().to_string() << "\n";
+        return 1;
+      }
+      trivial = std::move(started.value());
+      kvf_port = trivial->port();
     }
-    auto& server = *started.value();
-    const std::string reply = fetch_reply_body(server.port(), bytes);
+    const std::string reply = fetch_reply_body(kvf_port, bytes);
     AnchorServer anchor(reply, server_threads);
+    if (daemon_port)
+      std::printf("kvfabric-http-bench: the daemon on port %u answers: %s\n", kvf_port, reply.c_str());
 
     std::printf(
         "kvfabric-http-bench: POST /lookup, %zu chunks as %s (%zu-byte body, %zu-byte reply), %zu keep-alive "
@@ -337,8 +381,7 @@ int main(int argc, char** argv) {
     for (size_t round = 0; round < rounds; ++round) {
       const LoadResult a =
           Load(anchor.port(), bytes, reply, connections).run(client_threads, warmup, duration);
-      const LoadResult k =
-          Load(server.port(), bytes, reply, connections).run(client_threads, warmup, duration);
+      const LoadResult k = Load(kvf_port, bytes, reply, connections).run(client_threads, warmup, duration);
       anchor_rps.push_back(a.requests_per_s);
       kvf_rps.push_back(k.requests_per_s);
       kvf_p50.push_back(k.p50_us);
