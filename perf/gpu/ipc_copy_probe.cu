@@ -12,28 +12,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
-#define CK(x)                                                      \
-  do {                                                             \
-    cudaError_t e = (x);                                           \
-    if (e != cudaSuccess) {                                        \
-      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e)); \
-      std::exit(1);                                                \
-    }                                                              \
-  } while (0)
-static double now() {
-  timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec + t.tv_nsec * 1e-9;
-}
-static void xfer(int fd, void* p, size_t n, bool wr) {
-  char* c = (char*)p;
-  while (n) {
-    ssize_t k = wr ? write(fd, c, n) : read(fd, c, n);
-    if (k <= 0) std::exit(2);
-    c += k;
-    n -= (size_t)k;
-  }
-}
+
+#include "probe_util.h"
 constexpr size_t kTotal = 1ull << 30, kLayer = 32ull << 20, kLayers = kTotal / kLayer;
 enum Case { kPushLayers, kPullLayers, kPushOne, kPullOne, kBothLayers, kBothHalves, kPush2Streams, kCases };
 const char* names[] = {"push 32x32MiB (sender's CE)",

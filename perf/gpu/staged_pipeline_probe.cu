@@ -27,14 +27,8 @@
 #include <numeric>
 #include <random>
 #include <vector>
-#define CK(x)                                                                   \
-  do {                                                                          \
-    cudaError_t e = (x);                                                        \
-    if (e != cudaSuccess) {                                                     \
-      std::fprintf(stderr, "%d %s: %s\n", __LINE__, #x, cudaGetErrorString(e)); \
-      std::exit(1);                                                             \
-    }                                                                           \
-  } while (0)
+
+#include "probe_util.h"
 #define CU(x)                                               \
   do {                                                      \
     CUresult e = (x);                                       \
@@ -45,20 +39,6 @@
       std::exit(1);                                         \
     }                                                       \
   } while (0)
-static double now() {
-  timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec + t.tv_nsec * 1e-9;
-}
-static void xfer(int fd, void* p, size_t n, bool wr) {
-  char* c = (char*)p;
-  while (n) {
-    ssize_t k = wr ? write(fd, c, n) : read(fd, c, n);
-    if (k <= 0) std::exit(2);
-    c += k;
-    n -= (size_t)k;
-  }
-}
 constexpr uint32_t kLayers = 32, kBlocks = 512, kExt = 32768, kPerLayer = 2 * kBlocks;  // extents a layer
 constexpr size_t kLayerBytes = size_t{kPerLayer} * kExt, kTotal = kLayerBytes * kLayers;
 // Paged pool: layer l, part p (K/V), block b at ((l * 2 + p) * kBlocks + b) * kExt.
