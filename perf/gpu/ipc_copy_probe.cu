@@ -113,14 +113,7 @@ int main(int argc, char** argv) {
   std::vector<std::vector<double>> gbps(kCases);
   for (int r = -1; r < rounds; ++r) {
     for (int c = 0; c < kCases; ++c) {
-      double go = 0;
-      if (side == 1) {
-        go = now() + 0.002;
-        xfer(fd, &go, sizeof go, true);
-      } else
-        xfer(fd, &go, sizeof go, false);
-      while (now() < go) {
-      }
+      const double go = start_together(fd, side);
       run(side, c, local, remote, s);
       double end = now(), other;
       xfer(fd, &end, sizeof end, true);

@@ -36,3 +36,18 @@ static inline void xfer(int fd, void* p, size_t n, bool wr) {
     n -= static_cast<size_t>(k);
   }
 }
+
+// The receiver (side 1) names a start time 2 ms ahead and sends it; both spin until then, so the
+// pair starts a case together. Returns that time.
+static inline double start_together(int fd, int side) {
+  double go = 0;
+  if (side == 1) {
+    go = now() + 0.002;
+    xfer(fd, &go, sizeof go, true);
+  } else {
+    xfer(fd, &go, sizeof go, false);
+  }
+  while (now() < go) {
+  }
+  return go;
+}

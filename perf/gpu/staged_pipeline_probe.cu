@@ -112,14 +112,7 @@ int main(int argc, char** argv) {
     if (side == 1) CK(cudaMemset(pool, 0xee, kTotal));  // poison
     CK(cudaMemset(flags, 0, 4096));
     CK(cudaDeviceSynchronize());
-    double go = 0;
-    if (side == 1) {
-      go = now() + 0.002;
-      xfer(fd, &go, sizeof go, true);
-    } else
-      xfer(fd, &go, sizeof go, false);
-    while (now() < go) {
-    }
+    const double go = start_together(fd, side);
     for (uint32_t k = 0; k < kLayers / G; ++k) {  // group k: layers k*G .. k*G+G-1
       const uint32_t slot = k % R, use = k / R;
       cudaStream_t copy = copies[k % C];
