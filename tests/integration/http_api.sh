@@ -18,64 +18,43 @@ port=$(grep -oE 'listening on [^ ]+:[0-9]+' "$(kvf_logfile srv)" | head -n1 | se
 base=http://127.0.0.1:$port
 kvf_log "test server on $base"
 
-# call NAME METHOD PATH [BODY] [CURL-ARGS...]: the reply body goes to $KVF_TMP/NAME.json; sets CODE.
-CODE=0
-call() {
-  local name=$1 method=$2 path=$3 body=${4:-}
-  shift 4 2>/dev/null || shift $#
-  local args=(-sS -m 10 -o "$KVF_TMP/$name.json" -w '%{http_code}' -X "$method")
-  [[ -n $body ]] && args+=(-H 'Content-Type: application/json' --data-binary "$body")
-  CODE=$(curl "${args[@]}" "$@" "$base$path" 2>"$KVF_TMP/$name.curl") || CODE="curl-failed:$(cat "$KVF_TMP/$name.curl")"
-}
-
-# field NAME EXPR: a value of the reply body (python3 is already required by lib.sh).
-field() {
-  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(eval(sys.argv[2], {"d": d})))' \
-    "$KVF_TMP/$1.json" "$2" 2>/dev/null || echo "<no JSON>"
-}
-
-# expect_ok NAME METHOD PATH BODY EXPR VALUE: 200, and EXPR over the reply body is VALUE.
-expect_ok() {
-  call "$1" "$2" "$3" "$4"
-  kvf_check_eq "$CODE" 200 "$2 $3 ($1): status" || { sed 's/^/    | /' "$KVF_TMP/$1.json" >&2; return; }
-  kvf_check_eq "$(field "$1" "$5")" "$6" "$2 $3 ($1): $5"
-}
+# Requests go through lib.sh's kvf_http_call / kvf_json_field / kvf_http_expect_ok against $base.
 
 # expect_refused NAME METHOD PATH BODY STATUS CODE FIELD: the status, the error class and the field
 # named in {"error", "field", "code"}; and a non-empty message.
 expect_refused() {
   local name=$1 method=$2 path=$3 body=$4 status=$5 code=$6 want_field=$7
-  call "$name" "$method" "$path" "$body"
+  kvf_http_call "$name" "$method" "$path" "$body"
   kvf_check_eq "$CODE" "$status" "$method $path ($name): status" || { sed 's/^/    | /' "$KVF_TMP/$name.json" >&2; return; }
-  kvf_check_eq "$(field "$name" 'd["code"]')" "\"$code\"" "$name: code"
-  kvf_check_eq "$(field "$name" 'd["field"]')" "$want_field" "$name: field"
-  kvf_check_eq "$(field "$name" 'len(d["error"]) > 0')" true "$name: has a message"
+  kvf_check_eq "$(kvf_json_field "$name" 'd["code"]')" "\"$code\"" "$name: code"
+  kvf_check_eq "$(kvf_json_field "$name" 'd["field"]')" "$want_field" "$name: field"
+  kvf_check_eq "$(kvf_json_field "$name" 'len(d["error"]) > 0')" true "$name: has a message"
 }
 
 key() { printf '%032x' "$1"; }
 tokens() { python3 -c "import sys; print(','.join(str(i) for i in range(int(sys.argv[1]))))" "$1"; }
 
 # --- every route -------------------------------------------------------------------------------
-expect_ok health GET /health '' 'd["status"]' '"ok"'
-expect_ok lookup_tokens POST /lookup "{\"model\": \"m\", \"tokens\": [$(tokens 1500)]}" \
+kvf_http_expect_ok health GET /health '' 'd["status"]' '"ok"'
+kvf_http_expect_ok lookup_tokens POST /lookup "{\"model\": \"m\", \"tokens\": [$(tokens 1500)]}" \
   '[d["query_chunks"], d["matches"][0]["matched_tokens"], d["matches"][0]["tier"]]' '[5, 1024, "dram"]'
-expect_ok lookup_miss POST /lookup '{"model": "m", "tokens": [9, 9, 9]}' 'd["matches"]' '[]'
-expect_ok lookup_keys POST /lookup "{\"model\": \"m\", \"chunk_keys\": [\"$(key 1)\"]}" 'd["query_chunks"]' 1
-expect_ok stats GET /stats '' '[d["entries"], d["tiers"][0]["tier"]]' '[4, "dram"]'
-expect_ok pin POST /pin "{\"keys\": [\"$(key 7)\"]}" '[d["pinned"], d["not_found"]]' "[0, [\"$(key 7)\"]]"
-expect_ok unpin POST /unpin "{\"keys\": [\"$(key 7)\"]}" 'd["unpinned"]' 0
-expect_ok compress POST /compress '{"all": true, "codec": "identity"}' 'd["compressed"]' 4
-expect_ok move POST /move "{\"from\": \"local\", \"to\": \"peer\", \"keys\": [\"$(key 7)\"], \"copy\": true}" \
+kvf_http_expect_ok lookup_miss POST /lookup '{"model": "m", "tokens": [9, 9, 9]}' 'd["matches"]' '[]'
+kvf_http_expect_ok lookup_keys POST /lookup "{\"model\": \"m\", \"chunk_keys\": [\"$(key 1)\"]}" 'd["query_chunks"]' 1
+kvf_http_expect_ok stats GET /stats '' '[d["entries"], d["tiers"][0]["tier"]]' '[4, "dram"]'
+kvf_http_expect_ok pin POST /pin "{\"keys\": [\"$(key 7)\"]}" '[d["pinned"], d["not_found"]]' "[0, [\"$(key 7)\"]]"
+kvf_http_expect_ok unpin POST /unpin "{\"keys\": [\"$(key 7)\"]}" 'd["unpinned"]' 0
+kvf_http_expect_ok compress POST /compress '{"all": true, "codec": "identity"}' 'd["compressed"]' 4
+kvf_http_expect_ok move POST /move "{\"from\": \"local\", \"to\": \"peer\", \"keys\": [\"$(key 7)\"], \"copy\": true}" \
   '[d["moved"], d["copy"]]' '[0, true]'
-call metrics GET /metrics
+kvf_http_call metrics GET /metrics
 kvf_check_eq "$CODE" 200 "GET /metrics: status"
 kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_store_entries 4$' "metrics: the API's series"
 kvf_check_grep "$KVF_TMP/metrics.json" '^kvf_http_requests_total\{route="/lookup",code="200"\} 3$' \
   "metrics: the server's request counters"
 ctype=$(curl -sS -m 10 -o /dev/null -w '%{content_type}' "$base/metrics")
 kvf_check_eq "$ctype" "text/plain; version=0.0.4; charset=utf-8" "metrics content type"
-expect_ok clear_model POST /clear '{"model": "m"}' 'd["cleared"]' 4
-expect_ok lookup_after_clear POST /lookup "{\"model\": \"m\", \"tokens\": [$(tokens 512)]}" 'd["matches"]' '[]'
+kvf_http_expect_ok clear_model POST /clear '{"model": "m"}' 'd["cleared"]' 4
+kvf_http_expect_ok lookup_after_clear POST /lookup "{\"model\": \"m\", \"tokens\": [$(tokens 512)]}" 'd["matches"]' '[]'
 
 # --- errors of the API map to status codes -----------------------------------------------------
 expect_refused unknown_model POST /lookup '{"model": "nope", "tokens": [1]}' 400 invalid_argument null
@@ -103,9 +82,9 @@ kvf_check_eq "$allow" POST "405 names the allowed method"
 # An oversized body (the server runs with a 64 KiB limit here): 413 before the body is read. curl
 # sends "Expect: 100-continue" for large bodies, so the refusal comes at the head.
 python3 -c 'print("{\"model\": \"m\", \"tokens\": [" + ",".join(["1"] * 40000) + "]}")' >"$KVF_TMP/big.json"
-call too_big POST /lookup "@$KVF_TMP/big.json"
+kvf_http_call too_big POST /lookup "@$KVF_TMP/big.json"
 kvf_check_eq "$CODE" 413 "oversized body: status"
-kvf_check_eq "$(field too_big 'd["code"]')" '"body_too_large"' "oversized body: code"
+kvf_check_eq "$(kvf_json_field too_big 'd["code"]')" '"body_too_large"' "oversized body: code"
 
 # Garbage on a raw socket: a 400, and the connection closed.
 if exec 3<>"/dev/tcp/127.0.0.1/$port"; then
@@ -125,7 +104,7 @@ after=$(accepted)
 kvf_check_eq "$((after - before))" 2 "keep-alive: 3 requests on 1 connection (+1 for the metrics probe)"
 
 # --- still serving; stops cleanly --------------------------------------------------------------
-expect_ok health_after GET /health '' 'd["status"]' '"ok"'
+kvf_http_expect_ok health_after GET /health '' 'd["status"]' '"ok"'
 kvf_check kvf_alive srv -- "the server is still running after every bad request"
 kill -TERM "$(kvf_pid srv)"
 kvf_forget srv

@@ -363,14 +363,16 @@ kvf_check_verified() {
 }
 
 # HTTP/JSON helpers for scripts that talk to a daemon's control port; the script sets base to
-# "http://HOST:PORT". kvf_http_call NAME METHOD PATH [BODY]: the reply body goes to
+# "http://HOST:PORT". kvf_http_call NAME METHOD PATH [BODY] [CURL-ARGS...]: the reply body goes to
 # $KVF_TMP/NAME.json and its status to CODE. kvf_json_field NAME EXPR: EXPR (Python, over the reply
 # as d) as JSON. kvf_http_expect_ok NAME METHOD PATH BODY EXPR VALUE: a 200 whose EXPR is VALUE.
 CODE=0
 kvf_http_call() {
-  local args=(-sS -m 10 -o "$KVF_TMP/$1.json" -w '%{http_code}' -X "$2")
-  [[ -n ${4:-} ]] && args+=(-H 'Content-Type: application/json' --data-binary "$4")
-  CODE=$(curl "${args[@]}" "$base$3" 2>"$KVF_TMP/$1.curl") || CODE="curl-failed:$(cat "$KVF_TMP/$1.curl")"
+  local name=$1 method=$2 path=$3 body=${4:-}
+  shift 4 2>/dev/null || shift $#
+  local args=(-sS -m 10 -o "$KVF_TMP/$name.json" -w '%{http_code}' -X "$method")
+  [[ -n $body ]] && args+=(-H 'Content-Type: application/json' --data-binary "$body")
+  CODE=$(curl "${args[@]}" "$@" "$base$path" 2>"$KVF_TMP/$name.curl") || CODE="curl-failed:$(cat "$KVF_TMP/$name.curl")"
 }
 kvf_json_field() {
   python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(eval(sys.argv[2], {"d": d})))' \
