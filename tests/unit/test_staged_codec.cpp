@@ -18,20 +18,15 @@
 #include "kvf/fabric/stream_pattern.h"
 #include "kvf/gpudirect/kv_codec.h"
 #include "kvf/protocol/staging_messages.h"
+#include "staged_transport_fixtures.h"
 
 using namespace kvf;
 using namespace kvf::fabric;
+using kvf::test::staged;
 using protocol::KvCodec;
 namespace staging = protocol::staging;
 
 namespace {
-
-std::unique_ptr<StagedTransport> staged(const std::shared_ptr<gpudirect::UcxContext>& ucx,
-                                        StagedTransportOptions options) {
-  auto t = StagedTransport::create(ucx, options);
-  REQUIRE(t.ok());
-  return std::move(t.value());
-}
 
 // Random finite bf16 (magnitudes 2^-8 .. 2^3), every 13th row zeros.
 void fill_values(uint8_t* p, uint64_t bytes, uint32_t row_bytes, uint64_t seed) {

@@ -13,20 +13,11 @@
 #include "completion_wait.h"
 #include "kvf/fabric/staged_transport.h"
 #include "kvf/fabric/stream_pattern.h"
+#include "staged_transport_fixtures.h"
 
 using namespace kvf;
 using namespace kvf::fabric;
-
-namespace {
-
-std::unique_ptr<StagedTransport> staged(const std::shared_ptr<gpudirect::UcxContext>& ucx,
-                                        StagedTransportOptions options) {
-  auto t = StagedTransport::create(ucx, options);
-  REQUIRE(t.ok());
-  return std::move(t.value());
-}
-
-}  // namespace
+using kvf::test::staged;
 
 TEST_CASE("ucx_staged: shuffled small extents through slots land verified") {
   auto ucx = gpudirect::UcxContext::create();
