@@ -408,9 +408,8 @@ int main(int argc, char** argv) {
                                {"header_value_error", r.header_value_error}});
   }
   if (args.count("json") != 0) {
-    std::ofstream f(args["json"].as<std::string>());
-    if (!f) return fail(1, "cannot write " + args["json"].as<std::string>());
-    f << json.dump(2) << "\n";
+    if (Status s = perf::write_json_file(args["json"].as<std::string>(), json); !s.ok())
+      return fail(1, s.message());
   }
   for (const std::string& f : failures) std::fprintf(stderr, "kvfabric-codec-bench: %s\n", f.c_str());
   return failures.empty() ? 0 : 1;

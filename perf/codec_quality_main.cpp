@@ -31,6 +31,7 @@
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/kv_codec.h"
 #include "kvf/protocol/chunk_key.h"
+#include "perf_util.h"
 
 namespace {
 
@@ -410,19 +411,19 @@ int main(int argc, char** argv) {
                           {"decode_gbps", args["decode-gbps"].as<double>()}});
     }
     if (args.count("json")) {
-      std::ofstream(args["json"].as<std::string>()) << nlohmann::json{{"shape", shape.to_string()},
-                                                                      {"prompts", prompts},
-                                                                      {"prefix_tokens", prefix},
-                                                                      {"steps", steps},
-                                                                      {"results", results}}
-                                                           .dump(2)
-                                                    << "\n";
+      const nlohmann::json out{{"shape", shape.to_string()},
+                               {"prompts", prompts},
+                               {"prefix_tokens", prefix},
+                               {"steps", steps},
+                               {"results", results}};
+      if (Status s = perf::write_json_file(args["json"].as<std::string>(), out); !s.ok())
+        throw std::runtime_error(s.message());
     }
     if (args.count("profiles-out")) {
-      std::ofstream(args["profiles-out"].as<std::string>())
-          << nlohmann::json{{"source", "kvfabric-codec-quality " + shape.to_string()}, {"profiles", profiles}}
-                 .dump(2)
-          << "\n";
+      const nlohmann::json out{{"source", "kvfabric-codec-quality " + shape.to_string()},
+                               {"profiles", profiles}};
+      if (Status s = perf::write_json_file(args["profiles-out"].as<std::string>(), out); !s.ok())
+        throw std::runtime_error(s.message());
     }
     return 0;
   } catch (const std::exception& e) {

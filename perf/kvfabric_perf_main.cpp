@@ -538,9 +538,8 @@ int run_client(const cxxopts::ParseResult& args) {
                                                {"slowdown_pct", f->slowdown_pct},
                                                {"tail_us", f->tail_us},
                                                {"tail_ratio", f->tail_ratio}}});
-        std::ofstream out(args["json"].as<std::string>());
-        if (!out) return fail("cannot write " + args["json"].as<std::string>());
-        out << j.dump(2) << "\n";
+        if (Status s = perf::write_json_file(args["json"].as<std::string>(), j); !s.ok())
+          return fail(s.message());
       }
       return 0;
     }
@@ -618,9 +617,8 @@ int run_client(const cxxopts::ParseResult& args) {
       if (!m.request_seconds.empty()) r["request_seconds"] = m.request_seconds;
       out["results"].push_back(std::move(r));
     }
-    std::ofstream f(args["json"].as<std::string>());
-    if (!f) return fail("cannot write " + args["json"].as<std::string>());
-    f << out.dump(2) << "\n";
+    if (Status s = perf::write_json_file(args["json"].as<std::string>(), out); !s.ok())
+      return fail(s.message());
   }
   return 0;
 }

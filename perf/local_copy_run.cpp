@@ -157,9 +157,8 @@ int run_local_copy(const cxxopts::ParseResult& args) {
                                            {"gbps", gbps},
                                            {"p50_us", p50},
                                            {"p99_us", p99}}});
-    std::ofstream f(args["json"].as<std::string>());
-    if (!f) return fail("cannot write " + args["json"].as<std::string>());
-    f << j.dump(2) << "\n";
+    if (Status s = perf::write_json_file(args["json"].as<std::string>(), j); !s.ok())
+      return fail(s.message());
   }
   return 0;
 }

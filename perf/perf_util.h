@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -89,6 +90,16 @@ inline Result<protocol::KvLayout> layers_layout(uint32_t layers, uint32_t blocks
   auto layout = protocol::KvLayout::create(desc);
   if (!layout.ok()) return Status(ErrorCode::kInvalidArgument, "layout: " + layout.status().message());
   return layout;
+}
+
+// Writes `json` (an nlohmann::json: pretty, newline-terminated) to `path`. A file that cannot be
+// opened or written is an error naming it, never a silent nothing.
+template <typename Json>
+Status write_json_file(const std::string& path, const Json& json) {
+  std::ofstream out(path);
+  if (out) out << json.dump(2) << "\n" << std::flush;
+  if (!out) return Status(ErrorCode::kInvalidArgument, "cannot write " + path);
+  return Status::Ok();
 }
 
 }  // namespace kvf::perf

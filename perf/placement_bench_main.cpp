@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kvf/protocol/kv_codec.h"
+#include "perf_util.h"
 #include "placement_sim.h"
 
 namespace {
@@ -240,7 +241,8 @@ int main(int argc, char** argv) {
       for (const auto& r : adaptives) out["adaptive"].push_back(to_json(r));
       out["comparisons"] = comparisons;
       out["working_set_bytes"] = working_set;
-      std::ofstream(args["json"].as<std::string>()) << out.dump(2) << "\n";
+      if (kvf::Status s = kvf::perf::write_json_file(args["json"].as<std::string>(), out); !s.ok())
+        throw std::runtime_error(s.message());
     }
     return 0;
   } catch (const std::exception& e) {

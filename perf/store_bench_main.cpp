@@ -555,9 +555,8 @@ int main(int argc, char** argv) {
     }
   }
   if (args.count("json") != 0) {
-    std::ofstream f(args["json"].as<std::string>());
-    if (!f) return fail("cannot write " + args["json"].as<std::string>());
-    f << json.dump(2) << "\n";
+    if (Status s = perf::write_json_file(args["json"].as<std::string>(), json); !s.ok())
+      return fail(s.message());
   }
   return 0;
 }

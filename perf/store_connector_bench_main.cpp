@@ -295,9 +295,8 @@ int main(int argc, char** argv) {
                               {"p50_us", f.p50_us},
                               {"p99_us", f.p99_us}});
     }
-    std::ofstream out(args["json"].as<std::string>());
-    if (!out) return fail(1, "cannot write " + args["json"].as<std::string>());
-    out << j.dump(2) << "\n";
+    if (Status s = perf::write_json_file(args["json"].as<std::string>(), j); !s.ok())
+      return fail(1, s.message());
   }
   return 0;
 }

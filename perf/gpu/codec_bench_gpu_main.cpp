@@ -31,6 +31,7 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include "../perf_util.h"
 #include "kvf/gpudirect/cuda_probe.h"
 #include "kvf/gpudirect/kv_codec.h"
 #include "kvf/gpudirect/kv_codec_cuda.h"
@@ -391,11 +392,8 @@ int main(int argc, char** argv) {
                                 {"decode_runs_ms", r.decode_runs},
                                 {"anchor_runs_ms", r.anchor_runs}});
     }
-    std::ofstream f(args["json"].as<std::string>());
-    f << out.dump(2) << "\n";
-    if (!f) {
-      std::fprintf(stderr, "kvfabric-codec-bench-gpu: cannot write %s\n",
-                   args["json"].as<std::string>().c_str());
+    if (Status s = perf::write_json_file(args["json"].as<std::string>(), out); !s.ok()) {
+      std::fprintf(stderr, "kvfabric-codec-bench-gpu: %s\n", s.message().c_str());
       return kExitFailed;
     }
   }
