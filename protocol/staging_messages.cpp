@@ -28,6 +28,12 @@ bool has_codec(uint8_t codec, uint32_t row_bytes) {
   return codec != 0 || row_bytes != 0;
 }
 
+// The version a message with v2 fields (`coded`) and v3 fields (`handover`) is written as: the
+// oldest that carries them, so peers of older versions still read what does not need newer ones.
+uint16_t version_for(bool coded, bool handover) {
+  return handover ? uint16_t{3} : coded ? uint16_t{2} : uint16_t{1};
+}
+
 bool codec_fields(wire::Reader& r, uint8_t& codec, uint32_t& row_bytes) {
   if (!r.u8("codec", codec) || !r.u32("row_bytes", row_bytes)) return false;
   if (codec >= kKvCodecCount) return r.fail("codec", "unknown codec " + std::to_string(codec));
@@ -65,8 +71,9 @@ std::vector<uint8_t> encode(const Message& message) {
       [](const auto& m) {
         using T = std::decay_t<decltype(m)>;
         if constexpr (std::is_same_v<T, StagingRequest>) {
-          const bool coded = has_codec(m.codec, m.row_bytes);
-          wire::Writer w = header(Type::kRequest, coded ? 2 : 1);
+          const bool handover = !m.handover.empty();
+          const bool coded = handover || has_codec(m.codec, m.row_bytes);
+          wire::Writer w = header(Type::kRequest, version_for(coded, handover));
           w.u64(m.sender);
           w.u32(m.slots);
           w.u64(m.slot_bytes);
@@ -78,19 +85,23 @@ std::vector<uint8_t> encode(const Message& message) {
             w.u8(m.codec);
             w.u32(m.row_bytes);
           }
+          if (handover) w.bytes(m.handover);
           return w.take();
         } else if constexpr (std::is_same_v<T, StagingOffer>) {
-          wire::Writer w = header(Type::kOffer);
+          const bool handover = m.ready_offset != 0;
+          wire::Writer w = header(Type::kOffer, version_for(false, handover));
           w.u64(m.sender);
           w.u32(m.slots);
           w.u64(m.slot_bytes);
           w.bytes(m.cuda_ipc);
           w.u32(m.error);
           w.string(m.message.substr(0, kMaxStringBytes));
+          if (handover) w.u64(m.ready_offset);
           return w.take();
         } else if constexpr (std::is_same_v<T, Scatter>) {
-          const bool coded = has_codec(m.codec, m.row_bytes);
-          wire::Writer w = header(Type::kScatter, coded ? 2 : 1);
+          const bool handover = m.use != 0;
+          const bool coded = handover || has_codec(m.codec, m.row_bytes);
+          wire::Writer w = header(Type::kScatter, version_for(coded, handover));
           w.u64(m.sender);
           w.u64(m.batch);
           w.u32(m.slot);
@@ -103,6 +114,7 @@ std::vector<uint8_t> encode(const Message& message) {
             w.u8(m.codec);
             w.u32(m.row_bytes);
           }
+          if (handover) w.u32(m.use);
           return w.take();
         } else if constexpr (std::is_same_v<T, StagingClosed>) {
           wire::Writer w = header(Type::kClosed);
@@ -159,6 +171,13 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
         if (r.ok() && version >= 2 && codec_fields(r, m.codec, m.row_bytes) && m.codec != 0 &&
             (!m.slot_events.empty() || !m.nccl_id.empty()))
           r.fail("codec", "a codec on GPU staging (slot events or NCCL): only host staging encodes");
+        if (r.ok() && version >= 3 && bounded_bytes(r, "handover", m.handover, kMaxBlob)) {
+          if (m.handover.empty())
+            r.fail("handover", "empty in a v3 request (a request without hand-over is written as v1 or v2)");
+          else if (m.slot_events.empty() && m.nccl_id.empty())
+            r.fail("handover",
+                   "a hand-over on host staging: only GPU staging (slot events or NCCL) hands over");
+        }
       }
       out = std::move(m);
       break;
@@ -167,10 +186,27 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
       StagingOffer m;
       if (r.u64("sender", m.sender) && r.u32("slots", m.slots) && r.u64("slot_bytes", m.slot_bytes) &&
           bounded_bytes(r, "cuda_ipc", m.cuda_ipc, kMaxBlob) && error_code(r, "error", m.error) &&
-          r.string("message", m.message) && m.error == 0 &&
-          (m.cuda_ipc.empty() || m.slots == 0 || m.slots > kMaxSlots || m.slot_bytes == 0 ||
-           m.slot_bytes > kMaxSlotBytes)) {
-        r.fail("slots", "an offer without usable slots");
+          r.string("message", m.message)) {
+        if (m.error == 0 && (m.cuda_ipc.empty() || m.slots == 0 || m.slots > kMaxSlots || m.slot_bytes == 0 ||
+                             m.slot_bytes > kMaxSlotBytes))
+          r.fail("slots", "an offer without usable slots");
+        // v3: the ready counters, one uint32 per slot, after the slots (bounded above, so
+        // slots x slot_bytes cannot overflow once the offer is accepted).
+        if (r.ok() && version >= 3 && r.u64("ready_offset", m.ready_offset)) {
+          const uint64_t slots_end = m.error == 0 ? uint64_t{m.slots} * m.slot_bytes : 0;
+          if (m.ready_offset == 0)
+            r.fail("ready_offset", "0 in a v3 offer (an offer without hand-over is written as v1)");
+          else if (m.error != 0)
+            r.fail("ready_offset", "ready counters in a refusal");
+          else if (m.ready_offset % 4 != 0)
+            r.fail("ready_offset", std::to_string(m.ready_offset) + " is not 4-byte aligned");
+          else if (m.ready_offset < slots_end)
+            r.fail("ready_offset", std::to_string(m.ready_offset) + " lies inside the " +
+                                       std::to_string(m.slots) + " slots of " + std::to_string(m.slot_bytes) +
+                                       " bytes");
+          else if (m.ready_offset > std::numeric_limits<uint64_t>::max() - uint64_t{4} * m.slots)
+            r.fail("ready_offset", std::to_string(m.ready_offset) + ": the counters pass the address space");
+        }
       }
       out = std::move(m);
       break;
@@ -193,6 +229,8 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
           total += p.bytes;
         }
         if (r.ok() && version >= 2) codec_fields(r, m.codec, m.row_bytes);
+        if (r.ok() && version >= 3 && r.u32("use", m.use) && m.use == 0)
+          r.fail("use", "0 in a v3 scatter (a scatter without hand-over is written as v1 or v2)");
         // Raw bytes: a codec's pieces decode to up to twice what the slot holds.
         if (r.ok() && total > (m.codec == 0 ? kMaxSlotBytes : 2 * kMaxSlotBytes))
           r.fail("pieces", "larger than any slot");

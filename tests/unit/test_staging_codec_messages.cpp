@@ -54,7 +54,7 @@ TEST_CASE(
   bad[v2.size() - 2] = 0x7f;  // row_bytes past 1 MiB
   refused(bad, "at most");
   bad = v2;
-  bad[4] = 3;  // a version from the future
+  bad[4] = static_cast<uint8_t>(staging::kVersion + 1);  // a version from the future
   auto future = staging::decode(bad);
   REQUIRE(future.status().code() == ErrorCode::kUnsupportedVersion);
   // A v1 message carries no codec fields: a v2 header over v1 bytes is truncated.

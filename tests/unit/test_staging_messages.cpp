@@ -1,7 +1,8 @@
 // The cuda_ipc staging messages (include/kvf/protocol/staging_messages.h): every kind round-trips, and every
 // kind of damage a peer could send (truncation at any byte, trailing bytes, bad counts, unknown
 // types and versions, oversized slots, pieces that overflow) is refused with kMalformed or
-// kUnsupportedVersion instead of being acted on.
+// kUnsupportedVersion instead of being acted on. The v3 hand-over fields (handover, ready_offset,
+// use) round-trip, leave messages without them byte for byte v1/v2, and are checked on decode.
 #include <random>
 
 #include "catch.h"
@@ -12,11 +13,26 @@ using namespace kvf::protocol::staging;
 
 namespace {
 
+constexpr size_t kMaxBlobBytes = 4096;  // staging_messages.cpp's bound on blobs
+
 std::vector<Message> samples() {
   std::mt19937_64 rng(7);
   Scatter scatter{rng(), rng(), 3, {}};
   for (int i = 0; i < 100; ++i) scatter.pieces.push_back(ScatterPiece{(rng() >> 8) + 1, (rng() % 65536) + 1});
   const std::vector<std::vector<uint8_t>> events(4, std::vector<uint8_t>(64, 0x5a));
+  // v3: GPU hand-over (samples 8..12; the ones above keep their indices).
+  StagingRequest handover_events{rng(), 4, 32ull << 20, {1, 2, 3}, events, {}};
+  handover_events.handover = std::vector<uint8_t>(64, 0x6b);
+  StagingRequest handover_nccl{rng(), 2, 1ull << 20, {9}, {}, std::vector<uint8_t>(128, 3)};
+  handover_nccl.handover = std::vector<uint8_t>(kMaxBlobBytes, 0x11);
+  StagingOffer ready{rng(), 4, 32ull << 20, std::vector<uint8_t>(72, 0xab), 0, ""};
+  ready.ready_offset = 4 * (32ull << 20);
+  Scatter used{rng(), rng(), 2, {{0x10000, 4096}, {0x30000, 8192}}};
+  used.use = 7;
+  Scatter used_coded = used;  // the decoder takes a codec with a use (the transport pairs them)
+  used_coded.codec = 3;
+  used_coded.row_bytes = 256;
+  used_coded.use = 0xfffffffe;
   return {
       StagingRequest{rng(), 4, 32ull << 20, {1, 2, 3, 4, 5}, events, {}},
       StagingRequest{rng(), 2, 1ull << 20, {9}, {}, std::vector<uint8_t>(128, 3)},
@@ -25,7 +41,23 @@ std::vector<Message> samples() {
       scatter,
       Scattered{rng(), rng(), 2, 0, ""},
       Scattered{rng(), rng(), 1, static_cast<uint32_t>(ErrorCode::kInvalidArgument), "outside device memory"},
-      StagingClosed{rng()}};
+      StagingClosed{rng()},
+      handover_events,
+      handover_nccl,
+      ready,
+      used,
+      used_coded};
+}
+
+uint16_t version_of(const std::vector<uint8_t>& bytes) {
+  return static_cast<uint16_t>(bytes.at(4) | bytes.at(5) << 8);
+}
+
+bool refused(const std::vector<uint8_t>& bytes, const std::string& says) {
+  Result<Message> r = decode(bytes);
+  if (r.ok()) return false;
+  CAPTURE(r.status().to_string());
+  return r.status().code() == ErrorCode::kMalformed && r.status().message().find(says) != std::string::npos;
 }
 
 bool same(const Message& a, const Message& b) {
@@ -128,4 +160,163 @@ TEST_CASE("random damage never crashes the decoder") {
       if (r.ok()) REQUIRE(encode(*r).size() == damaged.size());  // whatever decodes re-encodes to its size
     }
   }
+}
+
+TEST_CASE("v3 hand-over fields round-trip; without them every message is byte for byte v1 or v2") {
+  const std::vector<std::vector<uint8_t>> events(4, std::vector<uint8_t>(64, 0x5a));
+  const std::vector<uint8_t> freed = {0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6};
+
+  // StagingRequest: v3 is v2's layout (codec u8, row_bytes u32, zero here) and the handover blob.
+  StagingRequest request{1, 4, 32ull << 20, {1, 2, 3}, events, {}};
+  const std::vector<uint8_t> request_v1 = encode(request);
+  REQUIRE(version_of(request_v1) == 1);
+  request.handover = freed;
+  const std::vector<uint8_t> request_v3 = encode(request);
+  REQUIRE(version_of(request_v3) == 3);
+  REQUIRE(request_v3.size() == request_v1.size() + 1 + 4 + 4 + freed.size());
+  REQUIRE(std::equal(request_v1.begin() + 6, request_v1.end(), request_v3.begin() + 6));
+  REQUIRE(
+      std::equal(freed.begin(), freed.end(), request_v3.end() - static_cast<std::ptrdiff_t>(freed.size())));
+  const StagingRequest request_back = std::get<StagingRequest>(decode(request_v3).value());
+  REQUIRE(request_back.handover == freed);
+  REQUIRE(request_back.slot_events == events);
+  REQUIRE(request_back.codec == 0);
+  REQUIRE(request_back.row_bytes == 0);
+  request.handover.clear();
+  REQUIRE(encode(request) == request_v1);
+  REQUIRE(std::get<StagingRequest>(decode(request_v1).value()).handover.empty());
+  // The NCCL path can hand over too.
+  StagingRequest nccl{1, 2, 1 << 20, {9}, {}, std::vector<uint8_t>(128, 7)};
+  nccl.handover = freed;
+  REQUIRE(std::get<StagingRequest>(decode(encode(nccl)).value()).handover == freed);
+  // A host-staging request with a codec stays v2, byte for byte.
+  const StagingRequest coded{1, 2, 1 << 20, {9, 9}, {}, {}, 4, 2048};
+  const std::vector<uint8_t> coded_bytes = encode(coded);
+  REQUIRE(version_of(coded_bytes) == 2);
+  REQUIRE(coded_bytes.size() == 8 + 8 + 4 + 8 + 4 + 2 + 4 + 4 + 1 + 4);
+  REQUIRE(std::get<StagingRequest>(decode(coded_bytes).value()).handover.empty());
+
+  // StagingOffer: v3 is v1's layout and ready_offset (u64).
+  StagingOffer offer{1, 4, 32ull << 20, std::vector<uint8_t>(72, 0xab), 0, "ok"};
+  const std::vector<uint8_t> offer_v1 = encode(offer);
+  REQUIRE(version_of(offer_v1) == 1);
+  REQUIRE(offer_v1.size() == 8 + 8 + 4 + 8 + 4 + 72 + 4 + 4 + 2);
+  offer.ready_offset = 4 * (32ull << 20) + 64;
+  const std::vector<uint8_t> offer_v3 = encode(offer);
+  REQUIRE(version_of(offer_v3) == 3);
+  REQUIRE(offer_v3.size() == offer_v1.size() + 8);
+  REQUIRE(std::equal(offer_v1.begin() + 6, offer_v1.end(), offer_v3.begin() + 6));
+  REQUIRE(offer_v3[offer_v1.size()] == 64);  // little-endian 0x08000040
+  REQUIRE(offer_v3[offer_v1.size() + 3] == 0x08);
+  REQUIRE(std::get<StagingOffer>(decode(offer_v3).value()).ready_offset == offer.ready_offset);
+  offer.ready_offset = 0;
+  REQUIRE(encode(offer) == offer_v1);
+  REQUIRE(std::get<StagingOffer>(decode(offer_v1).value()).ready_offset == 0);
+
+  // Scatter: v3 is v2's layout (codec fields, zero or not) and use (u32).
+  Scatter scatter{7, 8, 1, {{4096, 512}}};
+  const std::vector<uint8_t> scatter_v1 = encode(scatter);
+  REQUIRE(version_of(scatter_v1) == 1);
+  REQUIRE(scatter_v1.size() == 8 + 8 + 8 + 4 + 4 + 16);
+  scatter.use = 0x01020304;
+  const std::vector<uint8_t> scatter_v3 = encode(scatter);
+  REQUIRE(version_of(scatter_v3) == 3);
+  REQUIRE(scatter_v3.size() == scatter_v1.size() + 5 + 4);
+  REQUIRE(std::vector<uint8_t>(scatter_v3.end() - 4, scatter_v3.end()) == std::vector<uint8_t>{4, 3, 2, 1});
+  const Scatter scatter_back = std::get<Scatter>(decode(scatter_v3).value());
+  REQUIRE(scatter_back.use == 0x01020304);
+  REQUIRE(scatter_back.codec == 0);
+  REQUIRE(scatter_back.pieces.size() == 1);
+  scatter.use = 0;
+  REQUIRE(encode(scatter) == scatter_v1);
+  REQUIRE(std::get<Scatter>(decode(scatter_v1).value()).use == 0);
+  scatter.codec = 3;
+  scatter.row_bytes = 256;
+  const std::vector<uint8_t> scatter_v2 = encode(scatter);
+  REQUIRE(version_of(scatter_v2) == 2);
+  REQUIRE(scatter_v2.size() == scatter_v1.size() + 5);
+  scatter.use = 9;
+  const std::vector<uint8_t> coded_v3 = encode(scatter);
+  REQUIRE(version_of(coded_v3) == 3);
+  REQUIRE(std::equal(scatter_v2.begin() + 6, scatter_v2.end(), coded_v3.begin() + 6));
+  REQUIRE(coded_v3.size() == scatter_v2.size() + 4);
+  const Scatter coded_back = std::get<Scatter>(decode(coded_v3).value());
+  REQUIRE(coded_back.use == 9);
+  REQUIRE(coded_back.codec == 3);
+  REQUIRE(coded_back.row_bytes == 256);
+
+  // Scattered and StagingClosed have no v3 fields: always v1.
+  REQUIRE(version_of(encode(Scattered{1, 2, 3, 0, ""})) == 1);
+  REQUIRE(version_of(encode(StagingClosed{1})) == 1);
+
+  // An older header over v3 bytes has trailing bytes; a v3 header over older bytes is truncated.
+  for (const std::vector<uint8_t>& v3 : {request_v3, offer_v3, scatter_v3, coded_v3}) {
+    for (uint8_t older : {uint8_t{1}, uint8_t{2}}) {
+      std::vector<uint8_t> bytes = v3;
+      bytes[4] = older;
+      REQUIRE(decode(bytes).status().code() == ErrorCode::kMalformed);
+    }
+  }
+  for (const std::vector<uint8_t>& old : {request_v1, coded_bytes, offer_v1, scatter_v1, scatter_v2}) {
+    std::vector<uint8_t> bytes = old;
+    bytes[4] = 3;
+    REQUIRE(decode(bytes).status().code() == ErrorCode::kMalformed);
+  }
+}
+
+TEST_CASE("v3 offers with a misaligned, too small or needless ready_offset are refused") {
+  StagingOffer offer{1, 4, 1 << 20, std::vector<uint8_t>(72, 0xab), 0, ""};
+  auto with = [&](uint64_t ready_offset) {
+    StagingOffer o = offer;
+    o.ready_offset = ready_offset;
+    return encode(o);
+  };
+  REQUIRE(decode(with(4ull << 20)).ok());  // right after the slots
+  REQUIRE(decode(with((4ull << 20) + (1ull << 21))).ok());
+  REQUIRE(refused(with((4ull << 20) + 2), "not 4-byte aligned"));
+  REQUIRE(refused(with((4ull << 20) + 1), "not 4-byte aligned"));
+  REQUIRE(refused(with((4ull << 20) - 4), "inside the 4 slots"));
+  REQUIRE(refused(with(4), "inside the 4 slots"));
+  REQUIRE(refused(with(~uint64_t{3}), "pass the address space"));
+  // A refusal carries no counters.
+  StagingOffer refusal{1, 0, 0, {}, static_cast<uint32_t>(ErrorCode::kOutOfMemory), "no room"};
+  refusal.ready_offset = 64;
+  REQUIRE(refused(encode(refusal), "in a refusal"));
+  // A v3 offer with ready_offset 0 is not how this build writes one: refused, so each offer has
+  // one encoding.
+  std::vector<uint8_t> zero = with(4ull << 20);
+  std::fill(zero.end() - 8, zero.end(), uint8_t{0});
+  REQUIRE(refused(zero, "0 in a v3 offer"));
+}
+
+TEST_CASE("v3 requests and scatters: oversize, empty or misplaced hand-over fields are refused") {
+  const std::vector<std::vector<uint8_t>> events(2, std::vector<uint8_t>(64, 0x5a));
+  StagingRequest request{1, 2, 1 << 20, {9}, events, {}};
+  request.handover = std::vector<uint8_t>(kMaxBlobBytes, 1);
+  REQUIRE(decode(encode(request)).ok());
+  request.handover.push_back(1);
+  REQUIRE(refused(encode(request), "handover: 4097 bytes, at most 4096"));
+  // A hand-over needs GPU staging: host staging's slots are filled by UCX puts.
+  StagingRequest host{1, 2, 1 << 20, {9}, {}, {}};
+  host.handover = {1, 2, 3, 4};
+  REQUIRE(refused(encode(host), "a hand-over on host staging"));
+  // A codec is host staging's only, so it does not meet a hand-over either.
+  StagingRequest coded = request;
+  coded.handover = {1};
+  coded.codec = 3;
+  coded.row_bytes = 256;
+  REQUIRE(refused(encode(coded), "only host staging encodes"));
+  // A v3 request with an empty handover blob.
+  request.handover = {0x42};
+  std::vector<uint8_t> empty = encode(request);
+  empty.pop_back();
+  std::fill(empty.end() - 4, empty.end(), uint8_t{0});  // the blob's length: 0
+  REQUIRE(refused(empty, "empty in a v3 request"));
+  // A v3 scatter with use 0.
+  Scatter scatter{1, 1, 0, {{0x1000, 16}}};
+  scatter.use = 1;
+  std::vector<uint8_t> unused = encode(scatter);
+  REQUIRE(decode(unused).ok());
+  std::fill(unused.end() - 4, unused.end(), uint8_t{0});
+  REQUIRE(refused(unused, "0 in a v3 scatter"));
 }

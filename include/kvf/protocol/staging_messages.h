@@ -14,6 +14,16 @@
 // ucx_staged transport's compressed slots). A message whose codec is identity with no row size is
 // written as v1, byte for byte what v1 wrote, so raw staging still meets v1 peers; decode takes
 // both (v1: identity).
+// v3 adds the GPU hand-over of the cuda_ipc transport's staged puts: per receiver slot two uint32
+// use counters, "ready" in the receiver's slot buffer (bumped by the sender's stream after its copy
+// into the slot) and "freed" in the sender's GPU memory (bumped by the receiver's stream after it
+// scattered the slot); each side's stream waits on the counter in its own memory, so the sender
+// enqueues chunks ahead of the receiver host's answers. StagingRequest::handover,
+// StagingOffer::ready_offset and Scatter::use carry them. A message is written as v3 only when one
+// of those is set, else byte for byte as v1/v2 wrote it; v3 is the older version's layout with the
+// v3 field appended (a v3 StagingRequest or Scatter also carries v2's codec fields, zero or not),
+// and a v3 message whose v3 field is unset is refused, so every message has one encoding. Decode
+// takes v1 to v3 (older: no hand-over). Scattered and StagingClosed are v1 in every version.
 // Value types, no threads.
 #pragma once
 
@@ -28,7 +38,7 @@
 namespace kvf::protocol::staging {
 
 inline constexpr uint32_t kMagic = 0x5343564b;  // "KVCS" little-endian
-inline constexpr uint16_t kVersion = 2;         // the newest this build writes
+inline constexpr uint16_t kVersion = 3;         // the newest this build writes
 inline constexpr uint16_t kMinVersion = 1;      // the oldest it reads
 inline constexpr uint32_t kMaxRowBytes = 1u << 20;
 inline constexpr uint32_t kMaxSlots = 64;
@@ -51,6 +61,11 @@ struct StagingRequest {
   // identity, int8 or fp8) in runs of whole rows of `row_bytes` (channels x 2) bytes.
   uint8_t codec = 0;
   uint32_t row_bytes = 0;
+  // v3, GPU staging (slot events or NCCL): the CUDA IPC blob of the sender's "freed" counters, one
+  // uint32 per slot in the sender's GPU memory, which the receiver's stream sets to a Scatter's
+  // `use` once it has scattered that slot. Opaque bytes here, at most 4096. Empty: no hand-over
+  // (the sender reuses a slot only once its Scattered answer came). Not with host staging.
+  std::vector<uint8_t> handover = {};
 };
 
 struct StagingOffer {
@@ -62,6 +77,12 @@ struct StagingOffer {
   std::vector<uint8_t> cuda_ipc;
   uint32_t error = 0;  // an ErrorCode; 0: offered
   std::string message;
+  // v3: where, in bytes from the start of the exported slot buffer (`cuda_ipc`), the receiver's
+  // "ready" counters are, one uint32 per slot, which the sender's stream sets to a Scatter's `use`
+  // after its copy into that slot. 4-byte aligned and past the slots (>= slots x slot_bytes); the
+  // sender checks it against the buffer it maps. 0: the receiver does no hand-over (an older
+  // receiver, no handover in the request, or it refused), so the sender waits for Scattered answers.
+  uint64_t ready_offset = 0;
 };
 
 // One contiguous run of the slot (pieces follow each other from the slot's start) and where the
@@ -81,6 +102,9 @@ struct Scatter {
   std::vector<ScatterPiece> pieces;
   uint8_t codec = 0;  // v2: as the StagingRequest's
   uint32_t row_bytes = 0;
+  // v3, with hand-over: which use of the slot this is (1, 2, 3, ... per slot). The receiver's stream
+  // waits for ready[slot] >= use, scatters, then sets freed[slot] = use. 0: no hand-over.
+  uint32_t use = 0;
 };
 
 struct Scattered {
