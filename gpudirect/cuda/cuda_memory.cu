@@ -21,9 +21,13 @@ struct DriverApi {
   using MemGetHandleForAddressRange = CUresult(CUDAAPI*)(void*, CUdeviceptr, size_t, CUmemRangeHandleType,
                                                          unsigned long long);
   using GetErrorName = CUresult(CUDAAPI*)(CUresult, const char**);
+  using StreamWaitValue32 = CUresult(CUDAAPI*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+  using StreamWriteValue32 = CUresult(CUDAAPI*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
   MemGetAddressRange mem_get_address_range = nullptr;
   MemGetHandleForAddressRange mem_get_handle_for_address_range = nullptr;
   GetErrorName get_error_name = nullptr;
+  StreamWaitValue32 stream_wait_value32 = nullptr;
+  StreamWriteValue32 stream_write_value32 = nullptr;
 };
 
 template <typename Fn>
@@ -44,6 +48,8 @@ const DriverApi& driver() {
     lookup("cuMemGetAddressRange", a.mem_get_address_range);
     lookup("cuMemGetHandleForAddressRange", a.mem_get_handle_for_address_range);
     lookup("cuGetErrorName", a.get_error_name);
+    lookup("cuStreamWaitValue32", a.stream_wait_value32);
+    lookup("cuStreamWriteValue32", a.stream_write_value32);
     return a;
   }();
   return api;
@@ -496,6 +502,36 @@ Status CudaStream::wait_event(void* event) const {
   cudaError_t err = cudaStreamWaitEvent(static_cast<cudaStream_t>(stream_), static_cast<cudaEvent_t>(event),
                                         cudaEventWaitDefault);
   if (err != cudaSuccess) return cuda_error("cudaStreamWaitEvent", err);
+  return Status::Ok();
+}
+
+Status CudaStream::wait_value(const void* counter, uint32_t value) const {
+  if (stream_ == nullptr || counter == nullptr) {
+    return Status(ErrorCode::kInvalidArgument, "wait_value: moved-from stream or null counter");
+  }
+  if (driver().stream_wait_value32 == nullptr) {
+    return Status(ErrorCode::kUnavailable, "cuStreamWaitValue32 is not in this CUDA driver");
+  }
+  CUresult r = driver().stream_wait_value32(static_cast<CUstream>(stream_),
+                                            static_cast<CUdeviceptr>(reinterpret_cast<uintptr_t>(counter)),
+                                            value, CU_STREAM_WAIT_VALUE_GEQ);
+  if (r != CUDA_SUCCESS) return Status(ErrorCode::kInternal, "cuStreamWaitValue32: " + driver_error_text(r));
+  return Status::Ok();
+}
+
+Status CudaStream::write_value(void* counter, uint32_t value) const {
+  if (stream_ == nullptr || counter == nullptr) {
+    return Status(ErrorCode::kInvalidArgument, "write_value: moved-from stream or null counter");
+  }
+  if (driver().stream_write_value32 == nullptr) {
+    return Status(ErrorCode::kUnavailable, "cuStreamWriteValue32 is not in this CUDA driver");
+  }
+  // The default flags put a memory barrier before the write: the stream's earlier copies and
+  // kernels are visible to whoever sees the new value.
+  CUresult r = driver().stream_write_value32(static_cast<CUstream>(stream_),
+                                             static_cast<CUdeviceptr>(reinterpret_cast<uintptr_t>(counter)),
+                                             value, CU_STREAM_WRITE_VALUE_DEFAULT);
+  if (r != CUDA_SUCCESS) return Status(ErrorCode::kInternal, "cuStreamWriteValue32: " + driver_error_text(r));
   return Status::Ok();
 }
 

@@ -80,6 +80,12 @@ Status CudaStream::copy_async(void*, const void*, uint64_t) const {
 Status CudaStream::wait_event(void*) const {
   return built_without_cuda("CudaStream::wait_event");
 }
+Status CudaStream::wait_value(const void*, uint32_t) const {
+  return built_without_cuda("CudaStream::wait_value");
+}
+Status CudaStream::write_value(void*, uint32_t) const {
+  return built_without_cuda("CudaStream::write_value");
+}
 Status CudaStream::synchronize() const {
   return built_without_cuda("CudaStream::synchronize");
 }

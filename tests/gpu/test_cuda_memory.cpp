@@ -8,11 +8,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "catch.h"
@@ -189,6 +191,43 @@ TEST_CASE("streams wait on events; timing events measure") {
   Result<float> ms = stop->elapsed_ms_since(*start);
   REQUIRE(ms.ok());
   std::printf("64 MiB device copy: %.3f ms\n", static_cast<double>(*ms));
+}
+
+TEST_CASE("stream counters hand a buffer from one stream to another on the GPU") {
+  if (!have_gpu()) return;
+  Result<CudaStream> producer = CudaStream::create(0);
+  Result<CudaStream> consumer = CudaStream::create(0);
+  Result<CudaEvent> consumed = CudaEvent::create(0);
+  Result<DeviceBuffer> counter = DeviceBuffer::allocate(0, 4096);
+  Result<DeviceBuffer> slot = DeviceBuffer::allocate(0, 8 << 20);
+  Result<DeviceBuffer> out = DeviceBuffer::allocate(0, 8 << 20);
+  REQUIRE((producer.ok() && consumer.ok() && consumed.ok() && counter.ok() && slot.ok() && out.ok()));
+  REQUIRE(fill_device(out->data(), 0xee, out->size()).ok());
+  // Near the wrap: the comparison is cyclic, so 0xffffffff -> 1 counts as moving forward.
+  const uint32_t start = 0xffffffffu;
+  REQUIRE(copy_sync(counter->data(), &start, sizeof start).ok());
+  REQUIRE(consumer->wait_value(counter->data(), 1).ok());
+  REQUIRE(consumer->copy_async(out->data(), slot->data(), slot->size()).ok());
+  REQUIRE(consumed->record(*consumer).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  REQUIRE_FALSE(*consumed->done());  // still waiting for the producer
+  std::vector<uint8_t> data = pattern(17, slot->size());
+  Result<PinnedBuffer> staging = PinnedBuffer::allocate(slot->size());
+  REQUIRE(staging.ok());
+  std::memcpy(staging->data(), data.data(), data.size());
+  REQUIRE(producer->write_value(counter->data(), 0).ok());  // behind the wait's value: no release
+  REQUIRE(producer->synchronize().ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE_FALSE(*consumed->done());
+  REQUIRE(producer->copy_async(slot->data(), staging->data(), slot->size()).ok());
+  REQUIRE(producer->write_value(counter->data(), 1).ok());  // after the copy: the slot is full
+  REQUIRE(consumer->synchronize().ok());
+  REQUIRE(*consumed->done());
+  std::vector<uint8_t> back(out->size());
+  REQUIRE(copy_sync(back.data(), out->data(), back.size()).ok());
+  REQUIRE(back == data);  // the consumer saw every byte written before the counter moved
+  CHECK_FALSE(consumer->wait_value(nullptr, 1).ok());
+  CHECK_FALSE(producer->write_value(nullptr, 1).ok());
 }
 
 TEST_CASE("cuda ipc child", "[.]") {

@@ -295,6 +295,13 @@ class CudaStream {
   // Work enqueued after this waits for `event` (any cudaEvent_t, e.g. an engine's layer event,
   // also of another device) without blocking the host.
   Status wait_event(void* event) const;
+  // Stream memory operations on a 32-bit counter in device memory (this GPU's, or a peer's through
+  // a CUDA IPC mapping): work enqueued after wait_value waits until the counter, compared
+  // cyclically, is at least `value` ((int32_t)(counter - value) >= 0); write_value stores `value`
+  // once everything enqueued before it has finished and is visible. Together they let two
+  // processes hand buffers to each other on the GPUs with no host in between.
+  Status wait_value(const void* counter, uint32_t value) const;
+  Status write_value(void* counter, uint32_t value) const;
   Status synchronize() const;
 
  private:
