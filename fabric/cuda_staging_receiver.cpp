@@ -10,7 +10,20 @@ StagingReceiver::StagingReceiver(int device, gpudirect::SegmentCopier& copier, W
                                  uint64_t max_bytes)
     : device_(device), copier_(copier), when_done_(std::move(when_done)), max_bytes_(max_bytes) {}
 
-StagingReceiver::~StagingReceiver() = default;  // cudaFree waits for the work that uses a slot
+StagingReceiver::~StagingReceiver() {
+  // cudaFree waits for the work that uses a slot: no stream may still wait for a sender.
+  for (auto& [sender, slots] : senders_) release_waits(*slots);
+}
+
+void StagingReceiver::release_waits(Slots& slots) {
+  if (slots.ready == nullptr) return;
+  auto stream = gpudirect::CudaStream::create(device_);
+  Status s = stream.ok() ? Status::Ok() : stream.status();
+  for (uint32_t i = 0; s.ok() && i < slots.slots; ++i)
+    s = stream->write_value(slots.ready + i, slots.last_use[i]);
+  if (s.ok()) s = stream->synchronize();
+  if (!s.ok()) spdlog::warn("cuda_ipc: cannot release a staging stream's waits: {}", s.to_string());
+}
 
 void StagingReceiver::free_retired() {
   std::erase_if(retired_, [&](const std::unique_ptr<Slots>& s) {
@@ -37,7 +50,19 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
   free_retired();
   auto it = senders_.find(request.sender);
   if (it == senders_.end()) {
-    const uint64_t bytes = uint64_t{request.slots} * request.slot_bytes;
+    const uint64_t slot_area = uint64_t{request.slots} * request.slot_bytes;
+    // Hand-over: the ready counters follow the slots, in the same exported allocation.
+    std::unique_ptr<gpudirect::CudaIpcMapping> freed;
+    if (!request.handover.empty() && !comm.valid()) {
+      auto mapping = gpudirect::CudaIpcMapping::open(request.handover, device_);
+      if (mapping.ok() && mapping->size() >= uint64_t{request.slots} * 4) {
+        freed = std::make_unique<gpudirect::CudaIpcMapping>(std::move(mapping.value()));
+      } else {
+        spdlog::warn("cuda_ipc: staging for sender {:016x} without GPU hand-over: {}", request.sender,
+                     mapping.ok() ? "its counters are too small" : mapping.status().to_string());
+      }
+    }
+    const uint64_t bytes = slot_area + (freed ? kCounterBytes : 0);
     if (allocated_ + bytes > max_bytes_) {
       return refuse(Status(ErrorCode::kOutOfMemory, "staging " + std::to_string(bytes >> 20) +
                                                         " MiB would pass this receiver's limit of " +
@@ -66,15 +91,24 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
         received.push_back(std::move(event.value()));
       }
     }
-    auto slots = std::make_unique<Slots>(Slots{std::move(buffer.value()),
-                                               std::move(stream.value()),
-                                               request.slots,
-                                               request.slot_bytes,
-                                               std::move(filled),
-                                               {},
-                                               std::move(comm),
-                                               std::move(receive_stream),
-                                               std::move(received)});
+    if (freed) {
+      uint8_t* counters = static_cast<uint8_t*>(buffer->data()) + slot_area;
+      if (Status z = gpudirect::fill_device(counters, 0, kCounterBytes); !z.ok()) return refuse(z);
+    }
+    auto slots = std::make_unique<Slots>();
+    slots->buffer = std::move(buffer.value());
+    slots->stream = std::move(stream.value());
+    slots->slots = request.slots;
+    slots->slot_bytes = request.slot_bytes;
+    slots->filled = std::move(filled);
+    slots->comm = std::move(comm);
+    slots->receive_stream = std::move(receive_stream);
+    slots->received = std::move(received);
+    if (freed) {
+      slots->ready = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(slots->buffer.data()) + slot_area);
+      slots->freed = std::move(freed);
+      slots->last_use.assign(request.slots, 0);
+    }
     allocated_ += bytes;
     it = senders_.emplace(request.sender, std::move(slots)).first;
     spdlog::info("cuda_ipc: staging {} slots of {} MiB on GPU {} for sender {:016x}", request.slots,
@@ -86,6 +120,7 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
   out.slots = s.slots;
   out.slot_bytes = s.slot_bytes;
   out.cuda_ipc = std::move(blob.value());
+  if (s.ready != nullptr) out.ready_offset = uint64_t{s.slots} * s.slot_bytes;
   return out;
 }
 
@@ -134,9 +169,9 @@ Status StagingReceiver::check_destination(uint64_t destination, uint64_t bytes) 
 void StagingReceiver::scatter(const staging::Scatter& request,
                               std::function<void(staging::Scattered)> reply) {
   staging::Scattered out{request.sender, request.batch, request.slot, 0, {}};
-  auto fail = [&](const Status& s) {
-    out.error = static_cast<uint32_t>(s.code());
-    out.message = s.message();
+  std::function<void(const Status&)> fail = [&](const Status& st) {
+    out.error = static_cast<uint32_t>(st.code());
+    out.message = st.message();
     reply(std::move(out));
   };
   auto it = senders_.find(request.sender);
@@ -148,7 +183,28 @@ void StagingReceiver::scatter(const staging::Scatter& request,
                        "slot " + std::to_string(request.slot) + " of " + std::to_string(s.slots)));
   }
   const uint64_t slot_base = reinterpret_cast<uint64_t>(s.buffer.data()) + request.slot * s.slot_bytes;
-  if (s.comm.valid()) {
+  if (request.use != 0 && s.ready == nullptr) {
+    return fail(Status(ErrorCode::kInvalidArgument, "a hand-over scatter, but no hand-over was offered"));
+  }
+  const bool handover = request.use != 0;
+  if (handover) {
+    // The sender's copy stream sets ready to this use once the slot is full. From here on the
+    // slot must go back to the sender even when the scatter is refused, or its stream would wait
+    // for it forever: a refusal still hands the slot back, in stream order.
+    s.last_use[request.slot] = request.use;
+    if (Status c = s.stream.wait_value(s.ready + request.slot, request.use); !c.ok()) return fail(c);
+    uint32_t* freed = static_cast<uint32_t*>(s.freed->data()) + request.slot;
+    fail = [&, freed](const Status& st) {
+      if (Status w = s.stream.write_value(freed, request.use); !w.ok())
+        spdlog::error("cuda_ipc: cannot hand slot {} back to its sender: {}", request.slot, w.to_string());
+      out.error = static_cast<uint32_t>(st.code());
+      out.message = st.message();
+      reply(std::move(out));
+    };
+  }
+  if (handover) {
+    // waited for above
+  } else if (s.comm.valid()) {
     // Over NCCL the sender's send is already queued: receive it before anything can refuse the
     // scatter, or the sender's stream would wait for this receive forever.
     uint64_t total = 0;
@@ -181,6 +237,11 @@ void StagingReceiver::scatter(const staging::Scatter& request,
   } else if (Status c = copier_.copy(segments_, s.stream.handle()); !c.ok()) {
     return fail(c);
   }
+  if (handover) {
+    if (Status c = s.stream.write_value(static_cast<uint32_t*>(s.freed->data()) + request.slot, request.use);
+        !c.ok())
+      return fail(c);
+  }
   when_done_(s.stream, [out = std::move(out), reply = std::move(reply)](const Status& st) mutable {
     if (!st.ok()) {
       out.error = static_cast<uint32_t>(st.code());
@@ -211,6 +272,7 @@ gpudirect::NcclComm StagingReceiver::drop(uint64_t sender) {
   // The caller closes it; closing (or, for a dead sender, aborting) also ends any receive still
   // queued, so the stream drains and the slots below get freed.
   gpudirect::NcclComm comm = std::move(slots->comm);
+  release_waits(*slots);  // a sender gone mid-stream never fills the slots its scatters wait for
   auto idle = gpudirect::CudaEvent::create(device_);
   if (idle.ok() && idle->record(slots->stream).ok()) {
     slots->idle = std::move(idle.value());

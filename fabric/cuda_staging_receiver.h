@@ -36,7 +36,9 @@ class StagingReceiver {
   ~StagingReceiver();
 
   // Allocates and exports slots for `request.sender` (again: the same slots are offered again).
-  // The answer carries an error instead when this GPU cannot hold them.
+  // The answer carries an error instead when this GPU cannot hold them. With `request.handover`
+  // the slots are handed back on the GPUs (see Slots) and the offer says where the ready counters
+  // are; when the sender's counters cannot be mapped here, the offer is made without hand-over.
   // With `comm` (the nccl transport, joined by the caller) slots are filled by receives on it.
   staging::StagingOffer offer(const staging::StagingRequest& request, gpudirect::NcclComm comm = {});
   // Places a filled slot; `reply` runs once with the outcome (after the bytes are in place).
@@ -60,11 +62,24 @@ class StagingReceiver {
     // sender heard that its last scatter finished, so one event per slot suffices.)
     gpudirect::CudaStream receive_stream;
     std::vector<gpudirect::CudaEvent> received;
+    // GPU hand-over (cuda_ipc, when the sender asked for it): per slot a "ready" counter after the
+    // slots in `buffer`, which the sender's copy stream sets to a slot's use number once the copy
+    // into it is done, and the sender's "freed" counters, mapped here, which this stream sets to
+    // that use once the slot is scattered. The scatter of use u waits for ready >= u on the GPU,
+    // so the sender need not wait for this side's answer before it refills a slot.
+    uint32_t* ready = nullptr;
+    std::unique_ptr<gpudirect::CudaIpcMapping> freed;
+    std::vector<uint32_t> last_use;  // per slot, the latest use a Scatter named
   };
+  // Lets a stream stuck waiting for a sender that will never fill its slots (it died or closed
+  // mid-stream) run on: every ready counter is set to the latest use named. The scatters then
+  // copy whatever their slots hold into the sender's destinations, which no completed put covers.
+  void release_waits(Slots& slots);
   void free_retired();
   Status check_destination(uint64_t destination, uint64_t bytes);
   const gpudirect::ResidentSegments* plan_for(uint64_t slot_base);
   static constexpr size_t kMaxPlans = 256;
+  static constexpr uint64_t kCounterBytes = 4096;  // room for the hand-over counters (kMaxSlots of them)
 
   int device_;
   gpudirect::SegmentCopier& copier_;

@@ -10,7 +10,7 @@
 # the sender within its timeout (nothing hangs). Skips (77) where there is no GPU.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../integration/lib.sh"
-kvf_init stream_cuda_ipc 300
+kvf_init stream_cuda_ipc 420
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 ((gpus >= 1)) || kvf_skip "no GPU (nvidia-smi lists none)"
 src=0 dst=$((gpus >= 2 ? 1 : 0))
@@ -22,7 +22,11 @@ kvf_wait_for_line srv 'listening on ' 20 || kvf_die "cuda_ipc server did not sta
 
 LAYERS=8 BLOCKS=96 BLOCK_BYTES=32768
 total=$(kvf_layers_bytes $LAYERS $BLOCKS $BLOCK_BYTES)
-for copy in kernel ce staged "staged --staging-bytes 300K" auto "kernel --resident-plans"; do
+# Staged copies hand slots back on the GPUs by default (counters both streams wait on); also
+# without that, with fewer slots than chunks in flight and split copies, and through small slots.
+for copy in kernel ce staged "staged --staging-bytes 300K" "staged --staging-handover off" \
+    "staged --staging-slots 2 --staging-copy-streams 2" "staged --staging-bytes 300K --staging-slots 2" \
+    auto "kernel --resident-plans"; do
   name=client-${copy//[ -]/}
   before=$(kvf_count_lines srv '^stream [0-9]+ from ')
   if kvf_run "$name" 120 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc \
@@ -102,6 +106,21 @@ kvf_check kvf_alive srv -- "the receiver survives the refused sender"
 kvf_run after 60 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc --mem cuda:$src --mode layers \
   --layers 4 --blocks 16 --block-bytes 16K --shuffle --verify --iters 1
 kvf_check_eq "$?" 0 "a verified stream after the refused sender: exit status"
+
+# A receiver killed mid staged stream (slots handed back on the GPUs: the sender's copies may be
+# waiting for a hand-over that never comes) fails the sender too, without a hang.
+port5=$(kvf_free_port)
+kvf_start_bg srv5 "$KVF_PERF" server --listen 127.0.0.1:$port5 --transport cuda_ipc --mem cuda:$dst
+kvf_wait_for_line srv5 'listening on ' 20 || kvf_die "fifth cuda_ipc server did not start: $(tail -3 "$(kvf_logfile srv5)")"
+(sleep 2; kill -9 "$(kvf_pid srv5)") &
+killer=$!
+start=$(kvf_now_ms)
+kvf_run killed-staged 90 "$KVF_PERF" client --connect 127.0.0.1:$port5 --transport cuda_ipc --mem cuda:$src \
+  --mode layers --layers 32 --blocks 512 --block-bytes 32K --iters 400 --timeout-ms 5000 --copy staged
+rc=$?
+wait "$killer" 2>/dev/null
+kvf_forget srv5
+kvf_check test "$rc" != 0 -a "$rc" != 124 -- "receiver killed mid staged stream -> the sender fails (rc $rc) after $(( ($(kvf_now_ms) - start) / 1000 )) s, no hang: $(tail -1 "$(kvf_logfile killed-staged)")"
 
 # The receiver dies mid-stream: the sender reports an error within its timeout.
 (sleep 2; kill -9 "$(kvf_pid srv)") &

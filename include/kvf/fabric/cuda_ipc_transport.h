@@ -48,6 +48,11 @@ struct CudaIpcTransportOptions {
   // Each staged chunk's copy is split over this many streams (1..4), so several copy engines
   // can carry one chunk.
   uint32_t staging_copy_streams = 1;
+  // Hand staging slots back on the GPUs (CudaStream::wait_value/write_value on per-slot counters)
+  // instead of with the receiver's answers, so the sender queues chunks ahead and the copy
+  // engines do not idle for a host round trip between chunks. Used when the receiver offers it
+  // (older receivers do not); the answers still complete the puts.
+  bool staging_handover = true;
   // As a receiver: the most GPU memory all senders' staging slots may take together.
   uint64_t staging_receive_limit = 1ull << 30;
   // kAuto: batches whose mean extent is at least this many bytes go to the copy engines. A copy
