@@ -248,11 +248,14 @@ if cell_wanted staged-sweep && ((gpus >= 2)); then
     # shellcheck disable=SC2086
     verified "$sweep-$name" "${sweep_args[@]}" $flags
   done
-  # Where the time goes, both sides: a traced client, then the server's own trace as it stops.
-  read -r name flags <<<"${variants[0]}"
-  # shellcheck disable=SC2086
-  KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
-    "${sweep_args[@]}" $flags 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: $sweep-$name: /"
+  # Where the time goes, both sides: each variant's traced client, then the server's own trace as
+  # it stops.
+  for v in "${variants[@]}"; do
+    read -r name flags <<<"$v"
+    # shellcheck disable=SC2086
+    KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+      "${sweep_args[@]}" $flags 2>&1 | grep "cuda_ipc trace" | sed "s/^/bench-gpu: $sweep-$name: /"
+  done
   kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
   # shellcheck disable=SC2086
   KVF_CUDA_IPC_TRACE=1 start_server --transport "$sweep_transport" --mem cuda:1 ${SWEEP_SERVER_ARGS:-} || exit 1

@@ -22,10 +22,11 @@ kvf_wait_for_line srv 'listening on ' 20 || kvf_die "cuda_ipc server did not sta
 
 LAYERS=8 BLOCKS=96 BLOCK_BYTES=32768
 total=$(kvf_layers_bytes $LAYERS $BLOCKS $BLOCK_BYTES)
-# Staged copies hand slots back on the GPUs by default (counters both streams wait on); also
-# without that, with fewer slots than chunks in flight and split copies, and through small slots.
-for copy in kernel ce staged "staged --staging-bytes 300K" "staged --staging-handover off" \
-    "staged --staging-slots 2 --staging-copy-streams 2" "staged --staging-bytes 300K --staging-slots 2" \
+# Staged copies, also through slots smaller than a layer; with the GPU hand-over of slots (on its
+# own, with fewer slots than chunks in flight, with its counters on side streams and split copies).
+for copy in kernel ce staged "staged --staging-bytes 300K" "staged --staging-handover on" \
+    "staged --staging-handover on --staging-bytes 300K --staging-slots 2" \
+    "staged --staging-handover side --staging-slots 2 --staging-copy-streams 2" \
     auto "kernel --resident-plans"; do
   name=client-${copy//[ -]/}
   before=$(kvf_count_lines srv '^stream [0-9]+ from ')
@@ -34,6 +35,9 @@ for copy in kernel ce staged "staged --staging-bytes 300K" "staged --staging-han
        --verify --iters 2 --copy $copy; then  # unquoted: $copy may carry a flag
     kvf_check_grep "$(kvf_logfile "$name")" "receiver verified $total bytes" "copy $copy: the client saw every byte verified"
     kvf_check_verified srv "$total" "$before" 2 "copy $copy"
+    if [[ $copy == *"--staging-handover "[os]* ]]; then  # on or side: the hand-over was used
+      kvf_check_grep "$(kvf_logfile "$name")" "handed back on the GPUs" "copy $copy: slots handed back on the GPUs"
+    fi
   else
     kvf_check_fail "cuda_ipc stream with copy $copy failed: $(tail -3 "$(kvf_logfile "$name")")"
   fi
@@ -107,8 +111,8 @@ kvf_run after 60 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_i
   --layers 4 --blocks 16 --block-bytes 16K --shuffle --verify --iters 1
 kvf_check_eq "$?" 0 "a verified stream after the refused sender: exit status"
 
-# A receiver killed mid staged stream (slots handed back on the GPUs: the sender's copies may be
-# waiting for a hand-over that never comes) fails the sender too, without a hang.
+# A receiver killed mid staged stream with the hand-over on (the sender's copies may be waiting
+# on the GPU for a hand-over that never comes) fails the sender too, without a hang.
 port5=$(kvf_free_port)
 kvf_start_bg srv5 "$KVF_PERF" server --listen 127.0.0.1:$port5 --transport cuda_ipc --mem cuda:$dst
 kvf_wait_for_line srv5 'listening on ' 20 || kvf_die "fifth cuda_ipc server did not start: $(tail -3 "$(kvf_logfile srv5)")"
@@ -116,7 +120,8 @@ kvf_wait_for_line srv5 'listening on ' 20 || kvf_die "fifth cuda_ipc server did 
 killer=$!
 start=$(kvf_now_ms)
 kvf_run killed-staged 90 "$KVF_PERF" client --connect 127.0.0.1:$port5 --transport cuda_ipc --mem cuda:$src \
-  --mode layers --layers 32 --blocks 512 --block-bytes 32K --iters 400 --timeout-ms 5000 --copy staged
+  --mode layers --layers 32 --blocks 512 --block-bytes 32K --iters 400 --timeout-ms 5000 --copy staged \
+  --staging-handover on
 rc=$?
 wait "$killer" 2>/dev/null
 kvf_forget srv5
