@@ -40,6 +40,7 @@ struct Entry {
   StoreClock::time_point deadline{};  // reservations only
   uint32_t pins = 0;
   uint32_t leases = 0;
+  uint64_t loads = 0;  // successful acquires since first committed (EntryInfo::loads)
   EntryState state = EntryState::kReserved;
   bool detached = false;                 // cleared while leased: out of the index, bytes kept for the readers
   bool cleared_while_promoting = false;  // removed when its promotion lands
@@ -68,6 +69,16 @@ struct LeaseRecord {
 
 std::string hex(const ChunkKey& key) {
   return key.to_hex();
+}
+
+// What peek() and entries() say of a committed or promoting DRAM entry, and of an SSD entry.
+EntryInfo info_of(const Entry& e) {
+  if (e.state == EntryState::kPromoting)
+    return EntryInfo{e.bytes, e.model, 0, 0, Tier::kSsd, e.codec, e.loads};
+  return EntryInfo{e.bytes, e.model, e.pins, e.leases, Tier::kDram, e.codec, e.loads};
+}
+EntryInfo info_of(const SsdEntry& e) {
+  return EntryInfo{e.bytes, e.model, 0, 0, Tier::kSsd, e.codec, e.loads};
 }
 
 }  // namespace
@@ -252,18 +263,25 @@ struct ChunkStore::Impl {
     return r;
   }
 
-  // Writes an evicted entry to the SSD tier (under the mutex: see chunk_store.h). A failure drops
-  // the entry as a store without a tier would, and is counted and logged (the first few, then
-  // every 1000th, so that a dead disk does not flood the log).
+  // Writes a committed entry to the SSD tier (under the mutex: see chunk_store.h).
+  Status write_to_ssd(const ChunkKey& key, const Entry& e) {
+    return ssd
+        ->put(key, {arena.data() + e.block.offset, static_cast<size_t>(e.bytes)}, e.checksum, e.model,
+              e.codec, e.loads)
+        .status();
+  }
+
+  // Writes an evicted entry to the SSD tier. A failure drops the entry as a store without a tier
+  // would, and is counted and logged (the first few, then every 1000th, so that a dead disk does
+  // not flood the log).
   void spill(const ChunkKey& key, const Entry& e) {
     if (!ssd) return;
-    auto put = ssd->put(key, {arena.data() + e.block.offset, static_cast<size_t>(e.bytes)}, e.checksum,
-                        e.model, e.codec);
+    Status put = write_to_ssd(key, e);
     if (put.ok()) return;
     ++s.ssd_spill_failures;
     if (s.ssd_spill_failures <= 10 || s.ssd_spill_failures % 1000 == 0) {
       spdlog::warn("chunk store: evicted chunk {} dropped, not spilled ({} so far): {}", hex(key),
-                   s.ssd_spill_failures, put.status().to_string());
+                   s.ssd_spill_failures, put.to_string());
     }
   }
 
@@ -321,6 +339,7 @@ struct ChunkStore::Impl {
     e.checksum = taken->checksum;
     e.model = taken->model;
     e.codec = taken->codec;
+    e.loads = taken->loads;
     e.state = EntryState::kPromoting;
     index.emplace(key, e);
     s.bytes_promoting += e.block.length;
@@ -779,16 +798,26 @@ std::optional<EntryInfo> ChunkStore::peek(const ChunkKey& key) const {
   auto it = m.index.find(key);
   if (it != m.index.end()) {
     const Entry& e = it->second;
-    if (e.state == EntryState::kCommitted)
-      return EntryInfo{e.bytes, e.model, e.pins, e.leases, Tier::kDram, e.codec};
-    if (e.state == EntryState::kPromoting) return EntryInfo{e.bytes, e.model, 0, 0, Tier::kSsd, e.codec};
+    if (e.state == EntryState::kCommitted || e.state == EntryState::kPromoting) return info_of(e);
     return std::nullopt;
   }
   if (m.ssd) {
-    if (const SsdEntry* e = m.ssd->find(key))
-      return EntryInfo{e->bytes, e->model, 0, 0, Tier::kSsd, e->codec};
+    if (const SsdEntry* e = m.ssd->find(key)) return info_of(*e);
   }
   return std::nullopt;
+}
+
+std::vector<std::pair<ChunkKey, EntryInfo>> ChunkStore::entries() const {
+  const Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  std::vector<std::pair<ChunkKey, EntryInfo>> out;
+  out.reserve(m.s.entries + m.s.promoting + (m.ssd ? m.ssd->stats().entries : 0));
+  for (const auto& [key, e] : m.index) {
+    if (e.state == EntryState::kCommitted || e.state == EntryState::kPromoting)
+      out.emplace_back(key, info_of(e));
+  }
+  if (m.ssd) m.ssd->for_each([&out](const SsdEntry& e) { out.emplace_back(e.key, info_of(e)); });
+  return out;
 }
 
 EntryTotals ChunkStore::totals() const {
@@ -828,6 +857,7 @@ Result<Lease> ChunkStore::acquire(const ChunkKey& key, ClientId reader) {
   Entry& e = found.value()->second;
   if (!Impl::is_protected(e)) m.protect(key);
   if (e.leases++ == 0) ++m.s.leased_entries;
+  ++e.loads;
   uint64_t id = m.next_lease_id++;
   m.leases.emplace(id, LeaseRecord{key, &e, reader, m.now() + m.options.lease_timeout});
   ++m.s.leases_granted;
@@ -890,6 +920,43 @@ Status ChunkStore::unpin(const ChunkKey& key) {
     --m.s.pinned;
     if (!Impl::is_protected(e)) m.unprotect(key);
   }
+  return Status::Ok();
+}
+
+Status ChunkStore::demote(const ChunkKey& key) {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  if (!m.ssd)
+    return Status(ErrorCode::kUnavailable, "demote of chunk " + hex(key) + ": the store has no ssd tier");
+  auto it = m.index.find(key);
+  if (it == m.index.end()) {
+    if (m.ssd->contains(key)) return Status::Ok();
+    return Status(ErrorCode::kNotFound, "demote of chunk " + hex(key) + ": not stored");
+  }
+  Entry& e = it->second;
+  switch (e.state) {
+    case EntryState::kCommitted:
+      break;
+    case EntryState::kPromoting:
+      return Status(ErrorCode::kAborted,
+                    "demote of chunk " + hex(key) + ": it is being promoted from the ssd tier");
+    default:
+      return Status(ErrorCode::kNotFound, "demote of chunk " + hex(key) + ": not committed yet");
+  }
+  if (e.pins > 0) return Status(ErrorCode::kAborted, "demote of chunk " + hex(key) + ": it is pinned");
+  if (e.leases > 0) return Status(ErrorCode::kAborted, "demote of chunk " + hex(key) + ": it is leased");
+  if (e.replacement_id != 0) {
+    return Status(ErrorCode::kAborted, "demote of chunk " + hex(key) + ": it is being re-encoded");
+  }
+  if (Status put = m.write_to_ssd(key, e); !put.ok()) {
+    // The entry stays in DRAM as it was. A chunk larger than the tier is a full tier to the caller.
+    const ErrorCode code = put.code() == ErrorCode::kOutOfMemory || put.code() == ErrorCode::kInvalidArgument
+                               ? ErrorCode::kOutOfMemory
+                               : ErrorCode::kInternal;
+    return Status(code, "demote of chunk " + hex(key) +
+                            ": the ssd tier cannot take it (it stays in dram): " + put.message());
+  }
+  m.remove_visible(it, Impl::Removal::kEvicted);
   return Status::Ok();
 }
 

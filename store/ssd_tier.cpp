@@ -259,7 +259,7 @@ Status SsdTier::read_at(uint64_t offset, std::span<uint8_t> out) {
 }
 
 Result<SsdEntry> SsdTier::put(const ChunkKey& key, std::span<const uint8_t> bytes, uint64_t checksum,
-                              const ChunkKey& model, protocol::KvCodec codec) {
+                              const ChunkKey& model, protocol::KvCodec codec, uint64_t loads) {
   if (bytes.empty() || bytes.size() > capacity()) {
     return Status(ErrorCode::kInvalidArgument,
                   "ssd tier " + options_.path + ": a chunk of " + std::to_string(bytes.size()) +
@@ -290,7 +290,7 @@ Result<SsdEntry> SsdTier::put(const ChunkKey& key, std::span<const uint8_t> byte
     (void)allocator_.free(*extent);
     return s;
   }
-  SsdEntry e{key, *extent, bytes.size(), checksum, model, codec};
+  SsdEntry e{key, *extent, bytes.size(), checksum, model, codec, loads};
   index_.emplace(key, e);
   lru_.on_insert(key);
   ++s_.puts;

@@ -1079,3 +1079,198 @@ TEST_CASE("replacement: an entry in the SSD tier is promoted first; the new code
   REQUIRE(store->release(lease->id).ok());
   require_consistent(*store);
 }
+
+// --- reuse counts, entries(), demote ------------------------------------------------------------
+
+namespace {
+
+uint64_t loads_of(ChunkStore& store, const ChunkKey& k) {
+  auto info = store.peek(k);
+  REQUIRE(info.has_value());
+  return info->loads;
+}
+
+void acquire_release(ChunkStore& store, const ChunkKey& k, uint64_t bytes) {
+  auto lease = store.acquire(k, 7);
+  REQUIRE(lease.ok());
+  const auto expected = content(k, bytes);
+  auto got = store.bytes(lease.value());
+  REQUIRE(std::equal(got.begin(), got.end(), expected.begin(), expected.end()));
+  REQUIRE(store.verify(lease.value()).ok());
+  REQUIRE(store.release(lease->id).ok());
+}
+
+}  // namespace
+
+TEST_CASE("loads: acquires count, lookups and pins do not; kept through spill, promotion and re-encode") {
+  auto store = make_ssd_store(4 * 4096, ssd_modes().front(), 1 << 20);
+  REQUIRE(put(*store, key(0), 4000).ok());
+  CHECK(loads_of(*store, key(0)) == 0);
+  for (int i = 0; i < 3; ++i) acquire_release(*store, key(0), 4000);
+  CHECK(loads_of(*store, key(0)) == 3);
+  ChunkKey one[] = {key(0)};
+  CHECK(store->lookup(one) == 1);
+  REQUIRE(store->pin(key(0)).ok());
+  REQUIRE(store->unpin(key(0)).ok());
+  CHECK(loads_of(*store, key(0)) == 3);
+  CHECK(store->acquire(key(99), 7).status().code() == ErrorCode::kNotFound);
+  // Spilled: the SSD copy keeps the count.
+  for (uint64_t i = 1; i < 8; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  REQUIRE(tier_of(*store, key(0)) == Tier::kSsd);
+  CHECK(loads_of(*store, key(0)) == 3);
+  // The acquire that promotes it counts.
+  acquire_release(*store, key(0), 4000);
+  CHECK(tier_of(*store, key(0)) == Tier::kDram);
+  CHECK(loads_of(*store, key(0)) == 4);
+  // A re-encode keeps it, with a lease held across the swap too.
+  auto lease = store->acquire(key(0), 8);
+  REQUIRE(lease.ok());
+  auto r = store->reserve_replacement(key(0), 2000, KvCodec::kLz4, 1);
+  REQUIRE(r.ok());
+  REQUIRE(store->commit_replacement(key(0), r->id).ok());
+  CHECK(loads_of(*store, key(0)) == 5);
+  REQUIRE(store->release(lease->id).ok());
+  CHECK(loads_of(*store, key(0)) == 5);
+  // Spilled and promoted once more (by demote this time).
+  REQUIRE(store->demote(key(0)).ok());
+  CHECK(tier_of(*store, key(0)) == Tier::kSsd);
+  CHECK(loads_of(*store, key(0)) == 5);
+  auto again = store->acquire(key(0), 9);
+  REQUIRE(again.ok());
+  CHECK(loads_of(*store, key(0)) == 6);
+  REQUIRE(store->release(again->id).ok());
+  // A key stored again after a clear starts from zero.
+  ChunkKey k0[] = {key(0)};
+  CHECK(store->clear(k0).removed == 1);
+  REQUIRE(put(*store, key(0), 4000).ok());
+  CHECK(loads_of(*store, key(0)) == 0);
+  require_consistent(*store);
+}
+
+TEST_CASE("entries: every committed entry of both tiers with its tier, codec, bytes and loads") {
+  auto store = make_ssd_store(4 * 4096, ssd_modes().front(), 1 << 20);
+  CHECK(store->entries().empty());
+  for (uint64_t i = 0; i < 8; ++i) {
+    auto r = store->reserve(key(i), 3000 + i, 1, key(50), i % 2 == 0 ? KvCodec::kIdentity : KvCodec::kFp8);
+    REQUIRE(r.ok());
+    REQUIRE(store->commit(key(i), r->id).ok());
+  }
+  auto open = store->reserve(key(100), 500, 1);  // reserved, not committed: not listed
+  REQUIRE(open.ok());
+  auto held = store->acquire(key(7), 7);
+  REQUIRE(held.ok());
+  REQUIRE(store->release(held->id).ok());
+  const auto list = store->entries();
+  CHECK(list.size() == 8);
+  CHECK(store->totals().entries == 8);
+  size_t dram = 0;
+  size_t on_ssd = 0;
+  for (const auto& [k, info] : list) {
+    uint64_t i = 0;
+    while (i < 8 && !(k == key(i))) ++i;
+    REQUIRE(i < 8);
+    CHECK(info.bytes == 3000 + i);
+    CHECK(info.codec == (i % 2 == 0 ? KvCodec::kIdentity : KvCodec::kFp8));
+    CHECK(info.model == key(50));
+    CHECK(info.tier == store->peek(k)->tier);
+    CHECK(info.loads == (i == 7 ? 1u : 0u));
+    (info.tier == Tier::kDram ? dram : on_ssd)++;
+  }
+  CHECK(dram == store->stats().entries);
+  CHECK(on_ssd == store->stats().ssd_entries);
+  CHECK(on_ssd > 0);
+  CHECK(dram > 0);
+  REQUIRE(store->abort(key(100), open->id).ok());
+  require_consistent(*store);
+}
+
+TEST_CASE("demote: moves a DRAM entry to the SSD tier; held ones stay; errors say why") {
+  for (const auto& mode : ssd_modes()) {
+    INFO("ssd tier: " << mode.name());
+    constexpr uint64_t kChunk = 10000;
+    auto store = make_ssd_store(8 * (kChunk + 256), mode, 1 << 20);
+    for (uint64_t i = 0; i < 4; ++i) REQUIRE(put(*store, key(i), kChunk).ok());
+    acquire_release(*store, key(0), kChunk);
+    const uint64_t used = store->stats().bytes_used;
+    const auto before = store->stats();
+    REQUIRE(store->demote(key(0)).ok());
+    require_consistent(*store);
+    ChunkKey one[] = {key(0)};
+    auto tiers = store->lookup_tiers(one);
+    REQUIRE(tiers.size() == 1);
+    CHECK(tiers[0] == Tier::kSsd);
+    auto s = store->stats();
+    CHECK(s.bytes_used == used - (kChunk + 255) / 256 * 256);  // its arena block is free
+    CHECK(s.entries == 3);
+    CHECK(s.ssd_entries == 1);
+    CHECK(s.evictions == before.evictions + 1);
+    CHECK(s.ssd_spills == before.ssd_spills + 1);
+    // Already in the SSD tier: nothing to do.
+    REQUIRE(store->demote(key(0)).ok());
+    CHECK(store->stats().ssd_spills == s.ssd_spills);
+    // Acquire promotes it back, bytes identical.
+    acquire_release(*store, key(0), kChunk);
+    CHECK(tier_of(*store, key(0)) == Tier::kDram);
+    CHECK(loads_of(*store, key(0)) == 2);
+    require_consistent(*store);
+    // Pinned, leased, being re-encoded: kAborted, and they stay in DRAM.
+    REQUIRE(store->pin(key(1)).ok());
+    Status st = store->demote(key(1));
+    CHECK(st.code() == ErrorCode::kAborted);
+    CHECK(st.message().find("pinned") != std::string::npos);
+    CHECK(tier_of(*store, key(1)) == Tier::kDram);
+    auto lease = store->acquire(key(2), 3);
+    REQUIRE(lease.ok());
+    st = store->demote(key(2));
+    CHECK(st.code() == ErrorCode::kAborted);
+    CHECK(st.message().find("leased") != std::string::npos);
+    CHECK(tier_of(*store, key(2)) == Tier::kDram);
+    CHECK(store->verify(lease.value()).ok());
+    auto r = store->reserve_replacement(key(3), 500, KvCodec::kLz4, 1);
+    REQUIRE(r.ok());
+    st = store->demote(key(3));
+    CHECK(st.code() == ErrorCode::kAborted);
+    CHECK(st.message().find("re-encoded") != std::string::npos);
+    CHECK(tier_of(*store, key(3)) == Tier::kDram);
+    require_consistent(*store);
+    REQUIRE(store->abort(key(3), r->id).ok());
+    REQUIRE(store->release(lease->id).ok());
+    REQUIRE(store->unpin(key(1)).ok());
+    // Unknown, or reserved but not committed: kNotFound.
+    CHECK(store->demote(key(99)).code() == ErrorCode::kNotFound);
+    auto open = store->reserve(key(100), 500, 1);
+    REQUIRE(open.ok());
+    CHECK(store->demote(key(100)).code() == ErrorCode::kNotFound);
+    REQUIRE(store->abort(key(100), open->id).ok());
+    // Now free to go.
+    for (uint64_t i = 1; i < 4; ++i) REQUIRE(store->demote(key(i)).ok());
+    CHECK(store->stats().entries == 1);
+    CHECK(store->stats().ssd_entries == 3);
+    for (uint64_t i = 0; i < 4; ++i) acquire_release(*store, key(i), kChunk);
+    require_consistent(*store);
+  }
+}
+
+TEST_CASE("demote: without an SSD tier kUnavailable; a tier that cannot take it leaves it in DRAM") {
+  auto plain = make_store(64 * 1024);
+  REQUIRE(put(*plain, key(1), 4000).ok());
+  CHECK(plain->demote(key(1)).code() == ErrorCode::kUnavailable);
+  CHECK(plain->demote(key(2)).code() == ErrorCode::kUnavailable);
+  CHECK(plain->peek(key(1)).has_value());
+  require_consistent(*plain);
+  // A chunk larger than the whole tier: kOutOfMemory, the entry unchanged in DRAM.
+  auto store = make_ssd_store(64 * 1024, ssd_modes().front(), 8192);
+  REQUIRE(put(*store, key(1), 20000).ok());
+  acquire_release(*store, key(1), 20000);
+  const auto before = store->stats();
+  Status st = store->demote(key(1));
+  CHECK(st.code() == ErrorCode::kOutOfMemory);
+  CHECK(tier_of(*store, key(1)) == Tier::kDram);
+  CHECK(loads_of(*store, key(1)) == 1);
+  const auto after = store->stats();
+  CHECK(after.entries == before.entries);
+  CHECK(after.evictions == before.evictions);
+  CHECK(after.ssd_spill_failures == before.ssd_spill_failures);
+  acquire_release(*store, key(1), 20000);
+  require_consistent(*store);
+}

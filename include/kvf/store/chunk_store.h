@@ -47,6 +47,13 @@
 //            removes the entry when it lands.
 //   pins:    a pin of an SSD entry promotes it and pins it in DRAM (a pin means "keep it fast");
 //            unpin of an SSD entry is kInvalidArgument (not pinned), as for any unpinned entry.
+//   demote:  demote(key) spills one committed, unheld DRAM entry now, as eviction would (for a
+//            placement policy that decided it is not worth DRAM); unlike eviction, an entry the
+//            tier cannot take stays in DRAM unchanged. Counted as an eviction and a spill
+//            (evictions, ssd_spills): no stats field of its own.
+// Reuse: every entry counts its loads (EntryInfo::loads: successful acquires since it was first
+// committed, the one that promoted it included); the count moves with the entry between the tiers
+// and survives commit_replacement. peek() and entries() report it; nothing else reads it.
 // Entries are immutable once committed except through commit_replacement (a key is a content
 // address): reserving a key that is stored or being stored fails with kAborted, which a writer
 // treats as "nothing to do".
@@ -64,6 +71,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvf/gpudirect/memory_region.h"
@@ -111,7 +119,7 @@ struct Lease {
   protocol::KvCodec codec = protocol::KvCodec::kIdentity;  // how the bytes are encoded
 };
 
-// A committed entry as peek() sees it.
+// A committed entry as peek() and entries() see it.
 struct EntryInfo {
   uint64_t bytes = 0;  // the chunk's length
   protocol::ChunkKey model;
@@ -119,6 +127,7 @@ struct EntryInfo {
   uint32_t leases = 0;
   protocol::Tier tier = protocol::Tier::kDram;  // kSsd: in the SSD tier, or being promoted from it
   protocol::KvCodec codec = protocol::KvCodec::kIdentity;
+  uint64_t loads = 0;  // successful acquires since first committed (kept across tiers and re-encodes)
 };
 
 struct EntryTotals {
@@ -204,6 +213,9 @@ class ChunkStore {
   EntryTotals totals() const;
   // The keys of every committed entry, in either tier (a snapshot; O(entries)).
   std::vector<protocol::ChunkKey> keys() const;
+  // Every committed, visible entry of either tier with what peek() would say of it (a snapshot
+  // taken in one pass under the mutex; O(entries); in no particular order). Counts nothing.
+  std::vector<std::pair<protocol::ChunkKey, EntryInfo>> entries() const;
   // An entry in the SSD tier is promoted into the arena first (see above).
   // Errors: kNotFound (not stored or not yet committed); from a promotion: kOutOfMemory (no
   // arena space can be freed), kVerifyFailed (the SSD copy did not match its checksum: dropped),
@@ -219,6 +231,16 @@ class ChunkStore {
   // Errors: kNotFound (not stored), kInvalidArgument (unpin of an entry that is not pinned).
   Status pin(const protocol::ChunkKey& key);
   Status unpin(const protocol::ChunkKey& key);
+
+  // Moves a committed DRAM entry into the SSD tier now, as eviction would spill it (its bytes
+  // written with its checksum, model, codec and loads; its arena block freed), for a placement
+  // policy that decided it is not worth DRAM. Ok, doing nothing, when it is in the SSD tier
+  // already. Counted as an eviction and a spill. Errors: kUnavailable (no SSD tier), kNotFound
+  // (not stored, or not committed yet), kAborted (pinned, leased, being re-encoded or being
+  // promoted: it stays where it is; the message says which), kOutOfMemory (the tier has no extent
+  // for it: larger than the tier, or its space is held by entries being read back) and kInternal
+  // (the write failed): the entry then stays in DRAM unchanged (eviction would drop it).
+  Status demote(const protocol::ChunkKey& key);
 
   // Removes committed entries of both tiers, pinned ones too (an explicit clear beats a pin);
   // leased entries leave the index at once and free their bytes on their last release; entries

@@ -7,7 +7,8 @@
 //            disk full halfway; removed when the tier is destroyed. Nothing in it outlives the
 //            process: the index lives in memory only, a restarted daemon starts with an empty tier.
 //   index:   ChunkKey -> SsdEntry {extent (file offset, length rounded up to 4 KiB), the chunk's
-//            length, checksum (chunk_checksum: XXH3-64), model fingerprint, codec}.
+//            length, checksum (chunk_checksum: XXH3-64), model fingerprint, codec, loads (the
+//            owner's reuse count, kept for it while the entry is here)}.
 //   space:   ArenaAllocator over the file (best fit, coalescing) at 4 KiB alignment, so every extent
 //            starts and ends on a block boundary for O_DIRECT. When a put does not fit, the tier
 //            evicts its own least recently used entries until it does. Entries are never used in
@@ -86,6 +87,7 @@ struct SsdEntry {
   uint64_t checksum = 0;
   protocol::ChunkKey model;
   protocol::KvCodec codec = protocol::KvCodec::kIdentity;
+  uint64_t loads = 0;  // ChunkStore's EntryInfo::loads, kept with the entry
 };
 
 struct SsdTierStats {
@@ -129,7 +131,7 @@ class SsdTier {
   // held by taken entries), and the write's errors (the extent is then freed and nothing indexed;
   // entries evicted for it stay evicted).
   Result<SsdEntry> put(const protocol::ChunkKey& key, std::span<const uint8_t> bytes, uint64_t checksum,
-                       const protocol::ChunkKey& model, protocol::KvCodec codec);
+                       const protocol::ChunkKey& model, protocol::KvCodec codec, uint64_t loads = 0);
   const SsdEntry* find(const protocol::ChunkKey& key) const;
   bool contains(const protocol::ChunkKey& key) const { return find(key) != nullptr; }
   // Takes an entry out of the index and the eviction order but keeps its extent allocated, so that
