@@ -214,9 +214,13 @@ Result<CompressResult> StoreControlApi::compress(const CompressRequest& request)
   if (!codec.ok()) return Status(ErrorCode::kInvalidArgument, codec.status().message());
   protocol::KvCodecParams params;
   params.codec = codec.value();
+  return compress_keys(request.all ? store_.keys() : request.keys, params);
+}
+
+CompressResult StoreControlApi::compress_keys(const std::vector<ChunkKey>& keys,
+                                              const protocol::KvCodecParams& params) {
   static std::atomic<uint64_t> next_client{1};
   const uint64_t client = (uint64_t{3} << 62) | next_client.fetch_add(1);
-  const std::vector<ChunkKey> keys = request.all ? store_.keys() : request.keys;
   CompressResult result;
   for (const ChunkKey& key : keys) {
     Status st = recode(key, params, client, result);

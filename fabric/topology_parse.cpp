@@ -147,10 +147,20 @@ void read_nic(const YAML::Node& node, const std::string& path, NicSpec& nic, Rea
   if (auto gpus = map.get("gpus")) nic.gpu_affinity = read_gpu_list(*gpus, map.field("gpus"), map.pos(), ctx);
 }
 
+// store.placement: kvfabricd re-plans codecs and tiers itself (control/placement_service.h).
+void read_placement(const YAML::Node& node, const std::string& path, Pos fallback, NodeSpec& spec,
+                    ReadContext& ctx) {
+  if (!expect_map(node, path, fallback, ctx)) return;
+  MapReader map(node, path, {"policy", "interval_ms"}, ctx);
+  read_string_field(map, "policy", true, spec.store_placement_policy, ctx);
+  spec.store_placement_interval_ms = kDefaultPlacementIntervalMs;
+  read_int_field(map, "interval_ms", false, 100, 86400000, spec.store_placement_interval_ms, ctx);
+}
+
 void read_store(const YAML::Node& node, const std::string& path, Pos fallback, NodeSpec& spec,
                 ReadContext& ctx) {
   if (!expect_map(node, path, fallback, ctx)) return;
-  MapReader map(node, path, {"dram", "ssd", "ssd_path", "socket"}, ctx);
+  MapReader map(node, path, {"dram", "ssd", "ssd_path", "socket", "placement"}, ctx);
   if (auto dram = map.get("dram")) {
     if (auto bytes = read_size(*dram, map.field("dram"), map.pos(), ctx)) spec.store_dram_bytes = *bytes;
   }
@@ -170,6 +180,13 @@ void read_store(const YAML::Node& node, const std::string& path, Pos fallback, N
                      " bytes, this one has " + std::to_string(socket.size()));
     } else {
       spec.store_socket = socket;
+    }
+  }
+  if (auto placement = map.get("placement")) {
+    read_placement(*placement, map.field("placement"), map.pos(), spec, ctx);
+    if (!spec.store_placement_policy.empty() && spec.store_dram_bytes == 0) {
+      ctx.report(map.field("placement"), ctx.where(map.field("placement")),
+                 map.field("placement") + ": set, but store.dram is 0 (this node has no store to place)");
     }
   }
   // An SSD tier needs both halves; one without the other is a half-finished edit.

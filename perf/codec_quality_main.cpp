@@ -43,37 +43,11 @@ struct CodecCase {
   protocol::KvCodecParams params;
 };
 
-// "int8", "int4:r=32", "int2:g=64", "drop:keep=0.25".
+// "int8", "int4:r=32", "int2:g=64", "drop:keep=0.25" (protocol::parse_codec_spec).
 CodecCase parse_case(const std::string& spec) {
-  CodecCase c;
-  c.name = spec;
-  const size_t colon = spec.find(':');
-  auto codec = protocol::parse_codec(spec.substr(0, colon));
-  if (!codec.ok()) throw std::runtime_error(codec.status().message());
-  c.params.codec = codec.value();
-  if (colon == std::string::npos) return c;
-  std::string rest = spec.substr(colon + 1);
-  while (!rest.empty()) {
-    const size_t comma = rest.find(',');
-    const std::string kv = rest.substr(0, comma);
-    rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
-    const size_t eq = kv.find('=');
-    if (eq == std::string::npos) throw std::runtime_error("codec option '" + kv + "' is not key=value");
-    const std::string key = kv.substr(0, eq);
-    const std::string value = kv.substr(eq + 1);
-    if (key == "r") {
-      c.params.residual_tokens = static_cast<uint32_t>(std::stoul(value));
-    } else if (key == "g") {
-      c.params.group = static_cast<uint32_t>(std::stoul(value));
-    } else if (key == "keep") {
-      c.params.keep_fraction = std::stof(value);
-    } else if (key == "level") {
-      c.params.zstd_level = std::stoi(value);
-    } else {
-      throw std::runtime_error("unknown codec option '" + key + "' (r, g, keep, level)");
-    }
-  }
-  return c;
+  auto params = protocol::parse_codec_spec(spec);
+  if (!params.ok()) throw std::runtime_error(params.status().message());
+  return CodecCase{spec, params.value()};
 }
 
 std::vector<std::string> split(const std::string& s, char sep) {

@@ -17,35 +17,19 @@
 
 #include "kvf/protocol/kv_codec.h"
 #include "perf_util.h"
+#include "kvf/control/placement_service.h"
 #include "placement_sim.h"
 
 namespace {
 
 using kvf::perf::SimResult;
 
+// The profiles file, read as kvfabricd reads a placement policy's profiles (one parser, one set of
+// checks).
 std::vector<kvf::store::CodecProfile> read_profiles(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot open profiles file " + path);
-  const nlohmann::json doc = nlohmann::json::parse(in);
-  std::vector<kvf::store::CodecProfile> out;
-  for (const auto& p : doc.at("profiles")) {
-    kvf::store::CodecProfile profile;
-    profile.name = p.at("name").get<std::string>();
-    auto codec = kvf::protocol::parse_codec(p.at("codec").get<std::string>());
-    if (!codec.ok()) throw std::runtime_error(path + ": " + codec.status().message());
-    profile.codec = codec.value();
-    profile.size_ratio = p.at("size_ratio").get<double>();
-    profile.quality = p.at("quality").get<double>();
-    profile.decode_bytes_per_second = p.value("decode_gbps", 0.0) * 1e9;
-    if (!(profile.size_ratio > 0 && profile.size_ratio <= 2) ||
-        !(profile.quality >= 0 && profile.quality <= 1)) {
-      throw std::runtime_error(path + ": profile " + profile.name +
-                               " has a size ratio or quality out of range");
-    }
-    out.push_back(profile);
-  }
-  if (out.empty()) throw std::runtime_error(path + ": no profiles");
-  return out;
+  auto profiles = kvf::control::read_codec_profiles(path);
+  if (!profiles.ok()) throw std::runtime_error(profiles.status().message());
+  return std::move(profiles.value());
 }
 
 double median(std::vector<double> v) {

@@ -1,6 +1,8 @@
 #include "kvf/protocol/kv_codec.h"
 
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -60,6 +62,50 @@ Result<KvCodec> parse_codec(std::string_view name) {
   }
   return Status(ErrorCode::kMalformed, "unknown codec '" + std::string(name) +
                                            "' (identity, zstd, lz4, int8, fp8, int4, int2 or drop)");
+}
+
+Result<KvCodecParams> parse_codec_spec(std::string_view spec) {
+  KvCodecParams params;
+  const size_t colon = spec.find(':');
+  auto codec = parse_codec(spec.substr(0, colon));
+  if (!codec.ok()) return codec.status();
+  params.codec = codec.value();
+  if (colon == std::string_view::npos) return params;
+  std::string_view rest = spec.substr(colon + 1);
+  auto bad = [&](const std::string& why) {
+    return Status(ErrorCode::kMalformed, "codec '" + std::string(spec) + "': " + why);
+  };
+  while (!rest.empty()) {
+    const size_t comma = rest.find(',');
+    const std::string_view option = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view{} : rest.substr(comma + 1);
+    const size_t eq = option.find('=');
+    if (eq == std::string_view::npos) return bad("option '" + std::string(option) + "' is not key=value");
+    const std::string key(option.substr(0, eq));
+    const std::string value(option.substr(eq + 1));
+    char* end = nullptr;
+    errno = 0;
+    if (key == "keep") {
+      const float v = std::strtof(value.c_str(), &end);
+      if (value.empty() || *end != '\0' || errno != 0 || !std::isfinite(v))
+        return bad("keep=" + value + " is not a number");
+      params.keep_fraction = v;
+      continue;
+    }
+    const long long v = std::strtoll(value.c_str(), &end, 10);
+    if (value.empty() || *end != '\0' || errno != 0 || v < 0 || v > (1ll << 30))
+      return bad(key + "=" + value + " is not a whole number in range");
+    if (key == "r") {
+      params.residual_tokens = static_cast<uint32_t>(v);
+    } else if (key == "g") {
+      params.group = static_cast<uint32_t>(v);
+    } else if (key == "level") {
+      params.zstd_level = static_cast<int>(v);
+    } else {
+      return bad("unknown option '" + key + "' (r, g, keep, level)");
+    }
+  }
+  return params;
 }
 
 bool codec_is_lossless(KvCodec codec) {
@@ -271,7 +317,8 @@ void write_chunk_segment(const KvChunkHeader& header, std::span<uint8_t> out, ui
 Result<KvSegment> read_chunk_segment(const KvChunkHeader& header, std::span<const uint8_t> in,
                                      uint32_t index) {
   // In 64 bits: layers * parts can pass 2^32 for a header that claims a huge table.
-  if (index >= uint64_t{header.geometry.layers} * header.geometry.parts) return malformed("segment index out of range");
+  if (index >= uint64_t{header.geometry.layers} * header.geometry.parts)
+    return malformed("segment index out of range");
   KvSegment s;
   s.offset = get<uint64_t>(in, kKvChunkHeaderBytes + 16ull * index);
   s.length = get<uint64_t>(in, kKvChunkHeaderBytes + 16ull * index + 8);

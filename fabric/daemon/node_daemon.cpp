@@ -5,11 +5,14 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <memory>
+#include <optional>
 
 #include <spdlog/spdlog.h>
 
 #include "kvf/control/http_server.h"
+#include "kvf/control/placement_service.h"
 #include "kvf/control/store_control_api.h"
 #include "kvf/fabric/topology.h"
 #include "kvf/fabric/version.h"
@@ -61,6 +64,22 @@ int run_node_daemon(const NodeDaemonOptions& options) {
   }
   spdlog::info("kvfabricd {}: node '{}' of cluster '{}' ({})", fabric::version(), node->name,
                topology.cluster, options.topology_file);
+
+  // The placement policy before anything starts: a bad file is a bad input, reported at once.
+  // A relative path is relative to the topology file, as the file's author wrote it.
+  std::optional<control::PlacementPolicy> placement_policy;
+  std::string policy_path = node->store_placement_policy;
+  if (!policy_path.empty() && policy_path.front() != '/') {
+    policy_path = (std::filesystem::path(topology.source_file).parent_path() / policy_path).string();
+  }
+  if (!policy_path.empty()) {
+    auto policy = control::read_placement_policy(policy_path);
+    if (!policy.ok()) {
+      spdlog::error("store.placement: {}", policy.status().to_string());
+      return kExitBadInput;
+    }
+    placement_policy = std::move(policy.value());
+  }
 
   // The arena first: everything else points into it.
   auto made = store::SharedArena::create(node->name, node->store_dram_bytes, options.huge_pages);
@@ -138,8 +157,22 @@ int run_node_daemon(const NodeDaemonOptions& options) {
   auto reaper = std::make_unique<StoreReaper>(*chunk_store, options.reap_interval);
 
   StoreRpcServer* rpc_raw = rpc_server.get();
-  auto api = std::make_shared<control::StoreControlApi>(topology, node->name, *chunk_store,
-                                                        [rpc_raw] { return rpc_raw->metrics(); });
+  std::unique_ptr<control::PlacementService> placement;  // made below, read by /metrics after
+  auto api =
+      std::make_shared<control::StoreControlApi>(topology, node->name, *chunk_store, [rpc_raw, &placement] {
+        return rpc_raw->metrics() + (placement ? placement->metrics() : std::string());
+      });
+  if (placement_policy) {
+    placement = std::make_unique<control::PlacementService>(
+        topology, *chunk_store, *api, *placement_policy,
+        std::chrono::milliseconds(node->store_placement_interval_ms));
+    spdlog::info(
+        "placement: re-planning every entry's codec and tier every {} ms with {} ({} codec profiles)",
+        node->store_placement_interval_ms, policy_path,
+        placement_policy->planner.codecs.size());
+  } else {
+    spdlog::info("placement: off (store.placement is not set): codecs change only on /compress");
+  }
   std::unique_ptr<RemoteStore> remote;
   if (options.peers) {
     RemoteStoreOptions remote_options;
@@ -200,7 +233,8 @@ int run_node_daemon(const NodeDaemonOptions& options) {
   // reaper, the store and the arena, in the reverse order of their making.
   http_server->stop();
   http_server.reset();
-  remote.reset();  // no peer reads this arena after this
+  placement.reset();  // before the store it re-plans
+  remote.reset();     // no peer reads this arena after this
   rpc_server->drain(options.drain_grace);
   rpc_server.reset();
   reaper.reset();

@@ -454,6 +454,31 @@ TEST_CASE("the vectorizable restatements equal the header's conversions") {
 
 // --- the header -------------------------------------------------------------------------------
 
+TEST_CASE("codec specs: a codec and its options as benches and policy files write them") {
+  auto int4 = protocol::parse_codec_spec("int4:r=32,g=64");
+  REQUIRE(int4.ok());
+  CHECK(int4->codec == protocol::KvCodec::kInt4);
+  CHECK(int4->residual_tokens == 32);
+  CHECK(int4->group == 64);
+  auto drop = protocol::parse_codec_spec("drop:keep=0.25");
+  REQUIRE(drop.ok());
+  CHECK(drop->keep_fraction == 0.25f);
+  auto zstd = protocol::parse_codec_spec("zstd:level=3");
+  REQUIRE(zstd.ok());
+  CHECK(zstd->zstd_level == 3);
+  auto plain = protocol::parse_codec_spec("int8");
+  REQUIRE(plain.ok());
+  CHECK(plain->codec == protocol::KvCodec::kInt8);
+  CHECK(plain->group == protocol::KvCodecParams{}.group);
+  for (const char* bad : {"int9", "int4:r", "int4:r=", "int4:r=x", "int4:r=-1", "int4:q=3", "drop:keep=abc",
+                          "int4:r=99999999999"}) {
+    INFO(bad);
+    auto p = protocol::parse_codec_spec(bad);
+    REQUIRE_FALSE(p.ok());
+    CHECK(p.status().code() == ErrorCode::kMalformed);
+  }
+}
+
 TEST_CASE("codec names, parameters and geometry checks") {
   for (KvCodec c : kAll) {
     auto parsed = parse_codec(codec_name(c));

@@ -464,10 +464,34 @@ nodes:
                  5, 12, {"nodes[0].store.ssd_path: required when store.ssd is set"});
 }
 
+TEST_CASE("store.placement names a policy file and an interval; it needs a store") {
+  auto with = [](const std::string& store) {
+    return load("cluster: c\nnodes:\n  - name: a\n    address: 10.0.0.1\n    store: " + store + "\n");
+  };
+  const auto on = with("{placement: {policy: p.json, interval_ms: 500}}");
+  REQUIRE(on.topology);
+  CHECK(on.topology->nodes[0].store_placement_policy == "p.json");
+  CHECK(on.topology->nodes[0].store_placement_interval_ms == 500);
+  const auto defaults = with("{placement: {policy: /etc/kvf/p.json}}");
+  REQUIRE(defaults.topology);
+  CHECK(defaults.topology->nodes[0].store_placement_interval_ms == kvf::fabric::kDefaultPlacementIntervalMs);
+  const auto off = with("{dram: 1GiB}");
+  REQUIRE(off.topology);
+  CHECK(off.topology->nodes[0].store_placement_policy.empty());
+  require_single(with("{placement: {interval_ms: 500}}"), 5, 24,
+                 {"nodes[0].store.placement", "missing required key 'policy'"});
+  require_single(with("{placement: {policy: p.json, interval_ms: 5}}"), 5, 54,
+                 {"nodes[0].store.placement.interval_ms"});
+  require_single(with("{placement: {policy: p.json, every: 5}}"), 5, 41,
+                 {"nodes[0].store.placement", "every"});
+  require_single(with("{dram: 0, placement: {policy: p.json}}"), 5, 33,
+                 {"nodes[0].store.placement: set, but store.dram is 0"});
+}
+
 TEST_CASE("the store socket defaults per node and must be an absolute path a socket can hold") {
   auto with_socket = [](const std::string& socket) {
-    return load("cluster: c\nnodes:\n  - name: a\n    address: 10.0.0.1\n    store:\n      socket: " + socket +
-                "\n");
+    return load(
+        "cluster: c\nnodes:\n  - name: a\n    address: 10.0.0.1\n    store:\n      socket: " + socket + "\n");
   };
   const TopologyLoad defaulted = load(kMinimal);
   REQUIRE(defaulted.topology);

@@ -60,11 +60,16 @@ class StoreControlApi final : public ControlApi {
   Result<ControlStats> stats() override;
   Result<std::string> metrics() override;
 
+  // compress() of `keys` with a codec and its options (protocol::parse_codec_spec), for the
+  // placement service, whose profiles name codecs with options.
+  CompressResult compress_keys(const std::vector<ChunkKey>& keys, const protocol::KvCodecParams& params);
+  // The chunk shape of the topology's model with that fingerprint (what codecs need, and the raw
+  // size of its chunks); kNotFound for a fingerprint no model of the topology has.
+  Result<protocol::KvChunkGeometry> geometry_of(const ChunkKey& model) const;
+
  private:
   // The topology's model of that name; kInvalidArgument listing the known ones.
   Result<const fabric::ModelSpec*> model_named(const std::string& name) const;
-  // The chunk shape of the topology's model with that fingerprint (what codecs need); kNotFound.
-  Result<protocol::KvChunkGeometry> geometry_of(const ChunkKey& model) const;
   // Re-encodes one entry with `params` under a lease (decoding it first when it is encoded) and
   // swaps it in (ChunkStore::commit_replacement); adds to `result`.
   Status recode(const ChunkKey& key, const protocol::KvCodecParams& params, uint64_t client,

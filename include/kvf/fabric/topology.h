@@ -17,20 +17,20 @@ namespace kvf::fabric {
 
 struct TopologyProblem {
   std::string file;
-  int line = 0;    // 1-based; 0 when unknown
-  int column = 0;  // 1-based; 0 when unknown
-  std::string message;  // names the field, e.g. "nodes[1].address: expected host name or IP"
+  int line = 0;                   // 1-based; 0 when unknown
+  int column = 0;                 // 1-based; 0 when unknown
+  std::string message;            // names the field, e.g. "nodes[1].address: expected host name or IP"
   std::string to_string() const;  // "FILE:LINE:COL: message"
 };
 
 struct NicSpec {
-  std::string name;              // e.g. mlx5_0
-  std::vector<int> gpu_affinity; // GPUs this NIC serves best
+  std::string name;               // e.g. mlx5_0
+  std::vector<int> gpu_affinity;  // GPUs this NIC serves best
 };
 
 struct NodeSpec {
   std::string name;
-  std::string address;      // host name or IP the peers use
+  std::string address;        // host name or IP the peers use
   uint16_t control_port = 0;  // daemon control (TCP)
   uint16_t http_port = 0;     // daemon HTTP/JSON API
   std::vector<int> gpus;      // CUDA device ordinals on this node
@@ -39,7 +39,12 @@ struct NodeSpec {
   uint64_t store_ssd_bytes = 0;
   std::string store_ssd_path;
   std::string store_socket;  // the daemon's Unix socket for engines (default /tmp/kvfabric-<name>.sock)
+  // store.placement: the daemon re-plans each entry's codec and tier every interval with the
+  // policy file's profiles (control/placement_service.h); empty: it does not.
+  std::string store_placement_policy;
+  uint32_t store_placement_interval_ms = 0;
 };
+inline constexpr uint32_t kDefaultPlacementIntervalMs = 10000;
 
 struct ModelSpec {
   std::string name;
@@ -52,11 +57,11 @@ std::string_view engine_role_name(EngineRole role);
 
 struct EngineSpec {
   std::string name;
-  std::string node;   // a NodeSpec name
+  std::string node;  // a NodeSpec name
   EngineRole role = EngineRole::kBoth;
-  std::string model;  // a ModelSpec name
+  std::string model;       // a ModelSpec name
   std::optional<int> gpu;  // none: the engine keeps KV in host memory
-  uint16_t port = 0;  // the engine's own control port (PD handshakes)
+  uint16_t port = 0;       // the engine's own control port (PD handshakes)
   uint32_t kv_blocks = 0;  // blocks in its KV pool (0: the model's default)
 };
 
@@ -70,8 +75,8 @@ struct Topology {
   std::vector<ModelSpec> models;
   std::vector<EngineSpec> engines;
   std::vector<TransportKind> transport_preference;  // first that both peers support wins
-  std::string ucx_tls;        // passed to UCX as UCX_TLS when set (e.g. "tcp", "sm,self")
-  std::string auth_token;     // shared token; empty disables auth
+  std::string ucx_tls;     // passed to UCX as UCX_TLS when set (e.g. "tcp", "sm,self")
+  std::string auth_token;  // shared token; empty disables auth
 
   const NodeSpec* find_node(std::string_view name) const;
   const ModelSpec* find_model(std::string_view name) const;

@@ -84,6 +84,13 @@ struct KvCodecParams {
   int zstd_level = 1;
 };
 
+// A codec with its options, as benches, policy files and tools write it: the codec's name, then
+// optionally ':' and comma-separated key=value options: r (residual_tokens), g (group), keep
+// (keep_fraction), level (zstd_level). E.g. "int8", "int4:r=32", "int2:g=64", "drop:keep=0.25".
+// kMalformed naming the problem (unknown codec or option, a value that is not a number). Ranges
+// are checked later, against a geometry, by validate_codec.
+Result<KvCodecParams> parse_codec_spec(std::string_view spec);
+
 // The shape of one chunk's raw bytes (see above).
 struct KvChunkGeometry {
   uint32_t layers = 0;
