@@ -103,6 +103,19 @@ struct Fixture {
     return data;
   }
 
+  // 24 chunks of 32 KiB (768 KiB), the first 4 loaded 30 times each (hot), the rest never; their
+  // data in `original`.
+  std::vector<ChunkKey> put_hot_and_cold(uint64_t first,
+                                         std::unordered_map<ChunkKey, std::vector<float>>& original) {
+    std::vector<ChunkKey> keys;
+    for (uint64_t i = 0; i < 24; ++i) {
+      keys.push_back(ChunkKey{first + i, i});
+      original[keys.back()] = floats(put(keys.back()));
+    }
+    for (size_t i = 0; i < 4; ++i) load(keys[i], 30);
+    return keys;
+  }
+
   void load(const ChunkKey& key, int times) {
     for (int i = 0; i < times; ++i) {
       auto lease = store->acquire(key, 2);
@@ -216,13 +229,8 @@ TEST_CASE("placement: with DRAM short, cold entries are compressed or moved to t
   Fixture f(1 << 20, 4 << 20);
   PlacementPolicy p = policy();
   p.dram_fill = 0.5;
-  std::vector<ChunkKey> keys;
   std::unordered_map<ChunkKey, std::vector<float>> original;
-  for (uint64_t i = 0; i < 24; ++i) {
-    keys.push_back(ChunkKey{100 + i, i});
-    original[keys.back()] = Fixture::floats(f.put(keys.back()));
-  }
-  for (int i = 0; i < 4; ++i) f.load(keys[static_cast<size_t>(i)], 30);  // hot
+  const std::vector<ChunkKey> keys = f.put_hot_and_cold(100, original);  // hot
 
   PlacementService service(f.topology, *f.store, *f.api, p, std::chrono::milliseconds(0));
   const PlacementRound round = service.run_once(std::chrono::seconds(1));
@@ -273,13 +281,8 @@ TEST_CASE("placement: without an SSD tier, cold entries are re-encoded to fit DR
   Fixture f(1 << 20);
   PlacementPolicy p = policy();
   p.dram_fill = 0.5;
-  std::vector<ChunkKey> keys;
   std::unordered_map<ChunkKey, std::vector<float>> original;
-  for (uint64_t i = 0; i < 24; ++i) {
-    keys.push_back(ChunkKey{200 + i, i});
-    original[keys.back()] = Fixture::floats(f.put(keys.back()));
-  }
-  for (int i = 0; i < 4; ++i) f.load(keys[static_cast<size_t>(i)], 30);
+  const std::vector<ChunkKey> keys = f.put_hot_and_cold(200, original);
   PlacementService service(f.topology, *f.store, *f.api, p, std::chrono::milliseconds(0));
   const PlacementRound round = service.run_once(std::chrono::seconds(1));
   INFO(round.to_string());
