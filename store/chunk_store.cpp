@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -24,12 +25,15 @@ uint64_t chunk_checksum(const uint8_t* data, uint64_t length) {
 
 namespace {
 
-// kPromoting: a block being filled from the SSD tier (promote_locked); no reservation id, no
-// writer, no holds until it is committed.
-enum class EntryState : uint8_t { kReserved, kCommitting, kCommitted, kPromoting };
+// kPromoting: an entry coming from the SSD tier (promote_locked): first without a block while
+// space is made, then its block being filled; no reservation id, no writer, no holds until it is
+// committed. kSpilling: an entry evicted or demoted whose bytes are being written to the SSD tier
+// (its block stays allocated until they are); no holds.
+enum class EntryState : uint8_t { kReserved, kCommitting, kCommitted, kPromoting, kSpilling };
 
 struct Entry {
-  ArenaBlock block;    // what the allocator gave (aligned length)
+  ArenaBlock block;    // what the allocator gave (aligned length); none yet for a promotion making room
+  ArenaBlock extent;   // the SSD tier's extent while promoting or spilling
   uint64_t bytes = 0;  // what the writer asked for; the chunk's length
   uint64_t checksum = 0;
   ChunkKey model;  // the fingerprint the key was hashed with, as the writer said
@@ -42,8 +46,8 @@ struct Entry {
   uint32_t leases = 0;
   uint64_t loads = 0;  // successful acquires since first committed (EntryInfo::loads)
   EntryState state = EntryState::kReserved;
-  bool detached = false;                 // cleared while leased: out of the index, bytes kept for the readers
-  bool cleared_while_promoting = false;  // removed when its promotion lands
+  bool detached = false;           // cleared while leased: out of the index, bytes kept for the readers
+  bool cleared_in_flight = false;  // promoting or spilling: removed when its I/O lands
 };
 
 // New bytes for a committed entry (reserve_replacement); kept apart from the entry so that a
@@ -71,9 +75,14 @@ std::string hex(const ChunkKey& key) {
   return key.to_hex();
 }
 
-// What peek() and entries() say of a committed or promoting DRAM entry, and of an SSD entry.
+// What peek() and entries() say of a committed, promoting or spilling DRAM entry (the last two
+// count as in the SSD tier), and of an SSD entry.
+bool listed(const Entry& e) {
+  return e.state == EntryState::kCommitted || e.state == EntryState::kPromoting ||
+         e.state == EntryState::kSpilling;
+}
 EntryInfo info_of(const Entry& e) {
-  if (e.state == EntryState::kPromoting)
+  if (e.state != EntryState::kCommitted)
     return EntryInfo{e.bytes, e.model, 0, 0, Tier::kSsd, e.codec, e.loads};
   return EntryInfo{e.bytes, e.model, e.pins, e.leases, Tier::kDram, e.codec, e.loads};
 }
@@ -263,48 +272,151 @@ struct ChunkStore::Impl {
     return r;
   }
 
-  // Writes a committed entry to the SSD tier (under the mutex: see chunk_store.h).
-  Status write_to_ssd(const ChunkKey& key, const Entry& e) {
-    return ssd
-        ->put(key, {arena.data() + e.block.offset, static_cast<size_t>(e.bytes)}, e.checksum, e.model,
-              e.codec, e.loads)
-        .status();
-  }
+  // A spill in flight: the entry (kSpilling, still in the index) keeps its arena block allocated
+  // until its bytes are in `extent` of the SSD tier; written without the mutex (write_spills).
+  struct Spill {
+    ChunkKey key;
+    ArenaBlock block;
+    ArenaBlock extent;
+    uint64_t bytes = 0;
+  };
 
-  // Writes an evicted entry to the SSD tier. A failure drops the entry as a store without a tier
-  // would, and is counted and logged (the first few, then every 1000th, so that a dead disk does
-  // not flood the log).
-  void spill(const ChunkKey& key, const Entry& e) {
-    if (!ssd) return;
-    Status put = write_to_ssd(key, e);
-    if (put.ok()) return;
+  void count_spill_failure(const ChunkKey& key, const Status& why) {
     ++s.ssd_spill_failures;
+    // The first few, then every 1000th, so that a dead disk does not flood the log.
     if (s.ssd_spill_failures <= 10 || s.ssd_spill_failures % 1000 == 0) {
       spdlog::warn("chunk store: evicted chunk {} dropped, not spilled ({} so far): {}", hex(key),
-                   s.ssd_spill_failures, put.to_string());
+                   s.ssd_spill_failures, why.to_string());
     }
   }
 
-  // Allocates `bytes`, evicting in policy order (spilling to the SSD tier when there is one);
-  // reaps expired holds once before giving up.
-  Result<ArenaBlock> allocate_evicting(uint64_t bytes) {
-    for (int pass = 0; pass < 2; ++pass) {
-      for (;;) {
-        if (auto block = allocator.allocate(bytes)) return *block;
-        auto victim = policy->victim();
-        if (!victim) break;
+  // Starts the spill of a visible, committed, unprotected entry: reserves its SSD extent and
+  // moves the entry out of the visible set into kSpilling (its block stays allocated). On an
+  // error (no extent) nothing has changed.
+  Status begin_spill(IndexIt it, std::vector<Spill>& batch) {
+    Entry& e = it->second;
+    auto extent = ssd->allocate_extent(e.bytes);
+    if (!extent.ok()) return extent.status();
+    --s.evictable;
+    policy->on_remove(it->first);
+    --s.entries;
+    s.bytes_entries -= e.block.length;
+    ++s.spilling;
+    s.bytes_spilling += e.block.length;
+    e.state = EntryState::kSpilling;
+    e.extent = extent.value();
+    batch.push_back(Spill{it->first, e.block, e.extent, e.bytes});
+    return Status::Ok();
+  }
+
+  enum class SpillEnd { kSpilled, kCleared, kDropped, kKept };
+  // Ends a spill under the mutex after its write: the entry goes into the SSD index and its block
+  // is freed (then out of the SSD index again when a clear marked it meanwhile). A failed write
+  // drops the entry (eviction) or, with `keep_on_failure` (demote), makes it a visible DRAM
+  // entry again. Wakes the callers waiting for the key.
+  SpillEnd land_spill(const Spill& sp, const Status& wrote, bool keep_on_failure) {
+    settled.notify_all();
+    --s.spilling;
+    s.bytes_spilling -= sp.block.length;
+    auto it = index.find(sp.key);  // nothing else removes a spilling entry
+    Entry& e = it->second;
+    const bool cleared = e.cleared_in_flight;
+    e.cleared_in_flight = false;
+    if (wrote.ok()) {
+      ssd->insert(SsdEntry{sp.key, sp.extent, sp.bytes, e.checksum, e.model, e.codec, e.loads});
+      ++s.evictions;
+      free_block(sp.block);
+      index.erase(it);
+      if (cleared) ssd->erase(sp.key);
+      return cleared ? SpillEnd::kCleared : SpillEnd::kSpilled;
+    }
+    ssd->release_written(sp.extent);
+    if (keep_on_failure) {
+      e.state = EntryState::kCommitted;
+      ++s.entries;
+      s.bytes_entries += sp.block.length;
+      ++s.evictable;
+      policy->on_insert(sp.key);
+      if (cleared) {
+        remove_visible(it, Removal::kCleared);
+        return SpillEnd::kCleared;
+      }
+      return SpillEnd::kKept;
+    }
+    ++s.evictions;
+    count_spill_failure(sp.key, wrote);
+    free_block(sp.block);
+    index.erase(it);
+    return SpillEnd::kDropped;
+  }
+
+  // Writes a batch of begun spills with the mutex released, then lands them under it.
+  std::vector<SpillEnd> write_spills(std::unique_lock<std::mutex>& lock, const std::vector<Spill>& batch,
+                                     bool keep_on_failure) {
+    std::vector<Status> wrote;
+    wrote.reserve(batch.size());
+    lock.unlock();
+    // The blocks and extents are the spills' (nothing frees a spilling entry's block, nor a
+    // writing extent), so both are safe to use without the lock.
+    for (const Spill& sp : batch) {
+      wrote.push_back(
+          ssd->write_at(sp.extent.offset, {arena.data() + sp.block.offset, static_cast<size_t>(sp.bytes)}));
+    }
+    lock.lock();
+    std::vector<SpillEnd> ends;
+    ends.reserve(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) ends.push_back(land_spill(batch[i], wrote[i], keep_on_failure));
+    return ends;
+  }
+
+  // Allocates `bytes`, evicting in policy order; reaps expired holds once before giving up.
+  // Without an SSD tier victims are dropped and the lock is held throughout. With one, victims
+  // are spilled: as many begun as the allocation needs (by bytes; fragmentation may need another
+  // round), written with the lock released, landed, and then the result is nullopt: the lock was
+  // released, the caller must check its own state again and call again (the freed blocks are
+  // still free then: the lock is not released between the landing and the next call). Likewise
+  // nullopt after waiting for other callers' spills when nothing else is evictable.
+  Result<std::optional<ArenaBlock>> make_room(std::unique_lock<std::mutex>& lock, uint64_t bytes) {
+    bool reaped = false;
+    for (;;) {
+      if (auto block = allocator.allocate(bytes)) return block;
+      std::vector<Spill> batch;
+      uint64_t coming = 0;  // arena bytes the batch frees when it lands
+      while (auto victim = policy->victim()) {
         auto it = index.find(*victim);
         if (it == index.end() || it->second.state != EntryState::kCommitted || is_protected(it->second)) {
           return Status(ErrorCode::kInternal, "eviction policy offered " + hex(*victim) +
                                                   ", which is not an evictable entry of this store");
         }
-        spill(it->first, it->second);
+        if (ssd) {
+          const uint64_t length = it->second.block.length;
+          Status begun = begin_spill(it, batch);
+          if (begun.ok()) {
+            coming += length;
+            if (allocator.bytes_free() + coming >= bytes) break;
+            continue;
+          }
+          count_spill_failure(it->first, begun);  // no extent for it: dropped, as without a tier
+        }
         remove_visible(it, Removal::kEvicted);
+        if (batch.empty()) {
+          if (auto block = allocator.allocate(bytes)) return block;
+        } else if (allocator.bytes_free() + coming >= bytes) {
+          break;
+        }
       }
-      if (pass == 0) {
-        ReapResult r = reap_locked(now());
-        if (r.reservations == 0 && r.leases == 0) break;
+      if (!batch.empty()) {
+        write_spills(lock, batch, false);
+        return std::optional<ArenaBlock>{};
       }
+      if (s.spilling > 0) {  // other callers' spills will free blocks
+        settled.wait(lock);
+        return std::optional<ArenaBlock>{};
+      }
+      if (reaped) break;
+      reaped = true;
+      ReapResult r = reap_locked(now());
+      if (r.reservations == 0 && r.leases == 0) break;
     }
     return Status(ErrorCode::kOutOfMemory,
                   "store full: cannot place " + std::to_string(bytes) + " bytes (" +
@@ -316,34 +428,55 @@ struct ChunkStore::Impl {
                       " entries being read from the ssd tier");
   }
 
+  // make_room until it gives a block or fails.
+  Result<ArenaBlock> allocate_evicting(std::unique_lock<std::mutex>& lock, uint64_t bytes) {
+    for (;;) {
+      auto room = make_room(lock, bytes);
+      if (!room.ok()) return room.status();
+      if (room.value()) return *room.value();
+    }
+  }
+
   // Moves an entry of the SSD tier into the arena; see chunk_store.h. Called with `lock` held and
-  // the key in the SSD index; unlocks while the bytes are read and hashed. Returns the committed
-  // entry with the lock held. Waiters on the key are woken however it ends.
+  // the key in the SSD index; unlocks while space is made and while the bytes are read and
+  // hashed. Returns the committed entry with the lock held. Waiters on the key are woken however
+  // it ends.
   Result<IndexIt> promote_locked(std::unique_lock<std::mutex>& lock, const ChunkKey& key) {
-    // Out of the SSD index first, so that spills made to free arena space cannot evict it.
+    // Out of the SSD index first, so that spills made to free arena space cannot evict it, and
+    // into the DRAM index as kPromoting with no block yet, so that other callers of the key wait
+    // for it and lookups count it as in the SSD tier while space is made.
     std::optional<SsdEntry> taken = ssd->take(key);
     if (!taken)
       return Status(ErrorCode::kInternal, "promotion of chunk " + hex(key) + ": not in the ssd tier");
     ++s.promoting;
-    auto block = allocate_evicting(taken->bytes);
+    {
+      Entry e;
+      e.bytes = taken->bytes;
+      e.checksum = taken->checksum;
+      e.model = taken->model;
+      e.codec = taken->codec;
+      e.loads = taken->loads;
+      e.extent = taken->extent;
+      e.state = EntryState::kPromoting;
+      index.emplace(key, e);
+    }
+    // Nothing else removes a promoting entry (a clear marks it), so the lookups below find it.
+    auto block = allocate_evicting(lock, taken->bytes);
     if (!block.ok()) {
+      auto it = index.find(key);
+      const bool cleared = it->second.cleared_in_flight;
+      index.erase(it);
       ssd->restore(*taken);
+      if (cleared) ssd->erase(key);
       --s.promoting;
+      settled.notify_all();
       return Status(
           block.status().code(),
           "chunk " + hex(key) + " is in the ssd tier and cannot be loaded: " + block.status().message());
     }
-    Entry e;
-    e.block = block.value();
-    e.bytes = taken->bytes;
-    e.checksum = taken->checksum;
-    e.model = taken->model;
-    e.codec = taken->codec;
-    e.loads = taken->loads;
-    e.state = EntryState::kPromoting;
-    index.emplace(key, e);
-    s.bytes_promoting += e.block.length;
-    const ArenaBlock placed = e.block;
+    const ArenaBlock placed = block.value();
+    index.find(key)->second.block = placed;
+    s.bytes_promoting += placed.length;
     std::span<uint8_t> dst(arena.data() + placed.offset, static_cast<size_t>(taken->bytes));
     lock.unlock();
     // The block is the promotion's (nothing frees a promoting entry) and the extent stays
@@ -353,7 +486,7 @@ struct ChunkStore::Impl {
     ssd->release_extent(taken->extent);
     --s.promoting;
     s.bytes_promoting -= placed.length;
-    promoted.notify_all();
+    settled.notify_all();
     auto it = index.find(key);
     if (it == index.end() || it->second.state != EntryState::kPromoting) {
       return Status(ErrorCode::kInternal, "promotion of chunk " + hex(key) + ": its entry vanished");
@@ -371,8 +504,8 @@ struct ChunkStore::Impl {
     ++s.evictable;
     ++s.promotions;
     policy->on_insert(key);
-    if (it->second.cleared_while_promoting) {
-      it->second.cleared_while_promoting = false;
+    if (it->second.cleared_in_flight) {
+      it->second.cleared_in_flight = false;
       remove_visible(it, Removal::kCleared);
       return Status(ErrorCode::kNotFound,
                     "chunk " + hex(key) + " was cleared while it was read from the ssd tier");
@@ -380,8 +513,13 @@ struct ChunkStore::Impl {
     return it;
   }
 
-  // The committed DRAM entry of `key`: waits out a promotion in progress, promotes an SSD entry.
-  // Counts a hit of the tier it was found in, or a miss, when `count`. kNotFound when not stored.
+  static bool in_flight(const Entry& e) {
+    return e.state == EntryState::kPromoting || e.state == EntryState::kSpilling;
+  }
+
+  // The committed DRAM entry of `key`: waits out a promotion or a spill in progress, promotes an
+  // SSD entry. Counts a hit of the tier it was found in, or a miss, when `count`. kNotFound when
+  // not stored.
   Result<IndexIt> resolve_locked(std::unique_lock<std::mutex>& lock, const ChunkKey& key, bool count,
                                  const std::string& what) {
     for (;;) {
@@ -391,8 +529,8 @@ struct ChunkStore::Impl {
           if (count) ++s.hits;
           return it;
         }
-        if (it->second.state == EntryState::kPromoting) {
-          promoted.wait(lock);
+        if (in_flight(it->second)) {
+          settled.wait(lock);
           continue;
         }
         break;  // reserved or committing: not stored yet
@@ -410,17 +548,18 @@ struct ChunkStore::Impl {
     return Status(ErrorCode::kNotFound, what + "chunk " + hex(key) + " is not stored");
   }
 
-  // The DRAM entry of `key` once no promotion of it is in progress (end() when there is none).
+  // The DRAM entry of `key` once no promotion or spill of it is in progress (end() when there is
+  // none).
   IndexIt settled_locked(std::unique_lock<std::mutex>& lock, const ChunkKey& key) {
     for (;;) {
       auto it = index.find(key);
-      if (it == index.end() || it->second.state != EntryState::kPromoting) return it;
-      promoted.wait(lock);
+      if (it == index.end() || !in_flight(it->second)) return it;
+      settled.wait(lock);
     }
   }
 
   // Counts the matched prefix of a chain across both tiers; the tier of each matched key into
-  // `tiers` when given.
+  // `tiers` when given. Entries being promoted or spilled count as in the SSD tier.
   size_t match_locked(std::span<const ChunkKey> keys, std::vector<Tier>* tiers) {
     size_t matched = 0;
     for (const ChunkKey& key : keys) {
@@ -428,7 +567,7 @@ struct ChunkStore::Impl {
       auto it = index.find(key);
       if (it != index.end() && it->second.state == EntryState::kCommitted) {
         ++s.hits;
-      } else if ((it != index.end() && it->second.state == EntryState::kPromoting) ||
+      } else if ((it != index.end() && in_flight(it->second)) ||
                  (it == index.end() && ssd && ssd->contains(key))) {
         ++s.ssd_hits;
         tier = Tier::kSsd;
@@ -443,14 +582,15 @@ struct ChunkStore::Impl {
     return matched;
   }
 
-  // How a clear treats one DRAM index entry: removes a committed one, marks a promoting one.
+  // How a clear treats one DRAM index entry: removes a committed one, marks one in flight (counted
+  // as an SSD entry: its extent's bytes).
   void clear_entry(IndexIt it, ClearResult& r) {
     Entry& e = it->second;
-    if (e.state == EntryState::kPromoting) {
-      if (!e.cleared_while_promoting) {
-        e.cleared_while_promoting = true;
+    if (in_flight(e)) {
+      if (!e.cleared_in_flight) {
+        e.cleared_in_flight = true;
         ++r.removed;
-        r.bytes += e.block.length;
+        r.bytes += e.extent.length;
       }
       return;
     }
@@ -480,6 +620,7 @@ struct ChunkStore::Impl {
       out.ssd_bytes_free = t.bytes_free;
       out.ssd_bytes_entries = t.bytes_entries;
       out.ssd_bytes_promoting = t.bytes_taken;
+      out.ssd_bytes_spilling = t.bytes_writing;
       out.ssd_entries = t.entries;
       out.ssd_spills = t.puts;
       out.ssd_evictions = t.evictions;
@@ -497,12 +638,13 @@ struct ChunkStore::Impl {
   std::unique_ptr<SsdTier> ssd;  // null: no SSD tier
 
   mutable std::mutex mu;
-  std::condition_variable promoted;                     // a promotion ended (either way)
+  std::condition_variable settled;                      // a promotion or a spill ended (either way)
   std::unordered_map<ChunkKey, Entry> index;            // reserved, committing, committed, promoting entries
   std::unordered_multimap<ChunkKey, Entry> detached;    // cleared (or re-encoded) while leased
   std::unordered_map<uint64_t, ChunkKey> reservations;  // reservation id -> key (not yet committed)
   std::unordered_map<uint64_t, Replacement> replacements;  // reservation id -> replacement
   std::unordered_map<uint64_t, LeaseRecord> leases;
+  std::unordered_set<uint64_t> pending_replacements;  // replacement ids whose block is being made room for
   uint64_t next_reservation_id = 1;
   uint64_t next_lease_id = 1;
   StoreStats s;  // gauges and counters; the arena and SSD tier fields are filled in by snapshot()
@@ -558,26 +700,36 @@ Result<Reservation> ChunkStore::reserve(const ChunkKey& key, uint64_t bytes, Cli
                                                    " bytes can never fit a store arena of " +
                                                    std::to_string(m.allocator.capacity()));
   }
-  std::lock_guard lock(m.mu);
-  if (auto it = m.index.find(key); it != m.index.end()) {
-    switch (it->second.state) {
-      case EntryState::kCommitted:
-        return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is already stored");
-      case EntryState::kPromoting:
-        return Status(ErrorCode::kAborted,
-                      "chunk " + hex(key) + " is already stored (being read from the ssd tier)");
-      default:
-        return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is being stored by writer " +
-                                               std::to_string(it->second.writer));
+  std::unique_lock lock(m.mu);
+  ArenaBlock block;
+  for (;;) {  // checked again whenever making room released the lock
+    if (auto it = m.index.find(key); it != m.index.end()) {
+      switch (it->second.state) {
+        case EntryState::kCommitted:
+          return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is already stored");
+        case EntryState::kPromoting:
+          return Status(ErrorCode::kAborted,
+                        "chunk " + hex(key) + " is already stored (being read from the ssd tier)");
+        case EntryState::kSpilling:
+          return Status(ErrorCode::kAborted,
+                        "chunk " + hex(key) + " is already stored (being written to the ssd tier)");
+        default:
+          return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is being stored by writer " +
+                                                 std::to_string(it->second.writer));
+      }
+    }
+    if (m.ssd && m.ssd->contains(key)) {
+      return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is already stored (in the ssd tier)");
+    }
+    auto room = m.make_room(lock, bytes);
+    if (!room.ok()) return room.status();
+    if (room.value()) {
+      block = *room.value();
+      break;
     }
   }
-  if (m.ssd && m.ssd->contains(key)) {
-    return Status(ErrorCode::kAborted, "chunk " + hex(key) + " is already stored (in the ssd tier)");
-  }
-  auto block = m.allocate_evicting(bytes);
-  if (!block.ok()) return block.status();
   Entry e;
-  e.block = block.value();
+  e.block = block;
   e.bytes = bytes;
   e.model = model;
   e.codec = codec;
@@ -607,7 +759,7 @@ Status ChunkStore::commit(const ChunkKey& key, uint64_t reservation_id,
                                               " (aborted, expired, dropped or never made)");
     }
     Entry& e = it->second;
-    if (e.state == EntryState::kCommitted) {
+    if (e.state == EntryState::kCommitted || e.state == EntryState::kSpilling) {
       return Status(ErrorCode::kInvalidArgument, "commit of chunk " + hex(key) + ": already committed");
     }
     if (e.state == EntryState::kCommitting) {
@@ -683,26 +835,43 @@ Result<Reservation> ChunkStore::reserve_replacement(const ChunkKey& key, uint64_
   std::unique_lock lock(m.mu);
   auto found = m.resolve_locked(lock, key, false, "replacement: ");
   if (!found.ok()) return found.status();
-  const auto it = found.value();
-  Entry& e = it->second;  // node-based: stays valid while allocate_evicting removes other entries
+  Entry& e = found.value()->second;
   if (e.replacement_id != 0) {
     return Status(ErrorCode::kAborted, "replacement of chunk " + hex(key) + ": another one is being written");
   }
   const uint64_t id = m.next_reservation_id++;
   if (!Impl::is_protected(e)) m.protect(key);  // not evicted to make room for its own replacement
   e.replacement_id = id;
-  auto block = m.allocate_evicting(bytes);
-  if (!block.ok()) {
-    e.replacement_id = 0;
-    if (!Impl::is_protected(e)) m.unprotect(key);
-    return block.status();
+  m.pending_replacements.insert(id);  // for audit() while making room releases the lock
+  ArenaBlock block;
+  for (;;) {
+    auto room = m.make_room(lock, bytes);
+    // The entry may have been cleared while the lock was released (remove_visible resets its
+    // replacement id); the key may even be stored again by then.
+    auto it = m.index.find(key);
+    const bool still =
+        it != m.index.end() && it->second.state == EntryState::kCommitted && it->second.replacement_id == id;
+    if (room.ok() && room.value() && still) {
+      block = *room.value();
+      break;
+    }
+    if (room.ok() && !room.value() && still) continue;
+    if (room.ok() && room.value()) m.free_block(*room.value());
+    m.pending_replacements.erase(id);
+    if (still) {
+      it->second.replacement_id = 0;
+      if (!Impl::is_protected(it->second)) m.unprotect(key);
+    }
+    if (!room.ok()) return room.status();
+    return Status(ErrorCode::kNotFound, "replacement of chunk " + hex(key) + ": it was cleared meanwhile");
   }
-  m.replacements.emplace(id, Replacement{key, block.value(), bytes, codec, writer,
-                                         m.now() + m.options.reservation_timeout, false});
+  m.pending_replacements.erase(id);
+  m.replacements.emplace(
+      id, Replacement{key, block, bytes, codec, writer, m.now() + m.options.reservation_timeout, false});
   ++m.s.reserves;
   ++m.s.reservations;
-  m.s.bytes_reserved += block->length;
-  return Reservation{key, id, block->offset, bytes};
+  m.s.bytes_reserved += block.length;
+  return Reservation{key, id, block.offset, bytes};
 }
 
 Status ChunkStore::commit_replacement(const ChunkKey& key, uint64_t reservation_id,
@@ -798,7 +967,7 @@ std::optional<EntryInfo> ChunkStore::peek(const ChunkKey& key) const {
   auto it = m.index.find(key);
   if (it != m.index.end()) {
     const Entry& e = it->second;
-    if (e.state == EntryState::kCommitted || e.state == EntryState::kPromoting) return info_of(e);
+    if (listed(e)) return info_of(e);
     return std::nullopt;
   }
   if (m.ssd) {
@@ -811,10 +980,9 @@ std::vector<std::pair<ChunkKey, EntryInfo>> ChunkStore::entries() const {
   const Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   std::vector<std::pair<ChunkKey, EntryInfo>> out;
-  out.reserve(m.s.entries + m.s.promoting + (m.ssd ? m.ssd->stats().entries : 0));
+  out.reserve(m.s.entries + m.s.promoting + m.s.spilling + (m.ssd ? m.ssd->stats().entries : 0));
   for (const auto& [key, e] : m.index) {
-    if (e.state == EntryState::kCommitted || e.state == EntryState::kPromoting)
-      out.emplace_back(key, info_of(e));
+    if (listed(e)) out.emplace_back(key, info_of(e));
   }
   if (m.ssd) m.ssd->for_each([&out](const SsdEntry& e) { out.emplace_back(e.key, info_of(e)); });
   return out;
@@ -825,7 +993,7 @@ EntryTotals ChunkStore::totals() const {
   std::lock_guard lock(m.mu);
   EntryTotals t;
   for (const auto& [key, e] : m.index) {
-    if (e.state != EntryState::kCommitted && e.state != EntryState::kPromoting) continue;
+    if (!listed(e)) continue;
     ++t.entries;
     t.bytes += e.bytes;
   }
@@ -843,7 +1011,7 @@ std::vector<ChunkKey> ChunkStore::keys() const {
   std::lock_guard lock(m.mu);
   std::vector<ChunkKey> out;
   for (const auto& [key, e] : m.index) {
-    if (e.state == EntryState::kCommitted || e.state == EntryState::kPromoting) out.push_back(key);
+    if (listed(e)) out.push_back(key);
   }
   if (m.ssd) m.ssd->for_each([&out](const SsdEntry& e) { out.push_back(e.key); });
   return out;
@@ -925,13 +1093,18 @@ Status ChunkStore::unpin(const ChunkKey& key) {
 
 Status ChunkStore::demote(const ChunkKey& key) {
   Impl& m = *impl_;
-  std::lock_guard lock(m.mu);
+  std::unique_lock lock(m.mu);
   if (!m.ssd)
     return Status(ErrorCode::kUnavailable, "demote of chunk " + hex(key) + ": the store has no ssd tier");
-  auto it = m.index.find(key);
-  if (it == m.index.end()) {
-    if (m.ssd->contains(key)) return Status::Ok();
-    return Status(ErrorCode::kNotFound, "demote of chunk " + hex(key) + ": not stored");
+  auto it = m.index.end();
+  for (;;) {
+    it = m.index.find(key);
+    if (it == m.index.end()) {
+      if (m.ssd->contains(key)) return Status::Ok();
+      return Status(ErrorCode::kNotFound, "demote of chunk " + hex(key) + ": not stored");
+    }
+    if (it->second.state != EntryState::kSpilling) break;
+    m.settled.wait(lock);  // being evicted: see where it lands
   }
   Entry& e = it->second;
   switch (e.state) {
@@ -948,16 +1121,28 @@ Status ChunkStore::demote(const ChunkKey& key) {
   if (e.replacement_id != 0) {
     return Status(ErrorCode::kAborted, "demote of chunk " + hex(key) + ": it is being re-encoded");
   }
-  if (Status put = m.write_to_ssd(key, e); !put.ok()) {
-    // The entry stays in DRAM as it was. A chunk larger than the tier is a full tier to the caller.
-    const ErrorCode code = put.code() == ErrorCode::kOutOfMemory || put.code() == ErrorCode::kInvalidArgument
-                               ? ErrorCode::kOutOfMemory
-                               : ErrorCode::kInternal;
+  // The same path as an eviction's spill: the write runs without the mutex.
+  std::vector<Impl::Spill> batch;
+  if (Status begun = m.begin_spill(it, batch); !begun.ok()) {
+    // No extent: the entry stays in DRAM as it was. A chunk larger than the tier is a full tier to
+    // the caller.
+    const ErrorCode code =
+        begun.code() == ErrorCode::kOutOfMemory || begun.code() == ErrorCode::kInvalidArgument
+            ? ErrorCode::kOutOfMemory
+            : ErrorCode::kInternal;
     return Status(code, "demote of chunk " + hex(key) +
-                            ": the ssd tier cannot take it (it stays in dram): " + put.message());
+                            ": the ssd tier cannot take it (it stays in dram): " + begun.message());
   }
-  m.remove_visible(it, Impl::Removal::kEvicted);
-  return Status::Ok();
+  const Impl::Spill spill = batch.front();
+  lock.unlock();
+  Status wrote = m.ssd->write_at(spill.extent.offset,
+                                 {m.arena.data() + spill.block.offset, static_cast<size_t>(spill.bytes)});
+  lock.lock();
+  if (m.land_spill(spill, wrote, true) == Impl::SpillEnd::kKept) {
+    return Status(ErrorCode::kInternal, "demote of chunk " + hex(key) +
+                                            ": the write failed (it stays in dram): " + wrote.message());
+  }
+  return Status::Ok();  // in the SSD tier now (or cleared meanwhile)
 }
 
 ClearResult ChunkStore::clear_all() {
@@ -1057,7 +1242,7 @@ Status ChunkStore::audit() const {
   std::vector<ArenaBlock> blocks;
   uint64_t lease_refs = 0;
   for (const auto& [key, e] : m.index) {
-    blocks.push_back(e.block);
+    if (e.block.length != 0) blocks.push_back(e.block);  // none yet: a promotion making room
     if (e.detached) return Status(ErrorCode::kInternal, "store audit: detached entry in the index");
     if (m.ssd && m.ssd->contains(key)) {
       return Status(ErrorCode::kInternal, "store audit: chunk " + hex(key) + " is in both tiers");
@@ -1067,6 +1252,14 @@ Status ChunkStore::audit() const {
       c.bytes_promoting += e.block.length;
       if (e.pins != 0 || e.leases != 0 || e.replacement_id != 0 || e.reservation_id != 0) {
         return Status(ErrorCode::kInternal, "store audit: promoting entry " + hex(key) + " is held");
+      }
+      continue;
+    }
+    if (e.state == EntryState::kSpilling) {
+      ++c.spilling;
+      c.bytes_spilling += e.block.length;
+      if (e.pins != 0 || e.leases != 0 || e.replacement_id != 0 || !m.ssd) {
+        return Status(ErrorCode::kInternal, "store audit: spilling entry " + hex(key) + " is held");
       }
       continue;
     }
@@ -1093,7 +1286,8 @@ Status ChunkStore::audit() const {
     }
     if (e.replacement_id != 0) {
       auto r = m.replacements.find(e.replacement_id);
-      if (r == m.replacements.end() || !(r->second.key == key)) {
+      const bool pending = m.pending_replacements.count(e.replacement_id) != 0;
+      if (!pending && (r == m.replacements.end() || !(r->second.key == key))) {
         return Status(ErrorCode::kInternal, "store audit: replacement of " + hex(key) + " is not registered");
       }
     }
@@ -1148,6 +1342,9 @@ Status ChunkStore::audit() const {
   if (c.promoting != reported.promoting) return mismatch("promoting", c.promoting, reported.promoting);
   if (c.bytes_promoting != reported.bytes_promoting)
     return mismatch("promoting bytes", c.bytes_promoting, reported.bytes_promoting);
+  if (c.spilling != reported.spilling) return mismatch("spilling", c.spilling, reported.spilling);
+  if (c.bytes_spilling != reported.bytes_spilling)
+    return mismatch("spilling bytes", c.bytes_spilling, reported.bytes_spilling);
   if (c.detached != reported.detached) return mismatch("detached", c.detached, reported.detached);
   if (c.pinned != reported.pinned) return mismatch("pinned", c.pinned, reported.pinned);
   if (c.leased_entries != reported.leased_entries)
@@ -1170,6 +1367,8 @@ Status ChunkStore::audit() const {
     if (Status st = m.ssd->audit(); !st.ok()) return st;
     const SsdTierStats t = m.ssd->stats();
     if (t.taken != reported.promoting) return mismatch("ssd extents being read", t.taken, reported.promoting);
+    if (t.writing != reported.spilling)
+      return mismatch("ssd extents being written", t.writing, reported.spilling);
   }
   return check_stats_invariants(reported);
 }

@@ -207,6 +207,9 @@ Status SsdTier::write_at(uint64_t offset, std::span<const uint8_t> bytes) {
                   "ssd tier " + options_.path + ": write of " + std::to_string(bytes.size()) +
                       " bytes at offset " + std::to_string(offset) + " is not inside the file's blocks");
   }
+  if (options_.before_write) {
+    if (Status s = options_.before_write(offset, bytes.size()); !s.ok()) return s;
+  }
   if (!direct_) return pwrite_all(bytes.data(), bytes.size(), offset);
   uint64_t done = 0;
   const uint64_t whole = bytes.size() & ~(kSsdBlock - 1);
@@ -258,24 +261,21 @@ Status SsdTier::read_at(uint64_t offset, std::span<uint8_t> out) {
   return status;
 }
 
-Result<SsdEntry> SsdTier::put(const ChunkKey& key, std::span<const uint8_t> bytes, uint64_t checksum,
-                              const ChunkKey& model, protocol::KvCodec codec, uint64_t loads) {
-  if (bytes.empty() || bytes.size() > capacity()) {
-    return Status(ErrorCode::kInvalidArgument,
-                  "ssd tier " + options_.path + ": a chunk of " + std::to_string(bytes.size()) +
-                      " bytes cannot be placed in " + std::to_string(capacity()));
-  }
-  if (index_.count(key) != 0) {
-    return Status(ErrorCode::kAborted, "ssd tier: chunk " + key.to_hex() + " is already stored");
+Result<ArenaBlock> SsdTier::allocate_extent(uint64_t bytes) {
+  if (bytes == 0 || bytes > capacity()) {
+    return Status(ErrorCode::kInvalidArgument, "ssd tier " + options_.path + ": a chunk of " +
+                                                   std::to_string(bytes) + " bytes cannot be placed in " +
+                                                   std::to_string(capacity()));
   }
   std::optional<ArenaBlock> extent;
-  while (!(extent = allocator_.allocate(bytes.size()))) {
+  while (!(extent = allocator_.allocate(bytes))) {
     auto victim = lru_.victim();
     if (!victim) {
       return Status(ErrorCode::kOutOfMemory,
-                    "ssd tier " + options_.path + ": no extent of " + std::to_string(bytes.size()) +
+                    "ssd tier " + options_.path + ": no extent of " + std::to_string(bytes) +
                         " bytes with every entry evicted (" + std::to_string(s_.bytes_taken) +
-                        " bytes held by entries being read back)");
+                        " bytes held by entries being read back, " + std::to_string(s_.bytes_writing) +
+                        " by entries being written)");
     }
     auto it = index_.find(*victim);
     lru_.on_remove(*victim);
@@ -286,16 +286,45 @@ Result<SsdEntry> SsdTier::put(const ChunkKey& key, std::span<const uint8_t> byte
     ++s_.evictions;
     index_.erase(it);
   }
+  ++s_.writing;
+  s_.bytes_writing += extent->length;
+  return *extent;
+}
+
+void SsdTier::insert(const SsdEntry& entry) {
+  --s_.writing;
+  s_.bytes_writing -= entry.extent.length;
+  if (!index_.emplace(entry.key, entry).second) {
+    // The owner keeps a key in one place; freeing the extent beats corrupting the index.
+    spdlog::error("ssd tier: chunk {} inserted twice; the second copy is dropped", entry.key.to_hex());
+    (void)allocator_.free(entry.extent);
+    return;
+  }
+  lru_.on_insert(entry.key);
+  ++s_.puts;
+  ++s_.entries;
+  s_.bytes_entries += entry.extent.length;
+}
+
+void SsdTier::release_written(const ArenaBlock& extent) {
+  --s_.writing;
+  s_.bytes_writing -= extent.length;
+  if (Status st = allocator_.free(extent); !st.ok()) spdlog::error("ssd tier: {}", st.to_string());
+}
+
+Result<SsdEntry> SsdTier::put(const ChunkKey& key, std::span<const uint8_t> bytes, uint64_t checksum,
+                              const ChunkKey& model, protocol::KvCodec codec, uint64_t loads) {
+  if (index_.count(key) != 0) {
+    return Status(ErrorCode::kAborted, "ssd tier: chunk " + key.to_hex() + " is already stored");
+  }
+  auto extent = allocate_extent(bytes.size());
+  if (!extent.ok()) return extent.status();
   if (Status s = write_at(extent->offset, bytes); !s.ok()) {
-    (void)allocator_.free(*extent);
+    release_written(*extent);
     return s;
   }
   SsdEntry e{key, *extent, bytes.size(), checksum, model, codec, loads};
-  index_.emplace(key, e);
-  lru_.on_insert(key);
-  ++s_.puts;
-  ++s_.entries;
-  s_.bytes_entries += extent->length;
+  insert(e);
   return e;
 }
 
@@ -404,9 +433,10 @@ Status SsdTier::audit() const {
   if (index_.size() != s_.entries) return broken("entries " + std::to_string(index_.size()) + " vs stats");
   if (bytes != s_.bytes_entries) return broken("entry bytes " + std::to_string(bytes) + " vs stats");
   if (lru_.size() != index_.size()) return broken("eviction order tracks " + std::to_string(lru_.size()));
-  if (allocator_.bytes_used() != s_.bytes_entries + s_.bytes_taken) {
+  if (allocator_.bytes_used() != s_.bytes_entries + s_.bytes_taken + s_.bytes_writing) {
     return broken("allocated " + std::to_string(allocator_.bytes_used()) + " != entries " +
-                  std::to_string(s_.bytes_entries) + " + taken " + std::to_string(s_.bytes_taken));
+                  std::to_string(s_.bytes_entries) + " + taken " + std::to_string(s_.bytes_taken) +
+                  " + writing " + std::to_string(s_.bytes_writing));
   }
   std::sort(extents.begin(), extents.end(),
             [](const ArenaBlock& a, const ArenaBlock& b) { return a.offset < b.offset; });

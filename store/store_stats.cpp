@@ -21,10 +21,11 @@ Status check_stats_invariants(const StoreStats& s) {
     return broken("used " + n(s.bytes_used) + " + free " + n(s.bytes_free) + " != capacity " +
                   n(s.capacity_bytes));
   }
-  if (s.bytes_used != s.bytes_entries + s.bytes_reserved + s.bytes_detached + s.bytes_promoting) {
+  if (s.bytes_used !=
+      s.bytes_entries + s.bytes_reserved + s.bytes_detached + s.bytes_promoting + s.bytes_spilling) {
     return broken("used " + n(s.bytes_used) + " != entries " + n(s.bytes_entries) + " + reserved " +
                   n(s.bytes_reserved) + " + detached " + n(s.bytes_detached) + " + promoting " +
-                  n(s.bytes_promoting));
+                  n(s.bytes_promoting) + " + spilling " + n(s.bytes_spilling));
   }
   if (s.largest_free_block > s.bytes_free) return broken("largest free block exceeds free bytes");
   if (s.reserves != s.inserts + s.replacements + s.aborts + s.expired_reservations + s.dropped_reservations +
@@ -33,9 +34,10 @@ Status check_stats_invariants(const StoreStats& s) {
                   n(s.replacements) + " + aborts " + n(s.aborts) + " + expired " + n(s.expired_reservations) +
                   " + dropped " + n(s.dropped_reservations) + " + open " + n(s.reservations));
   }
-  if (s.inserts + s.promotions != s.entries + s.evictions + s.cleared) {
+  if (s.inserts + s.promotions != s.entries + s.spilling + s.evictions + s.cleared) {
     return broken("inserts " + n(s.inserts) + " + promotions " + n(s.promotions) + " != entries " +
-                  n(s.entries) + " + evictions " + n(s.evictions) + " + cleared " + n(s.cleared));
+                  n(s.entries) + " + spilling " + n(s.spilling) + " + evictions " + n(s.evictions) +
+                  " + cleared " + n(s.cleared));
   }
   if (s.leases_granted != s.leases_released + s.expired_leases + s.dropped_leases + s.active_leases) {
     return broken("leases granted " + n(s.leases_granted) + " != released " + n(s.leases_released) +
@@ -54,9 +56,9 @@ Status check_stats_invariants(const StoreStats& s) {
     return broken("ssd used " + n(s.ssd_bytes_used) + " + free " + n(s.ssd_bytes_free) + " != capacity " +
                   n(s.ssd_capacity_bytes));
   }
-  if (s.ssd_bytes_used != s.ssd_bytes_entries + s.ssd_bytes_promoting) {
+  if (s.ssd_bytes_used != s.ssd_bytes_entries + s.ssd_bytes_promoting + s.ssd_bytes_spilling) {
     return broken("ssd used " + n(s.ssd_bytes_used) + " != entries " + n(s.ssd_bytes_entries) +
-                  " + promoting " + n(s.ssd_bytes_promoting));
+                  " + promoting " + n(s.ssd_bytes_promoting) + " + spilling " + n(s.ssd_bytes_spilling));
   }
   if (s.ssd_spills !=
       s.ssd_entries + s.ssd_evictions + s.promotions + s.ssd_cleared + s.ssd_dropped + s.promoting) {

@@ -3,14 +3,18 @@
 // add up after every operation of a random sequence. Then the SSD tier under the arena (spill on
 // eviction, promotion on acquire with bytes checked on random data and poisoned blocks, a corrupted
 // file, a full tier, pins, clears, codecs, concurrent promotions; with O_DIRECT and with the
-// buffered fallback) and re-encoding entries (reserve_replacement / commit_replacement).
+// buffered fallback), re-encoding entries (reserve_replacement / commit_replacement), reuse counts,
+// entries() and demote, and spills written without the store's mutex (a write held or failed on
+// purpose through SsdTierOptions::before_write, and a concurrent mix with an auditor thread).
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
+#include <mutex>
 #include <random>
 #include <thread>
 #include <vector>
@@ -1273,4 +1277,305 @@ TEST_CASE("demote: without an SSD tier kUnavailable; a tier that cannot take it 
   CHECK(after.ssd_spill_failures == before.ssd_spill_failures);
   acquire_release(*store, key(1), 20000);
   require_consistent(*store);
+}
+
+// --- spills written without the store's mutex ---------------------------------------------------
+
+namespace {
+
+// Holds every SSD write of a store at its start while closed (SsdTierOptions::before_write), and
+// fails them while `fail` is set: a slow disk and a dying one, deterministically.
+struct WriteGate {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool closed = false;
+  bool fail = false;
+  int inside = 0;
+  Status enter() {
+    std::unique_lock lock(mu);
+    ++inside;
+    cv.notify_all();
+    cv.wait(lock, [this] { return !closed; });
+    --inside;
+    return fail ? Status(ErrorCode::kInternal, "injected write failure") : Status::Ok();
+  }
+  void close() {
+    std::lock_guard lock(mu);
+    closed = true;
+  }
+  void open() {
+    std::lock_guard lock(mu);
+    closed = false;
+    cv.notify_all();
+  }
+  void set_fail(bool f) {
+    std::lock_guard lock(mu);
+    fail = f;
+  }
+  void wait_inside(int n) {
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return inside >= n; });
+  }
+};
+
+std::unique_ptr<ChunkStore> make_gated_store(uint64_t capacity, WriteGate& gate, const SsdMode& mode = {},
+                                             uint64_t ssd_capacity = 1 << 20) {
+  SsdTierOptions o = ssd_file(mode, ssd_capacity);
+  o.before_write = [&gate](uint64_t, uint64_t) { return gate.enter(); };
+  return make_store(capacity, nullptr, 10s, 10s, std::move(o));
+}
+
+std::vector<Tier> tiers_of(ChunkStore& store, std::vector<ChunkKey> keys) {
+  return store.lookup_tiers(keys);
+}
+
+}  // namespace
+
+TEST_CASE("spill: other calls go on while a spill's write is held; acquire of the spilling key waits") {
+  WriteGate gate;
+  auto store = make_gated_store(4 * 4096, gate);
+  for (uint64_t i = 0; i < 4; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  gate.close();
+  Status spiller_put;
+  std::thread spiller([&] { spiller_put = put(*store, key(10), 4000); });  // evicts and spills key 0
+  gate.wait_inside(1);
+  // The store's mutex is free: every call below would hang if the write held it.
+  CHECK(tiers_of(*store, {key(0), key(1)}) == std::vector<Tier>{Tier::kSsd, Tier::kDram});
+  CHECK(tier_of(*store, key(0)) == Tier::kSsd);
+  auto s = store->stats();
+  CHECK(s.spilling == 1);
+  CHECK(s.bytes_spilling == 4096);
+  CHECK(s.ssd_bytes_spilling == 4096);
+  CHECK(s.entries == 3);
+  CHECK(s.evictions == 0);  // counted when the spill lands
+  require_consistent(*store);
+  acquire_release(*store, key(1), 4000);
+  REQUIRE(store->pin(key(2)).ok());
+  REQUIRE(store->unpin(key(2)).ok());
+  CHECK(store->reserve(key(0), 4000, 1).status().code() == ErrorCode::kAborted);
+  CHECK(store->entries().size() == 4);
+  CHECK(store->totals().entries == 4);
+  // An acquire of the spilling key waits for the spill to land, then promotes it.
+  std::atomic<bool> reader_done{false};
+  Result<Lease> reader_lease = Status(ErrorCode::kInternal, "not run");
+  std::thread reader([&] {
+    reader_lease = store->acquire(key(0), 5);
+    reader_done = true;
+  });
+  std::this_thread::sleep_for(50ms);
+  CHECK_FALSE(reader_done.load());
+  CHECK(tier_of(*store, key(0)) == Tier::kSsd);
+  gate.open();
+  spiller.join();
+  reader.join();
+  REQUIRE(spiller_put.ok());
+  INFO(reader_lease.status().to_string());
+  REQUIRE(reader_lease.ok());
+  const auto expected = content(key(0), 4000);
+  auto got = store->bytes(reader_lease.value());
+  CHECK(std::equal(got.begin(), got.end(), expected.begin(), expected.end()));
+  CHECK(store->verify(reader_lease.value()).ok());
+  REQUIRE(store->release(reader_lease->id).ok());
+  s = store->stats();
+  CHECK(s.spilling == 0);
+  CHECK(s.bytes_spilling == 0);
+  CHECK(s.promotions == 1);
+  CHECK(s.ssd_spills == 2);  // key 0, then what its promotion evicted
+  require_consistent(*store);
+}
+
+TEST_CASE("spill: a clear during the write removes the entry when it lands") {
+  WriteGate gate;
+  auto store = make_gated_store(4 * 4096, gate);
+  for (uint64_t i = 0; i < 4; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  gate.close();
+  Status spiller_put;
+  std::thread spiller([&] { spiller_put = put(*store, key(10), 4000); });
+  gate.wait_inside(1);
+  ChunkKey k0[] = {key(0)};
+  const ClearResult r = store->clear(k0);
+  CHECK(r.removed == 1);
+  CHECK(store->clear(k0).removed == 0);  // marked once
+  require_consistent(*store);
+  gate.open();
+  spiller.join();
+  REQUIRE(spiller_put.ok());
+  CHECK(store->lookup(k0) == 0);
+  CHECK_FALSE(store->peek(key(0)).has_value());
+  auto s = store->stats();
+  CHECK(s.ssd_entries == 0);
+  CHECK(s.ssd_cleared == 1);
+  CHECK(s.evictions == 1);
+  CHECK(store->acquire(key(0), 1).status().code() == ErrorCode::kNotFound);
+  // clear_all during a spill likewise.
+  gate.close();
+  std::thread again([&] { spiller_put = put(*store, key(11), 4000); });
+  gate.wait_inside(1);
+  const ClearResult all = store->clear_all();
+  CHECK(all.removed == 4);  // three DRAM entries and the spilling one
+  gate.open();
+  again.join();
+  REQUIRE(spiller_put.ok());
+  CHECK(store->totals().entries == 1);  // key 11, reserved after the clear
+  CHECK(store->stats().ssd_entries == 0);
+  require_consistent(*store);
+}
+
+TEST_CASE("spill: a failed write drops the evicted entry and frees its block; a demote's keeps it") {
+  WriteGate gate;
+  auto store = make_gated_store(4 * 4096, gate);
+  for (uint64_t i = 0; i < 4; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  acquire_release(*store, key(1), 4000);
+  gate.set_fail(true);
+  REQUIRE(put(*store, key(10), 4000).ok());  // key 0 is dropped, its block reused
+  CHECK_FALSE(stored(*store, key(0)));
+  auto s = store->stats();
+  CHECK(s.ssd_spill_failures == 1);
+  CHECK(s.evictions == 1);
+  CHECK(s.ssd_spills == 0);
+  CHECK(s.ssd_bytes_used == 0);
+  require_consistent(*store);
+  Status st = store->demote(key(1));
+  CHECK(st.code() == ErrorCode::kInternal);
+  CHECK(st.message().find("stays in dram") != std::string::npos);
+  CHECK(tier_of(*store, key(1)) == Tier::kDram);
+  CHECK(loads_of(*store, key(1)) == 1);
+  CHECK(store->stats().evictions == 1);
+  CHECK(store->stats().ssd_bytes_used == 0);
+  acquire_release(*store, key(1), 4000);
+  require_consistent(*store);
+  gate.set_fail(false);
+  REQUIRE(store->demote(key(1)).ok());
+  CHECK(tier_of(*store, key(1)) == Tier::kSsd);
+  acquire_release(*store, key(1), 4000);
+  require_consistent(*store);
+}
+
+TEST_CASE("spill: demote writes without the mutex too; a demote of a spilling key waits for it") {
+  WriteGate gate;
+  auto store = make_gated_store(8 * 4096, gate);
+  for (uint64_t i = 0; i < 4; ++i) REQUIRE(put(*store, key(i), 4000).ok());
+  gate.close();
+  Status demoted;
+  std::thread demoter([&] { demoted = store->demote(key(1)); });
+  gate.wait_inside(1);
+  CHECK(tiers_of(*store, {key(0), key(1)}) == std::vector<Tier>{Tier::kDram, Tier::kSsd});
+  CHECK(store->stats().spilling == 1);
+  require_consistent(*store);
+  acquire_release(*store, key(0), 4000);
+  std::atomic<bool> second_done{false};
+  Status second;
+  std::thread again([&] {
+    second = store->demote(key(1));
+    second_done = true;
+  });
+  std::this_thread::sleep_for(30ms);
+  CHECK_FALSE(second_done.load());
+  gate.open();
+  demoter.join();
+  again.join();
+  CHECK(demoted.ok());
+  CHECK(second.ok());  // in the SSD tier by then: nothing to do
+  CHECK(store->stats().ssd_spills == 1);
+  CHECK(tier_of(*store, key(1)) == Tier::kSsd);
+  acquire_release(*store, key(1), 4000);
+  require_consistent(*store);
+}
+
+TEST_CASE("spill: concurrent reserve, acquire, lookup, clear and demote while spills run; bytes verified") {
+  for (const auto& mode : ssd_modes()) {
+    INFO("ssd tier: " << mode.name());
+    constexpr uint64_t kKeys = 120;
+    auto size_of = [](uint64_t i) { return 3000 + (i * 7919) % 21000; };
+    auto store = make_ssd_store(512 * 1024, mode, 16 << 20);
+    std::atomic<bool> done{false};
+    std::atomic<uint64_t> verified{0};
+    std::atomic<uint64_t> failures{0};
+    std::mutex first_mu;
+    std::string first;
+    auto fail = [&](const std::string& what) {
+      if (failures.fetch_add(1) == 0) {
+        std::lock_guard lock(first_mu);
+        first = what;
+      }
+    };
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 6; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937_64 rng(static_cast<uint64_t>(t) * 7 + 3);
+        for (int n = 0; n < 1500; ++n) {
+          const uint64_t i = rng() % kKeys;
+          const ChunkKey k = key(i);
+          const uint64_t bytes = size_of(i);
+          const uint64_t op = rng() % 20;
+          if (op < 7) {
+            auto r = store->reserve(k, bytes, static_cast<ClientId>(t));
+            if (!r.ok()) {
+              if (r.status().code() != ErrorCode::kAborted) fail("reserve: " + r.status().to_string());
+              continue;
+            }
+            const auto data = content(k, bytes);
+            std::copy(data.begin(), data.end(), store->bytes(r.value()).begin());
+            if (Status st = store->commit(k, r->id); !st.ok()) fail("commit: " + st.to_string());
+          } else if (op < 14) {
+            auto lease = store->acquire(k, static_cast<ClientId>(t));
+            if (!lease.ok()) {
+              if (lease.status().code() != ErrorCode::kNotFound)
+                fail("acquire: " + lease.status().to_string());
+              continue;
+            }
+            const auto expected = content(k, bytes);
+            auto got = store->bytes(lease.value());
+            if (!std::equal(got.begin(), got.end(), expected.begin(), expected.end())) fail("bytes differ");
+            if (!store->verify(lease.value()).ok()) fail("verify");
+            ++verified;
+            if (Status st = store->release(lease->id); !st.ok()) fail("release: " + st.to_string());
+          } else if (op < 16) {
+            std::vector<ChunkKey> chain{k, key((i + 1) % kKeys), key((i + 2) % kKeys)};
+            const auto tiers = store->lookup_tiers(chain);
+            if (tiers.size() > chain.size()) fail("lookup_tiers");
+            (void)store->lookup(chain);
+          } else if (op < 17) {
+            ChunkKey one[] = {k};
+            (void)store->clear(one);
+          } else if (op < 19) {
+            Status st = store->demote(k);
+            if (!st.ok() && st.code() != ErrorCode::kNotFound && st.code() != ErrorCode::kAborted)
+              fail("demote: " + st.to_string());
+          } else {
+            (void)store->peek(k);
+            if (n % 100 == 0) (void)store->entries();
+          }
+        }
+      });
+    }
+    std::thread auditor([&] {
+      while (!done.load()) {
+        if (Status st = store->audit(); !st.ok()) fail("audit during the run: " + st.to_string());
+        std::this_thread::sleep_for(1ms);
+      }
+    });
+    for (auto& th : threads) th.join();
+    done = true;
+    auditor.join();
+    INFO(first);
+    CHECK(failures.load() == 0);
+    CHECK(verified.load() > 1000);
+    require_consistent(*store);
+    auto s = store->stats();
+    CHECK(s.spilling == 0);
+    CHECK(s.promoting == 0);
+    CHECK(s.ssd_spills > 100);
+    CHECK(s.promotions > 100);
+    CHECK(s.ssd_spill_failures == 0);
+    CHECK(s.ssd_bytes_spilling == 0);
+    // Whatever is still stored, in either tier, reads back intact.
+    for (const auto& [k, info] : store->entries()) {
+      uint64_t i = 0;
+      while (i < kKeys && !(k == key(i))) ++i;
+      REQUIRE(i < kKeys);
+      acquire_release(*store, k, size_of(i));
+    }
+    require_consistent(*store);
+  }
 }

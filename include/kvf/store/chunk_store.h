@@ -18,27 +18,41 @@
 //        lease_timeout (the reader died); a reader that overran it learns so from release().
 //   space: when the arena is full, reserve evicts entries in the policy's order (LRU by default);
 //        pinned, leased, reserved and re-encoding entries are never evicted. When nothing evictable
-//        is left, reserve fails with kOutOfMemory saying what holds the space.
+//        is left (and no other caller's spill is about to free a block), reserve fails with
+//        kOutOfMemory saying what holds the space.
 //   re-encode (the control API's /compress): reserve_replacement(key, bytes, codec, writer) gives a
 //        Reservation for new bytes of a committed entry; commit_replacement(key, id) hashes them and
 //        swaps the entry's bytes, checksum and codec in one step (readers holding leases keep the
 //        old bytes until they release them; pins stay); abort(key, id) drops them.
 // SSD tier (ChunkStoreOptions::ssd; without it everything above is all there is):
 //   spill:   an entry that reserve evicts from the arena is written to the tier with its checksum,
-//            model and codec (one eviction from DRAM, one spill); a full tier evicts its own least
-//            recently spilled entries. An entry the tier cannot take (I/O error, no extent free) is
-//            dropped, as without a tier, and counted in ssd_spill_failures. Only evictable entries
-//            are ever spilled: pinned, leased, reserved and re-encoding ones stay in DRAM.
-//            The spill's write runs under the store's mutex (the arena block must stay the
-//            victim's until its bytes are on the SSD, and reserve needs that block at once):
-//            simple and correct, and every store call waits for it. perf/store_bench_main.cpp
-//            --ssd-path measures it (on this VM's virtual disk, ~1 GB/s: 0.3 ms per 256 KiB
-//            spill, 0.8 ms per 1 MiB, up to 4 ms per 4 MiB).
+//            model, codec and loads (one eviction from DRAM, one spill); a full tier evicts its own
+//            least recently spilled entries. An entry the tier cannot take (I/O error, no extent
+//            free) is dropped, as without a tier, and counted in ssd_spill_failures. Only evictable
+//            entries are ever spilled: pinned, leased, reserved and re-encoding ones stay in DRAM.
+//            The write runs without the store's mutex, in three steps: under the mutex the victim
+//            leaves the visible DRAM entries for a "spilling" state that keeps its arena block
+//            allocated (no one can be given it) and an SSD extent is reserved for it; the caller
+//            that evicted it writes the bytes with the mutex released; under the mutex again the
+//            entry enters the SSD index and its block is freed (evictions and ssd_spills count it
+//            then; spilling, bytes_spilling and ssd_bytes_spilling count it meanwhile). A reserve
+//            (or promotion) that needs space begins as many spills as the missing bytes take,
+//            writes them, lands them and looks again (fragmentation may take another round); with
+//            nothing left to evict it waits for other callers' spills before it gives up. Meanwhile
+//            a spilling key counts as in the SSD tier (lookup, lookup_tiers, peek, entries,
+//            totals), is stored to reserve (kAborted), and acquire, pin, reserve_replacement,
+//            unpin and demote of it wait for its spill to land (then acquire promotes it back: the
+//            simplest correct answer; a key evicted and wanted at once is written and read). A
+//            clear during the write removes the entry when it lands; a failed write drops it and
+//            frees its block. Without an SSD tier eviction drops victims under the mutex as before.
+//            perf/store_bench_main.cpp --ssd-path measures the evicting reserve itself (which still
+//            waits for its own spills: it needs their blocks).
 //   tiers:   every key is in at most one tier. lookup counts a chain across both tiers;
 //            reserving a key the SSD holds is kAborted like one the arena holds.
 //   promote: acquire (and pin, and reserve_replacement) of an entry in the SSD tier moves it into
-//            the arena: reserve a block (evicting and spilling others as needed), take the entry
-//            out of the SSD index, then, without the mutex, read its bytes and check them against
+//            the arena: take the entry out of the SSD index (into a promoting DRAM entry without a
+//            block yet), reserve a block (evicting and spilling others as needed, their writes
+//            without the mutex), then, without the mutex, read its bytes and check them against
 //            its checksum; then commit it to DRAM and go on as with any DRAM entry. The entry
 //            leaves the SSD tier (it is in one tier at a time: a copy in both would spend SSD space
 //            on what DRAM holds, and an entry evicted again is written again). A mismatch drops it
@@ -47,10 +61,10 @@
 //            removes the entry when it lands.
 //   pins:    a pin of an SSD entry promotes it and pins it in DRAM (a pin means "keep it fast");
 //            unpin of an SSD entry is kInvalidArgument (not pinned), as for any unpinned entry.
-//   demote:  demote(key) spills one committed, unheld DRAM entry now, as eviction would (for a
-//            placement policy that decided it is not worth DRAM); unlike eviction, an entry the
-//            tier cannot take stays in DRAM unchanged. Counted as an eviction and a spill
-//            (evictions, ssd_spills): no stats field of its own.
+//   demote:  demote(key) spills one committed, unheld DRAM entry now, as eviction would and on the
+//            same path (the write without the mutex); unlike eviction, an entry the tier cannot
+//            take (no extent, a failed write) is a visible DRAM entry again, unchanged. Counted as an
+//            eviction and a spill (evictions, ssd_spills): no stats field of its own.
 // Reuse: every entry counts its loads (EntryInfo::loads: successful acquires since it was first
 // committed, the one that promoted it included); the count moves with the entry between the tiers
 // and survives commit_replacement. peek() and entries() report it; nothing else reads it.
@@ -58,10 +72,12 @@
 // address): reserving a key that is stored or being stored fails with kAborted, which a writer
 // treats as "nothing to do".
 // Thread rules: every method may be called from any thread at once; one mutex guards the index,
-// the allocator and the SSD tier's index, and is never held while chunk bytes are hashed or read
-// from the SSD; it is held while a spill writes to the SSD (above). Bytes in the arena are the
-// callers' to synchronize: a writer owns its reservation's range until commit/abort, readers share
-// a leased range read-only.
+// the allocator and the SSD tier's index, and is never held while chunk bytes are hashed, read
+// from the SSD or written to it (spills and demotions write with it released; above). Bytes in the
+// arena are the callers' to synchronize: a writer owns its reservation's range until commit/abort,
+// readers share a leased range read-only. Calls that evict, promote or demote may block on SSD
+// I/O themselves (their own, or a spill or promotion of the same key they wait for), but no
+// other call waits for it.
 #pragma once
 
 #include <chrono>
@@ -139,7 +155,8 @@ struct ClearResult {
   uint64_t removed = 0;   // entries that left the index (either tier)
   uint64_t deferred = 0;  // of those, entries whose bytes stay until their leases are released
   uint64_t bytes = 0;     // arena bytes of the removed entries (freed now, or on the last release)
-                          // and SSD extent bytes of the removed SSD entries
+                          // and SSD extent bytes of the removed SSD entries (those being promoted
+                          // or spilled count as SSD entries)
 };
 
 struct ReapResult {
@@ -203,7 +220,7 @@ class ChunkStore {
   // miss (and, with an SSD tier, one ssd_miss).
   size_t lookup(std::span<const protocol::ChunkKey> keys);
   // lookup, and the tier of each matched key (the result's size is lookup's count). An entry
-  // being promoted counts as kSsd.
+  // being promoted or spilled counts as kSsd.
   std::vector<protocol::Tier> lookup_tiers(std::span<const protocol::ChunkKey> keys);
   // A committed entry's length, model, holds, tier and codec; nullopt when not stored. Counts
   // nothing (no hit, no miss, no use for eviction): for the control API's bookkeeping, not for
@@ -233,9 +250,10 @@ class ChunkStore {
   Status unpin(const protocol::ChunkKey& key);
 
   // Moves a committed DRAM entry into the SSD tier now, as eviction would spill it (its bytes
-  // written with its checksum, model, codec and loads; its arena block freed), for a placement
-  // policy that decided it is not worth DRAM. Ok, doing nothing, when it is in the SSD tier
-  // already. Counted as an eviction and a spill. Errors: kUnavailable (no SSD tier), kNotFound
+  // written with its checksum, model, codec and loads, without the mutex; its arena block freed),
+  // for a placement policy that decided it is not worth DRAM. Ok, doing nothing, when it is in the
+  // SSD tier already (after waiting for a spill of it in progress). Counted as an eviction and a
+  // spill. Errors: kUnavailable (no SSD tier), kNotFound
   // (not stored, or not committed yet), kAborted (pinned, leased, being re-encoded or being
   // promoted: it stays where it is; the message says which), kOutOfMemory (the tier has no extent
   // for it: larger than the tier, or its space is held by entries being read back) and kInternal
@@ -244,8 +262,8 @@ class ChunkStore {
 
   // Removes committed entries of both tiers, pinned ones too (an explicit clear beats a pin);
   // leased entries leave the index at once and free their bytes on their last release; entries
-  // being promoted are removed when their read lands. Reservations in progress are not touched (a
-  // cleared entry's replacement is dropped). Unknown keys are skipped.
+  // being promoted or spilled are removed when their read or write lands. Reservations in progress are not
+  // touched (a cleared entry's replacement is dropped). Unknown keys are skipped.
   ClearResult clear_all();
   ClearResult clear(std::span<const protocol::ChunkKey> keys);
   // The committed entries reserved under `model` (O(entries): it walks the index).

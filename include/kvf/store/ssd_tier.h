@@ -30,13 +30,15 @@
 //            machines this was written on, and the store's bytes live in host memory (the arena)
 //            anyway; a GPU-side reader would need the SSD tier's extents mapped for cuFile.
 //
-// Thread rules: the index and allocator methods (put, find, take, restore, release_extent, erase,
-// erase_if, clear, stats, audit) are not synchronized: the owner (ChunkStore) calls them under its
-// own mutex. read(), write_at() and read_at() are safe from any thread at once and alongside the
-// index methods, provided the extent they touch stays allocated meanwhile (ChunkStore takes an
-// entry out of the index with take() and frees its extent with release_extent() only after its
-// read is over). put() writes the bytes itself, so its caller holds whatever lock it holds while
-// the write runs.
+// Thread rules: the index and allocator methods (put, allocate_extent, insert, release_written,
+// find, take, restore, release_extent, erase, erase_if, clear, stats, audit) are not synchronized:
+// the owner (ChunkStore) calls them under its own mutex. read(), write_at() and read_at() are safe
+// from any thread at once and alongside the index methods, provided the extent they touch stays
+// allocated meanwhile (ChunkStore takes an entry out of the index with take() and frees its extent
+// with release_extent() only after its read is over; it writes a spill into an extent from
+// allocate_extent() and only then insert()s or release_written()s it). put() writes the bytes
+// itself, so its caller holds whatever lock it holds while the write runs; ChunkStore uses the
+// three steps instead, writing without its mutex.
 #pragma once
 
 #include <sys/types.h>
@@ -78,6 +80,10 @@ struct SsdTierOptions {
   // EINVAL (as tmpfs did before Linux 6.6, and some FUSE file systems do) to exercise kAuto's
   // fallback where every local file system takes O_DIRECT.
   std::function<int(const char* path, int flags, mode_t mode)> open_file;
+  // Called at the start of every write_at (so of every put and spill), on the writing thread, with
+  // the file offset and length; a status other than Ok fails the write with it. Empty: nothing.
+  // Tests make a spill slow (to see who waits for it) or fail (a dying disk) with it.
+  std::function<Status(uint64_t offset, uint64_t length)> before_write;
 };
 
 struct SsdEntry {
@@ -92,13 +98,15 @@ struct SsdEntry {
 
 struct SsdTierStats {
   uint64_t capacity_bytes = 0;
-  uint64_t bytes_used = 0;  // extents allocated: entries and taken ones
+  uint64_t bytes_used = 0;  // extents allocated: entries, taken ones and ones being written
   uint64_t bytes_free = 0;
   uint64_t largest_free_block = 0;
   uint64_t bytes_entries = 0;  // extents of indexed entries
   uint64_t bytes_taken = 0;    // extents of taken entries not yet released
+  uint64_t bytes_writing = 0;  // extents allocated by allocate_extent, not yet inserted or released
   uint64_t entries = 0;
   uint64_t taken = 0;
+  uint64_t writing = 0;
   // Counters. puts + restores == entries + evictions + erases + takes.
   uint64_t puts = 0;
   uint64_t evictions = 0;
@@ -128,10 +136,17 @@ class SsdTier {
   // Writes `bytes` into a new extent (evicting the least recently used entries while it does not
   // fit) and indexes it. Errors: kAborted (the key is already here), kInvalidArgument (empty, or
   // larger than the tier), kOutOfMemory (no extent fits even with every entry evicted: the space is
-  // held by taken entries), and the write's errors (the extent is then freed and nothing indexed;
-  // entries evicted for it stay evicted).
+  // held by taken entries and extents being written), and the write's errors (the extent is then freed and
+  // nothing indexed; entries evicted for it stay evicted).
   Result<SsdEntry> put(const protocol::ChunkKey& key, std::span<const uint8_t> bytes, uint64_t checksum,
                        const protocol::ChunkKey& model, protocol::KvCodec codec, uint64_t loads = 0);
+  // put in three steps, for an owner that writes without its lock: allocate_extent (evicting as
+  // put does; put's errors but kAborted and the write's) -> write_at(extent.offset, bytes) with no
+  // lock -> insert(entry with that extent) to index it, or release_written(extent) to free it.
+  // Meanwhile the extent counts as writing (stats).
+  Result<ArenaBlock> allocate_extent(uint64_t bytes);
+  void insert(const SsdEntry& entry);  // the key must not be here (the owner's invariant)
+  void release_written(const ArenaBlock& extent);
   const SsdEntry* find(const protocol::ChunkKey& key) const;
   bool contains(const protocol::ChunkKey& key) const { return find(key) != nullptr; }
   // Takes an entry out of the index and the eviction order but keeps its extent allocated, so that

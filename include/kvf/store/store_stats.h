@@ -5,17 +5,17 @@
 // Invariants (check_stats_invariants checks them; every snapshot satisfies them):
 //   bytes_used + bytes_free == capacity_bytes
 //   bytes_used == bytes_entries + bytes_reserved + bytes_detached + bytes_promoting
-//                                                                     (allocated, aligned lengths)
+//                 + bytes_spilling                                    (allocated, aligned lengths)
 //   reserves == inserts + replacements + aborts + expired_reservations + dropped_reservations
 //               + reservations                    (replacement reservations are reservations too)
-//   inserts + promotions == entries + evictions + cleared              (every entry that came into
-//                                                    DRAM is still there or left once)
+//   inserts + promotions == entries + spilling + evictions + cleared   (every entry that came into
+//                                  DRAM is still there, is on its way down, or left once)
 //   leases_granted == leases_released + expired_leases + dropped_leases + active_leases
 //   evictable + protected_entries == entries   (protected: pinned, leased or being re-encoded)
 //   pinned <= protected_entries, leased_entries <= protected_entries + detached,
 //   leased_entries <= active_leases
 //   ssd_bytes_used + ssd_bytes_free == ssd_capacity_bytes
-//   ssd_bytes_used == ssd_bytes_entries + ssd_bytes_promoting
+//   ssd_bytes_used == ssd_bytes_entries + ssd_bytes_promoting + ssd_bytes_spilling
 //   ssd_spills == ssd_entries + ssd_evictions + promotions + ssd_cleared + ssd_dropped + promoting
 //                                                   (every entry written to the SSD is still there,
 //                                                    or left once, or is on its way up)
@@ -42,11 +42,13 @@ struct StoreStats {
   uint64_t bytes_reserved = 0;      // reservations being written
   uint64_t bytes_detached = 0;      // cleared entries kept until their last lease is released
   uint64_t bytes_promoting = 0;     // blocks being filled from the SSD tier
+  uint64_t bytes_spilling = 0;      // blocks of entries being written to the SSD tier (not yet free)
 
   // Gauges.
   uint64_t entries = 0;            // committed and visible
   uint64_t reservations = 0;       // reserved or committing (replacements included)
   uint64_t promoting = 0;          // entries being read back from the SSD tier
+  uint64_t spilling = 0;           // entries evicted or demoted, being written to the SSD tier
   uint64_t detached = 0;           // cleared while leased
   uint64_t pinned = 0;             // visible entries with a pin count above zero
   uint64_t leased_entries = 0;     // entries (visible or detached) with at least one lease
@@ -63,7 +65,7 @@ struct StoreStats {
   uint64_t aborts = 0;
   uint64_t expired_reservations = 0;  // writer missed the reservation timeout
   uint64_t dropped_reservations = 0;  // drop_client() of their writer
-  uint64_t evictions = 0;             // entries evicted from DRAM (spilled to the SSD tier, or dropped)
+  uint64_t evictions = 0;  // entries evicted or demoted from DRAM (spilled to the SSD tier, or dropped)
   uint64_t cleared = 0;
   uint64_t promotions = 0;  // entries read back from the SSD tier into DRAM
   uint64_t leases_granted = 0;
@@ -77,10 +79,11 @@ struct StoreStats {
   uint64_t ssd_bytes_free = 0;
   uint64_t ssd_bytes_entries = 0;    // extents of entries in the tier
   uint64_t ssd_bytes_promoting = 0;  // extents being read back
+  uint64_t ssd_bytes_spilling = 0;   // extents being written (spills in flight)
   uint64_t ssd_entries = 0;
   uint64_t ssd_hits = 0;
   uint64_t ssd_misses = 0;
-  uint64_t ssd_spills = 0;          // entries written to the tier (DRAM evictions it took)
+  uint64_t ssd_spills = 0;          // entries written to the tier (DRAM evictions and demotions)
   uint64_t ssd_spill_failures = 0;  // DRAM evictions it could not take (I/O error, no space): dropped
   uint64_t ssd_evictions = 0;       // entries the tier evicted to make room
   uint64_t ssd_cleared = 0;
