@@ -8,12 +8,14 @@
 //            Rounds alternate store and memcpy; medians and their ratio are printed.
 //   ssd:     with --ssd-path DIR, the SSD tier under the store (a file of --ssd-bytes in DIR):
 //            spill = the reserves that evict a round of chunks from a full arena into the tier
-//            (each one writes a chunk, under the store's mutex: what it costs every other caller);
+//            (each one writes a chunk; the evicting caller waits for its write, other callers do
+//            not: the write runs without the store's mutex);
 //            promote = acquire + release of each spilled chunk into a free arena (read back and
 //            checksummed); anchors: raw pwrite and pread of the same chunk-sized pieces to and from
 //            another file in DIR, with O_DIRECT exactly when the tier has it, and pread + the
 //            same checksum (what a promotion cannot avoid on one thread). Rounds alternate store
-//            and raw I/O; medians and their ratios are printed.
+//            and raw I/O; medians and their ratios are printed. Meanwhile another thread times
+//            store lookups during the spills and, its anchor, during the raw writes.
 //   kvfabric-store-bench [--arena 1G] [--sizes 256K,4M] [--round-bytes 256M] [--rounds 7]
 //                        [--lookup-entries 131072] [--prompt-keys 64] [--threads 1,2] [--seconds 1]
 //                        [--shm] [--ssd-path DIR [--ssd-bytes 1G] [--ssd-io auto]] [--json FILE]
@@ -261,7 +263,41 @@ struct SsdResult {
   uint64_t chunks = 0;
   double spill_gbps = 0, raw_write_gbps = 0, promote_gbps = 0, raw_read_gbps = 0;
   double raw_read_hash_gbps = 0;  // pread + the checksum a promotion checks: its floor on one thread
-  double spill_ms_per_chunk = 0;  // how long one spill holds the store's mutex
+  double spill_ms_per_chunk = 0;  // how long the evicting reserve takes per spilled chunk
+  // Another thread's store calls (LookupProber) while the spills run, and, the anchor, while the
+  // raw writes run (the same disk load, no store involved): p99 and max, ms.
+  double lookup_p99_spill_ms = 0, lookup_max_spill_ms = 0;
+  double lookup_p99_write_ms = 0, lookup_max_write_ms = 0;
+};
+
+// While a phase runs, another thread calls ChunkStore::lookup (of a key the store does not hold:
+// it still takes the store's mutex) every 50 us and records how long each call took: what any
+// store call waits for while that phase runs.
+class LookupProber {
+ public:
+  explicit LookupProber(ChunkStore& store) : store_(store), thread_([this] { run(); }) {}
+  ~LookupProber() { stop(); }
+  // Stops the thread; the latencies (ms) of every call made.
+  std::vector<double>& stop() {
+    done_ = true;
+    if (thread_.joinable()) thread_.join();
+    return ms_;
+  }
+
+ private:
+  void run() {
+    const ChunkKey absent[] = {ChunkKey{0x5eed, 0x0b5e}};
+    while (!done_.load()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      (void)store_.lookup(absent);
+      ms_.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+  ChunkStore& store_;
+  std::atomic<bool> done_{false};
+  std::vector<double> ms_;
+  std::thread thread_;  // last: starts once the rest is made
 };
 
 struct AlignedBuffer {
@@ -360,6 +396,7 @@ Result<std::pair<std::string, std::vector<SsdResult>>> bench_ssd(const cxxopts::
     for (auto& k : real) k = ChunkKey{rng(), rng()};
     for (auto& k : filler) k = ChunkKey{rng(), rng()};
     std::vector<double> spill_s, promote_s, write_s, read_s, read_hash_s;
+    std::vector<double> lookup_spill_ms, lookup_write_ms;
     for (int round = -1; round < rounds; ++round) {  // round -1 warms up (faults the arena, the file)
       store.clear_all();
       for (uint64_t i = 0; i < chunks; ++i) {
@@ -370,6 +407,7 @@ Result<std::pair<std::string, std::vector<SsdResult>>> bench_ssd(const cxxopts::
       }
       const uint64_t spills_before = store.stats().ssd_spills;
       double spill = 0;
+      auto prober = std::make_unique<LookupProber>(store);
       for (uint64_t i = 0; i < chunks; ++i) {
         auto t0 = Clock::now();
         auto r = store.reserve(filler[i], size, 1);  // evicts and spills real[i]
@@ -377,6 +415,11 @@ Result<std::pair<std::string, std::vector<SsdResult>>> bench_ssd(const cxxopts::
         if (!r.ok()) return r.status();
         if (Status s = store.commit(filler[i], r->id); !s.ok()) return s;
       }
+      if (round >= 0) {
+        const std::vector<double>& ms = prober->stop();
+        lookup_spill_ms.insert(lookup_spill_ms.end(), ms.begin(), ms.end());
+      }
+      prober.reset();
       if (store.stats().ssd_spills - spills_before != chunks) {
         return Status(ErrorCode::kInternal, "a round did not spill every chunk to the SSD tier");
       }
@@ -401,11 +444,17 @@ Result<std::pair<std::string, std::vector<SsdResult>>> bench_ssd(const cxxopts::
       // of bytes written the same distance before it.
       // The two anchors swap halves of the file every round (the host's cache may favour one).
       const uint64_t a = (round & 1) != 0 ? total : 0, b = total - a;
+      prober = std::make_unique<LookupProber>(store);
       t0 = Clock::now();
       for (uint64_t i = 0; i < chunks; ++i) {
         if (Status s = full_io(true, fd, src.data + i * size, size, a + i * size); !s.ok()) return s;
       }
       const double write = seconds_since(t0);
+      if (round >= 0) {
+        const std::vector<double>& ms = prober->stop();
+        lookup_write_ms.insert(lookup_write_ms.end(), ms.begin(), ms.end());
+      }
+      prober.reset();
       t0 = Clock::now();
       for (uint64_t i = 0; i < chunks; ++i) {
         if (Status s = full_io(false, fd, dst.data + i * size, size, a + i * size); !s.ok()) return s;
@@ -445,6 +494,12 @@ Result<std::pair<std::string, std::vector<SsdResult>>> bench_ssd(const cxxopts::
     r.raw_read_gbps = gbps(read_s);
     r.raw_read_hash_gbps = gbps(read_hash_s);
     r.spill_ms_per_chunk = perf::percentile(spill_s, 50) / static_cast<double>(chunks) * 1e3;
+    if (!lookup_spill_ms.empty() && !lookup_write_ms.empty()) {
+      r.lookup_p99_spill_ms = perf::percentile(lookup_spill_ms, 99);
+      r.lookup_max_spill_ms = perf::percentile(lookup_spill_ms, 100);
+      r.lookup_p99_write_ms = perf::percentile(lookup_write_ms, 99);
+      r.lookup_max_write_ms = perf::percentile(lookup_write_ms, 100);
+    }
     out.push_back(r);
   }
   return std::make_pair(mode, out);
@@ -536,7 +591,7 @@ int main(int argc, char** argv) {
         args["ssd-path"].as<std::string>().c_str(), mode.c_str(), args["rounds"].as<int>());
     std::printf("%10s %7s %9s %10s %10s %9s %9s %10s %12s %16s %14s\n", "chunk", "chunks", "spill",
                 "raw write", "spill/raw", "promote", "raw read", "read+hash", "promote/raw",
-                "promote/readhash", "ms/spill held");
+                "promote/readhash", "ms/spill");
     json["ssd"]["io"] = mode;
     for (const auto& r : results) {
       std::printf("%10llu %7llu %9.2f %10.2f %10.2f %9.2f %9.2f %10.2f %12.2f %16.2f %14.3f\n",
@@ -551,7 +606,19 @@ int main(int argc, char** argv) {
                                         {"promote_gbps", r.promote_gbps},
                                         {"raw_read_gbps", r.raw_read_gbps},
                                         {"raw_read_hash_gbps", r.raw_read_hash_gbps},
-                                        {"spill_ms_per_chunk", r.spill_ms_per_chunk}});
+                                        {"spill_ms_per_chunk", r.spill_ms_per_chunk},
+                                        {"lookup_p99_spill_ms", r.lookup_p99_spill_ms},
+                                        {"lookup_max_spill_ms", r.lookup_max_spill_ms},
+                                        {"lookup_p99_write_ms", r.lookup_p99_write_ms},
+                                        {"lookup_max_write_ms", r.lookup_max_write_ms}});
+    }
+    std::printf(
+        "\nanother thread's store calls (lookups every 50 us) while the spills run vs while the raw "
+        "writes run (ms)\n%10s %14s %14s %14s %14s\n",
+        "chunk", "p99 spills", "p99 raw write", "max spills", "max raw write");
+    for (const auto& r : results) {
+      std::printf("%10llu %14.4f %14.4f %14.3f %14.3f\n", static_cast<unsigned long long>(r.chunk_bytes),
+                  r.lookup_p99_spill_ms, r.lookup_p99_write_ms, r.lookup_max_spill_ms, r.lookup_max_write_ms);
     }
   }
   if (args.count("json") != 0) {
