@@ -19,6 +19,7 @@
 #include <csignal>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <mutex>
 #include <numeric>
@@ -346,14 +347,34 @@ class Waiter {
       state->cv.notify_all();
     };
   }
-  Status wait() {
+  // Waits for the completion. With `alive`, asks it every 100 ms whether to go on waiting: over
+  // shared memory a dead server's target stays mapped here and puts keep "succeeding", so a long
+  // run would only end long after the server did.
+  Status wait(const std::function<Status()>& alive = {}) {
+    const auto deadline = Clock::now() + timeout_;
     std::unique_lock lock(state_->m);
-    if (!state_->cv.wait_for(lock, timeout_, [&] { return state_->done; })) {
-      return Status(ErrorCode::kTimeout, "no completion within " + std::to_string(timeout_.count()) +
-                                             " ms (is the server still there?)");
+    while (!state_->done) {
+      const auto now = Clock::now();
+      if (now >= deadline) {
+        return Status(ErrorCode::kTimeout, "no completion within " + std::to_string(timeout_.count()) +
+                                               " ms (is the server still there?)");
+      }
+      const auto slice = std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(100));
+      if (state_->cv.wait_for(lock, slice, [&] { return state_->done; })) break;
+      if (alive) {
+        lock.unlock();
+        Status s = alive();
+        lock.lock();
+        if (!s.ok()) return s;
+      }
     }
     state_->done = false;
     return state_->status;
+  }
+  // True when the completion comes within the timeout, whatever its status.
+  bool completes() {
+    std::unique_lock lock(state_->m);
+    return state_->cv.wait_for(lock, timeout_, [&] { return state_->done; });
   }
 
  private:
@@ -388,6 +409,15 @@ Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, ui
     return PutOp{local->data() + offset, &local.value(), remote.value(), offset, size};
   };
   Waiter waiter(timeout);
+  // The server is still there while its control connection is: nothing may arrive on it during a
+  // run, and it ends (EOF) when the server dies.
+  auto server_there = [&link]() -> Status {
+    auto message = link.control().receive(std::chrono::milliseconds(1));
+    if (message.ok()) return Status(ErrorCode::kMalformed, "unexpected message from the server during a run");
+    if (message.status().code() == ErrorCode::kTimeout) return Status::Ok();
+    return Status(message.status().code(),
+                  "the server went away during the run: " + message.status().message());
+  };
   Measurement m;
   m.mode = latency ? "lat" : "bw";
   m.bytes = size;
@@ -401,9 +431,17 @@ Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, ui
       ops.reserve(n);
       for (uint64_t i = 0; i < n; ++i) ops.push_back(op_at(i));
       auto t0 = Clock::now();
-      setup.transport->put(link.peer(), std::move(ops), nullptr);
+      Waiter puts_done(timeout);
+      setup.transport->put(link.peer(), std::move(ops), puts_done.completion());
       setup.transport->flush(link.peer(), waiter.completion());
-      if (Status s = waiter.wait(); !s.ok()) return s;
+      if (Status s = waiter.wait(server_there); !s.ok()) {
+        // The puts still in flight read `local`: end them (the peer is closed) and let them
+        // finish before it is freed; if they do not within the timeout, it is left allocated.
+        setup.transport->disconnect(link.peer());
+        if (!puts_done.completes())
+          new gpudirect::MemoryRegion(std::move(local.value()));  // leaked, see above
+        return s;
+      }
       m.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     }
     m.gbps = static_cast<double>(size * iters) / m.seconds / 1e9;
@@ -424,13 +462,7 @@ Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, ui
   }
   // Over shared memory the target is mapped here, so puts "succeed" even after the server died:
   // only a run whose server is still there at the end counts.
-  if (auto m2 = link.control().receive(std::chrono::milliseconds(1)); !m2.ok()) {
-    if (m2.status().code() != ErrorCode::kTimeout) {
-      return Status(m2.status().code(), "the server went away during the run: " + m2.status().message());
-    }
-  } else {
-    return Status(ErrorCode::kMalformed, "unexpected message from the server during a run");
-  }
+  if (Status s = server_there(); !s.ok()) return s;
   return m;
 }
 
