@@ -26,6 +26,7 @@
 #include "kvf/gpudirect/kv_codec_math.h"
 #include "kvf/gpudirect/memory_region.h"
 #include "kvf/store/chunk_store.h"
+#include "random_kv.h"
 
 using namespace kvf;
 using namespace kvf::control;
@@ -91,11 +92,7 @@ struct Fixture {
 
   // A chunk of random bf16 KV, stored raw under model m (or `as_model`).
   std::vector<uint8_t> put(const ChunkKey& key, std::optional<ChunkKey> as_model = std::nullopt) {
-    std::vector<uint8_t> data(kChunk);
-    for (size_t i = 0; i + 1 < kChunk; i += 2) {
-      const uint16_t v = codec_math::float_to_bf16(normal(rng));
-      std::memcpy(&data[i], &v, 2);
-    }
+    std::vector<uint8_t> data = test::random_bf16_kv(kChunk, rng);
     auto r = store->reserve(key, kChunk, 1, as_model.value_or(model));
     REQUIRE(r.ok());
     std::memcpy(store->bytes(*r).data(), data.data(), kChunk);
@@ -157,7 +154,6 @@ struct Fixture {
   std::unique_ptr<StoreControlApi> api;
   ChunkKey model;
   std::mt19937 rng{11};
-  std::normal_distribution<float> normal{0.0f, 1.5f};
 };
 
 double relative_error(const std::vector<float>& want, const std::vector<float>& got) {

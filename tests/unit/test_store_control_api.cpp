@@ -19,6 +19,7 @@
 #include "kvf/gpudirect/kv_codec_math.h"
 #include "kvf/gpudirect/memory_region.h"
 #include "kvf/store/chunk_store.h"
+#include "random_kv.h"
 
 using namespace kvf;
 using namespace kvf::control;
@@ -245,13 +246,8 @@ TEST_CASE(
   const protocol::KvChunkGeometry geometry{2, 2, 2, 16, 128, 2};
   REQUIRE(geometry.raw_bytes() == 32768);
   std::mt19937 rng(7);
-  std::normal_distribution<float> normal(0.0f, 1.5f);
   auto put = [&](const ChunkKey& key, uint64_t bytes, const ChunkKey& model) {
-    std::vector<uint8_t> data(bytes);
-    for (size_t i = 0; i + 1 < bytes; i += 2) {
-      const uint16_t v = codec_math::float_to_bf16(normal(rng));
-      std::memcpy(&data[i], &v, 2);
-    }
+    std::vector<uint8_t> data = test::random_bf16_kv(bytes, rng);
     auto r = f.store->reserve(key, bytes, 1, model);
     REQUIRE(r.ok());
     std::memcpy(f.store->bytes(*r).data(), data.data(), bytes);
