@@ -403,11 +403,7 @@ class CudaIpcTransport::Impl {
     gpudirect::DeviceBuffer freed;  // this GPU: one uint32 a receiver slot, zeroed
     gpudirect::CudaStream release;  // writes freed when the receiver will not (it died, we close)
     uint32_t* ready = nullptr;      // the receiver's counters, inside `remote`
-    // staging_handover_side_streams: the counter wait and write run on their own streams,
-    // chained to the copy stream by events, so the copy stream holds copies only.
-    gpudirect::CudaStream gate, signal;
-    gpudirect::CudaEvent gate_passed;
-    std::vector<uint32_t> uses;  // per receiver slot, chunks launched into it so far
+    std::vector<uint32_t> uses;     // per receiver slot, chunks launched into it so far
     uint32_t next_remote = 0;
     std::deque<std::shared_ptr<StagedPut>> unoffered;  // puts made before the offer came
     std::deque<StagedChunk> waiting;                   // chunks waiting for a receiver slot
@@ -499,18 +495,6 @@ class CudaIpcTransport::Impl {
       if (ok.ok()) ok = gpudirect::fill_device(freed->data(), 0, kCounterBytes);
       auto blob = ok.ok() ? gpudirect::export_cuda_ipc(freed->data(), kCounterBytes)
                           : Result<std::vector<uint8_t>>(ok);
-      if (blob.ok() && options_.staging_handover_side_streams) {
-        auto gate = gpudirect::CudaStream::create(options_.device);
-        auto signal = gpudirect::CudaStream::create(options_.device);
-        auto passed = gpudirect::CudaEvent::create(options_.device);
-        if (gate.ok() && signal.ok() && passed.ok()) {
-          lane->gate = std::move(gate.value());
-          lane->signal = std::move(signal.value());
-          lane->gate_passed = std::move(passed.value());
-        } else {
-          blob = Status(ErrorCode::kInternal, "no streams for the hand-over");
-        }
-      }
       if (blob.ok()) {
         handover = std::move(blob.value());
         lane->freed = std::move(freed.value());
@@ -766,12 +750,7 @@ class CudaIpcTransport::Impl {
     if (Status s = lane.copy_stream.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
     const uint32_t* slot_freed =
         use > 1 ? static_cast<const uint32_t*>(lane.freed.data()) + remote_slot : nullptr;
-    const bool side = lane.gate.handle() != nullptr;
-    if (slot_freed != nullptr && side) {
-      if (Status s = lane.gate.wait_value(slot_freed, use - 1); !s.ok()) return s;
-      if (Status s = lane.gate_passed.record(lane.gate); !s.ok()) return s;
-      if (Status s = lane.copy_stream.wait_event(lane.gate_passed.handle()); !s.ok()) return s;
-    } else if (slot_freed != nullptr) {  // the receiver has scattered this slot's previous use
+    if (slot_freed != nullptr) {  // the receiver has scattered this slot's previous use
       if (Status s = lane.copy_stream.wait_value(slot_freed, use - 1); !s.ok()) return s;
     }
     std::optional<TracedPut> traced = begin_trace(lane.copy_stream, chunk.bytes, chunk.pieces.size(), true);
@@ -793,9 +772,7 @@ class CudaIpcTransport::Impl {
         const gpudirect::CudaStream& extra = lane.extra_copy_streams[i - 1];
         const uint64_t at = i * part;
         if (Status s = extra.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
-        if (slot_freed != nullptr && side) {
-          if (Status s = extra.wait_event(lane.gate_passed.handle()); !s.ok()) return s;
-        } else if (slot_freed != nullptr) {
+        if (slot_freed != nullptr) {
           if (Status s = extra.wait_value(slot_freed, use - 1); !s.ok()) return s;
         }
         if (Status s = extra.copy_async(there + at, reinterpret_cast<const void*>(here + at),
@@ -817,10 +794,7 @@ class CudaIpcTransport::Impl {
     if (traced) end_trace(std::move(*traced), lane.copy_stream);
     if (Status s = lane.copied[local].record(lane.copy_stream); !s.ok()) return s;
     // The receiver's scatter waits for this on its GPU, so it is told now, not when the copy ends.
-    if (use != 0 && side) {
-      if (Status s = lane.signal.wait_event(lane.copied[local].handle()); !s.ok()) return s;
-      if (Status s = lane.signal.write_value(lane.ready + remote_slot, use); !s.ok()) return s;
-    } else if (use != 0) {
+    if (use != 0) {
       if (Status s = lane.copy_stream.write_value(lane.ready + remote_slot, use); !s.ok()) return s;
     } else if (!nccl()) {
       if (Status s = lane.filled[remote_slot].record(lane.copy_stream); !s.ok()) return s;
@@ -1270,8 +1244,6 @@ class CudaIpcTransport::Impl {
 
   void synchronize_lane(const StagedLane& lane) {
     if (lane.copy_stream.handle() != nullptr) (void)lane.copy_stream.synchronize();
-    if (lane.signal.handle() != nullptr) (void)lane.signal.synchronize();  // writes into the mapping
-    if (lane.gate.handle() != nullptr) (void)lane.gate.synchronize();
     for (const auto& extra : lane.extra_copy_streams) (void)extra.synchronize();
   }
 

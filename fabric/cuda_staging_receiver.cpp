@@ -186,14 +186,14 @@ void StagingReceiver::scatter(const staging::Scatter& request,
   if (request.use != 0 && s.ready == nullptr) {
     return fail(Status(ErrorCode::kInvalidArgument, "a hand-over scatter, but no hand-over was offered"));
   }
-  const bool handover = request.use != 0;
-  if (handover) {
+  // With hand-over: the sender's counter this scatter sets once done, else null.
+  uint32_t* const freed = request.use != 0 ? static_cast<uint32_t*>(s.freed->data()) + request.slot : nullptr;
+  if (freed != nullptr) {
     // The sender's copy stream sets ready to this use once the slot is full. From here on the
     // slot must go back to the sender even when the scatter is refused, or its stream would wait
     // for it forever: a refusal still hands the slot back, in stream order.
     s.last_use[request.slot] = request.use;
     if (Status c = s.stream.wait_value(s.ready + request.slot, request.use); !c.ok()) return fail(c);
-    uint32_t* freed = static_cast<uint32_t*>(s.freed->data()) + request.slot;
     fail = [&, freed](const Status& st) {
       if (Status w = s.stream.write_value(freed, request.use); !w.ok())
         spdlog::error("cuda_ipc: cannot hand slot {} back to its sender: {}", request.slot, w.to_string());
@@ -201,9 +201,6 @@ void StagingReceiver::scatter(const staging::Scatter& request,
       out.message = st.message();
       reply(std::move(out));
     };
-  }
-  if (handover) {
-    // waited for above
   } else if (s.comm.valid()) {
     // Over NCCL the sender's send is already queued: receive it before anything can refuse the
     // scatter, or the sender's stream would wait for this receive forever.
@@ -237,10 +234,8 @@ void StagingReceiver::scatter(const staging::Scatter& request,
   } else if (Status c = copier_.copy(segments_, s.stream.handle()); !c.ok()) {
     return fail(c);
   }
-  if (handover) {
-    if (Status c = s.stream.write_value(static_cast<uint32_t*>(s.freed->data()) + request.slot, request.use);
-        !c.ok())
-      return fail(c);
+  if (freed != nullptr) {
+    if (Status c = s.stream.write_value(freed, request.use); !c.ok()) return fail(c);
   }
   when_done_(s.stream, [out = std::move(out), reply = std::move(reply)](const Status& st) mutable {
     if (!st.ok()) {

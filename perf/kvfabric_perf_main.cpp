@@ -138,12 +138,11 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
     cuda.staging_copy_streams = args["staging-copy-streams"].as<uint32_t>();
     cuda.copy_kernel_blocks = args["copy-kernel-blocks"].as<uint32_t>();
     const std::string handover = args["staging-handover"].as<std::string>();
-    if (handover != "on" && handover != "off" && handover != "side") {
+    if (handover != "on" && handover != "off") {
       return Status(ErrorCode::kInvalidArgument,
-                    "--staging-handover must be on, side or off, not '" + handover + "'");
+                    "--staging-handover must be on or off, not '" + handover + "'");
     }
-    cuda.staging_handover = handover != "off";
-    cuda.staging_handover_side_streams = handover == "side";
+    cuda.staging_handover = handover == "on";
     if (cuda.staging_copy_streams == 0 || cuda.staging_copy_streams > 4) {
       return Status(ErrorCode::kInvalidArgument, "--staging-copy-streams must be 1..4");
     }
@@ -724,7 +723,7 @@ int main(int argc, char** argv) {
       ("staging-bytes", "staged copies (cuda_ipc --copy staged, nccl, ucx_staged): bytes per staging slot", cxxopts::value<std::string>()->default_value("32M"))
       ("staging-slots", "staged copies: slots the sender asks of the receiver (ucx_staged: and keeps itself)", cxxopts::value<uint32_t>()->default_value("4"))
       ("staging-copy-streams", "cuda_ipc staged copies: streams each chunk's copy is split over", cxxopts::value<uint32_t>()->default_value("1"))
-      ("staging-handover", "cuda_ipc staged copies: hand receiver slots back on the GPUs (on; side: their counters on streams of their own) or with the receiver's answers (off)", cxxopts::value<std::string>()->default_value("off"))
+      ("staging-handover", "cuda_ipc staged copies: hand receiver slots back on the GPUs (on) or with the receiver's answers (off)", cxxopts::value<std::string>()->default_value("off"))
       ("copy-kernel-blocks", "cuda_ipc and nccl: thread blocks a copy kernel launches at most (0: automatic: all that fit; nccl: one per SM, leaving room for NCCL's kernels)", cxxopts::value<uint32_t>()->default_value("0"))
       ("codec", "ucx_staged: identity | int8 | fp8: encode KV per token row in the staging slots (host memory; "
        "client and server must agree). Layers mode then streams random bf16 values and the server checks every "

@@ -23,10 +23,10 @@ kvf_wait_for_line srv 'listening on ' 20 || kvf_die "cuda_ipc server did not sta
 LAYERS=8 BLOCKS=96 BLOCK_BYTES=32768
 total=$(kvf_layers_bytes $LAYERS $BLOCKS $BLOCK_BYTES)
 # Staged copies, also through slots smaller than a layer; with the GPU hand-over of slots (on its
-# own, with fewer slots than chunks in flight, with its counters on side streams and split copies).
+# own, with fewer slots than chunks in flight, and with split copies).
 for copy in kernel ce staged "staged --staging-bytes 300K" "staged --staging-handover on" \
     "staged --staging-handover on --staging-bytes 300K --staging-slots 2" \
-    "staged --staging-handover side --staging-slots 2 --staging-copy-streams 2" \
+    "staged --staging-handover on --staging-slots 2 --staging-copy-streams 2" \
     auto "kernel --resident-plans"; do
   name=client-${copy//[ -]/}
   before=$(kvf_count_lines srv '^stream [0-9]+ from ')
@@ -35,7 +35,7 @@ for copy in kernel ce staged "staged --staging-bytes 300K" "staged --staging-han
        --verify --iters 2 --copy $copy; then  # unquoted: $copy may carry a flag
     kvf_check_grep "$(kvf_logfile "$name")" "receiver verified $total bytes" "copy $copy: the client saw every byte verified"
     kvf_check_verified srv "$total" "$before" 2 "copy $copy"
-    if [[ $copy == *"--staging-handover "[os]* ]]; then  # on or side: the hand-over was used
+    if [[ $copy == *"--staging-handover on"* ]]; then  # the hand-over was used
       kvf_check_grep "$(kvf_logfile "$name")" "handed back on the GPUs" "copy $copy: slots handed back on the GPUs"
     fi
   else

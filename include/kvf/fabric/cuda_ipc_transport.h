@@ -53,12 +53,9 @@ struct CudaIpcTransportOptions {
   // host round trip per slot (the answers still complete the puts). Off by default: measured on
   // 2x H200 it is slower, 0.55-0.61x of cudaMemcpyPeer against 0.73x without, because each 32 MiB
   // copy-engine copy then takes ~114 us instead of ~91 us (cause not established; kernel shape and
-  // the side streams below ruled out; perf/RESULTS.md, 2026-11-30). Used only when the receiver
+  // counter operations on side streams ruled out; perf/RESULTS.md, 2026-11-30). Used only when the receiver
   // offers it (older receivers do not).
   bool staging_handover = false;
-  // The hand-over's counter wait and write on streams of their own, chained to the copy stream by
-  // events, instead of on the copy stream itself (measured: no faster).
-  bool staging_handover_side_streams = false;
   // As a receiver: the most GPU memory all senders' staging slots may take together.
   uint64_t staging_receive_limit = 1ull << 30;
   // kAuto: batches whose mean extent is at least this many bytes go to the copy engines. A copy
