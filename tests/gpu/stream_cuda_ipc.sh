@@ -32,7 +32,7 @@ for copy in kernel ce staged "staged --staging-bytes 300K" "staged --staging-han
   before=$(kvf_count_lines srv '^stream [0-9]+ from ')
   if kvf_run "$name" 120 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc \
        --mem cuda:$src --mode layers --layers $LAYERS --blocks $BLOCKS --block-bytes $BLOCK_BYTES --shuffle \
-       --verify --iters 2 --copy $copy; then  # unquoted: $copy may carry a flag
+       --verify --iters 2 --verbose --copy $copy; then  # unquoted: $copy may carry a flag; --verbose: the lane's line
     kvf_check_grep "$(kvf_logfile "$name")" "receiver verified $total bytes" "copy $copy: the client saw every byte verified"
     kvf_check_verified srv "$total" "$before" 2 "copy $copy"
     if [[ $copy == *"--staging-handover on"* ]]; then  # the hand-over was used
