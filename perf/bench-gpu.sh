@@ -319,13 +319,14 @@ if cell_wanted pinned; then
 fi
 summarize >/dev/null
 
+# overlap: OVERLAP_ARGS go to its client (e.g. --copy staged).
 if cell_wanted overlap && ((gpus >= 2)); then
   start_server --transport cuda_ipc --mem cuda:1 || exit 1
   for r in $(seq "$rounds"); do
     echo "bench-gpu: overlap round $r/$rounds"
     j=$json_dir/kvf-overlap-$r.json
     if timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --shuffle \
-         --transport cuda_ipc --mem cuda:0 --compute llama8b --tokens 8192 --json "$j" >"$tmp/last.log" 2>&1; then
+         --transport cuda_ipc --mem cuda:0 --compute llama8b --tokens 8192 ${OVERLAP_ARGS:-} --json "$j" >"$tmp/last.log" 2>&1; then
       for k in compute_alone_ms compute_with_transfer_ms slowdown_pct tail_us layer_transfer_us tail_ratio; do
         record "overlap-$k" kvfabric "$r" "$(field "$j" $k)"
       done

@@ -106,7 +106,8 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
     staged.codec = codec.value();
     staged.row_bytes = args["row-bytes"].as<uint32_t>();
     staged.workers = args["staging-workers"].as<uint32_t>();
-    auto slot = perf::parse_size(args["staging-bytes"].as<std::string>());
+    auto slot =
+        perf::parse_size(args.count("staging-bytes") != 0 ? args["staging-bytes"].as<std::string>() : "32M");
     auto limit = perf::parse_size(args["staging-limit"].as<std::string>());
     if (!slot || *slot == 0 || !limit) {
       return Status(ErrorCode::kInvalidArgument, "--staging-bytes / --staging-limit: bad size");
@@ -128,12 +129,14 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
     cuda.ucx = options;
     cuda.streams = args["streams"].as<uint32_t>();
     cuda.resident_plans = args["resident-plans"].as<bool>();
-    auto staging = perf::parse_size(args["staging-bytes"].as<std::string>());
-    if (!staging || *staging == 0) {
-      return Status(ErrorCode::kInvalidArgument,
-                    "--staging-bytes: bad size '" + args["staging-bytes"].as<std::string>() + "'");
+    if (args.count("staging-bytes") != 0) {  // else the transport's default
+      auto staging = perf::parse_size(args["staging-bytes"].as<std::string>());
+      if (!staging || *staging == 0) {
+        return Status(ErrorCode::kInvalidArgument,
+                      "--staging-bytes: bad size '" + args["staging-bytes"].as<std::string>() + "'");
+      }
+      cuda.staging_bytes = *staging;
     }
-    cuda.staging_bytes = *staging;
     cuda.staging_remote_slots = args["staging-slots"].as<uint32_t>();
     cuda.staging_copy_streams = args["staging-copy-streams"].as<uint32_t>();
     cuda.copy_kernel_blocks = args["copy-kernel-blocks"].as<uint32_t>();
@@ -720,7 +723,7 @@ int main(int argc, char** argv) {
        cxxopts::value<bool>()->default_value("false"))
       ("streams", "cuda_ipc: CUDA streams the copies go round-robin over", cxxopts::value<uint32_t>()->default_value("1"))
       ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
-      ("staging-bytes", "staged copies (cuda_ipc --copy staged, nccl, ucx_staged): bytes per staging slot", cxxopts::value<std::string>()->default_value("32M"))
+      ("staging-bytes", "staged copies: bytes per staging slot (default: cuda_ipc --copy staged 64M, nccl and ucx_staged 32M)", cxxopts::value<std::string>())
       ("staging-slots", "staged copies: slots the sender asks of the receiver (ucx_staged: and keeps itself)", cxxopts::value<uint32_t>()->default_value("4"))
       ("staging-copy-streams", "cuda_ipc staged copies: streams each chunk's copy is split over", cxxopts::value<uint32_t>()->default_value("1"))
       ("staging-handover", "cuda_ipc staged copies: hand receiver slots back on the GPUs (on) or with the receiver's answers (off)", cxxopts::value<std::string>()->default_value("off"))
