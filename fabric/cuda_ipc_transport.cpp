@@ -805,7 +805,7 @@ class CudaIpcTransport::Impl {
     if (direct) {
       for (const gpudirect::CopySegment& run : runs) {
         if (Status s = lane.copy_stream.copy_async(there + run.dst, reinterpret_cast<const void*>(run.src),
-                                                   run.bytes);
+                                                   run.bytes, options_.staging_copy_overlap_hint);
             !s.ok()) {
           return s;
         }
@@ -822,14 +822,15 @@ class CudaIpcTransport::Impl {
           if (Status s = extra.wait_value(slot_freed, use - 1); !s.ok()) return s;
         }
         if (Status s = extra.copy_async(there + at, reinterpret_cast<const void*>(here + at),
-                                        std::min(part, chunk.bytes - at));
+                                        std::min(part, chunk.bytes - at), options_.staging_copy_overlap_hint);
             !s.ok()) {
           return s;
         }
         if (Status s = lane.extra_copied[i - 1].record(extra); !s.ok()) return s;
       }
-      if (Status s = lane.copy_stream.copy_async(there, reinterpret_cast<const void*>(here),
-                                                 std::min(part, chunk.bytes));
+      if (Status s =
+              lane.copy_stream.copy_async(there, reinterpret_cast<const void*>(here),
+                                          std::min(part, chunk.bytes), options_.staging_copy_overlap_hint);
           !s.ok()) {
         return s;
       }

@@ -485,11 +485,27 @@ void CudaStream::reset() {
   stream_ = nullptr;
 }
 
-Status CudaStream::copy_async(void* dst, const void* src, uint64_t bytes) const {
+Status CudaStream::copy_async(void* dst, const void* src, uint64_t bytes, bool prefer_copy_engines) const {
   if (bytes == 0) return Status::Ok();
   if (stream_ == nullptr) return Status(ErrorCode::kInvalidArgument, "copy_async on a moved-from stream");
   DeviceGuard guard(device_);
   if (Status s = guard.status(); !s.ok()) return s;
+#if CUDART_VERSION >= 13000
+  if (prefer_copy_engines) {
+    size_t size = bytes, attr_index = 0;
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // the source may be written earlier on the stream
+    attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+    const void* source = src;
+    cudaError_t err = cudaMemcpyBatchAsync(&dst, &source, &size, 1, &attr, &attr_index, 1,
+                                           static_cast<cudaStream_t>(stream_));
+    if (err != cudaSuccess)
+      return cuda_error("cudaMemcpyBatchAsync of " + std::to_string(bytes) + " bytes", err);
+    return Status::Ok();
+  }
+#else
+  (void)prefer_copy_engines;
+#endif
   cudaError_t err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream_));
   if (err != cudaSuccess) return cuda_error("cudaMemcpyAsync of " + std::to_string(bytes) + " bytes", err);
   return Status::Ok();

@@ -74,7 +74,7 @@ Result<CudaStream> CudaStream::create(int) {
   return built_without_cuda("CudaStream::create");
 }
 void CudaStream::reset() {}
-Status CudaStream::copy_async(void*, const void*, uint64_t) const {
+Status CudaStream::copy_async(void*, const void*, uint64_t, bool) const {
   return built_without_cuda("CudaStream::copy_async");
 }
 Status CudaStream::wait_event(void*) const {

@@ -19,7 +19,9 @@
 //        copy stream, 4/5 copies in two halves with the gather started at the middle/end of a copy,
 //        6/7 gathers launched by the host once a copy ended; SKIP (bits, timing only) 1 the sender's
 //        wait on freed, 2 the ready write and wait, 4 the receiver's freed write, 8 the receiver
-//        opens no sender flags, 16 nor its slots, 32 freed counters in the receiver's memory.
+//        opens no sender flags, 16 nor its slots, 32 freed counters in the receiver's memory. An
+//        eighth argument COPY_API: 0 cudaMemcpyAsync, 1 cudaMemcpyBatchAsync, 2 the batch with
+//        cudaMemcpyFlagPreferOverlapWithCompute.
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <sys/socket.h>
@@ -88,6 +90,9 @@ int main(int argc, char** argv) {
   // timing experiments (wrong bytes): 1 sender skips its wait on freed, 2 no ready write or wait,
   // 4 receiver skips its freed write, 8 receiver does not open the sender's flags
   const int skip = argc > 7 ? std::atoi(argv[7]) : 0;
+  // how the slot copy is issued: 0 cudaMemcpyAsync, 1 cudaMemcpyBatchAsync, 2 the batch with
+  // cudaMemcpyFlagPreferOverlapWithCompute (asks the driver to keep the copy off the SMs)
+  const int copy_api = argc > 8 ? std::atoi(argv[8]) : 0;
   const uint32_t L = 4;  // sender staging buffers
   const size_t kGroupBytes = kLayerBytes * G;
   int sv[2];
@@ -182,9 +187,17 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(mid[k], copy));
           CK(cudaMemcpyAsync(peer_slots + (size_t)slot * kGroupBytes + kGroupBytes / 2, st + kGroupBytes / 2,
                              kGroupBytes / 2, cudaMemcpyDefault, copy));
-        } else {
+        } else if (copy_api == 0) {
           CK(cudaMemcpyAsync(peer_slots + (size_t)slot * kGroupBytes, st, kGroupBytes, cudaMemcpyDefault,
                              copy));
+        } else {
+          void* dst = peer_slots + (size_t)slot * kGroupBytes;
+          const void* src = st;
+          size_t bytes = kGroupBytes, attr_index = 0;
+          cudaMemcpyAttributes attr{};
+          attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+          if (copy_api == 2) attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+          CK(cudaMemcpyBatchAsync(&dst, &src, &bytes, 1, &attr, &attr_index, 1, copy));
         }
         if (!(skip & 2))
           CU(cuStreamWriteValue32(copy, dptr(peer_flags + slot), use + 1, CU_STREAM_WRITE_VALUE_DEFAULT));
@@ -223,10 +236,12 @@ int main(int argc, char** argv) {
     std::vector<double> v = gbps;
     std::sort(v.begin(), v.end());
     std::printf(
-        "staged pipeline%s gather mode %d skip %d, %u layer(s) a copy, %u receiver slots, %u sender buffers, "
+        "staged pipeline%s gather mode %d skip %d copy api %d, %u layer(s) a copy, %u receiver slots, %u "
+        "sender buffers, "
         "%u copy stream(s): %.1f "
         "GB/s median of %d (",
-        inslots ? " (ready counters after the slots)" : "", gmode, skip, G, R, L, C, v[v.size() / 2], rounds);
+        inslots ? " (ready counters after the slots)" : "", gmode, skip, copy_api, G, R, L, C,
+        v[v.size() / 2], rounds);
     for (double x : gbps) std::printf(" %.1f", x);
     std::printf(" ); blocks differing after the last round: %llu of %u\n", (unsigned long long)bad,
                 kLayers * 2 * kBlocks);

@@ -52,12 +52,15 @@ struct CudaIpcTransportOptions {
   uint32_t staging_copy_streams = 1;
   // Hand staging slots back on the GPUs (CudaStream::wait_value/write_value on per-slot counters)
   // instead of with the receiver's answers, so the sender queues chunks ahead without waiting a
-  // host round trip per slot (the answers still complete the puts). Off by default: measured on
-  // 2x H200 it is slower, 0.55-0.61x of cudaMemcpyPeer against 0.73x without, because each 32 MiB
-  // copy-engine copy then takes ~114 us instead of ~91 us (cause not established; kernel shape and
-  // counter operations on side streams ruled out; perf/RESULTS.md, 2026-11-30). Used only when the receiver
-  // offers it (older receivers do not).
+  // host round trip per slot (the answers still complete the puts). Off by default: on 2x H200 it
+  // measured no faster (0.75x of cudaMemcpyPeer against 0.76x without; perf/RESULTS.md, session
+  // 7). Used only when the receiver offers it (older receivers do not).
   bool staging_handover = false;
+  // Issue staged copies with cudaMemcpyFlagPreferOverlapWithCompute (CudaStream::copy_async). An
+  // experiment, off by default: between two processes a gather kernel beside a staged copy held
+  // the copy back by about the kernel's length, and this hint is the driver's one knob on how
+  // a copy shares the GPU with kernels. Not measured yet.
+  bool staging_copy_overlap_hint = false;
   // As a receiver: the most GPU memory all senders' staging slots may take together.
   uint64_t staging_receive_limit = 1ull << 30;
   // kAuto: batches whose mean extent is at least this many bytes go to the copy engines. A copy

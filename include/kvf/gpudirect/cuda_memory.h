@@ -291,7 +291,10 @@ class CudaStream {
   void* handle() const { return stream_; }  // a cudaStream_t
   int device() const { return device_; }
   // Enqueues an async copy (cudaMemcpyDefault); host memory should be pinned for it to be async.
-  Status copy_async(void* dst, const void* src, uint64_t bytes) const;
+  // `prefer_copy_engines`: issued as a one-copy cudaMemcpyBatchAsync with
+  // cudaMemcpyFlagPreferOverlapWithCompute, a hint that the driver keep it off the SMs (CUDA 13
+  // builds; elsewhere the plain copy).
+  Status copy_async(void* dst, const void* src, uint64_t bytes, bool prefer_copy_engines = false) const;
   // Work enqueued after this waits for `event` (any cudaEvent_t, e.g. an engine's layer event,
   // also of another device) without blocking the host.
   Status wait_event(void* event) const;
