@@ -29,6 +29,7 @@
 #include <nlohmann/json.hpp>
 
 #include "codec_stream_check.h"
+#include "concurrent_streams_run.h"
 #include "kvf/fabric/control_channel.h"
 #include "kvf/fabric/cuda_ipc_transport.h"
 #include "kvf/fabric/multi_transport.h"
@@ -146,6 +147,7 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
                     "--staging-handover must be on or off, not '" + handover + "'");
     }
     cuda.staging_handover = handover == "on";
+    cuda.staging_copy_overlap_hint = args["staging-copy-hint"].as<bool>();
     if (cuda.staging_copy_streams == 0 || cuda.staging_copy_streams > 4) {
       return Status(ErrorCode::kInvalidArgument, "--staging-copy-streams must be 1..4");
     }
@@ -592,8 +594,59 @@ int run_client(const cxxopts::ParseResult& args) {
                                    .c_str()
                 : args["verify"].as<bool>() ? "verified"
                                             : "unverified");
+    const uint32_t streams = args["concurrent"].as<uint32_t>();
+    if (streams == 0 || streams > 16) return fail("--concurrent must be 1..16");
+    if (streams > 1) {
+      if (codec_server)
+        return fail("--concurrent: the codec check runs one stream at a time; leave --codec out");
+      std::vector<std::unique_ptr<PeerLink>> links;
+      links.push_back(std::move(link.value()));
+      std::vector<gpudirect::MemoryRegion> sources;
+      sources.push_back(std::move(source.value()));
+      for (uint32_t s = 1; s < streams; ++s) {
+        auto more = PeerLink::connect(*setup->transport, hp->first, hp->second,
+                                      "kvfabric-perf-client-" + std::to_string(s), std::chrono::seconds(10));
+        if (!more.ok()) return fail("stream " + std::to_string(s) + ": " + more.status().to_string());
+        links.push_back(std::move(more.value()));
+        auto src = setup->memory.gpu
+                       ? gpudirect::MemoryRegion::allocate_cuda(setup->ucx, setup->memory.device, total)
+                       : gpudirect::MemoryRegion::allocate_host(setup->ucx, total);
+        if (!src.ok()) return fail("stream " + std::to_string(s) + "'s source: " + src.status().to_string());
+        sources.push_back(std::move(src.value()));
+      }
+      std::printf(
+          "layers: %u request streams at once, %llu requests each, %u layers x %u blocks x 2 x %llu bytes = "
+          "%.1f MiB a request, %s, %s\n",
+          streams, static_cast<unsigned long long>(iters), desc.num_layers, desc.num_blocks,
+          static_cast<unsigned long long>(block_bytes), static_cast<double>(total) / (1 << 20),
+          args["shuffle"].as<bool>() ? "shuffled" : "in order",
+          args["verify"].as<bool>() ? "verified" : "unverified");
+      auto f =
+          perf::run_concurrent_streams(links, *setup->transport, scheduler, sources, layout.value(), iters,
+                                       args["verify"].as<bool>(), args["shuffle"].as<bool>(), run_id,
+                                       std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 2));
+      if (!f.ok()) return fail(f.status().to_string());
+      std::vector<double> sorted = f->request_seconds;
+      std::sort(sorted.begin(), sorted.end());
+      std::printf("  %zu requests in %.3f s: aggregate %.3f GB/s; a request took %.3f s (median)%s\n",
+                  f->request_seconds.size(), f->seconds, f->aggregate_gbps, sorted[sorted.size() / 2],
+                  args["verify"].as<bool>()
+                      ? (", receiver verified " + std::to_string(f->bytes_verified) + " bytes").c_str()
+                      : "");
+      Measurement m;
+      m.mode = "layers";
+      m.bytes = total;
+      m.iters = f->request_seconds.size();
+      m.request_seconds = f->request_seconds;
+      m.seconds = f->seconds;
+      m.gbps = f->aggregate_gbps;
+      std::printf("%-6s %12s %10s %10s\n%-6s %12llu %10llu %10.3f\n", "mode", "bytes", "iters", "GB/s",
+                  "layers", static_cast<unsigned long long>(total), static_cast<unsigned long long>(m.iters),
+                  m.gbps);
+      results.push_back(m);
+    }
     std::vector<double> seconds;
-    for (uint64_t it = 0; it < iters; ++it) {
+    for (uint64_t it = 0; streams == 1 && it < iters; ++it) {  // one stream: request by request
       uint64_t seed = run_id + it;
       for (uint32_t l = 0; l < desc.num_layers; ++l) {
         const Status st = codec_server
@@ -635,18 +688,20 @@ int run_client(const cxxopts::ParseResult& args) {
                     std::to_string(total) + " bytes");
       }
     }
-    Measurement m;
-    m.mode = "layers";
-    m.bytes = total;
-    m.iters = iters;
-    m.codec = codec_server ? std::string(protocol::codec_name(codec_server->codec)) : "";
-    m.request_seconds = seconds;
-    m.seconds = perf::percentile(seconds, 50);
-    m.gbps = static_cast<double>(total) / m.seconds / 1e9;
-    std::printf("%-6s %12s %10s %10s\n%-6s %12llu %10llu %10.3f\n", "mode", "bytes", "iters", "GB/s",
-                "layers", static_cast<unsigned long long>(total), static_cast<unsigned long long>(iters),
-                m.gbps);
-    results.push_back(m);
+    if (streams == 1) {
+      Measurement m;
+      m.mode = "layers";
+      m.bytes = total;
+      m.iters = iters;
+      m.codec = codec_server ? std::string(protocol::codec_name(codec_server->codec)) : "";
+      m.request_seconds = seconds;
+      m.seconds = perf::percentile(seconds, 50);
+      m.gbps = static_cast<double>(total) / m.seconds / 1e9;
+      std::printf("%-6s %12s %10s %10s\n%-6s %12llu %10llu %10.3f\n", "mode", "bytes", "iters", "GB/s",
+                  "layers", static_cast<unsigned long long>(total), static_cast<unsigned long long>(iters),
+                  m.gbps);
+      results.push_back(m);
+    }
   }
   if (args.count("json") != 0) {
     nlohmann::json out;
@@ -722,10 +777,12 @@ int main(int argc, char** argv) {
       ("resident-plans", "cuda_ipc: upload a request's extents once, launch layers by base address",
        cxxopts::value<bool>()->default_value("false"))
       ("streams", "cuda_ipc: CUDA streams the copies go round-robin over", cxxopts::value<uint32_t>()->default_value("1"))
+      ("concurrent", "layers mode: request streams at once, each on its own connection and source (the aggregate is the sustained bandwidth)", cxxopts::value<uint32_t>()->default_value("1"))
       ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
       ("staging-bytes", "staged copies: bytes per staging slot (default: cuda_ipc --copy staged 64M, nccl and ucx_staged 32M)", cxxopts::value<std::string>())
       ("staging-slots", "staged copies: slots the sender asks of the receiver (ucx_staged: and keeps itself)", cxxopts::value<uint32_t>()->default_value("4"))
       ("staging-copy-streams", "cuda_ipc staged copies: streams each chunk's copy is split over", cxxopts::value<uint32_t>()->default_value("1"))
+      ("staging-copy-hint", "cuda_ipc staged copies: issue them with cudaMemcpyFlagPreferOverlapWithCompute (an experiment)", cxxopts::value<bool>()->default_value("false"))
       ("staging-handover", "cuda_ipc staged copies: hand receiver slots back on the GPUs (on) or with the receiver's answers (off)", cxxopts::value<std::string>()->default_value("off"))
       ("copy-kernel-blocks", "cuda_ipc and nccl: thread blocks a copy kernel launches at most (0: automatic: all that fit; nccl: one per SM, leaving room for NCCL's kernels)", cxxopts::value<uint32_t>()->default_value("0"))
       ("codec", "ucx_staged: identity | int8 | fp8: encode KV per token row in the staging slots (host memory; "
