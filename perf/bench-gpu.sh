@@ -4,8 +4,9 @@
 #   peer:    raw cudaMemcpyPeerAsync of 1 GiB contiguous  vs  kvfabric cuda_ipc (two processes),
 #            the Llama-3-8B request (32 layers x 512 blocks x 32 KiB K + 32 KiB V = 1 GiB, 8192
 #            tokens of 16-token blocks, bf16, 8 KV heads x 128) into shuffled receiver blocks
-#            (each copy method in PEER_COPIES, default "kernel staged auto"), and the same request
-#            unshuffled (contiguous, default choice);
+#            (each copy method in PEER_COPIES, default "kernel staged auto"; each also with
+#            PEER_CONCURRENT request streams at once, default 2: the sustained bandwidth,
+#            peer-sustained-*), and the same request unshuffled (contiguous, default choice);
 #   nccl:    raw ncclSend/ncclRecv of 1 GiB  vs  kvfabric's nccl path (when built);
 #   pinned:  raw pinned cudaMemcpyAsync D2H / H2D of 1 GiB  vs  kvfabric gather of the request's
 #            paged blocks into pinned host memory / scatter back (kvfabric-perf local);
@@ -33,7 +34,8 @@
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
 #   --only peer,nccl,pinned,overlap,store,pd,reuse,codec   (default: all; peer-sweep and staged-sweep:
 #   the cuda_ipc knobs, for tuning)
-# Environment: KVF_BIN (default build/bin); PEER_COPIES (see peer); RUN_LIMIT (seconds one run may
+# Environment: KVF_BIN (default build/bin); PEER_COPIES, PEER_CONCURRENT (see peer); OVERLAP_ARGS
+# (extra client args of the overlap cell, e.g. --copy staged); RUN_LIMIT (seconds one run may
 # take before it is killed and counted as failed, default 240: a hang costs one cell, not the
 # session); needs 2 GPUs for peer/nccl/overlap.
 set -uo pipefail
@@ -41,6 +43,7 @@ export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
 
 rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap,store,pd,reuse,codec
 peer_copies=${PEER_COPIES:-kernel staged auto}
+peer_concurrent=${PEER_CONCURRENT:-2}
 run_limit=${RUN_LIMIT:-240}
 while (($#)); do
   case $1 in
@@ -138,6 +141,8 @@ anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M",
           "peer-shuffled-auto": "peer", "nccl-shuffled": "nccl", "nccl-shuffled-128M": "nccl",
           "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter",
           "store-put": "store-put", "store-get": "store-get", "store-get-noverify": "store-get"}
+for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("peer-sustained-")):
+    anchor[cell] = "peer"  # --concurrent: the sustained bandwidth of several request streams
 for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith(("staged-", "nccl-sweep-"))):
     anchor[cell] = "nccl" if cell.startswith("nccl-sweep-") else "peer"  # staged-sweep variants (STAGED_VARIANTS)
 for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("codec-")):
@@ -184,6 +189,12 @@ if cell_wanted peer && ((gpus >= 2)); then
   # PEER_COPIES: the copy methods measured on the shuffled request (ce, ce1 and --resident-plans
   # variants were measured on 2026-11-29 and are in perf/RESULTS.md; add them here to re-measure).
   for copy in $peer_copies; do verified "peer-shuffled-$copy" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
+  # PEER_CONCURRENT (default 2; 0: none): also each copy method with that many request streams at
+  # once, the sustained bandwidth (one stream pays every request's pipeline fill and drain).
+  for copy in $peer_copies; do
+    ((peer_concurrent > 1)) && verified "peer-sustained-$copy" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy \
+      --concurrent "$peer_concurrent" --inflight 1G
+  done
   verified peer-contiguous --transport cuda_ipc --mem cuda:0
   # Where the GPU time goes (copy time vs gaps between layers) for the direct kernel, staged
   # copies (their copy-engine copies, and the round trip to the receiver's scatter) and the
@@ -198,6 +209,10 @@ if cell_wanted peer && ((gpus >= 2)); then
     echo "bench-gpu: peer round $r/$rounds"
     if ((r % 2)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
     for copy in $peer_copies; do kvf "peer-shuffled-$copy" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy; done
+    for copy in $peer_copies; do
+      ((peer_concurrent > 1)) && kvf "peer-sustained-$copy" "$r" --transport cuda_ipc --mem cuda:0 --shuffle --copy $copy \
+        --concurrent "$peer_concurrent" --inflight 1G
+    done
     kvf peer-contiguous "$r" --transport cuda_ipc --mem cuda:0
     if ((r % 2 == 0)); then raw peer "$r" --mode peer-copy --bytes 1G --iters "$iters"; fi
   done
