@@ -84,24 +84,6 @@ Result<ParsedAddress> parse_address(std::span<const uint8_t> a) {
   return p;
 }
 
-// A chunk's gathers merged where both the source and the slot offset continue the previous one;
-// empty when that leaves more than `max_runs` runs. A prefill engine's blocks for one request are
-// often allocated in order, so a layer's K and V are then one run each.
-std::vector<gpudirect::CopySegment> contiguous_runs(const std::vector<gpudirect::CopySegment>& gathers,
-                                                    size_t max_runs) {
-  std::vector<gpudirect::CopySegment> runs;
-  for (const gpudirect::CopySegment& g : gathers) {
-    if (!runs.empty() && runs.back().src + runs.back().bytes == g.src &&
-        runs.back().dst + runs.back().bytes == g.dst) {
-      runs.back().bytes += g.bytes;
-      continue;
-    }
-    if (runs.size() == max_runs) return {};
-    runs.push_back(g);
-  }
-  return runs;
-}
-
 }  // namespace
 
 std::string_view transport_kind_of_address(std::span<const uint8_t> address) {
@@ -761,7 +743,8 @@ class CudaIpcTransport::Impl {
     // a concurrent gather kernel was measured to hold each 32 MiB copy back by about its own
     // length (114 us instead of 91, perf/RESULTS.md).
     const std::vector<gpudirect::CopySegment> runs =
-        nccl() ? std::vector<gpudirect::CopySegment>{} : contiguous_runs(chunk.gathers, kDirectRunsMax);
+        nccl() ? std::vector<gpudirect::CopySegment>{}
+               : gpudirect::merge_contiguous(chunk.gathers, kDirectRunsMax);
     const bool direct = !runs.empty() && chunk.bytes / runs.size() >= kDirectRunMinBytes;
     std::optional<TracedPut> traced_gather =
         direct ? std::nullopt : begin_trace(gather, chunk.bytes, chunk.gathers.size(), false);

@@ -201,6 +201,20 @@ uint64_t total_bytes(std::span<const CopySegment> segments) {
   return total;
 }
 
+std::vector<CopySegment> merge_contiguous(std::span<const CopySegment> segments, size_t max_runs) {
+  std::vector<CopySegment> runs;
+  for (const CopySegment& s : segments) {
+    if (!runs.empty() && runs.back().src + runs.back().bytes == s.src &&
+        runs.back().dst + runs.back().bytes == s.dst) {
+      runs.back().bytes += s.bytes;
+      continue;
+    }
+    if (runs.size() == max_runs) return {};
+    runs.push_back(s);
+  }
+  return runs;
+}
+
 void copy_segments_cpu(std::span<const CopySegment> segments) {
   for (const CopySegment& s : segments) {
     if (s.bytes == 0) continue;

@@ -253,6 +253,26 @@ TEST_CASE("split_segments cuts long segments and keeps the bytes") {
   REQUIRE(total_bytes({}) == 0);
 }
 
+TEST_CASE("merge_contiguous joins pieces whose source and destination both continue") {
+  // A layer's K blocks in order into slot offsets 0.., then its V blocks from elsewhere: two runs.
+  std::vector<CopySegment> in;
+  for (uint64_t b = 0; b < 4; ++b) in.push_back({1000 + b * 64, b * 64, 64});
+  for (uint64_t b = 0; b < 4; ++b) in.push_back({9000 + b * 64, 256 + b * 64, 64});
+  const std::vector<CopySegment> want = {{1000, 0, 256}, {9000, 256, 256}};
+  REQUIRE(merge_contiguous(in, 16) == want);
+  REQUIRE(merge_contiguous(in, 2) == want);
+  REQUIRE(merge_contiguous(in, 1).empty());  // more runs than allowed: the caller gathers
+  REQUIRE(total_bytes(merge_contiguous(in, 2)) == total_bytes(in));
+  // A source that continues while the destination jumps (a shuffled source block) stays apart.
+  const std::vector<CopySegment> jump = {{0, 0, 64}, {64, 128, 64}, {128, 192, 64}};
+  const std::vector<CopySegment> jump_want = {{0, 0, 64}, {64, 128, 128}};
+  REQUIRE(merge_contiguous(jump, 16) == jump_want);
+  // And a destination that continues while the source jumps.
+  const std::vector<CopySegment> src_jump = {{0, 0, 64}, {640, 64, 64}};
+  REQUIRE(merge_contiguous(src_jump, 16) == src_jump);
+  REQUIRE(merge_contiguous({}, 4).empty());
+}
+
 TEST_CASE("copy_segments_cpu skips empty segments") {
   uint8_t a[4] = {1, 2, 3, 4};
   uint8_t b[4] = {0, 0, 0, 0};

@@ -75,6 +75,12 @@ std::vector<CopySegment> split_segments(std::vector<CopySegment> segments, uint6
 
 uint64_t total_bytes(std::span<const CopySegment> segments);
 
+// `segments` with each one merged into the previous where both its source and destination
+// continue it exactly; empty when that leaves more than `max_runs` runs (the caller then copies
+// piece by piece). Staged puts use it to copy a chunk from the engine's blocks straight into a
+// receiver slot when those blocks lie in order.
+std::vector<CopySegment> merge_contiguous(std::span<const CopySegment> segments, size_t max_runs);
+
 // Executes segments with memcpy, in order, on the calling thread: the CPU version that CI and CPU
 // engines use. Every address must be host-accessible.
 void copy_segments_cpu(std::span<const CopySegment> segments);
