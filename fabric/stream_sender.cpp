@@ -91,16 +91,29 @@ Result<protocol::Message> PeerLink::expect(std::chrono::milliseconds timeout) {
 }
 
 Status fill_layer_pattern(const gpudirect::MemoryRegion& source, const protocol::KvLayout& layout,
-                          uint32_t layer, uint64_t seed) {
+                          uint32_t layer, uint64_t seed, std::span<const uint32_t> source_blocks) {
+  const uint32_t pool_blocks = layout.desc().num_blocks;
+  for (uint32_t b : source_blocks) {
+    if (b >= pool_blocks) {
+      return Status(ErrorCode::kInvalidArgument, "source block " + std::to_string(b) +
+                                                     " outside the pool of " + std::to_string(pool_blocks));
+    }
+  }
+  if (source.size() < (uint64_t{layer} + 1) * layout.layer_bytes()) {
+    return Status(ErrorCode::kInvalidArgument, "fill_layer_pattern: layer " + std::to_string(layer) +
+                                                   " lies past the end of the source region");
+  }
   uint8_t* target = source.data() + layer * layout.layer_bytes();
   const bool on_gpu = source.kind() == protocol::MemoryKind::kCudaDevice;
   // GPU memory is filled through a host copy of the layer.
   std::vector<uint8_t> host(on_gpu ? layout.layer_bytes() : 0);
   uint8_t* base = on_gpu ? host.data() : target;
-  for (uint32_t b = 0; b < layout.desc().num_blocks; ++b) {
+  const auto blocks = static_cast<uint32_t>(source_blocks.empty() ? pool_blocks : source_blocks.size());
+  for (uint32_t i = 0; i < blocks; ++i) {
+    const uint32_t b = source_blocks.empty() ? i : source_blocks[i];
     for (uint32_t p = 0; p < layout.parts(); ++p) {
       auto e = layout.extent(b, static_cast<protocol::KvPart>(p));
-      fill_pattern(base + e.offset, e.length, PatternKey{seed, layer, b, p});
+      fill_pattern(base + e.offset, e.length, PatternKey{seed, layer, i, p});
     }
   }
   if (on_gpu) return gpudirect::copy_sync(target, host.data(), layout.layer_bytes());

@@ -12,13 +12,11 @@ namespace kvf::perf {
 using fabric::PeerLink;
 using Clock = std::chrono::steady_clock;
 
-Result<ConcurrentStreamsFigures> run_concurrent_streams(std::vector<std::unique_ptr<PeerLink>>& links,
-                                                        fabric::Transport& transport,
-                                                        fabric::TransferScheduler& scheduler,
-                                                        const std::vector<gpudirect::MemoryRegion>& sources,
-                                                        const protocol::KvLayout& layout, uint64_t iters,
-                                                        bool verify, bool shuffle, uint64_t& request_id,
-                                                        std::chrono::milliseconds timeout) {
+Result<ConcurrentStreamsFigures> run_concurrent_streams(
+    std::vector<std::unique_ptr<PeerLink>>& links, fabric::Transport& transport,
+    fabric::TransferScheduler& scheduler, const std::vector<gpudirect::MemoryRegion>& sources,
+    const protocol::KvLayout& layout, uint64_t iters, bool verify, bool shuffle,
+    const std::vector<uint32_t>& source_blocks, uint64_t& request_id, std::chrono::milliseconds timeout) {
   if (links.empty() || links.size() != sources.size()) {
     return Status(ErrorCode::kInvalidArgument, "run_concurrent_streams: one source per link, at least one");
   }
@@ -29,7 +27,8 @@ Result<ConcurrentStreamsFigures> run_concurrent_streams(std::vector<std::unique_
   // stream fills its source once, before the clock, and sends it `iters` times.
   for (size_t s = 0; s < links.size(); ++s) {
     for (uint32_t l = 0; l < layout.desc().num_layers; ++l) {
-      if (Status st = fabric::fill_layer_pattern(sources[s], layout, l, first_request + s); !st.ok()) {
+      if (Status st = fabric::fill_layer_pattern(sources[s], layout, l, first_request + s, source_blocks);
+          !st.ok()) {
         return Status(st.code(), "stream " + std::to_string(s) + ", filling layer " + std::to_string(l) +
                                      ": " + st.message());
       }
@@ -56,6 +55,7 @@ Result<ConcurrentStreamsFigures> run_concurrent_streams(std::vector<std::unique_
       options.seed = first_request + s;
       options.verify = verify;
       options.shuffle = shuffle;
+      options.source_blocks = source_blocks;
       options.timeout = timeout;
       auto outcome =
           fabric::send_pattern_stream(*links[s], transport, scheduler, sources[s], layout, options);

@@ -27,14 +27,13 @@ struct ConcurrentStreamsFigures {
 };
 
 // Each of `links` streams `iters` requests from its own `sources` entry (filled once per stream
-// with its own seed before the clock starts), so links.size() == sources.size(). With `verify`
+// with its own seed before the clock starts), so links.size() == sources.size(); `source_blocks`
+// as in PatternStreamOptions (empty: the pool in order). With `verify`
 // every request must come back fully verified, or the run fails.
-Result<ConcurrentStreamsFigures> run_concurrent_streams(std::vector<std::unique_ptr<fabric::PeerLink>>& links,
-                                                        fabric::Transport& transport,
-                                                        fabric::TransferScheduler& scheduler,
-                                                        const std::vector<gpudirect::MemoryRegion>& sources,
-                                                        const protocol::KvLayout& layout, uint64_t iters,
-                                                        bool verify, bool shuffle, uint64_t& request_id,
-                                                        std::chrono::milliseconds timeout);
+Result<ConcurrentStreamsFigures> run_concurrent_streams(
+    std::vector<std::unique_ptr<fabric::PeerLink>>& links, fabric::Transport& transport,
+    fabric::TransferScheduler& scheduler, const std::vector<gpudirect::MemoryRegion>& sources,
+    const protocol::KvLayout& layout, uint64_t iters, bool verify, bool shuffle,
+    const std::vector<uint32_t>& source_blocks, uint64_t& request_id, std::chrono::milliseconds timeout);
 
 }  // namespace kvf::perf

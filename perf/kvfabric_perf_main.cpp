@@ -15,6 +15,7 @@
 // slots; the server lands it in a poisoned pool of its own and checks every block against the CPU
 // codec's decode of the client's values (codec_stream_check.h); the client waits for that check
 // after each request and fails on any difference.
+#include <algorithm>
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
@@ -23,6 +24,7 @@
 #include <iostream>
 #include <mutex>
 #include <numeric>
+#include <random>
 
 #include <spdlog/spdlog.h>
 #include <cxxopts.hpp>
@@ -556,6 +558,16 @@ int run_client(const cxxopts::ParseResult& args) {
       return fail("--inflight: bad size '" + args["inflight"].as<std::string>() + "'");
     scheduler_options.max_inflight_bytes = *inflight;
     TransferScheduler scheduler(*setup->transport, scheduler_options);
+    // --shuffle-source: the request's blocks lie in the sender's pool in a shuffled order too (as
+    // an engine's do after a while), so staged puts gather instead of copying runs.
+    std::vector<uint32_t> source_blocks;
+    if (args["shuffle-source"].as<bool>()) {
+      if (codec_server || args.count("compute") != 0)
+        return fail("--shuffle-source: not with --codec or --compute");
+      source_blocks.resize(desc.num_blocks);
+      std::iota(source_blocks.begin(), source_blocks.end(), 0u);
+      std::shuffle(source_blocks.begin(), source_blocks.end(), std::mt19937_64(0x50c4ce));
+    }
     if (args.count("compute") != 0) {
       if (args["compute"].as<std::string>() != "llama8b") return fail("--compute: only llama8b is known");
       if (!setup->memory.gpu) return fail("--compute runs on a GPU: add --mem cuda:N");
@@ -621,10 +633,10 @@ int run_client(const cxxopts::ParseResult& args) {
           static_cast<unsigned long long>(block_bytes), static_cast<double>(total) / (1 << 20),
           args["shuffle"].as<bool>() ? "shuffled" : "in order",
           args["verify"].as<bool>() ? "verified" : "unverified");
-      auto f =
-          perf::run_concurrent_streams(links, *setup->transport, scheduler, sources, layout.value(), iters,
-                                       args["verify"].as<bool>(), args["shuffle"].as<bool>(), run_id,
-                                       std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 2));
+      auto f = perf::run_concurrent_streams(links, *setup->transport, scheduler, sources, layout.value(),
+                                            iters, args["verify"].as<bool>(), args["shuffle"].as<bool>(),
+                                            source_blocks, run_id,
+                                            std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 2));
       if (!f.ok()) return fail(f.status().to_string());
       std::vector<double> sorted = f->request_seconds;
       std::sort(sorted.begin(), sorted.end());
@@ -651,7 +663,7 @@ int run_client(const cxxopts::ParseResult& args) {
       for (uint32_t l = 0; l < desc.num_layers; ++l) {
         const Status st = codec_server
                               ? perf::fill_kv_layer(source.value(), layout.value(), l, seed, row_bytes)
-                              : fill_layer_pattern(source.value(), layout.value(), l, seed);
+                              : fill_layer_pattern(source.value(), layout.value(), l, seed, source_blocks);
         if (!st.ok()) return fail("filling layer " + std::to_string(l) + ": " + st.to_string());
       }
       PatternStreamOptions options;
@@ -660,6 +672,7 @@ int run_client(const cxxopts::ParseResult& args) {
       // With a codec the server checks the blocks itself (against the codec, not the raw pattern).
       options.verify = args["verify"].as<bool>() && !codec_server;
       options.shuffle = args["shuffle"].as<bool>();
+      options.source_blocks = source_blocks;
       options.timeout = std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 2);
       if (codec_server) options.context = perf::seed_context(seed);
       auto outcome = send_pattern_stream(*link.value(), *setup->transport, scheduler, source.value(),
@@ -759,6 +772,7 @@ int main(int argc, char** argv) {
       ("blocks", "layers mode: blocks per layer", cxxopts::value<uint32_t>()->default_value("512"))
       ("block-bytes", "layers mode: bytes of K (and of V) per block", cxxopts::value<std::string>()->default_value("32K"))
       ("shuffle", "layers mode: scatter into shuffled receiver blocks", cxxopts::value<bool>()->default_value("false"))
+      ("shuffle-source", "layers mode: send from shuffled blocks of this side's pool too (default: in order)", cxxopts::value<bool>()->default_value("false"))
       ("verify", "layers mode: the receiver checks every byte", cxxopts::value<bool>()->default_value("false"))
       ("footprint", "bw/lat: spread the puts over a target this large (0: one message's size, "
        "as ucx_perftest)", cxxopts::value<std::string>()->default_value("0"))

@@ -5,7 +5,8 @@
 #    verified, and the server prints "every byte verified (N)" with N = the whole request;
 #  - bw and lat modes with --json: the file holds {"results":[{mode,bytes,iters,seconds,gbps,
 #    p50_us,p99_us}]}, one entry per size, gbps > 0 (lat: p50 <= p99, both > 0);
-#  - --concurrent 2: two request streams at once, every request verified on both sides;
+#  - --shuffle-source (sent from shuffled pool blocks) and --concurrent 2 (two request streams at
+#    once), every request verified on both sides;
 #  - the server is still alive and serving after all of it.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -99,6 +100,9 @@ fi
 # The same server takes a second layers run after the bw/lat runs.
 layers_run tcp-again tcp env UCX_TLS=tcp
 
+# --shuffle-source: the request's blocks come from shuffled blocks of the sender's pool.
+layers_run tcp-shuffled-source tcp env UCX_TLS=tcp -- --shuffle-source
+
 # --concurrent: two request streams at once (two connections, two sources), every byte verified.
 before=$(kvf_count_lines tcp '^stream [0-9]+ from ')
 kvf_run client-concurrent 120 env UCX_TLS=tcp "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[tcp]}" \
@@ -109,7 +113,7 @@ kvf_check_grep "$(kvf_logfile client-concurrent)" \
   "$((2 * REQUESTS)) requests in .* receiver verified $((2 * REQUESTS * TOTAL)) bytes" \
   "concurrent: the client saw all $((2 * REQUESTS)) requests verified"
 kvf_check_verified tcp "$TOTAL" "$before" $((2 * REQUESTS)) "concurrent"
-kvf_check kvf_alive tcp -- "tcp server still alive after 5 client runs"
+kvf_check kvf_alive tcp -- "tcp server still alive after 6 client runs"
 
 # --- transport lists: each peer takes the first transport both sides offer ------------------------
 # With host memory a list leaves the GPU transports out, so ucx is chosen here;

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -87,8 +88,11 @@ Result<PatternStreamOutcome> send_pattern_stream(PeerLink& link, Transport& tran
                                                  const protocol::KvLayout& layout,
                                                  const PatternStreamOptions& options);
 
-// Fills layer `layer` of `source` (host or GPU memory) with the pattern the receiver will check.
+// Fills layer `layer` of `source` (host or GPU memory) with the pattern the receiver will check:
+// the request's i-th block's pattern goes into pool block source_blocks[i] (empty: block i), as
+// send_pattern_stream with the same options.source_blocks sends it. What blocks outside the
+// request hold afterwards is unspecified.
 Status fill_layer_pattern(const gpudirect::MemoryRegion& source, const protocol::KvLayout& layout,
-                          uint32_t layer, uint64_t seed);
+                          uint32_t layer, uint64_t seed, std::span<const uint32_t> source_blocks = {});
 
 }  // namespace kvf::fabric
