@@ -785,7 +785,7 @@ class CudaIpcTransport::Impl {
     }
     uint8_t* there =
         nccl() ? nullptr : static_cast<uint8_t*>(lane.remote->data()) + remote_slot * lane.slot_bytes;
-    if (direct) {
+    if (direct) {  // on copy_stream alone: each run is already one large copy
       for (const gpudirect::CopySegment& run : runs) {
         if (Status s = lane.copy_stream.copy_async(there + run.dst, reinterpret_cast<const void*>(run.src),
                                                    run.bytes, options_.staging_copy_overlap_hint);
