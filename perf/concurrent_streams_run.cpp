@@ -1,7 +1,5 @@
 #include "concurrent_streams_run.h"
 
-#include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>

@@ -598,24 +598,30 @@ int run_client(const cxxopts::ParseResult& args) {
       }
       return 0;
     }
-    std::printf("layers: %u layers x %u blocks x 2 x %llu bytes = %.1f MiB per request, %s, %s\n",
-                desc.num_layers, desc.num_blocks, static_cast<unsigned long long>(block_bytes),
-                static_cast<double>(total) / (1 << 20), args["shuffle"].as<bool>() ? "shuffled" : "in order",
-                codec_server ? ("codec " + std::string(protocol::codec_name(codec_server->codec)) +
-                                ", every block checked by the server against the CPU codec's decode")
-                                   .c_str()
-                : args["verify"].as<bool>() ? "verified"
-                                            : "unverified");
-    const uint32_t streams = args["concurrent"].as<uint32_t>();
-    if (streams == 0 || streams > 16) return fail("--concurrent must be 1..16");
-    if (streams > 1) {
-      if (codec_server)
-        return fail("--concurrent: the codec check runs one stream at a time; leave --codec out");
+    const uint32_t concurrent = args["concurrent"].as<uint32_t>();
+    if (concurrent == 0 || concurrent > 16) return fail("--concurrent must be 1..16");
+    if (concurrent > 1 && codec_server)
+      return fail("--concurrent: the codec check runs one stream at a time; leave --codec out");
+    std::printf(
+        "layers: %u layers x %u blocks x 2 x %llu bytes = %.1f MiB per request, %s, %s%s\n", desc.num_layers,
+        desc.num_blocks, static_cast<unsigned long long>(block_bytes), static_cast<double>(total) / (1 << 20),
+        args["shuffle"].as<bool>() ? "shuffled" : "in order",
+        codec_server ? ("codec " + std::string(protocol::codec_name(codec_server->codec)) +
+                        ", every block checked by the server against the CPU codec's decode")
+                           .c_str()
+        : args["verify"].as<bool>() ? "verified"
+                                    : "unverified",
+        concurrent > 1 ? (", " + std::to_string(concurrent) + " request streams at once").c_str() : "");
+    Measurement m;
+    m.mode = "layers";
+    m.bytes = total;
+    m.codec = codec_server ? std::string(protocol::codec_name(codec_server->codec)) : "";
+    if (concurrent > 1) {
       std::vector<std::unique_ptr<PeerLink>> links;
       links.push_back(std::move(link.value()));
       std::vector<gpudirect::MemoryRegion> sources;
       sources.push_back(std::move(source.value()));
-      for (uint32_t s = 1; s < streams; ++s) {
+      for (uint32_t s = 1; s < concurrent; ++s) {
         auto more = PeerLink::connect(*setup->transport, hp->first, hp->second,
                                       "kvfabric-perf-client-" + std::to_string(s), std::chrono::seconds(10));
         if (!more.ok()) return fail("stream " + std::to_string(s) + ": " + more.status().to_string());
@@ -626,95 +632,75 @@ int run_client(const cxxopts::ParseResult& args) {
         if (!src.ok()) return fail("stream " + std::to_string(s) + "'s source: " + src.status().to_string());
         sources.push_back(std::move(src.value()));
       }
-      std::printf(
-          "layers: %u request streams at once, %llu requests each, %u layers x %u blocks x 2 x %llu bytes = "
-          "%.1f MiB a request, %s, %s\n",
-          streams, static_cast<unsigned long long>(iters), desc.num_layers, desc.num_blocks,
-          static_cast<unsigned long long>(block_bytes), static_cast<double>(total) / (1 << 20),
-          args["shuffle"].as<bool>() ? "shuffled" : "in order",
-          args["verify"].as<bool>() ? "verified" : "unverified");
       auto f = perf::run_concurrent_streams(links, *setup->transport, scheduler, sources, layout.value(),
                                             iters, args["verify"].as<bool>(), args["shuffle"].as<bool>(),
                                             source_blocks, run_id,
                                             std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 2));
       if (!f.ok()) return fail(f.status().to_string());
-      std::vector<double> sorted = f->request_seconds;
-      std::sort(sorted.begin(), sorted.end());
-      std::printf("  %zu requests in %.3f s: aggregate %.3f GB/s; a request took %.3f s (median)%s\n",
-                  f->request_seconds.size(), f->seconds, f->aggregate_gbps, sorted[sorted.size() / 2],
+      m.iters = f->request_seconds.size();
+      m.request_seconds = f->request_seconds;
+      m.seconds = f->seconds;  // all streams' requests, first start to last end
+      m.gbps = f->aggregate_gbps;
+      std::printf("  %llu requests in %.3f s: aggregate %.3f GB/s; a request took %.3f s (median)%s\n",
+                  static_cast<unsigned long long>(m.iters), f->seconds, f->aggregate_gbps,
+                  perf::percentile(f->request_seconds, 50),
                   args["verify"].as<bool>()
                       ? (", receiver verified " + std::to_string(f->bytes_verified) + " bytes").c_str()
                       : "");
-      Measurement m;
-      m.mode = "layers";
-      m.bytes = total;
-      m.iters = f->request_seconds.size();
-      m.request_seconds = f->request_seconds;
-      m.seconds = f->seconds;
-      m.gbps = f->aggregate_gbps;
-      std::printf("%-6s %12s %10s %10s\n%-6s %12llu %10llu %10.3f\n", "mode", "bytes", "iters", "GB/s",
-                  "layers", static_cast<unsigned long long>(total), static_cast<unsigned long long>(m.iters),
-                  m.gbps);
-      results.push_back(m);
-    }
-    std::vector<double> seconds;
-    for (uint64_t it = 0; streams == 1 && it < iters; ++it) {  // one stream: request by request
-      uint64_t seed = run_id + it;
-      for (uint32_t l = 0; l < desc.num_layers; ++l) {
-        const Status st = codec_server
-                              ? perf::fill_kv_layer(source.value(), layout.value(), l, seed, row_bytes)
-                              : fill_layer_pattern(source.value(), layout.value(), l, seed, source_blocks);
-        if (!st.ok()) return fail("filling layer " + std::to_string(l) + ": " + st.to_string());
-      }
-      PatternStreamOptions options;
-      options.request_id = ++run_id;
-      options.seed = seed;
-      // With a codec the server checks the blocks itself (against the codec, not the raw pattern).
-      options.verify = args["verify"].as<bool>() && !codec_server;
-      options.shuffle = args["shuffle"].as<bool>();
-      options.source_blocks = source_blocks;
-      options.timeout = std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 2);
-      if (codec_server) options.context = perf::seed_context(seed);
-      auto outcome = send_pattern_stream(*link.value(), *setup->transport, scheduler, source.value(),
-                                         layout.value(), options);
-      if (!outcome.ok()) return fail("stream " + std::to_string(it) + ": " + outcome.status().to_string());
-      seconds.push_back(outcome->seconds);
-      std::string checked;
-      if (codec_server) {
-        std::string message;
-        if (Status s = perf::query_codec_check(
-                hp->first, codec_server->verify_port, options.request_id,
-                std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 4), &message);
-            !s.ok()) {
-          return fail("stream " + std::to_string(it) + ": the server's codec check: " + s.to_string());
+    } else {
+      std::vector<double> seconds;
+      for (uint64_t it = 0; it < iters; ++it) {
+        uint64_t seed = run_id + it;
+        for (uint32_t l = 0; l < desc.num_layers; ++l) {
+          const Status st = codec_server
+                                ? perf::fill_kv_layer(source.value(), layout.value(), l, seed, row_bytes)
+                                : fill_layer_pattern(source.value(), layout.value(), l, seed, source_blocks);
+          if (!st.ok()) return fail("filling layer " + std::to_string(l) + ": " + st.to_string());
         }
-        checked = ", server: " + message;
-      } else if (options.verify) {
-        checked = ", receiver verified " + std::to_string(outcome->result.bytes_verified) + " bytes";
+        PatternStreamOptions options;
+        options.request_id = ++run_id;
+        options.seed = seed;
+        // With a codec the server checks the blocks itself (against the codec, not the raw pattern).
+        options.verify = args["verify"].as<bool>() && !codec_server;
+        options.shuffle = args["shuffle"].as<bool>();
+        options.source_blocks = source_blocks;
+        options.timeout = std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 2);
+        if (codec_server) options.context = perf::seed_context(seed);
+        auto outcome = send_pattern_stream(*link.value(), *setup->transport, scheduler, source.value(),
+                                           layout.value(), options);
+        if (!outcome.ok()) return fail("stream " + std::to_string(it) + ": " + outcome.status().to_string());
+        seconds.push_back(outcome->seconds);
+        std::string checked;
+        if (codec_server) {
+          std::string message;
+          if (Status s = perf::query_codec_check(
+                  hp->first, codec_server->verify_port, options.request_id,
+                  std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>() * 4), &message);
+              !s.ok()) {
+            return fail("stream " + std::to_string(it) + ": the server's codec check: " + s.to_string());
+          }
+          checked = ", server: " + message;
+        } else if (options.verify) {
+          checked = ", receiver verified " + std::to_string(outcome->result.bytes_verified) + " bytes";
+        }
+        std::printf("  request %llu/%llu: %.3f s, %.3f GB/s%s\n", static_cast<unsigned long long>(it + 1),
+                    static_cast<unsigned long long>(iters), outcome->seconds,
+                    static_cast<double>(total) / outcome->seconds / 1e9, checked.c_str());
+        std::fflush(stdout);
+        if (options.verify && outcome->result.bytes_verified != total) {
+          return fail("receiver verified " + std::to_string(outcome->result.bytes_verified) + " of " +
+                      std::to_string(total) + " bytes");
+        }
       }
-      std::printf("  request %llu/%llu: %.3f s, %.3f GB/s%s\n", static_cast<unsigned long long>(it + 1),
-                  static_cast<unsigned long long>(iters), outcome->seconds,
-                  static_cast<double>(total) / outcome->seconds / 1e9, checked.c_str());
-      std::fflush(stdout);
-      if (options.verify && outcome->result.bytes_verified != total) {
-        return fail("receiver verified " + std::to_string(outcome->result.bytes_verified) + " of " +
-                    std::to_string(total) + " bytes");
-      }
-    }
-    if (streams == 1) {
-      Measurement m;
-      m.mode = "layers";
-      m.bytes = total;
       m.iters = iters;
-      m.codec = codec_server ? std::string(protocol::codec_name(codec_server->codec)) : "";
       m.request_seconds = seconds;
       m.seconds = perf::percentile(seconds, 50);
       m.gbps = static_cast<double>(total) / m.seconds / 1e9;
-      std::printf("%-6s %12s %10s %10s\n%-6s %12llu %10llu %10.3f\n", "mode", "bytes", "iters", "GB/s",
-                  "layers", static_cast<unsigned long long>(total), static_cast<unsigned long long>(iters),
-                  m.gbps);
-      results.push_back(m);
     }
+    std::printf("%-6s %12s %10s %10s\n%-6s %12llu %10llu %10.3f\n", "mode", "bytes", "iters", "GB/s",
+                "layers", static_cast<unsigned long long>(total), static_cast<unsigned long long>(m.iters),
+                m.gbps);
+    results.push_back(m);
   }
   if (args.count("json") != 0) {
     nlohmann::json out;
