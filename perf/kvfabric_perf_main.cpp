@@ -150,6 +150,7 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
     }
     cuda.staging_handover = handover == "on";
     cuda.staging_copy_overlap_hint = args["staging-copy-hint"].as<bool>();
+    cuda.staging_copies_ahead = args["staging-ahead"].as<uint32_t>();
     if (cuda.staging_copy_streams == 0 || cuda.staging_copy_streams > 4) {
       return Status(ErrorCode::kInvalidArgument, "--staging-copy-streams must be 1..4");
     }
@@ -472,6 +473,27 @@ Result<Measurement> run_bw_or_lat(Setup& setup, PeerLink& link, bool latency, ui
   return m;
 }
 
+// --timeline: where one request's time went. The layers' completions come a copy apart once the
+// pipeline runs; what the first completion takes beyond one step is the fill (setup, the first
+// copy's start), and what the request takes beyond its last completion's step is the drain.
+void print_request_timeline(const fabric::PatternStreamOutcome& outcome) {
+  if (outcome.layer_done_s.empty()) return;
+  std::vector<double> done = outcome.layer_done_s;
+  std::sort(done.begin(), done.end());
+  std::vector<double> steps;
+  for (size_t i = 1; i < done.size(); ++i) steps.push_back(done[i] - done[i - 1]);
+  const double step = steps.empty() ? 0.0 : perf::percentile(steps, 50);
+  const double last_handed = *std::max_element(outcome.layer_ready_s.begin(), outcome.layer_ready_s.end());
+  std::printf(
+      "    timeline (us from the request's start, at %.1f us on the steady clock): last layer handed over "
+      "%.1f; first layer remotely complete %.1f, last %.1f; step between completions median %.1f, max "
+      "%.1f; layers x step %.1f\n",
+      std::chrono::duration<double, std::micro>(outcome.start.time_since_epoch()).count(), last_handed * 1e6,
+      done.front() * 1e6, done.back() * 1e6, step * 1e6,
+      steps.empty() ? 0.0 : *std::max_element(steps.begin(), steps.end()) * 1e6,
+      step * static_cast<double>(done.size()) * 1e6);
+}
+
 int run_client(const cxxopts::ParseResult& args) {
   auto hp = parse_host_port(args["connect"].as<std::string>());
   if (!hp.ok()) return fail("--connect: " + hp.status().message());
@@ -649,9 +671,13 @@ int run_client(const cxxopts::ParseResult& args) {
                       : "");
     } else {
       std::vector<double> seconds;
+      // --fill-once: every request sends the same pattern, filled before the first; otherwise each
+      // request is filled anew, which on a GPU leaves it idle for milliseconds between requests.
+      const bool fill_once = args["fill-once"].as<bool>();
+      const uint64_t first_seed = run_id;
       for (uint64_t it = 0; it < iters; ++it) {
-        uint64_t seed = run_id + it;
-        for (uint32_t l = 0; l < desc.num_layers; ++l) {
+        uint64_t seed = fill_once ? first_seed : run_id + it;
+        for (uint32_t l = 0; l < desc.num_layers && (it == 0 || !fill_once); ++l) {
           const Status st = codec_server
                                 ? perf::fill_kv_layer(source.value(), layout.value(), l, seed, row_bytes)
                                 : fill_layer_pattern(source.value(), layout.value(), l, seed, source_blocks);
@@ -686,6 +712,7 @@ int run_client(const cxxopts::ParseResult& args) {
         std::printf("  request %llu/%llu: %.3f s, %.3f GB/s%s\n", static_cast<unsigned long long>(it + 1),
                     static_cast<unsigned long long>(iters), outcome->seconds,
                     static_cast<double>(total) / outcome->seconds / 1e9, checked.c_str());
+        if (args["timeline"].as<bool>()) print_request_timeline(outcome.value());
         std::fflush(stdout);
         if (options.verify && outcome->result.bytes_verified != total) {
           return fail("receiver verified " + std::to_string(outcome->result.bytes_verified) + " of " +
@@ -777,12 +804,15 @@ int main(int argc, char** argv) {
       ("resident-plans", "cuda_ipc: upload a request's extents once, launch layers by base address",
        cxxopts::value<bool>()->default_value("false"))
       ("streams", "cuda_ipc: CUDA streams the copies go round-robin over", cxxopts::value<uint32_t>()->default_value("1"))
+      ("fill-once", "layers mode: fill the source once and send the same pattern in every request (the GPU then does not sit idle between requests while the host makes the next pattern)", cxxopts::value<bool>()->default_value("false"))
+      ("timeline", "layers mode: per request, when the first and last layers were handed over and remotely complete, and the median step between completions (where a request's time goes beyond its layers' copies)", cxxopts::value<bool>()->default_value("false"))
       ("concurrent", "layers mode: request streams at once, each on its own connection and source (the aggregate is the sustained bandwidth)", cxxopts::value<uint32_t>()->default_value("1"))
       ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
       ("staging-bytes", "staged copies: bytes per staging slot (default: cuda_ipc --copy staged 64M, nccl and ucx_staged 32M)", cxxopts::value<std::string>())
       ("staging-slots", "staged copies: slots the sender asks of the receiver (ucx_staged: and keeps itself)", cxxopts::value<uint32_t>()->default_value("4"))
       ("staging-copy-streams", "cuda_ipc staged copies: streams each chunk's copy is split over", cxxopts::value<uint32_t>()->default_value("1"))
       ("staging-copy-hint", "cuda_ipc staged copies: issue them with cudaMemcpyFlagPreferOverlapWithCompute (an experiment)", cxxopts::value<bool>()->default_value("false"))
+      ("staging-ahead", "cuda_ipc --copy staged: staged copies launched ahead of the copy engines, at most; layers queued behind them share a slot-sized copy (0: no limit)", cxxopts::value<uint32_t>()->default_value("0"))
       ("staging-handover", "cuda_ipc staged copies: hand receiver slots back on the GPUs (on) or with the receiver's answers (off)", cxxopts::value<std::string>()->default_value("off"))
       ("copy-kernel-blocks", "cuda_ipc and nccl: thread blocks a copy kernel launches at most (0: automatic: all that fit; nccl: one per SM, leaving room for NCCL's kernels)", cxxopts::value<uint32_t>()->default_value("0"))
       ("codec", "ucx_staged: identity | int8 | fp8: encode KV per token row in the staging slots (host memory; "

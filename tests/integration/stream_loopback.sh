@@ -103,6 +103,12 @@ layers_run tcp-again tcp env UCX_TLS=tcp
 # --shuffle-source: the request's blocks come from shuffled blocks of the sender's pool.
 layers_run tcp-shuffled-source tcp env UCX_TLS=tcp -- --shuffle-source
 
+# --fill-once --timeline: the same pattern in every request (each still verified against the
+# poisoned receiver), and one timeline line per request.
+layers_run tcp-fill-once tcp env UCX_TLS=tcp -- --fill-once --timeline
+kvf_check_eq "$(grep -cE '^ +timeline \(us from the request.s start' "$(kvf_logfile client-tcp-fill-once)")" "$REQUESTS" \
+  "fill-once: a timeline line per request"
+
 # --concurrent: two request streams at once (two connections, two sources), every byte verified.
 before=$(kvf_count_lines tcp '^stream [0-9]+ from ')
 kvf_run client-concurrent 120 env UCX_TLS=tcp "$KVF_PERF" client --connect "127.0.0.1:${KVF_PORT[tcp]}" \
@@ -113,7 +119,7 @@ kvf_check_grep "$(kvf_logfile client-concurrent)" \
   "$((2 * REQUESTS)) requests in .* receiver verified $((2 * REQUESTS * TOTAL)) bytes" \
   "concurrent: the client saw all $((2 * REQUESTS)) requests verified"
 kvf_check_verified tcp "$TOTAL" "$before" $((2 * REQUESTS)) "concurrent"
-kvf_check kvf_alive tcp -- "tcp server still alive after 6 client runs"
+kvf_check kvf_alive tcp -- "tcp server still alive after 7 client runs"
 
 # --- transport lists: each peer takes the first transport both sides offer ------------------------
 # With host memory a list leaves the GPU transports out, so ucx is chosen here;
