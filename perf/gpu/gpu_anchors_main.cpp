@@ -1,8 +1,10 @@
 // kvfabric-gpu-anchors: measures the raw GPU links that kvfabric is compared with, one mode per call.
 //   kvfabric-gpu-anchors --mode peer-copy|nccl|pinned-h2d|pinned-d2h|gemm [--src-gpu 0] [--dst-gpu 1]
 //                        [--bytes 1G] [--iters 20] [--warmup 3] [--tokens 8192 --layers 32] [--json FILE]
+//                        [--idle-us N]
 // peer-copy:  cudaMemcpyPeerAsync of one contiguous buffer, GPU src -> GPU dst, peer access enabled,
-//             on a stream of GPU src (its copy engine pushes over NVLink).
+//             on a stream of GPU src (its copy engine pushes over NVLink). --idle-us N: each timed
+//             copy follows N us with both GPUs idle (a request's first copy after idle time).
 // nccl:       ncclSend on GPU src / ncclRecv on GPU dst, one process driving both ranks.
 // pinned-h2d / pinned-d2h: cudaMemcpyAsync from / to cudaHostAlloc'd memory, on GPU src.
 // gemm:       PrefillComputeLoad (Llama-3-8B prefill GEMMs) for --layers layers per iteration on
@@ -20,6 +22,7 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -29,6 +32,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -188,11 +192,49 @@ struct Timing {
   std::vector<double> step_us;  // per step
 };
 
+Result<Timing> time_steps_after_idle(const std::vector<Lane>& lanes, uint64_t warmup, uint64_t steps,
+                                     const std::function<Status()>& step, std::chrono::microseconds idle) {
+  for (uint64_t i = 0; i < warmup; ++i) {
+    if (Status s = step(); !s.ok()) return s;
+  }
+  std::vector<EventPtr> begin, end;
+  for (const Lane& lane : lanes) {
+    KVF_CUDA(cudaSetDevice(lane.device));
+    cudaEvent_t a = nullptr, b = nullptr;
+    KVF_CUDA(cudaEventCreate(&a));
+    KVF_CUDA(cudaEventCreate(&b));
+    begin.emplace_back(a);
+    end.emplace_back(b);
+  }
+  Timing t;
+  for (uint64_t i = 0; i < steps; ++i) {
+    for (const Lane& lane : lanes) KVF_CUDA(cudaStreamSynchronize(lane.stream));
+    std::this_thread::sleep_for(idle);
+    for (size_t l = 0; l < lanes.size(); ++l) KVF_CUDA(cudaEventRecord(begin[l].get(), lanes[l].stream));
+    if (Status s = step(); !s.ok()) return s;
+    for (size_t l = 0; l < lanes.size(); ++l) KVF_CUDA(cudaEventRecord(end[l].get(), lanes[l].stream));
+    double slowest = 0;
+    for (size_t l = 0; l < lanes.size(); ++l) {
+      KVF_CUDA(cudaEventSynchronize(end[l].get()));
+      float ms = 0;
+      KVF_CUDA(cudaEventElapsedTime(&ms, begin[l].get(), end[l].get()));
+      slowest = std::max(slowest, static_cast<double>(ms) * 1e3);
+    }
+    t.step_us.push_back(slowest);
+    t.seconds += slowest / 1e6;
+  }
+  return t;
+}
+
 // Runs `step` warmup times, waits for it, then `steps` times back to back with an event on every
 // lane between steps. A step's time is the slowest lane's (for nccl: sender or receiver); events
 // are compared only within a lane, since CUDA cannot time events of two devices against each other.
+// With `idle` > 0 every timed step instead starts after the lanes have sat idle that long (each
+// step timed alone, `seconds` their sum): what a transfer that follows idle time pays.
 Result<Timing> time_steps(const std::vector<Lane>& lanes, uint64_t warmup, uint64_t steps,
-                          const std::function<Status()>& step) {
+                          const std::function<Status()>& step,
+                          std::chrono::microseconds idle = std::chrono::microseconds(0)) {
+  if (idle.count() > 0) return time_steps_after_idle(lanes, warmup, steps, step, idle);
   std::vector<std::vector<EventPtr>> events(lanes.size());
   for (size_t l = 0; l < lanes.size(); ++l) {
     KVF_CUDA(cudaSetDevice(lanes[l].device));
@@ -238,6 +280,7 @@ struct Config {
   uint64_t warmup = 0;
   uint32_t tokens = 0;
   uint32_t layers = 0;
+  std::chrono::microseconds idle{0};  // copy modes: idle time before every timed copy
 };
 
 struct Measurement {
@@ -347,10 +390,13 @@ Result<Measurement> run_peer_copy(const Config& cfg) {
   unsigned char* d_ptr = buffers->dst.get();
   cudaStream_t st = stream->get();
 
-  auto timing = time_steps({{cfg.src_gpu, st}}, cfg.warmup, cfg.iters, [&]() -> Status {
-    KVF_CUDA(cudaMemcpyPeerAsync(d_ptr, cfg.dst_gpu, s_ptr, cfg.src_gpu, cfg.bytes, st));
-    return Status::Ok();
-  });
+  auto timing = time_steps(
+      {{cfg.src_gpu, st}}, cfg.warmup, cfg.iters,
+      [&]() -> Status {
+        KVF_CUDA(cudaMemcpyPeerAsync(d_ptr, cfg.dst_gpu, s_ptr, cfg.src_gpu, cfg.bytes, st));
+        return Status::Ok();
+      },
+      cfg.idle);
   if (!timing.ok()) return timing.status();
 
   if (Status s = buffers->verify(cfg, "peer-copy at GPU " + std::to_string(cfg.dst_gpu)); !s.ok()) return s;
@@ -565,6 +611,7 @@ int main(int argc, char** argv) {
       ("warmup", "untimed iterations first", cxxopts::value<uint64_t>()->default_value("3"))
       ("tokens", "gemm: prefill tokens", cxxopts::value<uint32_t>()->default_value("8192"))
       ("layers", "gemm: layers per iteration", cxxopts::value<uint32_t>()->default_value("32"))
+      ("idle-us", "peer-copy: let the GPUs sit idle this long before every timed copy (what a transfer after idle time pays; 0: copies back to back)", cxxopts::value<uint64_t>()->default_value("0"))
       ("json", "also write the result as JSON to FILE", cxxopts::value<std::string>())
       ("version", "print the version")
       ("h,help", "print help");
@@ -604,6 +651,9 @@ int main(int argc, char** argv) {
   cfg.warmup = args["warmup"].as<uint64_t>();
   cfg.tokens = args["tokens"].as<uint32_t>();
   cfg.layers = args["layers"].as<uint32_t>();
+  cfg.idle = std::chrono::microseconds(args["idle-us"].as<uint64_t>());
+  if (cfg.idle.count() > 0 && cfg.mode != "peer-copy")
+    return fail(kExitUsage, "--idle-us is for --mode peer-copy");
   const uint64_t steps_per_iter = cfg.mode == "gemm" ? std::max<uint32_t>(cfg.layers, 1) : 1;
   if (cfg.iters == 0 || cfg.iters > kMaxTimedSteps / steps_per_iter) {
     return fail(kExitUsage, "--iters must be 1.." + std::to_string(kMaxTimedSteps / steps_per_iter) +
