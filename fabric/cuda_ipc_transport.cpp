@@ -407,6 +407,7 @@ class CudaIpcTransport::Impl {
     uint32_t next_remote = 0;
     std::deque<std::shared_ptr<StagedPut>> unoffered;  // puts made before the offer came
     std::deque<StagedChunk> waiting;                   // chunks waiting for a receiver slot
+    uint32_t copies_unfinished = 0;  // with staging_copies_ahead: launched copies not yet seen done
     std::map<uint64_t, std::vector<std::shared_ptr<StagedPut>>> in_flight;  // by batch: its chunks' puts
     uint64_t next_batch = 1;
     uint64_t submitted = 0, completed = 0;                 // staged puts
@@ -681,6 +682,8 @@ class CudaIpcTransport::Impl {
   // Launches waiting chunks while the receiver has free slots.
   void pump(PeerId peer, StagedLane& lane) {
     while (lane.state == StagedLane::State::kReady && !lane.waiting.empty()) {
+      // Chunks held back while the copy engines have enough queued gather into larger copies.
+      if (options_.staging_copies_ahead > 0 && lane.copies_unfinished >= options_.staging_copies_ahead) break;
       uint32_t remote_slot = 0;
       uint32_t use = 0;  // 0: no hand-over
       if (lane.handover) {
@@ -724,19 +727,6 @@ class CudaIpcTransport::Impl {
   }
 
   Status launch_chunk(PeerId peer, StagedLane& lane, StagedChunk& chunk, uint32_t remote_slot, uint32_t use) {
-    const uint32_t local = lane.next_local;
-    lane.next_local = (local + 1) % kLocalSlots;
-    const gpudirect::CudaStream& gather = lane.gather_stream;
-    if (chunk.first_of_put && chunk.put->wait_event != nullptr) {
-      if (Status s = gather.wait_event(chunk.put->wait_event); !s.ok()) return s;
-    }
-    for (void* packed_wait : chunk.packed_waits) {
-      if (Status s = gather.wait_event(packed_wait); !s.ok()) return s;
-    }
-    if (lane.local_used[local]) {  // the copy that last read this local slot
-      if (Status s = gather.wait_event(lane.copied[local].handle()); !s.ok()) return s;
-    }
-    const uint64_t here = reinterpret_cast<uint64_t>(lane.here.data()) + local * lane.slot_bytes;
     // Sources that are a few long runs go from the engine's blocks straight into the receiver's
     // slot on the copy engines, with no gather. Besides saving a pass over the layer, this keeps
     // kernels off the sending GPU while its copy engines write over NVLink: between two processes
@@ -746,6 +736,21 @@ class CudaIpcTransport::Impl {
         nccl() ? std::vector<gpudirect::CopySegment>{}
                : gpudirect::merge_contiguous(chunk.gathers, kDirectRunsMax);
     const bool direct = !runs.empty() && chunk.bytes / runs.size() >= kDirectRunMinBytes;
+    // A direct chunk uses no local slot, and its copy waits for the layers' events itself: one
+    // cross-stream hop (a few microseconds before every copy) fewer than through the gather stream.
+    const uint32_t local = lane.next_local;
+    if (!direct) lane.next_local = (local + 1) % kLocalSlots;
+    const gpudirect::CudaStream& gather = direct ? lane.copy_stream : lane.gather_stream;
+    if (chunk.first_of_put && chunk.put->wait_event != nullptr) {
+      if (Status s = gather.wait_event(chunk.put->wait_event); !s.ok()) return s;
+    }
+    for (void* packed_wait : chunk.packed_waits) {
+      if (Status s = gather.wait_event(packed_wait); !s.ok()) return s;
+    }
+    if (!direct && lane.local_used[local]) {  // the copy that last read this local slot
+      if (Status s = gather.wait_event(lane.copied[local].handle()); !s.ok()) return s;
+    }
+    const uint64_t here = reinterpret_cast<uint64_t>(lane.here.data()) + local * lane.slot_bytes;
     std::optional<TracedPut> traced_gather =
         direct ? std::nullopt : begin_trace(gather, chunk.bytes, chunk.gathers.size(), false);
     // Every layer gathers the same extents at another base: the plan is uploaded once and each
@@ -767,8 +772,10 @@ class CudaIpcTransport::Impl {
         traced_gathers_.push_back(std::move(*traced_gather));
       }
     }
-    if (Status s = lane.gathered[local].record(gather); !s.ok()) return s;
-    if (Status s = lane.copy_stream.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
+    if (!direct) {
+      if (Status s = lane.gathered[local].record(gather); !s.ok()) return s;
+      if (Status s = lane.copy_stream.wait_event(lane.gathered[local].handle()); !s.ok()) return s;
+    }
     const uint32_t* slot_freed =
         use > 1 ? static_cast<const uint32_t*>(lane.freed.data()) + remote_slot : nullptr;
     if (slot_freed != nullptr) {  // the receiver has scattered this slot's previous use
@@ -822,19 +829,32 @@ class CudaIpcTransport::Impl {
       }
     }
     if (traced) end_trace(std::move(*traced), lane.copy_stream);
-    if (Status s = lane.copied[local].record(lane.copy_stream); !s.ok()) return s;
+    if (options_.staging_copies_ahead > 0) {
+      ++lane.copies_unfinished;
+      enqueue_events({&lane.copy_stream}, [this, token = lane.token](const Status&) {
+        PeerId p = 0;
+        StagedLane* l = lane_by_token(token, &p);
+        if (l == nullptr) return;
+        if (l->copies_unfinished > 0) --l->copies_unfinished;
+        pump(p, *l);
+      });
+    }
+    if (!direct) {
+      if (Status s = lane.copied[local].record(lane.copy_stream); !s.ok()) return s;
+      lane.local_used[local] = true;
+    }
     // The receiver's scatter waits for this on its GPU, so it is told now, not when the copy ends.
     if (use != 0) {
       if (Status s = lane.copy_stream.write_value(lane.ready + remote_slot, use); !s.ok()) return s;
     } else if (!nccl()) {
       if (Status s = lane.filled[remote_slot].record(lane.copy_stream); !s.ok()) return s;
     }
-    lane.local_used[local] = true;
     const uint64_t batch = lane.next_batch++;
     std::vector<std::shared_ptr<StagedPut>> puts{chunk.put};
     puts.insert(puts.end(), chunk.packed.begin(), chunk.packed.end());
     lane.in_flight.emplace(batch, std::move(puts));
     if (trace_) staged_sent_at_.emplace(batch, std::chrono::steady_clock::now());
+    mark('L');
     staging::Scatter scatter{lane.token, batch, remote_slot, std::move(chunk.pieces)};
     scatter.use = use;
     inner_->notify(
@@ -901,6 +921,7 @@ class CudaIpcTransport::Impl {
                    answer.batch, answer.slot);
       return;
     }
+    mark('A');
     std::vector<std::shared_ptr<StagedPut>> puts = std::move(it->second);
     lane->in_flight.erase(it);
     if (auto sent = staged_sent_at_.find(answer.batch); sent != staged_sent_at_.end()) {
@@ -1165,6 +1186,7 @@ class CudaIpcTransport::Impl {
       }
       return;
     }
+    mark('P');
     if (Status s = make_segments(peer, ops); !s.ok()) return fail(s);
     if (options_.copy == CudaCopyMethod::kStaged || nccl()) {
       StagedLane* lane = lane_for(peer);
@@ -1209,7 +1231,11 @@ class CudaIpcTransport::Impl {
       complete_all(broken_);
       return fail(broken_);
     }
-    enqueue_events({&stream}, std::move(done));
+    mark('L');
+    enqueue_events({&stream}, [this, done = std::move(done)](const Status& st) {
+      mark('D');
+      if (done) done(st);
+    });
   }
 
   // Layers of one request repeat the same extents at other bases. Seen relative to the batch's
@@ -1295,6 +1321,7 @@ class CudaIpcTransport::Impl {
   std::optional<TracedPut> begin_trace(const gpudirect::CudaStream& stream, uint64_t bytes, size_t segments,
                                        bool copy_engines) {
     if (!trace_ || traced_.size() >= 65536) return std::nullopt;
+    tie_gpu_clock(stream);
     auto start = gpudirect::CudaEvent::create(options_.device, true);
     if (!start.ok() || !start->record(stream.handle()).ok()) return std::nullopt;
     return TracedPut{std::move(start.value()), std::nullopt, bytes, segments, copy_engines};
@@ -1340,6 +1367,18 @@ class CudaIpcTransport::Impl {
                    "median %.1f us\n",
                    options_.device, scatter_us_.size(), median_of(scatter_us_));
       scatter_us_.clear();
+    }
+    if (timeline_ && gpu_epoch_) {
+      for (const TimelineMark& m : timeline_marks_)
+        std::fprintf(stderr, "cuda_ipc timeline: %.1f %c\n", m.host_us, m.what);
+      for (const TracedPut& t : traced_) {
+        auto a = t.start.elapsed_ms_since(*gpu_epoch_);
+        auto b = t.end->elapsed_ms_since(*gpu_epoch_);
+        if (a.ok() && b.ok())
+          std::fprintf(stderr, "cuda_ipc timeline: %.1f S\ncuda_ipc timeline: %.1f E\n",
+                       gpu_epoch_host_us_ + a.value() * 1e3, gpu_epoch_host_us_ + b.value() * 1e3);
+      }
+      timeline_marks_.clear();
     }
     if (traced_.empty()) return;
     std::vector<double> copy_us, gap_us;
@@ -1465,6 +1504,42 @@ class CudaIpcTransport::Impl {
     return v != nullptr && *v != '\0' && *v != '0';
   }();
   std::vector<TracedPut> traced_;
+  // KVF_CUDA_IPC_TRACE=2 also keeps a timeline: host moments (a put taken, its copy launched, its
+  // completion seen) and each copy's start and end on the GPU, on the host's steady clock (the GPU
+  // clock is tied to it once, by waiting for an event on an idle stream), printed at the end so
+  // that a request's start (kvfabric-perf --timeline) can be laid beside them.
+  const bool timeline_ = [] {
+    const char* v = std::getenv("KVF_CUDA_IPC_TRACE");
+    return v != nullptr && std::string_view(v) == "2";
+  }();
+  struct TimelineMark {
+    double host_us;
+    char what;  // P: put taken, L: copy launched, D: completion seen, A: staged answer
+  };
+  std::vector<TimelineMark> timeline_marks_;
+  std::optional<gpudirect::CudaEvent> gpu_epoch_;
+  double gpu_epoch_host_us_ = 0;
+  static double steady_us() {
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  void mark(char what) {
+    if (timeline_ && timeline_marks_.size() < 65536) timeline_marks_.push_back({steady_us(), what});
+  }
+  // Ties GPU event times to the host clock: an event recorded on an idle stream completes at once,
+  // so the moment the host sees it complete is (within microseconds) its GPU time.
+  void tie_gpu_clock(const gpudirect::CudaStream& stream) {
+    if (!timeline_ || gpu_epoch_) return;
+    auto e = gpudirect::CudaEvent::create(options_.device, true);
+    if (!e.ok() || !stream.synchronize().ok() || !e->record(stream.handle()).ok()) return;
+    for (;;) {
+      auto done = e->done();
+      if (!done.ok()) return;
+      if (done.value()) break;
+    }
+    gpu_epoch_host_us_ = steady_us();
+    gpu_epoch_.emplace(std::move(e.value()));
+  }
   std::unique_ptr<gpudirect::SegmentCopier> copier_;
   std::unordered_map<PeerId, Peer> peers_;
   std::unordered_map<RemoteRegionId, Region> regions_;

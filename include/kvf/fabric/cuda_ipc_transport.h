@@ -61,6 +61,11 @@ struct CudaIpcTransportOptions {
   // the copy back by about the kernel's length, and this hint is the driver's one knob on how
   // a copy shares the GPU with kernels. Not measured yet.
   bool staging_copy_overlap_hint = false;
+  // Staged copies launched ahead of the copy engines, at most (0: as many as the receiver has
+  // free slots). With a limit, layers queued behind the copies in flight go together into one
+  // slot-sized copy (a 64 MiB copy runs nearer the link rate than two of 32 MiB), and a layer that
+  // finds nothing queued still goes at once.
+  uint32_t staging_copies_ahead = 0;
   // As a receiver: the most GPU memory all senders' staging slots may take together.
   uint64_t staging_receive_limit = 1ull << 30;
   // kAuto: batches whose mean extent is at least this many bytes go to the copy engines. A copy
