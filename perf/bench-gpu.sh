@@ -34,7 +34,8 @@
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
 #   --only peer,nccl,pinned,overlap,store,pd,reuse,codec   (default: all; peer-sweep and staged-sweep:
 #   the cuda_ipc knobs, for tuning)
-# Environment: KVF_BIN (default build/bin); PEER_COPIES, PEER_CONCURRENT (see peer); OVERLAP_ARGS
+# Environment: KVF_BIN (default build/bin); PEER_COPIES, PEER_CONCURRENT (see peer); FILL_ONCE=1
+# (layer requests send one pattern, filled once, instead of refilling before each); OVERLAP_ARGS
 # (extra client args of the overlap cell, e.g. --copy staged); RUN_LIMIT (seconds one run may
 # take before it is killed and counted as failed, default 240: a hang costs one cell, not the
 # session); needs 2 GPUs for peer/nccl/overlap.
@@ -52,7 +53,7 @@ while (($#)); do
     --out) out=${2:?}; shift 2 ;;
     --json-dir) json_dir=${2:?}; shift 2 ;;
     --only) only=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -101,6 +102,10 @@ start_server() {  # start_server ARGS...: a kvfabric-perf server on a fresh port
 }
 
 layers_args=(--mode layers --layers 32 --blocks 512 --block-bytes 32K)
+# FILL_ONCE=1: kvfabric-perf fills its source once instead of before every request. The anchors
+# copy back to back; a refill from the host leaves the GPUs idle for hundreds of milliseconds
+# before each request, and its first copy then ran ~200 us slower (perf/RESULTS.md, session 8).
+[[ ${FILL_ONCE:-0} == 1 ]] && layers_args+=(--fill-once)
 # kvf CELL ROUND CLIENT-ARGS...: one kvfabric-perf layers run against the running server.
 kvf() {
   local cell=$1 round=$2; shift 2
