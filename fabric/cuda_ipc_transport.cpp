@@ -1232,6 +1232,7 @@ class CudaIpcTransport::Impl {
       return fail(broken_);
     }
     mark('L');
+    if (!timeline_) return enqueue_events({&stream}, std::move(done));
     enqueue_events({&stream}, [this, done = std::move(done)](const Status& st) {
       mark('D');
       if (done) done(st);
