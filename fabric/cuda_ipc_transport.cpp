@@ -439,7 +439,11 @@ class CudaIpcTransport::Impl {
     lane->slot_bytes = staging_slot_bytes();
     auto here = gpudirect::DeviceBuffer::allocate(options_.device, lane->slot_bytes * kLocalSlots);
     auto gather_stream = gpudirect::CudaStream::create(options_.device);
-    auto copy_stream = gpudirect::CudaStream::create(options_.device);
+    // nccl: the send kernel on the copy stream goes before a gather that became ready with it (see
+    // the receiver's receive stream, StagingReceiver::offer).
+    auto copy_stream =
+        gpudirect::CudaStream::create(options_.device, nccl() ? gpudirect::CudaStream::Priority::kHigh
+                                                              : gpudirect::CudaStream::Priority::kNormal);
     Status made = !here.ok()            ? here.status()
                   : !gather_stream.ok() ? gather_stream.status()
                   : !copy_stream.ok()   ? copy_stream.status()
@@ -731,10 +735,11 @@ class CudaIpcTransport::Impl {
     // slot on the copy engines, with no gather. Besides saving a pass over the layer, this keeps
     // kernels off the sending GPU while its copy engines write over NVLink: between two processes
     // a concurrent gather kernel was measured to hold each 32 MiB copy back by about its own
-    // length (114 us instead of 91, perf/RESULTS.md).
+    // length (114 us instead of 91, perf/RESULTS.md). Over nccl the runs go as that many sends of
+    // one group, received back to back into the slot: no gather kernel then competes with NCCL's
+    // send kernel for the SMs.
     const std::vector<gpudirect::CopySegment> runs =
-        nccl() ? std::vector<gpudirect::CopySegment>{}
-               : gpudirect::merge_contiguous(chunk.gathers, kDirectRunsMax);
+        gpudirect::merge_contiguous(chunk.gathers, kDirectRunsMax);
     const bool direct = !runs.empty() && chunk.bytes / runs.size() >= kDirectRunMinBytes;
     // A direct chunk uses no local slot, and its copy waits for the layers' events itself: one
     // cross-stream hop (a few microseconds before every copy) fewer than through the gather stream.
@@ -782,17 +787,26 @@ class CudaIpcTransport::Impl {
       if (Status s = lane.copy_stream.wait_value(slot_freed, use - 1); !s.ok()) return s;
     }
     std::optional<TracedPut> traced = begin_trace(lane.copy_stream, chunk.bytes, chunk.pieces.size(), true);
+    std::vector<uint64_t> sends;  // nccl, more than one run: the size of each send, in order
     if (nccl()) {
-      // The receiver posts the matching receive into `remote_slot` when the Scatter arrives.
-      if (Status s =
-              lane.comm.send(reinterpret_cast<const void*>(here), chunk.bytes, lane.copy_stream.handle());
-          !s.ok()) {
-        return s;
+      // The receiver posts the matching receives into `remote_slot` when the Scatter arrives.
+      std::vector<gpudirect::NcclComm::Part> parts;
+      if (direct) {
+        for (const gpudirect::CopySegment& run : runs)
+          parts.push_back({reinterpret_cast<const void*>(run.src), run.bytes});
+        if (parts.size() > 1) {
+          for (const auto& part : parts) sends.push_back(part.bytes);
+        }
+      } else {
+        parts.push_back({reinterpret_cast<const void*>(here), chunk.bytes});
       }
+      if (Status s = lane.comm.send(parts, lane.copy_stream.handle()); !s.ok()) return s;
     }
     uint8_t* there =
         nccl() ? nullptr : static_cast<uint8_t*>(lane.remote->data()) + remote_slot * lane.slot_bytes;
-    if (direct) {  // on copy_stream alone: each run is already one large copy
+    if (nccl()) {
+      // sent above
+    } else if (direct) {  // on copy_stream alone: each run is already one large copy
       for (const gpudirect::CopySegment& run : runs) {
         if (Status s = lane.copy_stream.copy_async(there + run.dst, reinterpret_cast<const void*>(run.src),
                                                    run.bytes, options_.staging_copy_overlap_hint);
@@ -800,7 +814,7 @@ class CudaIpcTransport::Impl {
           return s;
         }
       }
-    } else if (!nccl()) {
+    } else {
       // Split over the copy streams in 64 KiB-aligned parts; copy_stream takes the first.
       const uint64_t parts = lane.extra_copy_streams.size() + 1;
       const uint64_t part = ((chunk.bytes + parts - 1) / parts + 65535) & ~uint64_t{65535};
@@ -857,6 +871,7 @@ class CudaIpcTransport::Impl {
     mark('L');
     staging::Scatter scatter{lane.token, batch, remote_slot, std::move(chunk.pieces)};
     scatter.use = use;
+    scatter.sends = std::move(sends);
     inner_->notify(
         peer, staging::encode(scatter), [this, token = lane.token, batch, remote_slot](const Status& sent) {
           if (sent.ok()) return;

@@ -82,7 +82,11 @@ staging::StagingOffer StagingReceiver::offer(const staging::StagingRequest& requ
     gpudirect::CudaStream receive_stream;
     std::vector<gpudirect::CudaEvent> received;
     if (comm.valid()) {
-      auto made = gpudirect::CudaStream::create(device_);
+      // NCCL's receive kernel for slot k+1 and the scatter of slot k become ready together (when
+      // the receive of slot k ends). Started after the scatter's blocks took the SMs, the receive
+      // (and the sender's send kernel, which waits for it) would wait out the whole scatter; on a
+      // high-priority stream its blocks go first.
+      auto made = gpudirect::CudaStream::create(device_, gpudirect::CudaStream::Priority::kHigh);
       if (!made.ok()) return refuse(made.status());
       receive_stream = std::move(made.value());
       for (uint32_t i = 0; i < request.slots; ++i) {
@@ -183,6 +187,10 @@ void StagingReceiver::scatter(const staging::Scatter& request,
                        "slot " + std::to_string(request.slot) + " of " + std::to_string(s.slots)));
   }
   const uint64_t slot_base = reinterpret_cast<uint64_t>(s.buffer.data()) + request.slot * s.slot_bytes;
+  if (!request.sends.empty() && !s.comm.valid()) {
+    return fail(
+        Status(ErrorCode::kInvalidArgument, "a scatter in NCCL sends, but these slots are not NCCL's"));
+  }
   if (request.use != 0 && s.ready == nullptr) {
     return fail(Status(ErrorCode::kInvalidArgument, "a hand-over scatter, but no hand-over was offered"));
   }
@@ -209,7 +217,11 @@ void StagingReceiver::scatter(const staging::Scatter& request,
     if (total > s.slot_bytes) {
       return fail(Status(ErrorCode::kInvalidArgument, "the scatter names more bytes than a slot holds"));
     }
-    if (Status c = s.comm.recv(reinterpret_cast<void*>(slot_base), total, s.receive_stream.handle()); !c.ok())
+    // The sender's sends: one of the whole slot, or (straight from its blocks) one per run.
+    const uint64_t one[] = {total};
+    const std::span<const uint64_t> sizes =
+        request.sends.empty() ? std::span<const uint64_t>(one) : request.sends;
+    if (Status c = s.comm.recv(reinterpret_cast<void*>(slot_base), sizes, s.receive_stream.handle()); !c.ok())
       return fail(c);
     if (Status c = s.received[request.slot].record(s.receive_stream); !c.ok()) return fail(c);
     if (Status c = s.stream.wait_event(s.received[request.slot].handle()); !c.ok()) return fail(c);

@@ -653,6 +653,8 @@ class StagedTransport::Impl {
     };
     if (closing_) return fail(Status(ErrorCode::kAborted, "the receiver is shutting down"));
     if (scatter.slot >= s.count) return fail(Status(ErrorCode::kInvalidArgument, "no such slot"));
+    if (!scatter.sends.empty())
+      return fail(Status(ErrorCode::kInvalidArgument, "a scatter in NCCL sends on host staging"));
     const auto codec = static_cast<KvCodec>(scatter.codec);
     if (codec != s.codec || (codec != KvCodec::kIdentity && scatter.row_bytes != s.row_bytes)) {
       return fail(Status(ErrorCode::kInvalidArgument, "a scatter of " +

@@ -590,6 +590,25 @@ int run_client(const cxxopts::ParseResult& args) {
       std::iota(source_blocks.begin(), source_blocks.end(), 0u);
       std::shuffle(source_blocks.begin(), source_blocks.end(), std::mt19937_64(0x50c4ce));
     }
+    // --source-runs N: the blocks lie in N runs of consecutive blocks, the runs in a shuffled order
+    // (an engine that allocated a request in a few pieces): staged puts then send several long runs
+    // straight from the pool (nccl: that many sends of one group) instead of one.
+    if (const uint32_t runs = args["source-runs"].as<uint32_t>(); runs > 1) {
+      if (!source_blocks.empty()) return fail("--source-runs: not with --shuffle-source");
+      if (codec_server || args.count("compute") != 0)
+        return fail("--source-runs: not with --codec or --compute");
+      if (runs > desc.num_blocks)
+        return fail("--source-runs: " + std::to_string(runs) + " runs of " + std::to_string(desc.num_blocks) +
+                    " blocks");
+      std::vector<uint32_t> order(runs);
+      std::iota(order.begin(), order.end(), 0u);
+      std::shuffle(order.begin(), order.end(), std::mt19937_64(0x7275e5));
+      const uint32_t per_run = (desc.num_blocks + runs - 1) / runs;
+      for (uint32_t r : order) {
+        for (uint32_t b = r * per_run; b < std::min(desc.num_blocks, (r + 1) * per_run); ++b)
+          source_blocks.push_back(b);
+      }
+    }
     if (args.count("compute") != 0) {
       if (args["compute"].as<std::string>() != "llama8b") return fail("--compute: only llama8b is known");
       if (!setup->memory.gpu) return fail("--compute runs on a GPU: add --mem cuda:N");
@@ -786,6 +805,7 @@ int main(int argc, char** argv) {
       ("block-bytes", "layers mode: bytes of K (and of V) per block", cxxopts::value<std::string>()->default_value("32K"))
       ("shuffle", "layers mode: scatter into shuffled receiver blocks", cxxopts::value<bool>()->default_value("false"))
       ("shuffle-source", "layers mode: send from shuffled blocks of this side's pool too (default: in order)", cxxopts::value<bool>()->default_value("false"))
+      ("source-runs", "layers mode: send from N runs of consecutive blocks of this side's pool, in a shuffled order (default 1: in order)", cxxopts::value<uint32_t>()->default_value("1"))
       ("verify", "layers mode: the receiver checks every byte", cxxopts::value<bool>()->default_value("false"))
       ("footprint", "bw/lat: spread the puts over a target this large (0: one message's size, "
        "as ucx_perftest)", cxxopts::value<std::string>()->default_value("0"))

@@ -99,9 +99,10 @@ std::vector<uint8_t> encode(const Message& message) {
           if (handover) w.u64(m.ready_offset);
           return w.take();
         } else if constexpr (std::is_same_v<T, Scatter>) {
-          const bool handover = m.use != 0;
+          const bool sends = !m.sends.empty();
+          const bool handover = sends || m.use != 0;
           const bool coded = handover || has_codec(m.codec, m.row_bytes);
-          wire::Writer w = header(Type::kScatter, version_for(coded, handover));
+          wire::Writer w = header(Type::kScatter, sends ? uint16_t{4} : version_for(coded, handover));
           w.u64(m.sender);
           w.u64(m.batch);
           w.u32(m.slot);
@@ -115,6 +116,10 @@ std::vector<uint8_t> encode(const Message& message) {
             w.u32(m.row_bytes);
           }
           if (handover) w.u32(m.use);
+          if (sends) {
+            w.count(m.sends.size());
+            for (uint64_t bytes : m.sends) w.u64(bytes);
+          }
           return w.take();
         } else if constexpr (std::is_same_v<T, StagingClosed>) {
           wire::Writer w = header(Type::kClosed);
@@ -229,8 +234,30 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
           total += p.bytes;
         }
         if (r.ok() && version >= 2) codec_fields(r, m.codec, m.row_bytes);
-        if (r.ok() && version >= 3 && r.u32("use", m.use) && m.use == 0)
+        if (r.ok() && version >= 3 && r.u32("use", m.use) && m.use == 0 && version == 3)
           r.fail("use", "0 in a v3 scatter (a scatter without hand-over is written as v1 or v2)");
+        uint32_t sends = 0;
+        if (r.ok() && version >= 4 && r.count("sends", 8, sends)) {
+          if (sends < 2 || sends > kMaxSends) {
+            r.fail("sends", std::to_string(sends) + " sends (a v4 scatter names 2 to " +
+                                std::to_string(kMaxSends) + "; one send is written as v1 to v3)");
+          } else if (m.codec != 0) {
+            r.fail("sends", "sends of an encoded slot: only raw GPU staging (nccl) sends in parts");
+          } else {
+            m.sends.resize(sends);
+            uint64_t sent = 0;
+            for (uint64_t& size : m.sends) {
+              if (!r.u64("sends[]", size)) break;
+              if (size == 0 || size > kMaxSlotBytes) {
+                r.fail("sends[]", std::to_string(size) + " bytes");
+                break;
+              }
+              sent += size;
+            }
+            if (r.ok() && sent != total)
+              r.fail("sends", std::to_string(sent) + " bytes sent for pieces of " + std::to_string(total));
+          }
+        }
         // Raw bytes: a codec's pieces decode to up to twice what the slot holds.
         if (r.ok() && total > (m.codec == 0 ? kMaxSlotBytes : 2 * kMaxSlotBytes))
           r.fail("pieces", "larger than any slot");

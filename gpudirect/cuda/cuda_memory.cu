@@ -468,13 +468,19 @@ Status fill_device(void* p, uint8_t value, uint64_t bytes) {
 
 // --- streams and events ---------------------------------------------------------------------------
 
-Result<CudaStream> CudaStream::create(int device) {
+Result<CudaStream> CudaStream::create(int device, Priority priority) {
   if (Status s = require_device(device); !s.ok()) return s;
   DeviceGuard guard(device);
   if (Status s = guard.status(); !s.ok()) return s;
+  int least = 0, greatest = 0;
+  if (priority == Priority::kHigh) {
+    cudaError_t err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    if (err != cudaSuccess) return cuda_error("cudaDeviceGetStreamPriorityRange", err);
+  }
   cudaStream_t stream = nullptr;
-  cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-  if (err != cudaSuccess) return cuda_error("cudaStreamCreateWithFlags", err);
+  cudaError_t err = cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking,
+                                                 priority == Priority::kHigh ? greatest : least);
+  if (err != cudaSuccess) return cuda_error("cudaStreamCreateWithPriority", err);
   return CudaStream(stream, device);
 }
 

@@ -43,6 +43,8 @@ struct NcclApi {
   NcclResult (*comm_init_rank_config)(void**, int, NcclUniqueId, int, NcclConfig214*) = nullptr;
   NcclResult (*send)(const void*, size_t, int, int, void*, cudaStream_t) = nullptr;
   NcclResult (*recv)(void*, size_t, int, int, void*, cudaStream_t) = nullptr;
+  NcclResult (*group_start)() = nullptr;
+  NcclResult (*group_end)() = nullptr;
   NcclResult (*comm_destroy)(void*) = nullptr;
   NcclResult (*comm_finalize)(void*) = nullptr;
   NcclResult (*comm_abort)(void*) = nullptr;
@@ -69,6 +71,7 @@ const NcclApi& nccl() {
     if (!bind(a.handle, "ncclGetUniqueId", a.get_unique_id) ||
         !bind(a.handle, "ncclCommInitRankConfig", a.comm_init_rank_config) ||
         !bind(a.handle, "ncclSend", a.send) || !bind(a.handle, "ncclRecv", a.recv) ||
+        !bind(a.handle, "ncclGroupStart", a.group_start) || !bind(a.handle, "ncclGroupEnd", a.group_end) ||
         !bind(a.handle, "ncclCommDestroy", a.comm_destroy) ||
         !bind(a.handle, "ncclCommFinalize", a.comm_finalize) ||
         !bind(a.handle, "ncclCommAbort", a.comm_abort) ||
@@ -315,6 +318,43 @@ Status NcclComm::recv(void* data, uint64_t bytes, void* cuda_stream) {
   NcclResult r =
       nccl().recv(data, bytes, kNcclUint8, 1 - rank_, comm_, static_cast<cudaStream_t>(cuda_stream));
   return finish_enqueue("ncclRecv", r);
+}
+
+Status NcclComm::send(std::span<const Part> parts, void* cuda_stream) {
+  if (parts.empty()) return Status(ErrorCode::kInvalidArgument, "a grouped NCCL send of no parts");
+  if (parts.size() == 1) return send(parts[0].data, parts[0].bytes, cuda_stream);
+  if (comm_ == nullptr) return Status(ErrorCode::kInvalidArgument, "send on an empty NCCL communicator");
+  DeviceScope scope(device_);
+  if (NcclResult r = nccl().group_start(); r != 0) return nccl_error("ncclGroupStart", r);
+  NcclResult first = 0;
+  for (const Part& part : parts) {
+    NcclResult r = nccl().send(part.data, part.bytes, kNcclUint8, 1 - rank_, comm_,
+                               static_cast<cudaStream_t>(cuda_stream));
+    if (r != 0 && first == 0) first = r;
+  }
+  // The group is ended even after a failed call (NCCL requires every start to be ended).
+  NcclResult end = nccl().group_end();
+  if (first != 0) return nccl_error("ncclSend", first);
+  return finish_enqueue("ncclGroupEnd (sends)", end);
+}
+
+Status NcclComm::recv(void* data, std::span<const uint64_t> sizes, void* cuda_stream) {
+  if (sizes.empty()) return Status(ErrorCode::kInvalidArgument, "a grouped NCCL receive of no parts");
+  if (sizes.size() == 1) return recv(data, sizes[0], cuda_stream);
+  if (comm_ == nullptr) return Status(ErrorCode::kInvalidArgument, "recv on an empty NCCL communicator");
+  DeviceScope scope(device_);
+  if (NcclResult r = nccl().group_start(); r != 0) return nccl_error("ncclGroupStart", r);
+  NcclResult first = 0;
+  auto* at = static_cast<uint8_t*>(data);
+  for (uint64_t bytes : sizes) {
+    NcclResult r =
+        nccl().recv(at, bytes, kNcclUint8, 1 - rank_, comm_, static_cast<cudaStream_t>(cuda_stream));
+    if (r != 0 && first == 0) first = r;
+    at += bytes;
+  }
+  NcclResult end = nccl().group_end();
+  if (first != 0) return nccl_error("ncclRecv", first);
+  return finish_enqueue("ncclGroupEnd (receives)", end);
 }
 
 Status NcclComm::finish_enqueue(const char* what, int result) {

@@ -70,7 +70,7 @@ Status fill_device(void*, uint8_t, uint64_t) {
   return built_without_cuda("fill_device");
 }
 
-Result<CudaStream> CudaStream::create(int) {
+Result<CudaStream> CudaStream::create(int, Priority) {
   return built_without_cuda("CudaStream::create");
 }
 void CudaStream::reset() {}

@@ -22,10 +22,12 @@ kvf_wait_for_line srv 'listening on ' 20 || kvf_die "cuda_ipc server did not sta
 
 LAYERS=8 BLOCKS=96 BLOCK_BYTES=32768
 total=$(kvf_layers_bytes $LAYERS $BLOCKS $BLOCK_BYTES)
-# Staged copies (from runs of in-order source blocks, and gathered from shuffled ones), also through
-# slots smaller than a layer; with the GPU hand-over of slots (on its own, with fewer slots than
-# chunks in flight, and with split copies); with copies held back so that queued layers share one.
-for copy in kernel ce staged "staged --staging-bytes 300K" "staged --shuffle-source" "staged --staging-handover on" \
+# Staged copies (from runs of in-order source blocks, from 3 runs a part, and gathered from
+# shuffled ones), also through slots smaller than a layer; with the GPU hand-over of slots (on its
+# own, with fewer slots than chunks in flight, and with split copies); with copies held back so
+# that queued layers share one.
+for copy in kernel ce staged "staged --staging-bytes 300K" "staged --shuffle-source" "staged --source-runs 3 --staging-bytes 6M" \
+    "staged --staging-handover on" \
     "staged --staging-handover on --staging-bytes 300K --staging-slots 2" \
     "staged --staging-handover on --staging-slots 2 --staging-copy-streams 2" \
     "staged --staging-ahead 1 --inflight 1G" "staged --staging-ahead 2 --inflight 1G --staging-bytes 300K" \

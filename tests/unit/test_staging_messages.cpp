@@ -2,7 +2,8 @@
 // kind of damage a peer could send (truncation at any byte, trailing bytes, bad counts, unknown
 // types and versions, oversized slots, pieces that overflow) is refused with kMalformed or
 // kUnsupportedVersion instead of being acted on. The v3 hand-over fields (handover, ready_offset,
-// use) round-trip, leave messages without them byte for byte v1/v2, and are checked on decode.
+// use) round-trip, leave messages without them byte for byte v1/v2, and are checked on decode; so
+// are v4's NCCL send sizes.
 #include <random>
 
 #include "catch.h"
@@ -319,4 +320,46 @@ TEST_CASE("v3 requests and scatters: oversize, empty or misplaced hand-over fiel
   REQUIRE(decode(unused).ok());
   std::fill(unused.end() - 4, unused.end(), uint8_t{0});
   REQUIRE(refused(unused, "0 in a v3 scatter"));
+}
+
+TEST_CASE("v4 NCCL sends round-trip after v3's fields; one send stays v1; bad send lists are refused") {
+  Scatter scatter{1, 5, 2, {{0x10000, 4096}, {0x30000, 8192}}};
+  const std::vector<uint8_t> v1 = encode(scatter);
+  REQUIRE(version_of(v1) == 1);
+  scatter.sends = {8192, 4096};
+  const std::vector<uint8_t> v4 = encode(scatter);
+  REQUIRE(version_of(v4) == 4);
+  // v1's body, v2's codec fields (zero), v3's use (zero: nccl does no hand-over), then the sends.
+  REQUIRE(v4.size() == v1.size() + 1 + 4 + 4 + 4 + 2 * 8);
+  REQUIRE(std::equal(v1.begin() + 6, v1.end(), v4.begin() + 6));
+  const Scatter back = std::get<Scatter>(decode(v4).value());
+  REQUIRE(back.sends == scatter.sends);
+  REQUIRE(back.use == 0);
+  REQUIRE(back.pieces.size() == 2);
+  REQUIRE(encode(back) == v4);
+  // With a hand-over use as well, both come back.
+  scatter.use = 9;
+  REQUIRE(std::get<Scatter>(decode(encode(scatter)).value()).use == 9);
+  scatter.use = 0;
+
+  // Sends that do not add up to the pieces' bytes, an empty send, too many sends.
+  Scatter bad = scatter;
+  bad.sends = {8192, 4095};
+  REQUIRE(refused(encode(bad), "12287 bytes sent for pieces of 12288"));
+  bad.sends = {12288, 0};
+  REQUIRE(refused(encode(bad), "sends[]: 0 bytes"));
+  bad.sends.assign(kMaxSends + 1, 1);
+  REQUIRE(refused(encode(bad), "65 sends"));
+  // One send is written without the field; a v4 scatter that claims one is refused.
+  std::vector<uint8_t> one = encode(Scatter{1, 5, 2, {{0x10000, 12288}}, 0, 0, 0, {6000, 6288}});
+  REQUIRE(decode(one).ok());
+  one.resize(one.size() - 4 - 16);  // the count and both sizes
+  one.insert(one.end(), {uint8_t{1}, uint8_t{0}, uint8_t{0}, uint8_t{0}});
+  for (int i = 0; i < 8; ++i) one.push_back(static_cast<uint8_t>(uint64_t{12288} >> (8 * i)));
+  REQUIRE(refused(one, "1 sends"));
+  // Sends of an encoded slot: only raw GPU staging sends in parts.
+  Scatter coded = scatter;
+  coded.codec = 3;
+  coded.row_bytes = 256;
+  REQUIRE(refused(encode(coded), "sends of an encoded slot"));
 }

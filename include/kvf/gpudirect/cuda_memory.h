@@ -272,7 +272,11 @@ Status fill_device(void* p, uint8_t value, uint64_t bytes);
 // A non-blocking CUDA stream on one device (no implicit sync with the legacy default stream).
 class CudaStream {
  public:
-  static Result<CudaStream> create(int device);
+  // kHigh: the device's greatest stream priority. When kernels of several streams wait for SMs at
+  // once, the block scheduler starts a high-priority stream's blocks first (it never preempts
+  // blocks already running).
+  enum class Priority { kNormal, kHigh };
+  static Result<CudaStream> create(int device, Priority priority = Priority::kNormal);
   CudaStream() = default;  // empty: no stream
 
   CudaStream(CudaStream&& o) noexcept : stream_(std::exchange(o.stream_, nullptr)), device_(o.device_) {}

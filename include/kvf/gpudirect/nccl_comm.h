@@ -59,6 +59,15 @@ class NcclComm {
   // this communicator's device). Sends and receives pair up in the order each side enqueues them.
   Status send(const void* data, uint64_t bytes, void* cuda_stream);
   Status recv(void* data, uint64_t bytes, void* cuda_stream);
+  // Several buffers as one NCCL group (one launch); the peer receives them with as many receives
+  // of the same sizes, in the same order, e.g. back to back with recv(data, sizes, ...).
+  struct Part {
+    const void* data = nullptr;
+    uint64_t bytes = 0;
+  };
+  Status send(std::span<const Part> parts, void* cuda_stream);
+  // Receives parts of sizes[0], sizes[1], ... bytes one after another from `data` on (one group).
+  Status recv(void* data, std::span<const uint64_t> sizes, void* cuda_stream);
   // Ends the communicator now: operations still queued fail instead of waiting for the peer.
   void abort();
   // Closes the communicator in step with the peer (NCCL's destroy is collective: it waits until

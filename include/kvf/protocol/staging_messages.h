@@ -23,7 +23,11 @@
 // of those is set, else byte for byte as v1/v2 wrote it; v3 is the older version's layout with the
 // v3 field appended (a v3 StagingRequest or Scatter also carries v2's codec fields, zero or not),
 // and a v3 message whose v3 field is unset is refused, so every message has one encoding. Decode
-// takes v1 to v3 (older: no hand-over). Scattered and StagingClosed are v1 in every version.
+// takes v1 to v4 (older: no hand-over). Scattered and StagingClosed are v1 in every version.
+// v4 adds Scatter::sends (the nccl transport sends a slot straight from the engine's blocks as
+// several sends, which the receiver must match with receives of the same sizes): written only when
+// it has two or more entries, after v3's fields (whose `use` may then be 0); a v4 scatter without
+// it is refused.
 // Value types, no threads.
 #pragma once
 
@@ -38,12 +42,13 @@
 namespace kvf::protocol::staging {
 
 inline constexpr uint32_t kMagic = 0x5343564b;  // "KVCS" little-endian
-inline constexpr uint16_t kVersion = 3;         // the newest this build writes
+inline constexpr uint16_t kVersion = 4;         // the newest this build writes
 inline constexpr uint16_t kMinVersion = 1;      // the oldest it reads
 inline constexpr uint32_t kMaxRowBytes = 1u << 20;
 inline constexpr uint32_t kMaxSlots = 64;
 inline constexpr uint64_t kMaxSlotBytes = 1ull << 30;
 inline constexpr uint32_t kMaxPieces = 1u << 20;
+inline constexpr uint32_t kMaxSends = 64;
 
 struct StagingRequest {
   uint64_t sender = 0;  // the sending transport's token: names the sender in every later message
@@ -105,6 +110,10 @@ struct Scatter {
   // v3, with hand-over: which use of the slot this is (1, 2, 3, ... per slot). The receiver's stream
   // waits for ready[slot] >= use, scatters, then sets freed[slot] = use. 0: no hand-over.
   uint32_t use = 0;
+  // v4, nccl: the slot arrives as sends of these sizes, in order (their sum: the pieces' bytes);
+  // the receiver posts one receive per entry, back to back from the slot's start. Empty: one send
+  // of all the pieces' bytes. Never one entry, at most kMaxSends, no codec.
+  std::vector<uint64_t> sends = {};
 };
 
 struct Scattered {
