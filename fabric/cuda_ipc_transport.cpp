@@ -1,6 +1,7 @@
 #include "kvf/fabric/cuda_ipc_transport.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -286,7 +287,9 @@ class CudaIpcTransport::Impl {
 
   void put(PeerId peer, std::vector<PutOp> ops, void* wait_event, Completion done) {
     inner_->post([this, peer, ops = std::move(ops), wait_event, done = std::move(done)]() mutable {
+      const auto began = trace_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
       start_put(peer, std::move(ops), wait_event, std::move(done));
+      if (trace_) note_host_time(HostWork::kPut, began);
     });
   }
 
@@ -1064,11 +1067,16 @@ class CudaIpcTransport::Impl {
       if (user_notification_handler_) user_notification_handler_(bytes);
       return;
     }
+    const auto began = trace_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     auto message = staging::decode(bytes);
     if (!message.ok()) {
       spdlog::warn("cuda_ipc: dropped a staging message: {}", message.status().to_string());
       return;
     }
+    // KVF_CUDA_IPC_TRACE: this thread's time on a chunk, from its message to its work enqueued.
+    std::optional<HostWork> traced;
+    if (trace_ && std::holds_alternative<staging::Scatter>(message.value())) traced = HostWork::kScatter;
+    if (trace_ && std::holds_alternative<staging::Scattered>(message.value())) traced = HostWork::kAnswer;
     std::visit(
         [this](auto& m) {
           using T = std::decay_t<decltype(m)>;
@@ -1085,6 +1093,7 @@ class CudaIpcTransport::Impl {
           }
         },
         message.value());
+    if (traced) note_host_time(*traced, began);
   }
 
   // Receiver side: a sender closed or died. Its slots go; its communicator is closed on a helper
@@ -1354,7 +1363,31 @@ class CudaIpcTransport::Impl {
     return v[v.size() / 2];
   }
 
+  // The progress thread's work per staged chunk, timed under KVF_CUDA_IPC_TRACE: a put taken
+  // (sender: its segments, chunks and launches), a Scatter (receiver: decode, checks, scatter
+  // enqueued) and a Scattered answer (sender: the puts it completes, the chunks it launches next).
+  enum class HostWork { kPut, kScatter, kAnswer };
+  void note_host_time(HostWork work, std::chrono::steady_clock::time_point began) {
+    auto& v = host_us_[static_cast<size_t>(work)];
+    if (v.size() < 65536)
+      v.push_back(
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - began).count());
+  }
+
   void report_trace() {
+    static constexpr const char* kHostWork[] = {"puts taken", "scatters asked", "answers"};
+    for (size_t i = 0; i < host_us_.size(); ++i) {
+      std::vector<double>& v = host_us_[i];
+      if (v.empty()) continue;
+      double sum = 0;
+      for (double us : v) sum += us;
+      std::sort(v.begin(), v.end());
+      std::fprintf(stderr,
+                   "cuda_ipc trace (GPU %d, host): %zu %s took the progress thread median %.1f us, p90 %.1f, "
+                   "%.1f ms in all\n",
+                   options_.device, v.size(), kHostWork[i], v[v.size() / 2], v[v.size() * 9 / 10], sum / 1e3);
+      v.clear();
+    }
     if (!staged_round_trip_us_.empty()) {
       std::fprintf(
           stderr,
@@ -1569,6 +1602,8 @@ class CudaIpcTransport::Impl {
   // its answer came (copy + scatter + two messages).
   std::unordered_map<uint64_t, std::chrono::steady_clock::time_point> staged_sent_at_;
   std::vector<double> staged_round_trip_us_;
+  // KVF_CUDA_IPC_TRACE: the progress thread's time on each piece of staged work (see HostWork).
+  std::array<std::vector<double>, 3> host_us_;
   std::vector<double> scatter_us_;  // receiver: request to answer
   std::vector<TracedPut> traced_gathers_;
   std::vector<double> put_interval_us_;
