@@ -656,6 +656,7 @@ class CudaIpcTransport::Impl {
       }
       put->ops.clear();
     }
+    HostTimer timed = time_host(HostWork::kStage);
     const uint64_t slot_bytes = lane.slot_bytes;
     StagedChunk chunk{put, true, {}, {}, 0};
     chunk.gathers.reserve(std::min<size_t>(segments_.size(), 1u << 16));
@@ -683,6 +684,7 @@ class CudaIpcTransport::Impl {
       }
     }
     if (chunk.bytes > 0) close_chunk();
+    timed = {};  // the staging section ends here
     pump(peer, lane);
   }
 
@@ -734,6 +736,7 @@ class CudaIpcTransport::Impl {
   }
 
   Status launch_chunk(PeerId peer, StagedLane& lane, StagedChunk& chunk, uint32_t remote_slot, uint32_t use) {
+    HostTimer timed = time_host(HostWork::kLaunch);
     // Sources that are a few long runs go from the engine's blocks straight into the receiver's
     // slot on the copy engines, with no gather. Besides saving a pass over the layer, this keeps
     // kernels off the sending GPU while its copy engines write over NVLink: between two processes
@@ -875,8 +878,13 @@ class CudaIpcTransport::Impl {
     staging::Scatter scatter{lane.token, batch, remote_slot, std::move(chunk.pieces)};
     scatter.use = use;
     scatter.sends = std::move(sends);
+    std::vector<uint8_t> encoded = [&] {
+      HostTimer timed_encode = time_host(HostWork::kEncode);
+      return staging::encode(scatter);
+    }();
+    HostTimer timed_notify = time_host(HostWork::kNotify);
     inner_->notify(
-        peer, staging::encode(scatter), [this, token = lane.token, batch, remote_slot](const Status& sent) {
+        peer, std::move(encoded), [this, token = lane.token, batch, remote_slot](const Status& sent) {
           if (sent.ok()) return;
           chunk_done(staging::Scattered{token, batch, remote_slot, static_cast<uint32_t>(sent.code()),
                                         sent.message()});
@@ -948,7 +956,7 @@ class CudaIpcTransport::Impl {
       staged_sent_at_.erase(sent);
     }
     if (!lane->handover) lane->free_remote.push_back(answer.slot);  // else the GPUs hand it back
-    for (const std::shared_ptr<StagedPut>& put : puts) {            // in put order
+    for (HostTimer timed = time_host(HostWork::kPutsDone); const std::shared_ptr<StagedPut>& put : puts) {
       if (answer.error != 0 && put->status.ok()) {
         put->status = Status(static_cast<ErrorCode>(answer.error),
                              "the receiver could not place a staged put: " + answer.message);
@@ -1052,6 +1060,7 @@ class CudaIpcTransport::Impl {
       return;
     }
     const auto asked = std::chrono::steady_clock::now();
+    HostTimer timed = time_host(HostWork::kReceiverScatter);
     receiver_->scatter(scatter, [this, to = back->second, asked](staging::Scattered answer) {
       if (trace_ && scatter_us_.size() < 65536) {
         scatter_us_.push_back(
@@ -1068,7 +1077,10 @@ class CudaIpcTransport::Impl {
       return;
     }
     const auto began = trace_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-    auto message = staging::decode(bytes);
+    Result<staging::Message> message = [&] {
+      HostTimer timed = time_host(HostWork::kDecode);
+      return staging::decode(bytes);
+    }();
     if (!message.ok()) {
       spdlog::warn("cuda_ipc: dropped a staging message: {}", message.status().to_string());
       return;
@@ -1366,7 +1378,50 @@ class CudaIpcTransport::Impl {
   // The progress thread's work per staged chunk, timed under KVF_CUDA_IPC_TRACE: a put taken
   // (sender: its segments, chunks and launches), a Scatter (receiver: decode, checks, scatter
   // enqueued) and a Scattered answer (sender: the puts it completes, the chunks it launches next).
-  enum class HostWork { kPut, kScatter, kAnswer };
+  // The parts after the first three are sections of them: decoding a staging message; the
+  // receiver's StagingReceiver::scatter; the puts an answer completes (their callbacks: the
+  // scheduler's next layer); launching a chunk (all of it), and within that encoding and sending
+  // its Scatter; cutting a put into chunks.
+  enum class HostWork {
+    kPut,
+    kScatter,
+    kAnswer,
+    kDecode,
+    kReceiverScatter,
+    kPutsDone,
+    kLaunch,
+    kEncode,
+    kNotify,
+    kStage,
+    kCount
+  };
+  class HostTimer {  // times a scope under KVF_CUDA_IPC_TRACE; assigning {} ends it early
+   public:
+    HostTimer() = default;
+    HostTimer(Impl* self, HostWork work, std::chrono::steady_clock::time_point began)
+        : self_(self), work_(work), began_(began) {}
+    HostTimer(const HostTimer&) = delete;
+    HostTimer& operator=(HostTimer&& o) noexcept {
+      end();
+      self_ = std::exchange(o.self_, nullptr);
+      work_ = o.work_;
+      began_ = o.began_;
+      return *this;
+    }
+    ~HostTimer() { end(); }
+
+   private:
+    void end() {
+      if (self_ != nullptr) std::exchange(self_, nullptr)->note_host_time(work_, began_);
+    }
+    Impl* self_ = nullptr;
+    HostWork work_ = HostWork::kPut;
+    std::chrono::steady_clock::time_point began_;
+  };
+  HostTimer time_host(HostWork work) {
+    return HostTimer(trace_ ? this : nullptr, work,
+                     trace_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{});
+  }
   void note_host_time(HostWork work, std::chrono::steady_clock::time_point began) {
     auto& v = host_us_[static_cast<size_t>(work)];
     if (v.size() < 65536)
@@ -1375,7 +1430,10 @@ class CudaIpcTransport::Impl {
   }
 
   void report_trace() {
-    static constexpr const char* kHostWork[] = {"puts taken", "scatters asked", "answers"};
+    static constexpr const char* kHostWork[] = {
+        "puts taken",         "scatters asked", "answers",         "decodes",         "of which scatter",
+        "of which puts done", "chunk launches", "of which encode", "of which notify", "of which staging"};
+    static_assert(std::size(kHostWork) == static_cast<size_t>(HostWork::kCount));
     for (size_t i = 0; i < host_us_.size(); ++i) {
       std::vector<double>& v = host_us_[i];
       if (v.empty()) continue;
@@ -1603,7 +1661,7 @@ class CudaIpcTransport::Impl {
   std::unordered_map<uint64_t, std::chrono::steady_clock::time_point> staged_sent_at_;
   std::vector<double> staged_round_trip_us_;
   // KVF_CUDA_IPC_TRACE: the progress thread's time on each piece of staged work (see HostWork).
-  std::array<std::vector<double>, 3> host_us_;
+  std::array<std::vector<double>, static_cast<size_t>(HostWork::kCount)> host_us_;
   std::vector<double> scatter_us_;  // receiver: request to answer
   std::vector<TracedPut> traced_gathers_;
   std::vector<double> put_interval_us_;
