@@ -1,6 +1,8 @@
 #include "wire_codec.h"
 
+#include <bit>
 #include <cstdio>
+#include <cstring>
 
 #include "kvf/protocol/messages.h"
 
@@ -14,6 +16,19 @@ std::string hex32(uint32_t v) {
 
 void Writer::count(size_t n) {
   u32(static_cast<uint32_t>(n));
+}
+
+void Writer::u64_block(const void* values, size_t count) {
+  const auto* bytes = static_cast<const uint8_t*>(values);
+  if constexpr (std::endian::native == std::endian::little) {
+    raw({bytes, count * 8});
+  } else {
+    for (size_t i = 0; i < count; ++i) {
+      uint64_t v = 0;
+      std::memcpy(&v, bytes + i * 8, 8);
+      u64(v);
+    }
+  }
 }
 
 void Writer::string(std::string_view s) {
@@ -75,6 +90,23 @@ bool Reader::u32(std::string_view field, uint32_t& out) {
   const uint8_t* p = nullptr;
   if (!take(field, 4, p)) return false;
   out = static_cast<uint32_t>(get_le(p, 4));
+  return true;
+}
+
+bool Reader::u64_block(std::string_view field, void* out, size_t count) {
+  const uint8_t* p = nullptr;
+  if (count > remaining() / 8)
+    return fail(field, "truncated: " + std::to_string(count) + " values do not fit");
+  if (!take(field, count * 8, p)) return false;
+  auto* dst = static_cast<uint8_t*>(out);
+  if constexpr (std::endian::native == std::endian::little) {
+    std::memcpy(dst, p, count * 8);
+  } else {
+    for (size_t i = 0; i < count; ++i) {
+      const uint64_t v = get_le(p + i * 8, 8);
+      std::memcpy(dst + i * 8, &v, 8);
+    }
+  }
   return true;
 }
 

@@ -30,13 +30,20 @@ class Writer {
   void string(std::string_view s);
   void bytes(std::span<const uint8_t> b);
   void raw(std::span<const uint8_t> b) { out_.insert(out_.end(), b.begin(), b.end()); }
+  // `count` u64 values laid out one after another at `values` (an array of u64, or of structs
+  // of u64 fields only), each little-endian: one copy on a little-endian host, for the long piece
+  // lists of the staging messages.
+  void u64_block(const void* values, size_t count);
+  void reserve(size_t bytes) { out_.reserve(out_.size() + bytes); }
 
   std::vector<uint8_t>& buffer() { return out_; }
   std::vector<uint8_t> take() { return std::move(out_); }
 
  private:
   void put_le(uint64_t v, int n) {
-    for (int i = 0; i < n; ++i) out_.push_back(static_cast<uint8_t>(v >> (8 * i)));
+    const size_t at = out_.size();
+    out_.resize(at + static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) out_[at + static_cast<size_t>(i)] = static_cast<uint8_t>(v >> (8 * i));
   }
   std::vector<uint8_t> out_;
 };
@@ -56,6 +63,8 @@ class Reader {
   bool count(std::string_view field, size_t min_item_bytes, uint32_t& out);
   bool string(std::string_view field, std::string& out);  // at most kMaxStringBytes
   bool bytes(std::string_view field, std::vector<uint8_t>& out);
+  // `count` little-endian u64 values into `out` (room for count x 8 bytes), as Writer::u64_block.
+  bool u64_block(std::string_view field, void* out, size_t count);
 
   // Records a failure found by the caller (bad enum value, ...); the first failure wins.
   bool fail(std::string_view field, const std::string& what);
