@@ -33,7 +33,7 @@
 # data in poisoned blocks); a failed check fails the cell.
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
 #   --only peer,nccl,pinned,overlap,store,pd,reuse,codec   (default: all; peer-sweep and staged-sweep:
-#   the cuda_ipc knobs, for tuning)
+#   the cuda_ipc knobs, for tuning; staged-host: the staged path's host time per chunk, one GPU)
 # Environment: KVF_BIN (default build/bin); PEER_COPIES, PEER_CONCURRENT (see peer); FILL_ONCE=1
 # (layer requests send one pattern, filled once, instead of refilling before each); OVERLAP_ARGS
 # (extra client args of the overlap cell, e.g. --copy staged); RUN_LIMIT (seconds one run may
@@ -293,6 +293,31 @@ if cell_wanted staged-sweep && ((gpus >= 2)); then
   grep "cuda_ipc trace" "$tmp/server.log" | sed "s/^/bench-gpu: $sweep receiver: /"
 fi
 summarize >/dev/null
+
+# staged-host: where the staged path's host time goes, on one GPU (both processes on GPU 0: the
+# copies run at memory speed, so the progress threads' work per chunk shows). Each variant traced
+# (KVF_CUDA_IPC_TRACE=1) against a traced server of its own, then untraced; prints the host
+# sections (puts, Scatter decode and scatter, answers, launch, encode, notify) of both sides.
+# Figures here are not link figures; the cell records none.
+if cell_wanted staged-host; then
+  variants=("st128 --shuffle --copy staged" "st1G --shuffle --copy staged --inflight 1G"
+            "st1G-s8 --shuffle --copy staged --inflight 1G --staging-slots 8")
+  for v in "${variants[@]}"; do
+    read -r name flags <<<"$v"
+    KVF_CUDA_IPC_TRACE=1 start_server --transport cuda_ipc --mem cuda:0 --staging-limit 2G || exit 1
+    # shellcheck disable=SC2086
+    KVF_CUDA_IPC_TRACE=1 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+      --transport cuda_ipc --mem cuda:0 --fill-once $flags >"$tmp/last.log" 2>&1
+    echo "bench-gpu: staged-host $name (traced): $(grep -A1 '^mode' "$tmp/last.log" | tail -1)"
+    grep -E "cuda_ipc trace .*(host|staged)" "$tmp/last.log" | sed "s/^/bench-gpu: staged-host $name sender: /"
+    # shellcheck disable=SC2086
+    timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" \
+      --transport cuda_ipc --mem cuda:0 --fill-once $flags >"$tmp/last.log" 2>&1
+    echo "bench-gpu: staged-host $name (untraced): $(grep -A1 '^mode' "$tmp/last.log" | tail -1)"
+    kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
+    grep -E "cuda_ipc trace .*(host|staged)" "$tmp/server.log" | sed "s/^/bench-gpu: staged-host $name receiver: /"
+  done
+fi
 
 if cell_wanted nccl && ((gpus >= 2)); then
   KVF_CUDA_IPC_TRACE=1 start_server --transport nccl --mem cuda:1 || exit 1
