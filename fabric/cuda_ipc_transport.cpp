@@ -1060,8 +1060,10 @@ class CudaIpcTransport::Impl {
       return;
     }
     const auto asked = std::chrono::steady_clock::now();
+    mark('R');  // a Scatter received (the sender marked L when it sent it)
     HostTimer timed = time_host(HostWork::kReceiverScatter);
     receiver_->scatter(scatter, [this, to = back->second, asked](staging::Scattered answer) {
+      mark('W');  // its answer goes (the sender marks A when it takes it)
       if (trace_ && scatter_us_.size() < 65536) {
         scatter_us_.push_back(
             std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - asked).count());
@@ -1475,9 +1477,12 @@ class CudaIpcTransport::Impl {
                    options_.device, scatter_us_.size(), median_of(scatter_us_));
       scatter_us_.clear();
     }
-    if (timeline_ && gpu_epoch_) {
+    if (timeline_) {
       for (const TimelineMark& m : timeline_marks_)
         std::fprintf(stderr, "cuda_ipc timeline: %.1f %c\n", m.host_us, m.what);
+      timeline_marks_.clear();
+    }
+    if (timeline_ && gpu_epoch_) {
       for (const TracedPut& t : traced_) {
         auto a = t.start.elapsed_ms_since(*gpu_epoch_);
         auto b = t.end->elapsed_ms_since(*gpu_epoch_);
@@ -1485,7 +1490,6 @@ class CudaIpcTransport::Impl {
           std::fprintf(stderr, "cuda_ipc timeline: %.1f S\ncuda_ipc timeline: %.1f E\n",
                        gpu_epoch_host_us_ + a.value() * 1e3, gpu_epoch_host_us_ + b.value() * 1e3);
       }
-      timeline_marks_.clear();
     }
     if (traced_.empty()) return;
     std::vector<double> copy_us, gap_us;

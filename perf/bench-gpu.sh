@@ -297,7 +297,8 @@ summarize >/dev/null
 # staged-host: where the staged path's host time goes, on one GPU (both processes on GPU 0: the
 # copies run at memory speed, so the progress threads' work per chunk shows). Each variant traced
 # (KVF_CUDA_IPC_TRACE=1) against a traced server of its own, then untraced; prints the host
-# sections (puts, Scatter decode and scatter, answers, launch, encode, notify) of both sides.
+# sections (puts, Scatter decode and scatter, answers, launch, encode, notify) of both sides, and
+# then (KVF_CUDA_IPC_TRACE=2, both sides) where a chunk's round trip goes (perf/staged_round_trip.py).
 # Figures here are not link figures; the cell records none.
 if cell_wanted staged-host; then
   variants=("st128 --shuffle --copy staged" "st1G --shuffle --copy staged --inflight 1G"
@@ -316,6 +317,13 @@ if cell_wanted staged-host; then
     echo "bench-gpu: staged-host $name (untraced): $(grep -A1 '^mode' "$tmp/last.log" | tail -1)"
     kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
     grep -E "cuda_ipc trace .*(host|staged)" "$tmp/server.log" | sed "s/^/bench-gpu: staged-host $name receiver: /"
+    # The round trip of a chunk across both processes (KVF_CUDA_IPC_TRACE=2 marks on one clock).
+    KVF_CUDA_IPC_TRACE=2 start_server --transport cuda_ipc --mem cuda:0 --staging-limit 2G || exit 1
+    # shellcheck disable=SC2086
+    KVF_CUDA_IPC_TRACE=2 timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters 4 \
+      --transport cuda_ipc --mem cuda:0 --fill-once $flags >"$tmp/last.log" 2>&1
+    kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=
+    python3 "$(dirname "$0")/staged_round_trip.py" "$tmp/last.log" "$tmp/server.log" | sed "s/^/bench-gpu: staged-host $name: /"
   done
 fi
 
