@@ -33,6 +33,8 @@ void ControlContext::stop() {
   if (thread_.joinable() && std::this_thread::get_id() != thread_.get_id()) thread_.join();
 }
 
-ControlContext::~ControlContext() { stop(); }
+ControlContext::~ControlContext() {
+  stop();
+}
 
 }  // namespace kvf::fabric

@@ -172,6 +172,10 @@ class CudaIpcTransport::Impl {
   const std::vector<uint8_t>& address() const { return address_; }
   bool nccl() const { return options_.copy == CudaCopyMethod::kNccl; }
   std::string_view name() const { return nccl() ? "nccl" : "cuda_ipc"; }
+  uint64_t suggested_inflight_bytes() const {
+    if (options_.copy != CudaCopyMethod::kStaged && !nccl()) return 0;
+    return 2 * uint64_t{options_.staging_remote_slots} * staging_slot_bytes();
+  }
   int device() const { return options_.device; }
   Transport& inner() { return *inner_; }
 
@@ -422,10 +426,14 @@ class CudaIpcTransport::Impl {
   // last used it is done) then always waits for an answered chunk's gather, never for one that
   // waits on the GPU for the receiver, whose scatter needs this thread's UCX progress.
   static constexpr size_t kHandoverInFlight = 6;
+  // 64 MiB (two Llama-3-8B layers of 8192 tokens) for both: a staged copy of 64 MiB ran at 0.97
+  // of one 1 GiB copy (32 MiB: 0.93), and one 32 MiB ncclSend at 0.86 of a 1 GiB one (128 MiB:
+  // 0.95), so 32 MiB sends alone keep the nccl path under 0.9x (perf/RESULTS.md, sessions 2, 7, 9).
   uint64_t staging_slot_bytes() const {
     if (options_.staging_bytes != 0) return options_.staging_bytes;
-    return nccl() ? uint64_t{32} << 20 : uint64_t{64} << 20;
+    return uint64_t{64} << 20;
   }
+
   // A chunk whose sources are at most this many runs, of this many bytes on average, is copied
   // from them directly (no gather into local staging).
   static constexpr size_t kDirectRunsMax = 16;
@@ -1743,6 +1751,9 @@ Result<std::unique_ptr<CudaIpcTransport>> CudaIpcTransport::create(
 CudaIpcTransport::CudaIpcTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudaIpcTransport::~CudaIpcTransport() = default;
 
+uint64_t CudaIpcTransport::suggested_inflight_bytes() const {
+  return impl_->suggested_inflight_bytes();
+}
 std::string_view CudaIpcTransport::name() const {
   return impl_->name();
 }

@@ -127,6 +127,12 @@ class MultiTransport::Impl {
 
   const std::string& name() const { return name_; }
   const std::vector<uint8_t>& address() const { return address_; }
+  // The largest any inner transport asks for: the scheduler's window is shared by all peers.
+  uint64_t suggested_inflight_bytes() const {
+    uint64_t most = 0;
+    for (const auto& t : inner_) most = std::max(most, t->suggested_inflight_bytes());
+    return most;
+  }
 
   Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& options) {
     const std::vector<Offered> offered = parse(address);
@@ -320,6 +326,9 @@ MultiTransport::~MultiTransport() = default;
 
 std::string_view MultiTransport::name() const {
   return impl_->name();
+}
+uint64_t MultiTransport::suggested_inflight_bytes() const {
+  return impl_->suggested_inflight_bytes();
 }
 std::vector<uint8_t> MultiTransport::address() const {
   return impl_->address();

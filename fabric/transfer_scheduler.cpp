@@ -1,5 +1,6 @@
 #include "kvf/fabric/transfer_scheduler.h"
 
+#include <algorithm>
 #include <deque>
 #include <future>
 #include <mutex>
@@ -43,7 +44,12 @@ struct TransferScheduler::State : std::enable_shared_from_this<TransferScheduler
   mutable std::mutex stats_mutex;
   TransferSchedulerStats stats;
 
-  State(Transport& t, TransferSchedulerOptions o) : transport(t), options(o) {}
+  State(Transport& t, TransferSchedulerOptions o) : transport(t), options(o) {
+    if (options.max_inflight_bytes == 0) {
+      options.max_inflight_bytes =
+          std::max(TransferSchedulerOptions::kDefaultInflightBytes, transport.suggested_inflight_bytes());
+    }
+  }
 
   void dispatch() {
     while (!queue.empty() && !shutting_down) {
@@ -112,7 +118,8 @@ struct TransferScheduler::State : std::enable_shared_from_this<TransferScheduler
   }
 
   void fail_request(PeerId peer, uint64_t session_id, uint64_t request_id, const Status& reason) {
-    if (failed.emplace(RequestKey{peer, request_id}, reason).second) failed_order.push_back({peer, request_id});
+    if (failed.emplace(RequestKey{peer, request_id}, reason).second)
+      failed_order.push_back({peer, request_id});
     if (failed_order.size() > kMaxRemembered) {
       failed.erase(failed_order.front());
       failed_order.pop_front();
@@ -176,6 +183,9 @@ void TransferScheduler::abort_request(PeerId peer, uint64_t session_id, uint64_t
   });
 }
 
+uint64_t TransferScheduler::max_inflight_bytes() const {
+  return state_->options.max_inflight_bytes;  // fixed at construction
+}
 TransferSchedulerStats TransferScheduler::stats() const {
   std::lock_guard lock(state_->stats_mutex);
   return state_->stats;

@@ -1,5 +1,7 @@
 #include "kvf/fabric/version.h"
 
 namespace kvf::fabric {
-std::string_view version() { return "0.1.0"; }
+std::string_view version() {
+  return "0.1.0";
+}
 }  // namespace kvf::fabric

@@ -575,10 +575,12 @@ int run_client(const cxxopts::ParseResult& args) {
     uint64_t iters = iters_arg != 0 ? iters_arg : 3;
     TransferSchedulerOptions scheduler_options;
     scheduler_options.layer_timeout = std::chrono::milliseconds(args["timeout-ms"].as<uint64_t>());
-    auto inflight = perf::parse_size(args["inflight"].as<std::string>());
-    if (!inflight || *inflight == 0)
-      return fail("--inflight: bad size '" + args["inflight"].as<std::string>() + "'");
-    scheduler_options.max_inflight_bytes = *inflight;
+    if (const std::string inflight_arg = args["inflight"].as<std::string>(); inflight_arg != "auto") {
+      auto inflight = perf::parse_size(inflight_arg);
+      if (!inflight || *inflight == 0)
+        return fail("--inflight: bad size '" + inflight_arg + "' (or say auto)");
+      scheduler_options.max_inflight_bytes = *inflight;
+    }
     TransferScheduler scheduler(*setup->transport, scheduler_options);
     // --shuffle-source: the request's blocks lie in the sender's pool in a shuffled order too (as
     // an engine's do after a while), so staged puts gather instead of copying runs.
@@ -827,8 +829,8 @@ int main(int argc, char** argv) {
       ("fill-once", "layers mode: fill the source once and send the same pattern in every request (the GPU then does not sit idle between requests while the host makes the next pattern)", cxxopts::value<bool>()->default_value("false"))
       ("timeline", "layers mode: per request, when the first and last layers were handed over and remotely complete, and the median step between completions (where a request's time goes beyond its layers' copies)", cxxopts::value<bool>()->default_value("false"))
       ("concurrent", "layers mode: request streams at once, each on its own connection and source (the aggregate is the sustained bandwidth)", cxxopts::value<uint32_t>()->default_value("1"))
-      ("inflight", "layers mode: bytes the scheduler keeps in flight", cxxopts::value<std::string>()->default_value("128M"))
-      ("staging-bytes", "staged copies: bytes per staging slot (default: cuda_ipc --copy staged 64M, nccl and ucx_staged 32M)", cxxopts::value<std::string>())
+      ("inflight", "layers mode: bytes the scheduler keeps in flight (auto: 128M, or what the transport asks for: staged cuda_ipc and nccl two rounds of the receiver's slots)", cxxopts::value<std::string>()->default_value("auto"))
+      ("staging-bytes", "staged copies: bytes per staging slot (default: cuda_ipc --copy staged and nccl 64M, ucx_staged 32M)", cxxopts::value<std::string>())
       ("staging-slots", "staged copies: slots the sender asks of the receiver (ucx_staged: and keeps itself)", cxxopts::value<uint32_t>()->default_value("4"))
       ("staging-copy-streams", "cuda_ipc staged copies: streams each chunk's copy is split over", cxxopts::value<uint32_t>()->default_value("1"))
       ("staging-copy-hint", "cuda_ipc staged copies: issue them with cudaMemcpyFlagPreferOverlapWithCompute (an experiment)", cxxopts::value<bool>()->default_value("false"))

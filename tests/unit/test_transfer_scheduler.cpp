@@ -215,3 +215,30 @@ TEST_CASE("abort_request fails queued layers; other requests go on") {
   REQUIRE(c.wait_layers(2));
   REQUIRE(c.layers[1].second.ok());
 }
+
+TEST_CASE("the automatic window is 128 MiB or what the transport asks for; an explicit one stands") {
+  auto t = LocalTransport::create("window");
+  REQUIRE(t.ok());
+  LocalTransport& transport = *t.value();
+  constexpr uint64_t kMiB = 1ull << 20;
+  {
+    TransferScheduler scheduler(transport);
+    REQUIRE(scheduler.max_inflight_bytes() == TransferSchedulerOptions::kDefaultInflightBytes);
+    REQUIRE(scheduler.max_inflight_bytes() == 128 * kMiB);
+  }
+  transport.suggest_inflight(512 * kMiB);  // e.g. staged cuda_ipc: 2 rounds of 4 slots of 64 MiB
+  {
+    TransferScheduler scheduler(transport);
+    REQUIRE(scheduler.max_inflight_bytes() == 512 * kMiB);
+  }
+  transport.suggest_inflight(32 * kMiB);  // less than the default: the default stays
+  {
+    TransferScheduler scheduler(transport);
+    REQUIRE(scheduler.max_inflight_bytes() == 128 * kMiB);
+  }
+  transport.suggest_inflight(512 * kMiB);
+  TransferSchedulerOptions explicit_window;
+  explicit_window.max_inflight_bytes = 64 * kMiB;
+  TransferScheduler scheduler(transport, explicit_window);
+  REQUIRE(scheduler.max_inflight_bytes() == 64 * kMiB);
+}

@@ -42,9 +42,11 @@ struct CudaIpcTransportOptions {
   CudaCopyMethod copy = CudaCopyMethod::kAuto;
   // Staged copies: bytes per staging slot (a Llama-3-8B layer of 8192 tokens is 32 MiB). Two slots
   // on this GPU per peer and `staging_remote_slots` on the receiver's, allocated on the first staged
-  // put; larger batches go through them in pieces. 0: 64 MiB for cuda_ipc (layers queued together
-  // share a copy, and a 64 MiB copy-engine copy ran at 0.97 of the link against 0.93 for 32 MiB
-  // on 2x H200), 32 MiB for nccl (larger slots measured slower there).
+  // put; larger batches go through them in pieces. 0: 64 MiB (layers queued together share a
+  // copy: a 64 MiB copy-engine copy ran at 0.97 of the link against 0.93 for 32 MiB on 2x H200, and
+  // one 32 MiB ncclSend at 0.86 of a 1 GiB one). Until session 9 nccl used 32 MiB, as 128 MiB slots
+  // measured slower then; that was with the scheduler's window at 128 MiB (one chunk in flight)
+  // and ~190 us of host encoding per 128 MiB Scatter, both since changed; not yet re-measured.
   uint64_t staging_bytes = 0;
   uint32_t staging_remote_slots = 4;
   // Each staged chunk's copy is split over this many streams (1..4), so several copy engines
@@ -117,6 +119,9 @@ class CudaIpcTransport final : public Transport {
   void set_peer_failure_handler(PeerFailureHandler handler) override;
   void post(std::function<void()> fn) override;
   void post_after(std::chrono::nanoseconds delay, std::function<void()> fn) override;
+  // Staged and nccl: two rounds of the receiver's slots (staging_remote_slots x the slot size),
+  // so queued layers pack into slot-sized copies while every slot is busy; direct: none.
+  uint64_t suggested_inflight_bytes() const override;
 
   int device() const;
 

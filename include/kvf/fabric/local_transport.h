@@ -30,6 +30,10 @@ class LocalTransport final : public Transport {
   void set_peer_failure_handler(PeerFailureHandler handler) override;
   void post(std::function<void()> fn) override;
   void post_after(std::chrono::nanoseconds delay, std::function<void()> fn) override;
+  uint64_t suggested_inflight_bytes() const override { return suggested_inflight_; }
+
+  // What suggested_inflight_bytes() answers (tests of the scheduler's window); set before use.
+  void suggest_inflight(uint64_t bytes) { suggested_inflight_ = bytes; }
 
   // Fault injection.
   void sever(PeerId peer);           // the peer fails: queued and later ops complete with kPeerLost
@@ -40,6 +44,7 @@ class LocalTransport final : public Transport {
  private:
   explicit LocalTransport(std::shared_ptr<Impl> impl);
   std::shared_ptr<Impl> impl_;
+  uint64_t suggested_inflight_ = 0;
 };
 
 }  // namespace kvf::fabric

@@ -42,6 +42,7 @@ class MultiTransport final : public Transport {
 
   // The inner transports' names joined by commas, e.g. "cuda_ipc,ucx".
   std::string_view name() const override;
+  uint64_t suggested_inflight_bytes() const override;  // the largest of the inner transports'
   std::vector<uint8_t> address() const override;
   Result<PeerId> connect(std::span<const uint8_t> address, const ConnectOptions& options = {}) override;
   // The inner transport a connected peer uses ("" for an unknown peer).

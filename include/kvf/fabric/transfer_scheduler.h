@@ -1,5 +1,6 @@
 // TransferScheduler: runs layer transfer plans on a Transport. Layers go out in the order they
-// are submitted (a request's layers in layer order), at most max_inflight_bytes at a time; each
+// are submitted (a request's layers in layer order), at most max_inflight_bytes at a time (by
+// default as many as the transport asks for, see TransferSchedulerOptions); each
 // layer is put, flushed (remotely complete), and only then announced to the receiver with a
 // LayerReady notification, so the receiver never sees a layer as complete before its bytes are.
 // A failed or timed-out layer fails the rest of its request (kRequestAbort is sent to the
@@ -34,7 +35,11 @@ struct LayerSend {
 using LayerDone = std::function<void(uint64_t request_id, uint32_t layer, const Status& status)>;
 
 struct TransferSchedulerOptions {
-  uint64_t max_inflight_bytes = 128ull << 20;
+  // Bytes of layers put but not yet remotely complete, at most (a layer larger than this still
+  // goes, alone). 0: automatic, kDefaultInflightBytes or the transport's
+  // suggested_inflight_bytes(), whichever is larger.
+  static constexpr uint64_t kDefaultInflightBytes = 128ull << 20;
+  uint64_t max_inflight_bytes = 0;
   std::chrono::milliseconds layer_timeout{30000};
 };
 
@@ -55,6 +60,8 @@ class TransferScheduler {
   // Fails the request's queued and in-flight layers with `reason` and tells the receiver.
   void abort_request(PeerId peer, uint64_t session_id, uint64_t request_id, Status reason);
   TransferSchedulerStats stats() const;
+  // The window in force: max_inflight_bytes, or the automatic one it was resolved to.
+  uint64_t max_inflight_bytes() const;
 
   struct State;
 

@@ -91,6 +91,11 @@ class Transport {
   // Runs `fn` on the progress thread, soon / after `delay`.
   virtual void post(std::function<void()> fn) = 0;
   virtual void post_after(std::chrono::nanoseconds delay, std::function<void()> fn) = 0;
+
+  // Bytes of puts this transport wants in flight to keep its pipeline busy (a staged transport:
+  // enough to fill every receiver slot and queue the next round), 0 for no wish. The
+  // TransferScheduler's automatic window takes at least this.
+  virtual uint64_t suggested_inflight_bytes() const { return 0; }
 };
 
 }  // namespace kvf::fabric
