@@ -301,8 +301,8 @@ summarize >/dev/null
 # then (KVF_CUDA_IPC_TRACE=2, both sides) where a chunk's round trip goes (perf/staged_round_trip.py).
 # Figures here are not link figures; the cell records none.
 if cell_wanted staged-host; then
-  variants=("st128 --shuffle --copy staged" "st1G --shuffle --copy staged --inflight 1G"
-            "st1G-s8 --shuffle --copy staged --inflight 1G --staging-slots 8")
+  variants=("st128 --shuffle --copy staged --inflight 128M" "st-auto --shuffle --copy staged"
+            "st-auto-s8 --shuffle --copy staged --staging-slots 8")
   for v in "${variants[@]}"; do
     read -r name flags <<<"$v"
     KVF_CUDA_IPC_TRACE=1 start_server --transport cuda_ipc --mem cuda:0 --staging-limit 2G || exit 1
