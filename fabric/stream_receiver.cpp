@@ -237,10 +237,10 @@ class StreamReceiver::Impl {
     } else if (const auto* offer = std::get_if<protocol::StreamOffer>(&message)) {
       // Any task keeps the transport's progress thread spinning for a while (see
       // UcxTransportOptions::spin_before_sleep), so the stream's first data messages (staged
-      // transports: the sender's Scatter) do not wait for it to wake: on one H200 a tenth of the
-      // Scatters reached the receiver's thread 1.0-1.4 ms after they were sent, as if it slept
-      // its longest sleep (1 ms) first (perf/RESULTS.md, session 9). The sender does the same
-      // before its offer (send_pattern_stream).
+      // transports: the sender's Scatter) do not wait for it to wake from a sleep of up to
+      // max_sleep. The sender does the same before its offer (send_pattern_stream). (On one H200 a
+      // tenth of the Scatters reached the receiver's thread 1.0-1.4 ms after they were sent, with
+      // and without this: that tail has another cause, perf/RESULTS.md session 9.)
       transport_.post([] {});
       worker_->post([this, session, offer = *offer] { accept_offer(session, offer); });
     } else if (const auto* run = std::get_if<protocol::RunRequest>(&message)) {
