@@ -291,9 +291,8 @@ class CudaIpcTransport::Impl {
 
   void put(PeerId peer, std::vector<PutOp> ops, void* wait_event, Completion done) {
     inner_->post([this, peer, ops = std::move(ops), wait_event, done = std::move(done)]() mutable {
-      const auto began = trace_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+      HostTimer timed = time_host(HostWork::kPut);
       start_put(peer, std::move(ops), wait_event, std::move(done));
-      if (trace_) note_host_time(HostWork::kPut, began);
     });
   }
 
@@ -433,7 +432,6 @@ class CudaIpcTransport::Impl {
     if (options_.staging_bytes != 0) return options_.staging_bytes;
     return uint64_t{64} << 20;
   }
-
   // A chunk whose sources are at most this many runs, of this many bytes on average, is copied
   // from them directly (no gather into local staging).
   static constexpr size_t kDirectRunsMax = 16;
@@ -802,6 +800,8 @@ class CudaIpcTransport::Impl {
     }
     std::optional<TracedPut> traced = begin_trace(lane.copy_stream, chunk.bytes, chunk.pieces.size(), true);
     std::vector<uint64_t> sends;  // nccl, more than one run: the size of each send, in order
+    uint8_t* there =
+        nccl() ? nullptr : static_cast<uint8_t*>(lane.remote->data()) + remote_slot * lane.slot_bytes;
     if (nccl()) {
       // The receiver posts the matching receives into `remote_slot` when the Scatter arrives.
       std::vector<gpudirect::NcclComm::Part> parts;
@@ -815,11 +815,6 @@ class CudaIpcTransport::Impl {
         parts.push_back({reinterpret_cast<const void*>(here), chunk.bytes});
       }
       if (Status s = lane.comm.send(parts, lane.copy_stream.handle()); !s.ok()) return s;
-    }
-    uint8_t* there =
-        nccl() ? nullptr : static_cast<uint8_t*>(lane.remote->data()) + remote_slot * lane.slot_bytes;
-    if (nccl()) {
-      // sent above
     } else if (direct) {  // on copy_stream alone: each run is already one large copy
       for (const gpudirect::CopySegment& run : runs) {
         if (Status s = lane.copy_stream.copy_async(there + run.dst, reinterpret_cast<const void*>(run.src),
