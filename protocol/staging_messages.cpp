@@ -240,7 +240,8 @@ Result<Message> decode(std::span<const uint8_t> bytes) {
           total += p.bytes;
         }
         if (r.ok() && version >= 2) codec_fields(r, m.codec, m.row_bytes);
-        if (r.ok() && version >= 3 && r.u32("use", m.use) && m.use == 0 && version == 3)
+        // v4 carries `use` too, and 0 there (sends without a hand-over) is the nccl path's usual case.
+        if (r.ok() && version >= 3 && r.u32("use", m.use) && version == 3 && m.use == 0)
           r.fail("use", "0 in a v3 scatter (a scatter without hand-over is written as v1 or v2)");
         uint32_t sends = 0;
         if (r.ok() && version >= 4 && r.count("sends", 8, sends)) {
