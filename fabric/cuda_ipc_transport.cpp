@@ -1447,8 +1447,9 @@ class CudaIpcTransport::Impl {
       std::sort(v.begin(), v.end());
       std::fprintf(stderr,
                    "cuda_ipc trace (GPU %d, host): %zu %s took the progress thread median %.1f us, p90 %.1f, "
-                   "%.1f ms in all\n",
-                   options_.device, v.size(), kHostWork[i], v[v.size() / 2], v[v.size() * 9 / 10], sum / 1e3);
+                   "max %.1f, %.1f ms in all\n",
+                   options_.device, v.size(), kHostWork[i], v[v.size() / 2], v[v.size() * 9 / 10], v.back(),
+                   sum / 1e3);
       v.clear();
     }
     if (!staged_round_trip_us_.empty()) {
