@@ -177,10 +177,7 @@ class UcxTransport::Impl {
     ev.data.fd = tasks_.wake_fd();
     epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, tasks_.wake_fd(), &ev);
 
-    thread_ = std::thread([this] {
-      thread_id_.store(std::this_thread::get_id(), std::memory_order_relaxed);
-      run();
-    });
+    thread_ = std::thread([this] { run(); });
     return Status::Ok();
   }
 
@@ -325,42 +322,27 @@ class UcxTransport::Impl {
 
   void notify(PeerId peer_id, std::span<const uint8_t> bytes, Completion done) {
     std::vector<uint8_t> copy(bytes.begin(), bytes.end());
-    // On the progress thread, in a task rather than inside UCX's progress (whose callbacks should
-    // not send), the message goes now. Posted, it waited behind every task queued before it: at a
-    // request's start the puts of all its layers, so the cuda_ipc transport's first Scatters
-    // reached the receiver up to ~1 ms after their copies were launched (one H200, perf/RESULTS.md
-    // session 9). The completion still runs as a task of its own, never inside this call.
-    if (std::this_thread::get_id() == thread_id_.load(std::memory_order_relaxed) && !in_worker_progress_) {
-      if (done) {
-        done = [this, done = std::move(done)](const Status& st) { tasks_.post([done, st] { done(st); }); };
-      }
-      return send_notification(peer_id, std::move(copy), std::move(done));
-    }
     tasks_.post([this, peer_id, copy = std::move(copy), done = std::move(done)]() mutable {
-      send_notification(peer_id, std::move(copy), std::move(done));
+      Peer* peer = find_peer(peer_id);
+      if (peer == nullptr) {
+        if (done) done(Status(ErrorCode::kNotFound, "notify: unknown peer " + std::to_string(peer_id)));
+        return;
+      }
+      if (peer->closed) {
+        if (done) done(peer->failure);
+        return;
+      }
+      auto* ctx =
+          new RequestContext{peer, RequestContext::Kind::kNotify, nullptr, std::move(done), std::move(copy)};
+      ucp_request_param_t param{};
+      param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+      param.flags = UCP_AM_SEND_FLAG_EAGER;
+      param.cb.send = &Impl::on_request_done;
+      param.user_data = ctx;
+      ucs_status_ptr_t req = ucp_am_send_nbx(peer->ep, kNotificationAmId, nullptr, 0, ctx->payload.data(),
+                                             ctx->payload.size(), &param);
+      finish_post(req, ctx, "ucp_am_send_nbx");
     });
-  }
-
-  void send_notification(PeerId peer_id, std::vector<uint8_t> payload, Completion done) {
-    Peer* peer = find_peer(peer_id);
-    if (peer == nullptr) {
-      if (done) done(Status(ErrorCode::kNotFound, "notify: unknown peer " + std::to_string(peer_id)));
-      return;
-    }
-    if (peer->closed) {
-      if (done) done(peer->failure);
-      return;
-    }
-    auto* ctx =
-        new RequestContext{peer, RequestContext::Kind::kNotify, nullptr, std::move(done), std::move(payload)};
-    ucp_request_param_t param{};
-    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-    param.flags = UCP_AM_SEND_FLAG_EAGER;
-    param.cb.send = &Impl::on_request_done;
-    param.user_data = ctx;
-    ucs_status_ptr_t req = ucp_am_send_nbx(peer->ep, kNotificationAmId, nullptr, 0, ctx->payload.data(),
-                                           ctx->payload.size(), &param);
-    finish_post(req, ctx, "ucp_am_send_nbx");
   }
 
   void set_notification_handler(NotificationHandler handler) {
@@ -587,9 +569,7 @@ class UcxTransport::Impl {
     epoll_event events[4];
     while (!stop_.load(std::memory_order_relaxed)) {
       bool did = tasks_.run_pending();
-      in_worker_progress_ = true;
       unsigned progressed = ucp_worker_progress(worker_);
-      in_worker_progress_ = false;
       if (!closing_requests_.empty()) reap_closes();
       auto now = std::chrono::steady_clock::now();
       if (did || progressed != 0) {
@@ -618,8 +598,6 @@ class UcxTransport::Impl {
   std::vector<uint8_t> address_;
   TaskQueue tasks_;
   std::thread thread_;
-  std::atomic<std::thread::id> thread_id_{};  // the progress thread's, once it runs
-  bool in_worker_progress_ = false;           // progress thread only: inside ucp_worker_progress
   std::atomic<bool> stop_{false};
   // Progress-thread state.
   std::unordered_map<PeerId, std::unique_ptr<Peer>> peers_;
