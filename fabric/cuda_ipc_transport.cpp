@@ -19,6 +19,7 @@
 
 #include "cuda_staging_receiver.h"
 #include "helper_threads.h"
+#include "kvf/fabric/copy_choice.h"
 #include "kvf/gpudirect/cuda_memory.h"
 #include "kvf/gpudirect/nccl_comm.h"
 #include "kvf/gpudirect/paged_copy.h"
@@ -173,7 +174,8 @@ class CudaIpcTransport::Impl {
   bool nccl() const { return options_.copy == CudaCopyMethod::kNccl; }
   std::string_view name() const { return nccl() ? "nccl" : "cuda_ipc"; }
   uint64_t suggested_inflight_bytes() const {
-    if (options_.copy != CudaCopyMethod::kStaged && !nccl()) return 0;
+    if (options_.copy != CudaCopyMethod::kStaged && options_.copy != CudaCopyMethod::kAdaptive && !nccl())
+      return 0;
     return 2 * uint64_t{options_.staging_remote_slots} * staging_slot_bytes();
   }
   int device() const { return options_.device; }
@@ -259,6 +261,11 @@ class CudaIpcTransport::Impl {
       RemoteRegionId mine = next_region_++;
       uint8_t* base = static_cast<uint8_t*>(mapping->data()) + (region.base_address - exported_base);
       regions_[mine] = Region{peer, true, base, region.length, 0, mapping, region.base_address};
+      if (options_.copy == CudaCopyMethod::kAdaptive) {
+        // Staging helps only across the link; between processes on one GPU it adds copies.
+        auto where = gpudirect::device_allocation_of(base);
+        regions_[mine].other_gpu = !where.ok() || where->device != options_.device;
+      }
       return mine;
     });
   }
@@ -343,6 +350,7 @@ class CudaIpcTransport::Impl {
     int device = 0;
     std::map<std::vector<uint8_t>, std::shared_ptr<gpudirect::CudaIpcMapping>> mappings;
     uint64_t host_puts_since_flush = 0;
+    uint32_t direct_in_flight = 0;  // direct GPU puts not yet complete (kAdaptive's "link busy")
   };
   struct Region {
     PeerId peer = 0;
@@ -352,6 +360,7 @@ class CudaIpcTransport::Impl {
     RemoteRegionId inner = 0;  // host regions: the id on the inner transport
     std::shared_ptr<gpudirect::CudaIpcMapping> mapping;
     uint64_t peer_address = 0;  // the peer's own address of the region's first byte
+    bool other_gpu = true;      // the region lies on another GPU than this transport's
   };
   struct PendingEvent {
     std::vector<gpudirect::CudaEvent> events;  // all must have fired
@@ -1160,8 +1169,9 @@ class CudaIpcTransport::Impl {
   // segments_ (and, for staging, staged_destinations_: the peer's own address of each) for a
   // batch into the peer's GPU regions, bounds-checked.
   Status make_segments(PeerId peer, const std::vector<PutOp>& ops) {
-    const bool staged =
-        options_.copy == CudaCopyMethod::kStaged || nccl();  // direct puts need no peer addresses
+    const bool staged = options_.copy == CudaCopyMethod::kStaged ||
+                        options_.copy == CudaCopyMethod::kAdaptive ||
+                        nccl();  // direct puts need no peer addresses
     segments_.clear();
     staged_destinations_.clear();
     segments_.reserve(ops.size());
@@ -1229,7 +1239,8 @@ class CudaIpcTransport::Impl {
     }
     mark('P');
     if (Status s = make_segments(peer, ops); !s.ok()) return fail(s);
-    if (options_.copy == CudaCopyMethod::kStaged || nccl()) {
+    if (options_.copy == CudaCopyMethod::kStaged || nccl() ||
+        adaptive_stages(peer, p->second, first->second, wait_event)) {
       StagedLane* lane = lane_for(peer);
       if (lane->state == StagedLane::State::kDirect && nccl()) return fail(lane->failure);
       if (lane->state != StagedLane::State::kDirect) {
@@ -1273,11 +1284,32 @@ class CudaIpcTransport::Impl {
       return fail(broken_);
     }
     mark('L');
-    if (!timeline_) return enqueue_events({&stream}, std::move(done));
-    enqueue_events({&stream}, [this, done = std::move(done)](const Status& st) {
-      mark('D');
+    ++p->second.direct_in_flight;
+    enqueue_events({&stream}, [this, peer, done = std::move(done)](const Status& st) {
+      if (auto q = peers_.find(peer); q != peers_.end()) --q->second.direct_in_flight;
+      if (timeline_) mark('D');
       if (done) done(st);
     });
+  }
+
+  // kAdaptive: whether this put to `peer` (whose first extent goes to `region`) is staged; see
+  // fabric/copy_choice.h. Counts the choices for the shutdown line.
+  bool adaptive_stages(PeerId peer, const Peer& p, const Region& region, void* wait_event) {
+    if (options_.copy != CudaCopyMethod::kAdaptive) return false;
+    auto lane = lanes_.find(peer);
+    AdaptivePutState state;
+    state.peer_on_other_gpu = region.other_gpu;
+    state.staging_refused = lane != lanes_.end() && lane->second->state == StagedLane::State::kDirect;
+    state.link_busy =
+        p.direct_in_flight > 0 || (lane != lanes_.end() && lane->second->completed < lane->second->submitted);
+    if (wait_event != nullptr) {
+      auto fired = gpudirect::event_done(wait_event);
+      state.data_ready = fired.ok() && fired.value();
+    }
+    const bool staged =
+        choose_adaptive_path(state, options_.adaptive_stages_same_gpu) == AdaptivePath::kStaged;
+    ++(staged ? adaptive_staged_ : adaptive_direct_);
+    return staged;
   }
 
   // Layers of one request repeat the same extents at other bases. Seen relative to the batch's
@@ -1317,8 +1349,9 @@ class CudaIpcTransport::Impl {
       case CudaCopyMethod::kCopyEnginePerCopy:
         return true;
       case CudaCopyMethod::kAuto:
-      case CudaCopyMethod::kStaged:  // here only when the peer offers no staging: as kAuto
-      case CudaCopyMethod::kNccl:    // never here: nccl puts are always staged
+      case CudaCopyMethod::kAdaptive:  // its direct puts
+      case CudaCopyMethod::kStaged:    // here only when the peer offers no staging: as kAuto
+      case CudaCopyMethod::kNccl:      // never here: nccl puts are always staged
         break;
     }
     return gpudirect::total_bytes(segments) / segments.size() >= options_.copy_engine_min_extent;
@@ -1435,6 +1468,11 @@ class CudaIpcTransport::Impl {
   }
 
   void report_trace() {
+    if (adaptive_direct_ + adaptive_staged_ > 0) {
+      spdlog::info("cuda_ipc (GPU {}): adaptive copies chose direct for {} puts, staged for {}",
+                   options_.device, adaptive_direct_, adaptive_staged_);
+      adaptive_direct_ = adaptive_staged_ = 0;
+    }
     static constexpr const char* kHostWork[] = {
         "puts taken",         "scatters asked", "answers",         "decodes",         "of which scatter",
         "of which puts done", "chunk launches", "of which encode", "of which notify", "of which staging"};
@@ -1663,6 +1701,7 @@ class CudaIpcTransport::Impl {
   std::unordered_map<int, std::vector<gpudirect::CudaEvent>> free_events_;  // by device
   std::map<PeerId, std::unique_ptr<StagedLane>> lanes_;                     // staged puts, by peer
   std::vector<gpudirect::CopySegment> segments_;
+  uint64_t adaptive_direct_ = 0, adaptive_staged_ = 0;  // kAdaptive's choices so far
   std::vector<uint64_t> staged_destinations_;  // the peer's address of each of segments_' destinations
   // KVF_CUDA_IPC_TRACE: when each staged chunk was handed to the receiver, and how long until
   // its answer came (copy + scatter + two messages).

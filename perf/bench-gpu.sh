@@ -4,7 +4,7 @@
 #   peer:    raw cudaMemcpyPeerAsync of 1 GiB contiguous  vs  kvfabric cuda_ipc (two processes),
 #            the Llama-3-8B request (32 layers x 512 blocks x 32 KiB K + 32 KiB V = 1 GiB, 8192
 #            tokens of 16-token blocks, bf16, 8 KV heads x 128) into shuffled receiver blocks
-#            (each copy method in PEER_COPIES, default "kernel staged auto"; each also with
+#            (each copy method in PEER_COPIES, default "kernel staged adaptive auto"; each also with
 #            PEER_CONCURRENT request streams at once, default 2: the sustained bandwidth,
 #            peer-sustained-*), and the same request unshuffled (contiguous, default choice);
 #   nccl:    raw ncclSend/ncclRecv of 1 GiB  vs  kvfabric's nccl path (when built);
@@ -36,14 +36,14 @@
 #   the cuda_ipc knobs, for tuning; staged-host: the staged path's host time per chunk, one GPU)
 # Environment: KVF_BIN (default build/bin); PEER_COPIES, PEER_CONCURRENT (see peer); FILL_ONCE=1
 # (layer requests send one pattern, filled once, instead of refilling before each); OVERLAP_ARGS
-# (extra client args of the overlap cell, e.g. --copy staged); RUN_LIMIT (seconds one run may
+# (extra client args of the overlap cell); OVERLAP_COPIES (its copy methods, default auto); RUN_LIMIT (seconds one run may
 # take before it is killed and counted as failed, default 240: a hang costs one cell, not the
 # session); needs 2 GPUs for peer/nccl/overlap.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
 
 rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap,store,pd,reuse,codec
-peer_copies=${PEER_COPIES:-kernel staged auto}
+peer_copies=${PEER_COPIES:-kernel staged adaptive auto}
 peer_concurrent=${PEER_CONCURRENT:-2}
 run_limit=${RUN_LIMIT:-240}
 while (($#)); do
@@ -107,12 +107,15 @@ layers_args=(--mode layers --layers 32 --blocks 512 --block-bytes 32K)
 # before each request, and its first copy then ran ~200 us slower (perf/RESULTS.md, session 8).
 [[ ${FILL_ONCE:-0} == 1 ]] && layers_args+=(--fill-once)
 # kvf CELL ROUND CLIENT-ARGS...: one kvfabric-perf layers run against the running server.
+# --copy adaptive runs are --verbose: the transport's last line says how many puts went each way.
 kvf() {
   local cell=$1 round=$2; shift 2
-  local j=$json_dir/kvf-$cell-$round.json
+  local j=$json_dir/kvf-$cell-$round.json verbose=()
+  [[ " $* " == *" adaptive "* ]] && verbose=(--verbose)
   if timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --json "$j" "$@" \
-       >"$tmp/last.log" 2>&1; then
+       "${verbose[@]}" >"$tmp/last.log" 2>&1; then
     record "$cell" kvfabric "$round" "$(field "$j" gbps)"
+    grep -h "adaptive copies chose" "$tmp/last.log" | tail -1 | sed "s/^.*adaptive/bench-gpu: $cell round $round: adaptive/"
   else
     record "$cell" kvfabric "$round" fail; tail -3 "$tmp/last.log"
   fi
@@ -146,8 +149,8 @@ anchor = {**{f"sweep-{k}-{v}": "peer" for v in ["s1-128M", "s2-128M", "s4-128M",
           "peer-shuffled-auto": "peer", "nccl-shuffled": "nccl", "nccl-shuffled-128M": "nccl",
           "peer-contiguous": "peer", "peer-shuffled-resident": "peer", "peer-contiguous-ce1": "peer", "pinned-gather": "pinned-gather", "pinned-scatter": "pinned-scatter",
           "store-put": "store-put", "store-get": "store-get", "store-get-noverify": "store-get"}
-for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("peer-sustained-")):
-    anchor[cell] = "peer"  # --concurrent: the sustained bandwidth of several request streams
+for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith(("peer-sustained-", "peer-shuffled-"))):
+    anchor[cell] = "peer"  # every PEER_COPIES method; --concurrent: the sustained bandwidth of several streams
 for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith(("staged-", "nccl-sweep-"))):
     anchor[cell] = "nccl" if cell.startswith("nccl-sweep-") else "peer"  # staged-sweep variants (STAGED_VARIANTS)
 for cell in dict.fromkeys(r[0] for r in rows if r[1] == "kvfabric" and r[0].startswith("codec-")):
@@ -166,14 +169,21 @@ r, n = med("nccl", "raw")
 if r is not None:
     k, _ = med("nccl", "kvfabric")
     lines.append(f"| nccl | {'not built' if k is None else f'{k:.1f}'} | {r if isinstance(r, str) else f'{r:.1f}'} | - | {n} |")
-ov = {k: med("overlap-" + k, "kvfabric")[0] for k in
-      ["compute_alone_ms", "compute_with_transfer_ms", "slowdown_pct", "tail_us", "layer_transfer_us", "tail_ratio"]}
-if any(v is not None for v in ov.values()):
+ov_keys = ["compute_alone_ms", "compute_with_transfer_ms", "slowdown_pct", "tail_us", "layer_transfer_us", "tail_ratio"]
+# OVERLAP_COPIES: "overlap-KEY" for the default copy, "overlap@COPY-KEY" for the others.
+ov_tags = dict.fromkeys(r[0].split("-")[0] for r in rows if r[0].startswith("overlap") and r[1] == "kvfabric")
+ov_rows = []
+for tag in ov_tags:
+    ov = {k: med(tag + "-" + k, "kvfabric")[0] for k in ov_keys}
+    if any(v is not None for v in ov.values()):
+        f = lambda x: "-" if x is None else (x if isinstance(x, str) else f"{x:.2f}")
+        name = "llama8b 8192 tokens" + ("" if tag == "overlap" else ", --copy " + tag.split("@", 1)[1])
+        ov_rows.append(f"| {name} | " + " | ".join(f(ov[k]) for k in ov_keys) + " |")
+if ov_rows:
     lines.append("")
     lines.append("| overlap (medians) | compute alone ms | compute with transfers ms | slowdown % | tail µs | one layer's transfer µs | tail / layer |")
     lines.append("|---|---|---|---|---|---|---|")
-    f = lambda x: "-" if x is None else (x if isinstance(x, str) else f"{x:.2f}")
-    lines.append("| llama8b 8192 tokens | " + " | ".join(f(ov[k]) for k in ov) + " |")
+    lines.extend(ov_rows)
 try:
     names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                            text=True).stdout.split("\n")
@@ -372,20 +382,26 @@ if cell_wanted pinned; then
 fi
 summarize >/dev/null
 
-# overlap: OVERLAP_ARGS go to its client (e.g. --copy staged).
+# overlap: each copy method in OVERLAP_COPIES (default "auto"), rounds alternating between them;
+# OVERLAP_ARGS go to every client (e.g. --inflight 1G).
 if cell_wanted overlap && ((gpus >= 2)); then
   start_server --transport cuda_ipc --mem cuda:1 || exit 1
   for r in $(seq "$rounds"); do
-    echo "bench-gpu: overlap round $r/$rounds"
-    j=$json_dir/kvf-overlap-$r.json
-    if timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --shuffle \
-         --transport cuda_ipc --mem cuda:0 --compute llama8b --tokens 8192 ${OVERLAP_ARGS:-} --json "$j" >"$tmp/last.log" 2>&1; then
-      for k in compute_alone_ms compute_with_transfer_ms slowdown_pct tail_us layer_transfer_us tail_ratio; do
-        record "overlap-$k" kvfabric "$r" "$(field "$j" $k)"
-      done
-    else
-      record overlap kvfabric "$r" fail; tail -5 "$tmp/last.log"
-    fi
+    for copy in ${OVERLAP_COPIES:-auto}; do
+      tag=overlap; [[ $copy == auto ]] || tag="overlap@$copy"
+      echo "bench-gpu: overlap round $r/$rounds, --copy $copy"
+      j=$json_dir/kvf-$tag-$r.json
+      if timeout "$run_limit" "$perf" client --connect 127.0.0.1:$port "${layers_args[@]}" --iters "$iters" --shuffle \
+           --transport cuda_ipc --mem cuda:0 --compute llama8b --tokens 8192 --copy "$copy" ${OVERLAP_ARGS:-} --json "$j" \
+           $([[ $copy == adaptive ]] && echo --verbose) >"$tmp/last.log" 2>&1; then
+        for k in compute_alone_ms compute_with_transfer_ms slowdown_pct tail_us layer_transfer_us tail_ratio; do
+          record "$tag-$k" kvfabric "$r" "$(field "$j" $k)"
+        done
+        grep -h "adaptive copies chose" "$tmp/last.log" | tail -1 | sed "s/^.*adaptive/bench-gpu: $tag round $r: adaptive/"
+      else
+        record "$tag" kvfabric "$r" fail; tail -5 "$tmp/last.log"
+      fi
+    done
   done
 fi
 summarize >/dev/null

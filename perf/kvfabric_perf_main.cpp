@@ -172,10 +172,13 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
       cuda.copy = CudaCopyMethod::kCopyEnginePerCopy;
     } else if (copy == "staged") {
       cuda.copy = CudaCopyMethod::kStaged;
+    } else if (copy == "adaptive") {
+      cuda.copy = CudaCopyMethod::kAdaptive;
     } else if (copy != "auto") {
       return Status(ErrorCode::kInvalidArgument,
-                    "--copy must be auto, kernel, ce, ce1 or staged, got '" + copy + "'");
+                    "--copy must be auto, kernel, ce, ce1, staged or adaptive, got '" + copy + "'");
     }
+    cuda.adaptive_stages_same_gpu = args["adaptive-same-gpu"].as<bool>();
     if (kind == "nccl") cuda.copy = CudaCopyMethod::kNccl;  // --copy does not apply
     auto transport = CudaIpcTransport::create(ucx, cuda);
     if (!transport.ok()) return transport.status();
@@ -819,7 +822,8 @@ int main(int argc, char** argv) {
       ("transport", "ucx | cuda_ipc (same host, GPU memory) | nccl (GPU memory, NCCL send/recv of staged layers; same or other host) | ucx_staged (gather -> one UCX put per slot -> the receiver scatters; host or GPU memory, any host), or a comma list in order of preference (e.g. cuda_ipc,ucx): each peer uses the first both sides offer", cxxopts::value<std::string>()->default_value("ucx"))
       ("topology", "without --transport: the transports (and their order) of FILE's transports.preference", cxxopts::value<std::string>())
       ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))
-      ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each) | staged (cuda_ipc: gather, one copy-engine copy into the receiver's staging, the receiver scatters)", cxxopts::value<std::string>()->default_value("auto"))
+      ("copy", "cuda_ipc and local: auto | kernel | ce (copy engines, batched) | ce1 (copy engines, one call each) | staged (cuda_ipc: gather, one copy-engine copy into the receiver's staging, the receiver scatters) | adaptive (cuda_ipc: staged while earlier puts to the peer are still copying and the data is ready, direct otherwise)", cxxopts::value<std::string>()->default_value("auto"))
+      ("adaptive-same-gpu", "cuda_ipc --copy adaptive: stage between processes on one GPU too (a test knob; there staging only adds copies)", cxxopts::value<bool>()->default_value("false"))
       ("compute", "client layers mode: run GPU prefill compute (llama8b) while streaming: the overlap run",
        cxxopts::value<std::string>())
       ("tokens", "--compute: prompt tokens", cxxopts::value<uint32_t>()->default_value("8192"))

@@ -25,13 +25,16 @@ total=$(kvf_layers_bytes $LAYERS $BLOCKS $BLOCK_BYTES)
 # Staged copies (from runs of in-order source blocks, from 3 runs a part, and gathered from
 # shuffled ones), also through slots smaller than a layer; with the GPU hand-over of slots (on its
 # own, with fewer slots than chunks in flight, and with split copies); with copies held back so
-# that queued layers share one.
+# that queued layers share one. The adaptive choice: direct for a lone put, staged for the
+# layers queued behind it (between processes on one GPU only with --adaptive-same-gpu), also
+# through slots smaller than a layer.
 for copy in kernel ce staged "staged --staging-bytes 300K" "staged --shuffle-source" "staged --source-runs 3 --staging-bytes 6M" \
     "staged --staging-handover on" \
     "staged --staging-handover on --staging-bytes 300K --staging-slots 2" \
     "staged --staging-handover on --staging-slots 2 --staging-copy-streams 2" \
     "staged --staging-ahead 1 --inflight 1G" "staged --staging-ahead 2 --inflight 1G --staging-bytes 300K" \
-    auto "kernel --resident-plans"; do
+    auto "kernel --resident-plans" adaptive "adaptive --adaptive-same-gpu" \
+    "adaptive --adaptive-same-gpu --staging-bytes 300K"; do
   name=client-${copy//[ -]/}
   before=$(kvf_count_lines srv '^stream [0-9]+ from ')
   if kvf_run "$name" 120 "$KVF_PERF" client --connect 127.0.0.1:$port --transport cuda_ipc \
@@ -41,6 +44,15 @@ for copy in kernel ce staged "staged --staging-bytes 300K" "staged --shuffle-sou
     kvf_check_verified srv "$total" "$before" 2 "copy $copy"
     if [[ $copy == *"--staging-handover on"* ]]; then  # the hand-over was used
       kvf_check_grep "$(kvf_logfile "$name")" "handed back on the GPUs" "copy $copy: slots handed back on the GPUs"
+    fi
+    if [[ $copy == adaptive* ]]; then  # both kinds of put where staging pays, only direct where not
+      chose=$(grep -oE 'adaptive copies chose direct for [0-9]+ puts, staged for [0-9]+' "$(kvf_logfile "$name")" | tail -1)
+      direct=$(awk '{print $6}' <<<"$chose") staged=${chose##* }
+      if [[ $copy == *same-gpu* || $src != "$dst" ]]; then
+        kvf_check test "${direct:-0}" -gt 0 -a "${staged:-0}" -gt 0 -- "copy $copy: puts both direct and staged ($chose)"
+      else
+        kvf_check test "${direct:-0}" -gt 0 -a "${staged:-1}" -eq 0 -- "copy $copy: one GPU, every put direct ($chose)"
+      fi
     fi
   else
     kvf_check_fail "cuda_ipc stream with copy $copy failed: $(tail -3 "$(kvf_logfile "$name")")"
@@ -59,6 +71,15 @@ if kvf_run client-refused 120 "$KVF_PERF" client --connect 127.0.0.1:$port2 --tr
   kvf_check_grep "$(kvf_logfile client-refused)" "receiver verified $total bytes" "refused staging: every byte verified"
 else
   kvf_check_fail "staged stream against a receiver without staging room failed: $(tail -3 "$(kvf_logfile client-refused)")"
+fi
+# The adaptive choice against the same receiver: its staged puts go direct too.
+if kvf_run client-refused-adaptive 120 "$KVF_PERF" client --connect 127.0.0.1:$port2 --transport cuda_ipc \
+     --mem cuda:$src --mode layers --layers $LAYERS --blocks $BLOCKS --block-bytes $BLOCK_BYTES --shuffle \
+     --verify --iters 2 --copy adaptive --adaptive-same-gpu; then
+  kvf_check_grep "$(kvf_logfile client-refused-adaptive)" "offers no staging" "refused staging, adaptive: the sender says it copies directly"
+  kvf_check_grep "$(kvf_logfile client-refused-adaptive)" "receiver verified $total bytes" "refused staging, adaptive: every byte verified"
+else
+  kvf_check_fail "adaptive stream against a receiver without staging room failed: $(tail -3 "$(kvf_logfile client-refused-adaptive)")"
 fi
 kill -TERM "$(kvf_pid srv2)" 2>/dev/null; kvf_forget srv2
 

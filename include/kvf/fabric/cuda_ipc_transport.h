@@ -35,6 +35,14 @@ enum class CudaCopyMethod : uint8_t {
   kCopyEnginePerCopy,  // the copy engines, one cudaMemcpyAsync per extent
   kStaged,             // gather here -> one copy-engine copy -> the receiver scatters (see above)
   kNccl,               // the nccl transport: staged as kStaged, the slot moved by ncclSend/ncclRecv
+  // Per put, from the link's state (fabric/copy_choice.h): staged when the put's data is ready and
+  // earlier puts to the peer are still copying (the link is the bottleneck, and staged copies
+  // move more bytes per second), direct (as kAuto) otherwise: a lone put, or one that waits for
+  // its layer's compute, goes straight into the peer's blocks with no staging round trip, so the
+  // last layer of an overlapped prefill lands one layer's copy after its compute. Only to a peer
+  // whose blocks are on another GPU (staging on one GPU only adds copies), unless
+  // `adaptive_stages_same_gpu`. Opt-in until it has run over NVLink.
+  kAdaptive,
 };
 
 struct CudaIpcTransportOptions {
@@ -68,6 +76,9 @@ struct CudaIpcTransportOptions {
   // slot-sized copy (a 64 MiB copy runs nearer the link rate than two of 32 MiB), and a layer that
   // finds nothing queued still goes at once.
   uint32_t staging_copies_ahead = 0;
+  // kAdaptive: stage to a peer on this same GPU too. For tests on a one-GPU machine (both
+  // processes on GPU 0), where the mix of direct and staged puts must still be exercised.
+  bool adaptive_stages_same_gpu = false;
   // As a receiver: the most GPU memory all senders' staging slots may take together.
   uint64_t staging_receive_limit = 1ull << 30;
   // kAuto: batches whose mean extent is at least this many bytes go to the copy engines. A copy
@@ -119,8 +130,8 @@ class CudaIpcTransport final : public Transport {
   void set_peer_failure_handler(PeerFailureHandler handler) override;
   void post(std::function<void()> fn) override;
   void post_after(std::chrono::nanoseconds delay, std::function<void()> fn) override;
-  // Staged and nccl: two rounds of the receiver's slots (staging_remote_slots x the slot size),
-  // so queued layers pack into slot-sized copies while every slot is busy; direct: none.
+  // Staged, adaptive and nccl: two rounds of the receiver's slots (staging_remote_slots x the slot
+  // size), so queued layers pack into slot-sized copies while every slot is busy; direct: none.
   uint64_t suggested_inflight_bytes() const override;
 
   int device() const;
