@@ -70,6 +70,10 @@ bin=$root/$build/bin
 if want test; then
   (cd "$build" && ctest -L "${KVF_TEST_LABELS:-gpu|unit}" ${KVF_TEST_REGEX:+-R "$KVF_TEST_REGEX"} --output-on-failure --timeout 300) >"$out/tests.log" 2>&1
   note "tests (unit+gpu): $(grep -E 'tests passed|tests failed' "$out/tests.log" | tail -1)"
+  # Every check the script tests made, passed or failed (ctest keeps passing tests' output only
+  # in LastTest.log), so a call shows what each test asserted, not just that it passed.
+  grep -hE "ok: |FAIL \(" "$build/Testing/Temporary/LastTest.log" >"$out/test-checks.log" 2>/dev/null
+  note "test checks: $(grep -c "ok: " "$out/test-checks.log") passed, $(grep -c "FAIL (" "$out/test-checks.log") failed (test-checks.log)"
   grep -E "Failed|\*\*\*|SKIP" "$out/tests.log" | head -20
 fi
 if want sanitize; then
