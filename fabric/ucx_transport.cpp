@@ -354,6 +354,7 @@ class UcxTransport::Impl {
   }
 
   void post(std::function<void()> fn) { tasks_.post(std::move(fn)); }
+  bool on_progress_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
   void post_after(std::chrono::nanoseconds delay, std::function<void()> fn) {
     tasks_.post_after(delay, std::move(fn));
   }
@@ -657,6 +658,9 @@ void UcxTransport::post(std::function<void()> fn) {
 }
 void UcxTransport::post_after(std::chrono::nanoseconds delay, std::function<void()> fn) {
   impl_->post_after(delay, std::move(fn));
+}
+bool UcxTransport::on_progress_thread() const {
+  return impl_->on_progress_thread();
 }
 
 }  // namespace kvf::fabric

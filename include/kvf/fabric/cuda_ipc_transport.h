@@ -121,7 +121,11 @@ class CudaIpcTransport final : public Transport {
   Result<RemoteRegionId> import_region(PeerId peer, const protocol::RegionDescriptor& region) override;
   void disconnect(PeerId peer) override;
   // A batch goes either to GPU regions or to host regions, not both. `done` runs when the
-  // copies have finished (for GPU regions that is also remote completion).
+  // copies have finished (for GPU regions that is also remote completion). Called on the progress
+  // thread (from a completion or handler, as the scheduler does), put and flush act at once
+  // instead of queueing behind earlier tasks; `done` may then run before they return (an error
+  // found at once), and the flush covers the puts already started, not puts another thread
+  // made that are still queued.
   void put(PeerId peer, std::vector<PutOp> ops, Completion done) override;
   void put_after_event(PeerId peer, std::vector<PutOp> ops, void* cuda_event, Completion done) override;
   void flush(PeerId peer, Completion done) override;

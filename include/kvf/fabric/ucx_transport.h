@@ -52,6 +52,9 @@ class UcxTransport final : public Transport {
   void set_peer_failure_handler(PeerFailureHandler handler) override;
   void post(std::function<void()> fn) override;
   void post_after(std::chrono::nanoseconds delay, std::function<void()> fn) override;
+  // True on this transport's progress thread (where tasks, completions and handlers run): a
+  // transport built over this one may then act at once instead of queueing behind other tasks.
+  bool on_progress_thread() const;
 
   class Impl;
 
