@@ -1319,8 +1319,10 @@ class CudaIpcTransport::Impl {
       auto fired = gpudirect::event_done(wait_event);
       state.data_ready = fired.ok() && fired.value();
     }
-    const bool staged =
-        choose_adaptive_path(state, options_.adaptive_stages_same_gpu) == AdaptivePath::kStaged;
+    bool staged = choose_adaptive_path(state, options_.adaptive_stages_same_gpu) == AdaptivePath::kStaged;
+    // The first staged choice asks the peer for staging; until its offer comes (the receiver
+    // allocates and exports its slots) puts go direct rather than wait for it.
+    if (staged && lane_for(peer)->state != StagedLane::State::kReady) staged = false;
     ++(staged ? adaptive_staged_ : adaptive_direct_);
     return staged;
   }

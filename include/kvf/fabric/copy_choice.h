@@ -6,7 +6,8 @@
 // only when throughput is what counts: its data is ready now and earlier puts to the same peer
 // are still copying (the link is the bottleneck). A put that waits for its layer's compute, or
 // finds the link idle, goes direct: that keeps the last layer of an overlapped prefill one copy
-// behind its compute.
+// behind its compute. The transport asks the peer for staging the first time this says staged,
+// and copies directly until the peer's offer has come.
 //
 // Threads: a pure function; any thread.
 #pragma once
