@@ -992,6 +992,19 @@ class CudaIpcTransport::Impl {
         finish_flushes(*lane);
       }
     }
+    if (answer.error == static_cast<uint32_t>(ErrorCode::kUnsupportedVersion) ||
+        answer.error == static_cast<uint32_t>(ErrorCode::kMalformed)) {
+      // The receiver could not read a Scatter (staging::refusal): it speaks another version, so
+      // none would land. The lane's other puts fail with the reason, slots it waits for on the
+      // GPU are let go, and later puts copy directly (nccl: fail).
+      const Status why(static_cast<ErrorCode>(answer.error),
+                       "the receiver cannot read staged puts: " + answer.message);
+      spdlog::warn("{}: peer {} cannot read this side's staging messages ({}){}", name(), peer,
+                   answer.message, nccl() ? "" : "; copying directly from now on");
+      release_handover(*lane);
+      lane->failure = why;
+      return fail_lane(*lane, why);
+    }
     pump(peer, *lane);
   }
 
@@ -1110,6 +1123,12 @@ class CudaIpcTransport::Impl {
     }();
     if (!message.ok()) {
       spdlog::warn("cuda_ipc: dropped a staging message: {}", message.status().to_string());
+      // A Scatter this build cannot read (a newer version, damaged pieces) is still answered, so
+      // the sender's put fails now with the reason rather than by its timeout.
+      if (auto ids = staging::scatter_ids(bytes)) {
+        if (auto back = back_peers_.find(ids->sender); back != back_peers_.end())
+          inner_->notify(back->second, staging::encode(staging::refusal(*ids, message.status())), nullptr);
+      }
       return;
     }
     // KVF_CUDA_IPC_TRACE: this thread's time on a chunk, from its message to its work enqueued.

@@ -726,6 +726,12 @@ class StagedTransport::Impl {
     auto message = staging::decode(bytes);
     if (!message.ok()) {
       spdlog::warn("ucx_staged: dropped a staging message: {}", message.status().to_string());
+      // A Scatter this build cannot read is still answered: the sender's put fails now, with the
+      // reason, instead of by its timeout.
+      if (auto ids = staging::scatter_ids(bytes)) {
+        if (auto it = senders_.find(ids->sender); it != senders_.end())
+          inner_->notify(it->second.back, staging::encode(staging::refusal(*ids, message.status())), nullptr);
+      }
       return;
     }
     std::visit(

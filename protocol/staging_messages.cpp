@@ -71,6 +71,25 @@ bool is_staging_message(std::span<const uint8_t> bytes) {
          (bytes[0] | bytes[1] << 8 | bytes[2] << 16 | static_cast<uint32_t>(bytes[3]) << 24) == kMagic;
 }
 
+std::optional<ScatterIds> scatter_ids(std::span<const uint8_t> bytes) {
+  wire::Reader r(bytes, "cuda_ipc staging message");
+  uint32_t magic = 0;
+  uint16_t type = 0;
+  ScatterIds ids;
+  if (!r.u32("magic", magic) || magic != kMagic || !r.u16("version", ids.version) || !r.u16("type", type) ||
+      static_cast<Type>(type) != Type::kScatter || !r.u64("sender", ids.sender) ||
+      !r.u64("batch", ids.batch) || !r.u32("slot", ids.slot)) {
+    return std::nullopt;
+  }
+  return ids;
+}
+
+Scattered refusal(const ScatterIds& ids, const Status& why) {
+  // Scattered carries only the codes this build knows (decode refuses others).
+  return Scattered{ids.sender, ids.batch, ids.slot, static_cast<uint32_t>(why.code()),
+                   "the receiver could not read this scatter: " + why.message()};
+}
+
 std::vector<uint8_t> encode(const Message& message) {
   return std::visit(
       [](const auto& m) {

@@ -3,9 +3,12 @@
 // protocol): many small shuffled extents land verified in poisoned memory through slots smaller
 // than one put; a destination the receiver never registered is refused and the lane keeps
 // working; a receiver without room fails the puts with the reason instead of holding them; a peer
-// of another transport is refused at connect.
+// of another transport is refused at connect; a scatter the receiver cannot read is answered with
+// the reason.
+#include <condition_variable>
 #include <cstring>
 #include <future>
+#include <mutex>
 #include <numeric>
 #include <random>
 
@@ -13,6 +16,8 @@
 #include "completion_wait.h"
 #include "kvf/fabric/staged_transport.h"
 #include "kvf/fabric/stream_pattern.h"
+#include "kvf/fabric/ucx_transport.h"
+#include "kvf/protocol/staging_messages.h"
 #include "staged_transport_fixtures.h"
 
 using namespace kvf;
@@ -126,5 +131,93 @@ TEST_CASE("ucx_staged: a receiver without room or without an answer fails the pu
     auto peer = sender->connect(plain.value()->address());
     REQUIRE_FALSE(peer.ok());
     REQUIRE(peer.status().message().find("--transport ucx_staged") != std::string::npos);
+  }
+}
+
+namespace {
+// A ucx_staged address is its header (magic, version u16, boot id length u32, boot id) and then
+// the UCX worker's address (fabric/staged_transport.cpp). The test below speaks the staging
+// protocol itself from a plain UcxTransport, so it splits and rebuilds such addresses.
+size_t staged_header_bytes(const std::vector<uint8_t>& a) {
+  REQUIRE(a.size() > 10);
+  const uint32_t boot = a[6] | a[7] << 8 | a[8] << 16 | static_cast<uint32_t>(a[9]) << 24;
+  REQUIRE(a.size() > 10 + boot);
+  return 10 + boot;
+}
+}  // namespace
+
+TEST_CASE("ucx_staged: a scatter the receiver cannot read is answered with the reason, not dropped") {
+  namespace staging = protocol::staging;
+  auto ucx = gpudirect::UcxContext::create();
+  REQUIRE(ucx.ok());
+  auto receiver = staged(ucx.value(), {});
+  // The "sender": a plain UCX transport that writes the staging messages by hand and sees every
+  // answer as a notification.
+  auto plain = UcxTransport::create(ucx.value());
+  REQUIRE(plain.ok());
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::vector<std::vector<uint8_t>> answers;  // raw: decoded on the test's thread
+  plain.value()->set_notification_handler([&](std::span<const uint8_t> bytes) {
+    std::lock_guard lock(mutex);
+    answers.emplace_back(bytes.begin(), bytes.end());
+    cv.notify_all();
+  });
+  auto next_answer = [&]() -> staging::Message {
+    std::unique_lock lock(mutex);
+    REQUIRE(cv.wait_for(lock, std::chrono::seconds(10), [&] { return !answers.empty(); }));
+    auto m = staging::decode(answers.front());
+    answers.erase(answers.begin());
+    REQUIRE(m.ok());
+    return std::move(m.value());
+  };
+  const std::vector<uint8_t> theirs = receiver->address();
+  const size_t header = staged_header_bytes(theirs);
+  auto peer = plain.value()->connect(std::span(theirs).subspan(header), ConnectOptions{true});
+  REQUIRE(peer.ok());
+  std::vector<uint8_t> reply(theirs.begin(), theirs.begin() + static_cast<std::ptrdiff_t>(header));
+  const std::vector<uint8_t> mine = plain.value()->address();
+  reply.insert(reply.end(), mine.begin(), mine.end());
+
+  const uint64_t token = 0x5eed;
+  auto send = [&](const std::vector<uint8_t>& bytes) {
+    REQUIRE(wait_for([&](Completion done) { plain.value()->notify(peer.value(), bytes, done); }).ok());
+  };
+  send(staging::encode(staging::StagingRequest{token, 2, 1 << 20, reply, {}, {}}));
+  auto offer = next_answer();
+  REQUIRE(std::holds_alternative<staging::StagingOffer>(offer));
+  REQUIRE(std::get<staging::StagingOffer>(offer).error == 0);
+
+  SECTION("a newer version") {
+    std::vector<uint8_t> scatter = staging::encode(staging::Scatter{token, 42, 1, {{0x1000, 16}}});
+    scatter[4] = 9;  // version 9
+    send(scatter);
+    auto answer = next_answer();
+    REQUIRE(std::holds_alternative<staging::Scattered>(answer));
+    const auto& refused = std::get<staging::Scattered>(answer);
+    CHECK(refused.sender == token);
+    CHECK(refused.batch == 42);
+    CHECK(refused.slot == 1);
+    CHECK(refused.error == static_cast<uint32_t>(ErrorCode::kUnsupportedVersion));
+    CHECK(refused.message.find("version 9") != std::string::npos);
+  }
+  SECTION("damaged pieces") {
+    std::vector<uint8_t> scatter = staging::encode(staging::Scatter{token, 43, 0, {{0x1000, 16}}});
+    scatter[28] = 2;  // count: 2 pieces, 1 present
+    send(scatter);
+    auto answer = next_answer();
+    REQUIRE(std::holds_alternative<staging::Scattered>(answer));
+    CHECK(std::get<staging::Scattered>(answer).batch == 43);
+    CHECK(std::get<staging::Scattered>(answer).error == static_cast<uint32_t>(ErrorCode::kMalformed));
+  }
+  SECTION("from a sender it never offered staging: nothing to answer through, and it keeps serving") {
+    std::vector<uint8_t> scatter = staging::encode(staging::Scatter{token + 1, 44, 0, {{0x1000, 16}}});
+    scatter[4] = 9;
+    send(scatter);
+    // Asked again, the known sender still gets its offer: the receiver took the stray scatter in stride.
+    send(staging::encode(staging::StagingRequest{token, 2, 1 << 20, reply, {}, {}}));
+    auto again = next_answer();
+    REQUIRE(std::holds_alternative<staging::StagingOffer>(again));
+    CHECK(std::get<staging::StagingOffer>(again).sender == token);
   }
 }

@@ -3,7 +3,7 @@
 // types and versions, oversized slots, pieces that overflow) is refused with kMalformed or
 // kUnsupportedVersion instead of being acted on. The v3 hand-over fields (handover, ready_offset,
 // use) round-trip, leave messages without them byte for byte v1/v2, and are checked on decode; so
-// are v4's NCCL send sizes.
+// are v4's NCCL send sizes. A scatter that does not decode still yields the ids its refusal needs.
 #include <random>
 
 #include "catch.h"
@@ -362,4 +362,38 @@ TEST_CASE("v4 NCCL sends round-trip after v3's fields; one send stays v1; bad se
   coded.codec = 3;
   coded.row_bytes = 256;
   REQUIRE(refused(encode(coded), "sends of an encoded slot"));
+}
+
+TEST_CASE("a scatter that does not decode still names what its refusal must answer") {
+  Scatter scatter{0x1111, 0x2222, 3, {{0x1000, 16}}};
+  std::vector<uint8_t> bytes = encode(scatter);
+  bytes[4] = 9;  // a version this build does not read
+  Result<Message> decoded = decode(bytes);
+  REQUIRE(decoded.status().code() == ErrorCode::kUnsupportedVersion);
+  auto ids = scatter_ids(bytes);
+  REQUIRE(ids.has_value());
+  CHECK(ids->sender == 0x1111);
+  CHECK(ids->batch == 0x2222);
+  CHECK(ids->slot == 3);
+  CHECK(ids->version == 9);
+  // The refusal round-trips and carries decode's reason.
+  Result<Message> answer = decode(encode(refusal(*ids, decoded.status())));
+  REQUIRE(answer.ok());
+  const auto& refused = std::get<Scattered>(answer.value());
+  CHECK(refused.sender == 0x1111);
+  CHECK(refused.batch == 0x2222);
+  CHECK(refused.slot == 3);
+  CHECK(refused.error == static_cast<uint32_t>(ErrorCode::kUnsupportedVersion));
+  CHECK(refused.message.find("version 9") != std::string::npos);
+
+  // Only scatters, and only with all three ids present.
+  for (const Message& m : samples()) {
+    CHECK(scatter_ids(encode(m)).has_value() == std::holds_alternative<Scatter>(m));
+  }
+  const std::vector<uint8_t> whole = encode(scatter);
+  for (size_t n = 0; n < 28; ++n) {
+    CAPTURE(n);
+    CHECK_FALSE(scatter_ids(std::span(whole).first(n)).has_value());
+  }
+  CHECK(scatter_ids(std::span(whole).first(28)).has_value());
 }

@@ -28,10 +28,15 @@
 // several sends, which the receiver must match with receives of the same sizes): written only when
 // it has two or more entries, after v3's fields (whose `use` may then be 0); a v4 scatter without
 // it is refused.
+// Every version starts a Scatter with sender, batch and slot, so a receiver that cannot decode
+// one (a newer version, damaged pieces) can still answer it with an error (scatter_ids), and the
+// sender's put fails at once with the reason instead of by its timeout. Later versions must keep
+// those three fields first.
 // Value types, no threads.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <variant>
@@ -135,5 +140,19 @@ bool is_staging_message(std::span<const uint8_t> bytes);
 
 std::vector<uint8_t> encode(const Message& message);
 Result<Message> decode(std::span<const uint8_t> bytes);
+
+// What a receiver needs to refuse a Scatter it cannot decode: the ids every version starts it
+// with, and the version it claims. Empty when `bytes` is not a staging Scatter or is too short
+// to hold them.
+struct ScatterIds {
+  uint64_t sender = 0;
+  uint64_t batch = 0;
+  uint32_t slot = 0;
+  uint16_t version = 0;
+};
+std::optional<ScatterIds> scatter_ids(std::span<const uint8_t> bytes);
+// The answer to a Scatter that `decode` refused with `why` (its code and message, which names
+// the version or the damaged field).
+Scattered refusal(const ScatterIds& ids, const Status& why);
 
 }  // namespace kvf::protocol::staging
