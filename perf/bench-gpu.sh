@@ -10,6 +10,10 @@
 #   nccl:    raw ncclSend/ncclRecv of 1 GiB  vs  kvfabric's nccl path (when built);
 #   pinned:  raw pinned cudaMemcpyAsync D2H / H2D of 1 GiB  vs  kvfabric gather of the request's
 #            paged blocks into pinned host memory / scatter back (kvfabric-perf local);
+#   hoststaged: the request GPU to GPU over ucx_staged (gathered into pinned slots, one UCX put
+#            each between host buffers, scattered)  vs  the slowest of its stages measured raw:
+#            pinned D2H, pinned H2D (1 GiB) and ucx_perftest ucp_put_bw of 32 MiB (kvfabric-perf's
+#            ucx_staged slot); one GPU is enough;
 #   overlap: the request streamed over cuda_ipc while a compute stream runs Llama-3-8B-shaped
 #            prefill GEMMs of 8192 tokens per layer: compute slowdown and the tail from the last
 #            layer's compute to its LayerReady, against one layer's transfer time;
@@ -32,7 +36,7 @@
 # Every kvfabric path is run once with --verify first (the receiver checks every byte of random
 # data in poisoned blocks); a failed check fails the cell.
 # Usage: perf/bench-gpu.sh [--rounds N] [--iters N] [--out FILE.md] [--json-dir DIR] [--only CELLS]
-#   --only peer,nccl,pinned,overlap,store,pd,reuse,codec   (default: all; peer-sweep and staged-sweep:
+#   --only peer,nccl,pinned,hoststaged,overlap,store,pd,reuse,codec   (default: all; peer-sweep and staged-sweep:
 #   the cuda_ipc knobs, for tuning; staged-host: the staged path's host time per chunk, one GPU)
 # Environment: KVF_BIN (default build/bin); PEER_COPIES, PEER_CONCURRENT (see peer); FILL_ONCE=1
 # (layer requests send one pattern, filled once, instead of refilling before each); OVERLAP_ARGS
@@ -42,7 +46,7 @@
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on a shared host
 
-rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,overlap,store,pd,reuse,codec
+rounds=5 iters=20 out= json_dir= only=peer,nccl,pinned,hoststaged,overlap,store,pd,reuse,codec
 peer_copies=${PEER_COPIES:-kernel staged adaptive auto}
 peer_concurrent=${PEER_CONCURRENT:-2}
 run_limit=${RUN_LIMIT:-240}
@@ -53,7 +57,7 @@ while (($#)); do
     --out) out=${2:?}; shift 2 ;;
     --json-dir) json_dir=${2:?}; shift 2 ;;
     --only) only=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -89,6 +93,25 @@ raw() {
     record "$cell" raw "$round" "$(field "$j" gbps)"
   else
     record "$cell" raw "$round" fail; tail -3 "$tmp/last.log"
+  fi
+}
+
+# perftest_put CELL ROUND SIZE: ucx_perftest ucp_put_bw of SIZE-byte messages between host
+# buffers on this host (UCX's default transports), 1 GiB in all; its "overall" GB/s recorded as raw.
+perftest_put() {
+  local cell=$1 round=$2 size=$3 p=$((20000 + RANDOM % 20000)) sp mbs
+  if ! command -v ucx_perftest >/dev/null; then record "$cell" raw "$round" fail; echo "bench-gpu: no ucx_perftest"; return; fi
+  timeout "$run_limit" ucx_perftest -p "$p" >"$tmp/perftest-server.log" 2>&1 </dev/null &
+  sp=$!
+  sleep 1
+  timeout "$run_limit" ucx_perftest 127.0.0.1 -p "$p" -t ucp_put_bw -s "$size" -n $(((1 << 30) / size)) \
+    >"$tmp/perftest.log" 2>&1 </dev/null
+  wait "$sp" 2>/dev/null
+  mbs=$(awk '$1 == "Final:" { print $7 }' "$tmp/perftest.log")  # MB/s (2^20), overall
+  if [[ -n $mbs ]]; then
+    record "$cell" raw "$round" "$(python3 -c "print('%.3f' % ($mbs * 1048576 / 1e9))")"
+  else
+    record "$cell" raw "$round" fail; tail -3 "$tmp/perftest.log"
   fi
 }
 
@@ -169,6 +192,19 @@ r, n = med("nccl", "raw")
 if r is not None:
     k, _ = med("nccl", "kvfabric")
     lines.append(f"| nccl | {'not built' if k is None else f'{k:.1f}'} | {r if isinstance(r, str) else f'{r:.1f}'} | - | {n} |")
+k, n = med("hoststaged", "kvfabric")
+if k is not None:
+    # The anchor is the slowest of the path's stages, each measured raw in the same run.
+    stages = {name: med("hoststaged-" + name, "raw")[0] for name in ["d2h", "h2d", "ucx"]}
+    known = {name: v for name, v in stages.items() if isinstance(v, float)}
+    fmt = lambda x: f"{x:.1f}" if isinstance(x, float) else str(x)
+    name = "hoststaged (ucx_staged, GPU to GPU through host slots)" + (" (VERIFY FAILED)" if "hoststaged" in failed else "")
+    if known and isinstance(k, float):
+        slowest = min(known, key=known.get)
+        lines.append(f"| {name} | {fmt(k)} | {fmt(known[slowest])} ({slowest}) | {k / known[slowest]:.2f} | {n} |")
+    else:
+        lines.append(f"| {name} | {fmt(k)} | - | - | {n} |")
+    lines.append(f"| (its stages, raw) | | d2h {fmt(stages['d2h'])}, h2d {fmt(stages['h2d'])}, ucx put of 32 MiB {fmt(stages['ucx'])} | | |")
 ov_keys = ["compute_alone_ms", "compute_with_transfer_ms", "slowdown_pct", "tail_us", "layer_transfer_us", "tail_ratio"]
 # OVERLAP_COPIES: "overlap-KEY" for the default copy, "overlap@COPY-KEY" for the others.
 ov_tags = dict.fromkeys(r[0].split("-")[0] for r in rows if r[0].startswith("overlap") and r[1] == "kvfabric")
@@ -378,6 +414,25 @@ if cell_wanted pinned; then
       fi
       ((r % 2 == 0)) && raw "pinned-$dir" "$r" --mode $anchor_mode --bytes 1G --iters "$iters"
     done
+  done
+fi
+summarize >/dev/null
+
+# hoststaged: the host-staged path (--transport ucx_staged) with GPU memory on both sides: the
+# sender's GPU gathers each layer into pinned slots, UCX puts each slot between host buffers (on
+# one host: shared memory), the receiver's GPU scatters it. Its stages' raw rates, in the same
+# run and alternating: pinned D2H and H2D of 1 GiB, and ucx_perftest ucp_put_bw of one 32 MiB slot
+# (the staging size) between host buffers. The path cannot pass the slowest; the summary's ratio
+# is to that. Runs on one GPU too (both processes on it).
+if cell_wanted hoststaged && ((gpus >= 1)); then
+  start_server --transport ucx_staged --mem cuda:$((gpus >= 2 ? 1 : 0)) || exit 1
+  verified hoststaged --transport ucx_staged --mem cuda:0 --shuffle
+  for r in $(seq "$rounds"); do
+    echo "bench-gpu: hoststaged round $r/$rounds"
+    raw hoststaged-d2h "$r" --mode pinned-d2h --bytes 1G --iters "$iters"
+    kvf hoststaged "$r" --transport ucx_staged --mem cuda:0 --shuffle
+    raw hoststaged-h2d "$r" --mode pinned-h2d --bytes 1G --iters "$iters"
+    perftest_put hoststaged-ucx "$r" $((32 << 20))
   done
 fi
 summarize >/dev/null
