@@ -80,8 +80,8 @@ Status SlotMover::run(const Coding& coding, const std::vector<gpudirect::CopySeg
   return Status::Ok();
 }
 
-Status SlotMover::pin(void* p, uint64_t bytes) {
-  if (!on_gpu()) return Status::Ok();
+Result<std::optional<gpudirect::PinnedRegistration>> SlotMover::pin(void* p, uint64_t bytes) {
+  if (!on_gpu()) return std::optional<gpudirect::PinnedRegistration>();
   auto pinned = gpudirect::PinnedRegistration::register_range(p, bytes);
   if (!pinned.ok()) return pinned.status();
   if (pinned->device_pointer() != p) {
@@ -91,8 +91,7 @@ Status SlotMover::pin(void* p, uint64_t bytes) {
                   "pinned staging slots have another address on the GPU (no unified "
                   "virtual addressing): the ucx_staged transport cannot run here");
   }
-  pinned_.push_back(std::move(pinned.value()));
-  return Status::Ok();
+  return std::optional<gpudirect::PinnedRegistration>(std::move(pinned.value()));
 }
 
 Status SlotMover::check_kv_memory(const void* p, uint64_t bytes) const {

@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -54,9 +55,12 @@ class SlotMover {
 
   bool on_gpu() const { return device_ >= 0; }
   int device() const { return device_; }
-  // Makes `bytes` at `p` (a slot) reachable by the copy kernel (cudaHostRegister); a no-op on the
-  // CPU. The registration lives as long as this mover.
-  Status pin(void* p, uint64_t bytes);
+  // Makes `bytes` at `p` (slots) reachable by the copy kernel (cudaHostRegister) for as long as
+  // the caller keeps the registration, which it must drop before it frees the memory: a
+  // registration that outlives its pages stays in the driver, and a later allocation that reuses
+  // their addresses fails (a receiver's next stream once failed cudaMalloc with
+  // cudaErrorAlreadyMapped). None on the CPU.
+  Result<std::optional<gpudirect::PinnedRegistration>> pin(void* p, uint64_t bytes);
   // Whether a put may name [p, p+bytes) as KV memory: host memory registered with UCX (CPU), or
   // cudaMalloc'd memory of this mover's GPU.
   Status check_kv_memory(const void* p, uint64_t bytes) const;
@@ -83,7 +87,6 @@ class SlotMover {
   int device_ = -1;
   std::unique_ptr<gpudirect::SegmentCopier> copier_;
   gpudirect::CudaStream stream_;
-  std::vector<gpudirect::PinnedRegistration> pinned_;
   std::deque<Pending> pending_;  // in launch order, which is the order they finish on one stream
 
   // CPU workers.

@@ -249,6 +249,7 @@ class StagedTransport::Impl {
     uint32_t slots = 0;
     uint64_t slot_bytes = 0;
     std::optional<gpudirect::MemoryRegion> local;
+    std::optional<gpudirect::PinnedRegistration> local_pinned;  // GPU: `local`, registered; goes first
     std::deque<uint32_t> free_local;
     RemoteRegionId remote_slots = 0;
     std::deque<uint32_t> free_remote;
@@ -267,6 +268,7 @@ class StagedTransport::Impl {
     PeerId back = 0;
     KvCodec codec = KvCodec::kIdentity;  // what its slots hold
     uint32_t row_bytes = 0;
+    std::optional<gpudirect::PinnedRegistration> pinned;  // GPU: `slots`, registered; goes first
   };
 
   template <typename T>
@@ -363,11 +365,14 @@ class StagedTransport::Impl {
       lane_error_ = Status(local.status().code(), "ucx_staged: sender slots: " + local.status().message());
       return nullptr;
     }
-    if (Status s = mover_->pin(local->data(), local->size()); !s.ok()) {
-      lane_error_ = Status(s.code(), "ucx_staged: pinning sender slots: " + s.message());
+    auto pinned = mover_->pin(local->data(), local->size());
+    if (!pinned.ok()) {
+      lane_error_ =
+          Status(pinned.status().code(), "ucx_staged: pinning sender slots: " + pinned.status().message());
       return nullptr;
     }
     lane->local.emplace(std::move(local.value()));
+    lane->local_pinned = std::move(pinned.value());
     for (uint32_t i = 0; i < options_.slots; ++i) lane->free_local.push_back(i);
     const uint64_t token = lane->token;
     Lane* raw = lanes_.emplace(peer, std::move(lane)).first->second.get();
@@ -625,11 +630,12 @@ class StagedTransport::Impl {
       // into it (ordinary pages would go through cma or tcp).
       auto slots = gpudirect::MemoryRegion::allocate_ucx(context_, bytes);
       if (!slots.ok()) return refuse(slots.status());
-      if (Status s = mover_->pin(slots->data(), slots->size()); !s.ok()) return refuse(s);
+      auto pinned = mover_->pin(slots->data(), slots->size());
+      if (!pinned.ok()) return refuse(pinned.status());
       allocated_ += bytes;
       it = senders_
                .emplace(request.sender, Sender{std::move(slots.value()), request.slots, request.slot_bytes,
-                                               back, codec, request.row_bytes})
+                                               back, codec, request.row_bytes, std::move(pinned.value())})
                .first;
     }
     const protocol::RegionDescriptor d = it->second.slots.descriptor(0);

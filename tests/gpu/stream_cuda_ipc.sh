@@ -122,6 +122,20 @@ if kvf_run client-staged-host 120 env UCX_TLS=tcp "$KVF_PERF" client --connect 1
 else
   kvf_check_fail "ucx_staged GPU stream failed: $(tail -3 "$(kvf_logfile client-staged-host)")"
 fi
+# Senders one after another, with the Llama-3-8B-sized request and default slots: each one's
+# pinned slots are unregistered before they are freed. (They stayed registered once, and the
+# receiver's next 1 GiB cudaMalloc failed with cudaErrorAlreadyMapped.)
+llama_total=$(kvf_layers_bytes 32 512 32768)
+for n in 2 3; do
+  before=$(kvf_count_lines srv4 '^stream [0-9]+ from ')
+  if kvf_run client-staged-host$n 120 env UCX_TLS=tcp "$KVF_PERF" client --connect 127.0.0.1:$port4 \
+       --transport ucx_staged --mem cuda:$src --mode layers --layers 32 --blocks 512 --block-bytes 32K \
+       --shuffle --verify --iters 2; then
+    kvf_check_verified srv4 "$llama_total" "$before" 2 "ucx_staged, sender $n after the others left"
+  else
+    kvf_check_fail "ucx_staged GPU stream of sender $n failed: $(tail -3 "$(kvf_logfile client-staged-host$n)")"
+  fi
+done
 kill -TERM "$(kvf_pid srv4)" 2>/dev/null; kvf_forget srv4
 
 # A ucx sender against the cuda_ipc receiver is refused with the reason.
