@@ -633,6 +633,8 @@ class StagedTransport::Impl {
       auto pinned = mover_->pin(slots->data(), slots->size());
       if (!pinned.ok()) return refuse(pinned.status());
       allocated_ += bytes;
+      spdlog::info("ucx_staged: {} slots of {} MiB at {} for sender {:016x}", request.slots,
+                   request.slot_bytes >> 20, static_cast<const void*>(slots->data()), request.sender);
       it = senders_
                .emplace(request.sender, Sender{std::move(slots.value()), request.slots, request.slot_bytes,
                                                back, codec, request.row_bytes, std::move(pinned.value())})
@@ -720,6 +722,8 @@ class StagedTransport::Impl {
     }
     mover_->drain();
     allocated_ -= it->second.slots.size();
+    spdlog::info("ucx_staged: sender {:016x} gone; its {} MiB of slots at {} freed", token,
+                 it->second.slots.size() >> 20, static_cast<const void*>(it->second.slots.data()));
     senders_.erase(it);
   }
 
