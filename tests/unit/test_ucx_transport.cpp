@@ -83,21 +83,15 @@ TEST_CASE("UcxTransport puts bytes into a peer's region and flushes") {
     REQUIRE(f.get() == msg);
     b.value()->set_notification_handler(nullptr);
   }
-}
 
-TEST_CASE("UcxTransport knows its own progress thread, and only that one") {
-  auto ucx = gpudirect::UcxContext::create();
-  REQUIRE(ucx.ok());
-  auto a = UcxTransport::create(ucx.value());
-  auto b = UcxTransport::create(ucx.value());
-  REQUIRE(a.ok());
-  REQUIRE(b.ok());
-  CHECK_FALSE(a.value()->on_progress_thread());  // the test's own thread
-  std::promise<std::pair<bool, bool>> seen;
-  a.value()->post([&] {
-    seen.set_value({a.value()->on_progress_thread(), b.value()->on_progress_thread()});
-  });
-  auto [own, other] = seen.get_future().get();
-  CHECK(own);          // a task runs on a's progress thread
-  CHECK_FALSE(other);  // which is not b's
+  SECTION("each knows its own progress thread, and only that one") {
+    CHECK_FALSE(a.value()->on_progress_thread());  // the test's own thread
+    std::promise<std::pair<bool, bool>> seen;
+    a.value()->post([&] {
+      seen.set_value({a.value()->on_progress_thread(), b.value()->on_progress_thread()});
+    });
+    auto [own, other] = seen.get_future().get();
+    CHECK(own);          // a task runs on a's progress thread
+    CHECK_FALSE(other);  // which is not b's
+  }
 }
