@@ -143,6 +143,10 @@ class CudaIpcTransport::Impl {
     // Nothing may still write through a mapping that is about to be closed.
     call<int>([this] {
       synchronize_all();
+      if (adaptive_direct_ + adaptive_staged_ > 0) {
+        spdlog::info("cuda_ipc (GPU {}): adaptive copies chose direct for {} puts, staged for {}",
+                     options_.device, adaptive_direct_, adaptive_staged_);
+      }
       report_trace();
       const Status down(ErrorCode::kAborted, "transport shut down");
       for (auto& [peer, lane] : lanes_) fail_lane(*lane, down);
@@ -172,10 +176,13 @@ class CudaIpcTransport::Impl {
 
   const std::vector<uint8_t>& address() const { return address_; }
   bool nccl() const { return options_.copy == CudaCopyMethod::kNccl; }
+  // Whether any put may go through the receiver's staging (and so needs the peer's own addresses).
+  bool may_stage() const {
+    return options_.copy == CudaCopyMethod::kStaged || options_.copy == CudaCopyMethod::kAdaptive || nccl();
+  }
   std::string_view name() const { return nccl() ? "nccl" : "cuda_ipc"; }
   uint64_t suggested_inflight_bytes() const {
-    if (options_.copy != CudaCopyMethod::kStaged && options_.copy != CudaCopyMethod::kAdaptive && !nccl())
-      return 0;
+    if (!may_stage()) return 0;
     return 2 * uint64_t{options_.staging_remote_slots} * staging_slot_bytes();
   }
   int device() const { return options_.device; }
@@ -1201,9 +1208,7 @@ class CudaIpcTransport::Impl {
   // segments_ (and, for staging, staged_destinations_: the peer's own address of each) for a
   // batch into the peer's GPU regions, bounds-checked.
   Status make_segments(PeerId peer, const std::vector<PutOp>& ops) {
-    const bool staged = options_.copy == CudaCopyMethod::kStaged ||
-                        options_.copy == CudaCopyMethod::kAdaptive ||
-                        nccl();  // direct puts need no peer addresses
+    const bool staged = may_stage();  // direct puts need no peer addresses
     segments_.clear();
     staged_destinations_.clear();
     segments_.reserve(ops.size());
@@ -1316,9 +1321,12 @@ class CudaIpcTransport::Impl {
       return fail(broken_);
     }
     mark('L');
-    ++p->second.direct_in_flight;
-    enqueue_events({&stream}, [this, peer, done = std::move(done)](const Status& st) {
-      if (auto q = peers_.find(peer); q != peers_.end()) --q->second.direct_in_flight;
+    // kAdaptive counts the direct puts in flight (its "link busy"); the others need no count.
+    const bool counted = options_.copy == CudaCopyMethod::kAdaptive;
+    if (counted) ++p->second.direct_in_flight;
+    if (!counted && !timeline_) return enqueue_events({&stream}, std::move(done));
+    enqueue_events({&stream}, [this, peer, counted, done = std::move(done)](const Status& st) {
+      if (auto q = peers_.find(peer); counted && q != peers_.end()) --q->second.direct_in_flight;
       if (timeline_) mark('D');
       if (done) done(st);
     });
@@ -1502,11 +1510,6 @@ class CudaIpcTransport::Impl {
   }
 
   void report_trace() {
-    if (adaptive_direct_ + adaptive_staged_ > 0) {
-      spdlog::info("cuda_ipc (GPU {}): adaptive copies chose direct for {} puts, staged for {}",
-                   options_.device, adaptive_direct_, adaptive_staged_);
-      adaptive_direct_ = adaptive_staged_ = 0;
-    }
     static constexpr const char* kHostWork[] = {
         "puts taken",         "scatters asked", "answers",         "decodes",         "of which scatter",
         "of which puts done", "chunk launches", "of which encode", "of which notify", "of which staging"};
