@@ -61,6 +61,7 @@ while (($#)); do
     *) echo "bench-gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # perf/
 bin=${KVF_BIN:-build/bin}
 perf=$bin/kvfabric-perf anchors=$bin/kvfabric-gpu-anchors
 for b in "$perf" "$anchors"; do [[ -x $b ]] || { echo "bench-gpu.sh: $b is not built" >&2; exit 2; }; done
@@ -97,21 +98,14 @@ raw() {
 }
 
 # perftest_put CELL ROUND SIZE: ucx_perftest ucp_put_bw of SIZE-byte messages between host
-# buffers on this host (UCX's default transports), 1 GiB in all; its "overall" GB/s recorded as raw.
+# buffers on this host (UCX's default transports, perf/ucx_perftest_put.sh), 1 GiB in all; its
+# "overall" GB/s recorded as raw.
 perftest_put() {
-  local cell=$1 round=$2 size=$3 p=$((20000 + RANDOM % 20000)) sp mbs
-  if ! command -v ucx_perftest >/dev/null; then record "$cell" raw "$round" fail; echo "bench-gpu: no ucx_perftest"; return; fi
-  timeout "$run_limit" ucx_perftest -p "$p" >"$tmp/perftest-server.log" 2>&1 </dev/null &
-  sp=$!
-  sleep 1
-  timeout "$run_limit" ucx_perftest 127.0.0.1 -p "$p" -t ucp_put_bw -s "$size" -n $(((1 << 30) / size)) \
-    >"$tmp/perftest.log" 2>&1 </dev/null
-  wait "$sp" 2>/dev/null
-  mbs=$(awk '$1 == "Final:" { print $7 }' "$tmp/perftest.log")  # MB/s (2^20), overall
-  if [[ -n $mbs ]]; then
-    record "$cell" raw "$round" "$(python3 -c "print('%.3f' % ($mbs * 1048576 / 1e9))")"
+  local cell=$1 round=$2 size=$3 out
+  if out=$(BENCH_TIMEOUT_S="$run_limit" "$here/ucx_perftest_put.sh" "$size" $(((1 << 30) / size)) 2>"$tmp/perftest.err"); then
+    record "$cell" raw "$round" "${out% *}"
   else
-    record "$cell" raw "$round" fail; tail -3 "$tmp/perftest.log"
+    record "$cell" raw "$round" fail; echo "bench-gpu: $cell: $(cat "$tmp/perftest.err")"
   fi
 }
 

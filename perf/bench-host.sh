@@ -14,11 +14,8 @@
 #   --quick     fewer bytes per run (64 MiB instead of 512 MiB) and a 128-block layers request
 #   --out FILE  also write the table as markdown (with date, machine and command) to FILE
 # Environment: KVF_BIN (default build/bin), BENCH_TIMEOUT_S (per run, default 120).
-# ucx_perftest's "Final:" line is: iterations, latency p50 / average / overall (usec), bandwidth
-# average / overall (MB/s), message rate average / overall. "average" there is the moment value
-# (since its last periodic report, once a second), "overall" the whole timed run; the overall one
-# is what kvfabric-perf reports, so that is the one compared. UCX's MB is 2^20 bytes; both sides
-# are converted to GB/s = 1e9 bytes/s.
+# The anchor is ucx_perftest's "overall" bandwidth of each run (perf/ucx_perftest_put.sh), what
+# kvfabric-perf reports too; both sides are converted to GB/s = 1e9 bytes/s.
 set -uo pipefail
 # kvfabric sets UCX's tcp segments to 64 KiB unless the user's UCX_* variables say otherwise;
 # ucx_perftest gets the same setting so that the comparison is of the same UCX configuration.
@@ -41,6 +38,7 @@ done
 [[ -z $rounds ]] && rounds=$((quick ? 3 : 5))
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "bench-host.sh: --rounds wants a positive integer, got '$rounds'" >&2; exit 2; }
 
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # perf/
 bin=${KVF_BIN:-build/bin}
 perf_real=$bin/kvfabric-perf
 [[ -x $perf_real ]] || { echo "bench-host.sh: $perf_real is not built (set KVF_BIN)" >&2; exit 2; }
@@ -65,15 +63,14 @@ perf=$tmp/kvfbench-perf
 results=$tmp/results.tsv  # transport  tool  size  round  GB/s (or "fail")
 : >"$results"
 declare -A server_pid=() server_port=() restarts=()
-bg_pids=()
 
 cleanup() {
   local pid
-  for pid in "${server_pid[@]}" "${bg_pids[@]}"; do
+  for pid in "${server_pid[@]}"; do
     kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null
   done
   sleep 0.3
-  for pid in "${server_pid[@]}" "${bg_pids[@]}"; do
+  for pid in "${server_pid[@]}"; do
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
   done
   [[ ${BENCH_KEEP_TMP:-0} == 1 ]] && echo "bench-host: logs kept in $tmp" || rm -rf "$tmp"
@@ -97,21 +94,6 @@ tls_env() {
 # transport_args TRANSPORT: kvfabric-perf's --transport for it (both sides).
 transport_args() {
   if [[ $1 == *-staged ]]; then echo "--transport ucx_staged --staging-bytes 8M"; fi
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# Waits (up to 10 s) until something listens on 127.0.0.1:PORT, without connecting to it
-# (ucx_perftest's server takes exactly one connection).
-wait_listening() {
-  local port=$1 i
-  for ((i = 0; i < 100; i++)); do
-    ss -Hltn "sport = :$port" 2>/dev/null | grep -q . && return 0
-    sleep 0.1
-  done
-  return 1
 }
 
 start_kvf_server() {
@@ -148,34 +130,17 @@ ensure_kvf_server() {
 
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$results"; }
 
-# perftest_run TRANSPORT SIZE ROUND
+# perftest_run TRANSPORT SIZE ROUND (perf/ucx_perftest_put.sh runs it and reads its figure)
 perftest_run() {
-  local transport=$1 size=$2 round=$3 port iters log=$tmp/perftest.log spid
+  local transport=$1 size=$2 round=$3 iters out
   iters=$((run_bytes / size))
-  port=$(free_port)
-  env -u UCX_TLS $(tls_env "$transport") $perftest_tuning timeout -k 3 "$run_timeout" ucx_perftest -p "$port" \
-    >"$tmp/perftest-server.log" 2>&1 </dev/null &
-  spid=$!
-  bg_pids+=("$spid")
-  if ! wait_listening "$port"; then
-    progress "  ucx_perftest $transport $(human "$size"): its server did not listen on $port"
-    kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
+  if ! out=$(env -u UCX_TLS $(tls_env "$transport") $perftest_tuning BENCH_TIMEOUT_S="$run_timeout" \
+               "$here/ucx_perftest_put.sh" "$size" "$iters" 2>"$tmp/perftest.err"); then
+    progress "  ucx_perftest $transport $(human "$size"): FAILED: $(cat "$tmp/perftest.err")"
     record "$transport" perftest "$size" "$round" fail
     return
   fi
-  env -u UCX_TLS $(tls_env "$transport") $perftest_tuning timeout -k 3 "$run_timeout" ucx_perftest 127.0.0.1 -p "$port" \
-    -t ucp_put_bw -s "$size" -n "$iters" -w $((iters / 10 + 1)) >"$log" 2>&1 </dev/null
-  local rc=$?
-  wait "$spid" 2>/dev/null
-  local mbs
-  mbs=$(awk '$1 == "Final:" { print $7 }' "$log")
-  if [[ $rc != 0 || -z $mbs ]]; then
-    progress "  ucx_perftest $transport $(human "$size"): FAILED (exit $rc): $(grep -v '^[|+]' "$log" | tail -n2 | tr '\n' ' ')"
-    record "$transport" perftest "$size" "$round" fail
-    return
-  fi
-  local gbps
-  gbps=$(python3 -c "print('%.4f' % ($mbs * 1048576 / 1e9))")
+  local gbps=${out% *} mbs=${out#* }
   record "$transport" perftest "$size" "$round" "$gbps"
   progress "  ucx_perftest   $transport $(human "$size"): $gbps GB/s ($mbs MB/s overall, $iters x $(human "$size"))"
 }
