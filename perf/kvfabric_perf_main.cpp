@@ -179,6 +179,9 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
                     "--copy must be auto, kernel, ce, ce1, staged or adaptive, got '" + copy + "'");
     }
     cuda.adaptive_stages_same_gpu = args["adaptive-same-gpu"].as<bool>();
+    if (cuda.adaptive_stages_same_gpu && cuda.copy != CudaCopyMethod::kAdaptive) {
+      return Status(ErrorCode::kInvalidArgument, "--adaptive-same-gpu needs --copy adaptive");
+    }
     if (kind == "nccl") cuda.copy = CudaCopyMethod::kNccl;  // --copy does not apply
     auto transport = CudaIpcTransport::create(ucx, cuda);
     if (!transport.ok()) return transport.status();
