@@ -272,6 +272,14 @@ void ControlConnection::finish(Status reason) {
       spdlog::error("control connection {}: close handler threw: {}", remote_, e.what());
     }
   }
+  std::lock_guard lock(ended_mutex_);
+  ended_ = true;
+  ended_cv_.notify_all();
+}
+
+bool ControlConnection::wait_closed(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(ended_mutex_);
+  return ended_cv_.wait_for(lock, timeout, [this] { return ended_; });
 }
 
 void ControlConnection::arm_read_timer(std::chrono::milliseconds after, Status on_expiry) {

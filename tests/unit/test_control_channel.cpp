@@ -9,9 +9,11 @@
 
 #include <condition_variable>
 #include <cstring>
+#include <future>
 #include <mutex>
 #include <thread>
 
+#include <boost/asio/post.hpp>
 #include <boost/asio/write.hpp>
 #include "catch.h"
 
@@ -509,6 +511,49 @@ TEST_CASE("a local close flushes queued frames and reports its reason once", "[c
   REQUIRE(statuses.size() == 1);
   CHECK(statuses[0].code() == ErrorCode::kAborted);
   CHECK(statuses[0].message() == "test is done");
+}
+
+TEST_CASE("wait_closed: a frame queued before close reaches the peer although the context stops next",
+          "[control]") {
+  // The owner's shutdown order (close, wait_closed, stop the context) with the io thread held
+  // busy, so that the send and the close are still only queued when the owner wants to stop:
+  // stopping the context without waiting would drop the frame.
+  auto ctx = std::make_unique<ControlContext>();
+  std::promise<std::shared_ptr<ControlConnection>> accepted;
+  auto listening =
+      ControlServer::listen(ctx->io(), "127.0.0.1", 0, [&](std::shared_ptr<ControlConnection> c) {
+        c->start([](const proto::Message&) {}, [](const Status&) {});
+        accepted.set_value(std::move(c));
+      });
+  REQUIRE(listening.ok());
+  auto connected = BlockingControlClient::connect("127.0.0.1", listening.value()->port(), 2s);
+  REQUIRE(connected.ok());
+  BlockingControlClient client = std::move(connected).value();
+  auto accepted_future = accepted.get_future();
+  REQUIRE(accepted_future.wait_for(5s) == std::future_status::ready);
+  std::shared_ptr<ControlConnection> connection = accepted_future.get();
+
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  boost::asio::post(ctx->io(), [released] { released.wait(); });
+  connection->send(proto::Bye{"last words"});
+  connection->close(Status(ErrorCode::kAborted, "owner stopping"));
+  CHECK_FALSE(connection->wait_closed(100ms));  // the io thread is held: nothing written yet
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(200ms);
+    release.set_value();
+  });
+  CHECK(connection->wait_closed(5s));
+  releaser.join();
+  listening.value()->stop();
+  listening.value().reset();
+  connection.reset();
+  ctx->stop();
+
+  auto bye = client.receive(5s);
+  REQUIRE(bye.ok());
+  CHECK(std::get<proto::Bye>(*bye).reason == "last words");
+  CHECK(client.receive(5s).status().code() == ErrorCode::kPeerLost);
 }
 
 TEST_CASE("BlockingControlClient: timeouts, refused connections and garbage", "[control]") {

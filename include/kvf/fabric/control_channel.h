@@ -7,6 +7,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -92,6 +93,11 @@ class ControlConnection : public std::enable_shared_from_this<ControlConnection>
   // Stops reading, flushes what was queued before (bounded by write_timeout), closes the socket and
   // reports `reason` to on_close. Idempotent; the first reason to end the connection wins.
   void close(Status reason);
+  // Blocks until the connection has ended (after close(): its queued frames written or given up
+  // on, the socket closed, on_close returned), or until `timeout`; true if it ended. An owner
+  // calls it between close() and stopping the ControlContext, whose stop drops unwritten frames.
+  // Never from the io thread, which would wait on itself.
+  bool wait_closed(std::chrono::milliseconds timeout);
   // "127.0.0.1:40312" / "[::1]:40312"; fixed at construction.
   const std::string& remote() const { return remote_; }
   // Bytes queued but not yet written; lets a producer apply back-pressure.
@@ -146,6 +152,11 @@ class ControlConnection : public std::enable_shared_from_this<ControlConnection>
   std::vector<std::vector<uint8_t>> inflight_;
   bool writing_ = false;
   std::atomic<size_t> queued_bytes_{0};
+
+  // Set once finish() is done; the only state read off the strand (by wait_closed).
+  std::mutex ended_mutex_;
+  std::condition_variable ended_cv_;
+  bool ended_ = false;
 };
 
 // Listens on host:port and hands each accepted connection to on_accept (on the io thread), which
