@@ -82,7 +82,9 @@ Status SlotMover::run(const Coding& coding, const std::vector<gpudirect::CopySeg
 
 Result<std::optional<gpudirect::PinnedRegistration>> SlotMover::pin(void* p, uint64_t bytes) {
   if (!on_gpu()) return std::optional<gpudirect::PinnedRegistration>();
-  auto pinned = gpudirect::PinnedRegistration::register_range(p, bytes);
+  // The slots are UCX-mapped memory, which UCX may have page-locked itself (see
+  // register_or_reuse): then its registration, which lives as long as the mapping, serves.
+  auto pinned = gpudirect::PinnedRegistration::register_or_reuse(p, bytes);
   if (!pinned.ok()) return pinned.status();
   if (pinned->device_pointer() != p) {
     // The segment lists carry host addresses; a GPU that needs other ones (no unified addressing)

@@ -55,8 +55,9 @@ class SlotMover {
 
   bool on_gpu() const { return device_ >= 0; }
   int device() const { return device_; }
-  // Makes `bytes` at `p` (slots) reachable by the copy kernel (cudaHostRegister) for as long as
-  // the caller keeps the registration, which it must drop before it frees the memory: a
+  // Makes `bytes` at `p` (slots) reachable by the copy kernel (cudaHostRegister; or, where UCX
+  // page-locked its mapping already, UCX's registration) for as long as the caller keeps the
+  // registration, which it must drop before it frees the memory: a
   // registration that outlives its pages stays in the driver, and a later allocation that reuses
   // their addresses fails (a receiver's next stream once failed cudaMalloc with
   // cudaErrorAlreadyMapped). None on the CPU.

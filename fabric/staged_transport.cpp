@@ -633,8 +633,9 @@ class StagedTransport::Impl {
       auto pinned = mover_->pin(slots->data(), slots->size());
       if (!pinned.ok()) return refuse(pinned.status());
       allocated_ += bytes;
-      spdlog::info("ucx_staged: {} slots of {} MiB at {} for sender {:016x}", request.slots,
-                   request.slot_bytes >> 20, static_cast<const void*>(slots->data()), request.sender);
+      spdlog::info("ucx_staged: {} slots of {} MiB at {} for sender {:016x}{}", request.slots,
+                   request.slot_bytes >> 20, static_cast<const void*>(slots->data()), request.sender,
+                   pinned.value() && !pinned.value()->owned() ? " (page-locked by UCX already)" : "");
       it = senders_
                .emplace(request.sender, Sender{std::move(slots.value()), request.slots, request.slot_bytes,
                                                back, codec, request.row_bytes, std::move(pinned.value())})

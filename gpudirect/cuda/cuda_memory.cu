@@ -221,11 +221,40 @@ void DeviceBuffer::reset() {
 // --- PinnedRegistration / PinnedBuffer ------------------------------------------------------------
 
 Result<PinnedRegistration> PinnedRegistration::register_range(void* p, uint64_t bytes) {
+  return register_impl(p, bytes, /*reuse_existing=*/false);
+}
+
+Result<PinnedRegistration> PinnedRegistration::register_or_reuse(void* p, uint64_t bytes) {
+  return register_impl(p, bytes, /*reuse_existing=*/true);
+}
+
+Result<PinnedRegistration> PinnedRegistration::register_impl(void* p, uint64_t bytes, bool reuse_existing) {
   if (p == nullptr || bytes == 0) {
     return Status(ErrorCode::kInvalidArgument, "PinnedRegistration: null pointer or zero bytes");
   }
   if (Status s = require_cuda(); !s.ok()) return s;
   cudaError_t err = cudaHostRegister(p, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
+  if (err == cudaErrorHostMemoryAlreadyRegistered && reuse_existing) {
+    cudaGetLastError();
+    // Pinned whole by one registration: both ends are page-locked host memory, and the GPU sees
+    // them the same distance apart. (One registration pins a contiguous range.)
+    auto last = static_cast<uint8_t*>(p) + (bytes - 1);
+    cudaPointerAttributes first_attr{};
+    cudaPointerAttributes last_attr{};
+    const bool pinned = cudaPointerGetAttributes(&first_attr, p) == cudaSuccess &&
+                        cudaPointerGetAttributes(&last_attr, last) == cudaSuccess &&
+                        first_attr.type == cudaMemoryTypeHost && last_attr.type == cudaMemoryTypeHost &&
+                        first_attr.devicePointer != nullptr &&
+                        static_cast<uint8_t*>(last_attr.devicePointer) ==
+                            static_cast<uint8_t*>(first_attr.devicePointer) + (bytes - 1);
+    if (!pinned) {
+      cudaGetLastError();
+      return Status(ErrorCode::kInvalidArgument,
+                    "cudaHostRegister of " + std::to_string(bytes) +
+                        " bytes: part of the range is already registered with CUDA, part is not");
+    }
+    return PinnedRegistration(p, bytes, first_attr.devicePointer, /*owned=*/false);
+  }
   if (err != cudaSuccess) {
     return cuda_error("cudaHostRegister of " + std::to_string(bytes) + " bytes", err);
   }
@@ -236,12 +265,13 @@ Result<PinnedRegistration> PinnedRegistration::register_range(void* p, uint64_t 
     cudaHostUnregister(p);
     return s;
   }
-  return PinnedRegistration(p, bytes, device_pointer);
+  return PinnedRegistration(p, bytes, device_pointer, /*owned=*/true);
 }
 
 void PinnedRegistration::reset() {
   if (data_ == nullptr) return;
-  if (cudaHostUnregister(data_) != cudaSuccess) cudaGetLastError();
+  if (owned_ && cudaHostUnregister(data_) != cudaSuccess) cudaGetLastError();
+  owned_ = false;
   data_ = nullptr;
   bytes_ = 0;
   device_pointer_ = nullptr;

@@ -21,6 +21,9 @@ void DeviceBuffer::reset() {}
 Result<PinnedRegistration> PinnedRegistration::register_range(void*, uint64_t) {
   return built_without_cuda("PinnedRegistration::register_range");
 }
+Result<PinnedRegistration> PinnedRegistration::register_or_reuse(void*, uint64_t) {
+  return built_without_cuda("PinnedRegistration::register_or_reuse");
+}
 void PinnedRegistration::reset() {}
 
 Result<PinnedBuffer> PinnedBuffer::allocate(uint64_t) {

@@ -137,6 +137,23 @@ for n in 2 3; do
   fi
 done
 kill -TERM "$(kvf_pid srv4)" 2>/dev/null; kvf_forget srv4
+# The same with UCX's default transports (shared memory on one host): UCX's cuda_copy domain then
+# page-locks the slots it maps itself, once the receiver's thread has a CUDA context, so every
+# sender after the first used to be refused ("already registered"). The receiver uses UCX's pin.
+port5=$(kvf_free_port)
+kvf_start_bg srv5 "$KVF_PERF" server --listen 127.0.0.1:$port5 --transport ucx_staged --mem cuda:$dst
+kvf_wait_for_line srv5 'listening on ' 20 || kvf_die "ucx_staged server (default UCX_TLS) did not start: $(tail -3 "$(kvf_logfile srv5)")"
+for n in 1 2 3; do
+  before=$(kvf_count_lines srv5 '^stream [0-9]+ from ')
+  if kvf_run client-staged-shm$n 120 "$KVF_PERF" client --connect 127.0.0.1:$port5 \
+       --transport ucx_staged --mem cuda:$src --mode layers --layers 32 --blocks 512 --block-bytes 32K \
+       --shuffle --verify --iters 2; then
+    kvf_check_verified srv5 "$llama_total" "$before" 2 "ucx_staged over UCX's default transports, sender $n"
+  else
+    kvf_check_fail "ucx_staged (default UCX_TLS) sender $n failed: $(tail -3 "$(kvf_logfile client-staged-shm$n)")"
+  fi
+done
+kill -TERM "$(kvf_pid srv5)" 2>/dev/null; kvf_forget srv5
 
 # A ucx sender against the cuda_ipc receiver is refused with the reason.
 if kvf_run mismatch 60 "$KVF_PERF" client --connect 127.0.0.1:$port --mode layers --layers 2 --blocks 4 \

@@ -336,6 +336,40 @@ TEST_CASE("CUDA failures come back as Status values", "[api-errors]") {
   REQUIRE(untimed->elapsed_ms_since(*timed).status().code() != ErrorCode::kOk);
 }
 
+TEST_CASE("register_or_reuse uses another owner's whole registration and leaves it alone", "[api-errors]") {
+  if (!have_gpu()) return;
+  // UCX page-locks host memory it maps once a CUDA context is current; the staged transport's
+  // slots then come back pinned already (the second sender to one receiver was once refused).
+  std::vector<uint8_t> host(4 << 20);
+  {
+    Result<PinnedRegistration> owner = PinnedRegistration::register_range(host.data(), host.size());
+    REQUIRE(owner.ok());
+    REQUIRE(owner->owned());
+    {
+      Result<PinnedRegistration> reused = PinnedRegistration::register_or_reuse(host.data(), host.size());
+      REQUIRE(reused.ok());
+      CHECK_FALSE(reused->owned());
+      CHECK(reused->device_pointer() == owner->device_pointer());
+      CHECK(reused->size() == host.size());
+    }
+    // Dropping the reuse left the owner's registration in place: registering again is refused.
+    CHECK(PinnedRegistration::register_range(host.data(), host.size()).status().code() ==
+          ErrorCode::kInvalidArgument);
+  }
+  // The owner's registration is gone with it; register_or_reuse then registers (and owns) its own.
+  {
+    Result<PinnedRegistration> fresh = PinnedRegistration::register_or_reuse(host.data(), host.size());
+    REQUIRE(fresh.ok());
+    CHECK(fresh->owned());
+  }
+  // Pinned in part only: refused, not half-used.
+  Result<PinnedRegistration> half = PinnedRegistration::register_range(host.data(), host.size() / 2);
+  REQUIRE(half.ok());
+  Result<PinnedRegistration> whole = PinnedRegistration::register_or_reuse(host.data(), host.size());
+  std::printf("registering a half-pinned range: %s\n", whole.status().to_string().c_str());
+  CHECK(whole.status().code() == ErrorCode::kInvalidArgument);
+}
+
 TEST_CASE("peer access between GPUs is idempotent", "[api-errors]") {
   if (!have_gpu()) return;
   REQUIRE(enable_peer_access(0, 0).ok());

@@ -58,17 +58,25 @@ class DeviceBuffer {
 class PinnedRegistration {
  public:
   static Result<PinnedRegistration> register_range(void* p, uint64_t bytes);
+  // Like register_range, except that a range another owner in this process has already
+  // page-locked whole is used as it stands. (UCX's cuda_copy domain page-locks the host memory it
+  // maps once a CUDA context is current on the mapping thread, so the same slots can come back
+  // from ucp_mem_map pinned or not.) Such a registration unregisters nothing: the other owner's
+  // must outlive it. A range pinned only in part is refused (kInvalidArgument).
+  static Result<PinnedRegistration> register_or_reuse(void* p, uint64_t bytes);
 
   PinnedRegistration(PinnedRegistration&& o) noexcept
       : data_(std::exchange(o.data_, nullptr)),
         bytes_(std::exchange(o.bytes_, 0)),
-        device_pointer_(std::exchange(o.device_pointer_, nullptr)) {}
+        device_pointer_(std::exchange(o.device_pointer_, nullptr)),
+        owned_(std::exchange(o.owned_, false)) {}
   PinnedRegistration& operator=(PinnedRegistration&& o) noexcept {
     if (this != &o) {
       reset();
       data_ = std::exchange(o.data_, nullptr);
       bytes_ = std::exchange(o.bytes_, 0);
       device_pointer_ = std::exchange(o.device_pointer_, nullptr);
+      owned_ = std::exchange(o.owned_, false);
     }
     return *this;
   }
@@ -81,14 +89,18 @@ class PinnedRegistration {
   // The address kernels use for data() (cudaHostGetDevicePointer); equal to data() where the
   // GPU can use host pointers directly.
   void* device_pointer() const { return device_pointer_; }
+  // False when register_or_reuse found the range pinned by another owner.
+  bool owned() const { return owned_; }
 
  private:
-  PinnedRegistration(void* data, uint64_t bytes, void* device_pointer)
-      : data_(data), bytes_(bytes), device_pointer_(device_pointer) {}
+  PinnedRegistration(void* data, uint64_t bytes, void* device_pointer, bool owned)
+      : data_(data), bytes_(bytes), device_pointer_(device_pointer), owned_(owned) {}
+  static Result<PinnedRegistration> register_impl(void* p, uint64_t bytes, bool reuse_existing);
   void reset();
   void* data_ = nullptr;
   uint64_t bytes_ = 0;
   void* device_pointer_ = nullptr;
+  bool owned_ = false;
 };
 
 // cudaHostAlloc'd (portable, mapped) host memory, for staging; cudaFreeHost'd on destruction.
