@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <future>
 #include <map>
@@ -14,6 +15,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "process_mappings.h"
 #include "task_queue.h"
 
 namespace kvf::fabric {
@@ -88,7 +90,14 @@ struct RemoteRegion {
   ucp_rkey_h rkey = nullptr;
   uint64_t base = 0;
   uint64_t length = 0;
+  // The region as mapped into this process (same-host shared memory), or null: see
+  // UcxTransportOptions::copy_into_mapped_regions.
+  uint8_t* mapped = nullptr;
 };
+
+bool is_host_memory(const gpudirect::MemoryRegion* region) {
+  return region != nullptr && region->kind() != protocol::MemoryKind::kCudaDevice;
+}
 
 struct QueuedOp {
   // kGet reuses `op` with `local` as the destination (GetOp's non-const pointer, stored const).
@@ -257,9 +266,29 @@ class UcxTransport::Impl {
           return ucx_error("ucp_ep_rkey_unpack", st);
         }
       }
-      peer->regions.push_back(RemoteRegion{rkey, region.base_address, region.length});
+      peer->regions.push_back(
+          RemoteRegion{rkey, region.base_address, region.length, mapped_here(rkey, region)});
       return static_cast<RemoteRegionId>(peer->regions.size() - 1);
     });
+  }
+
+  // Where UCX mapped the region into this process, if it did and the whole described range lies
+  // inside that mapping (UCX does not check a remote address against its segment's length).
+  uint8_t* mapped_here(ucp_rkey_h rkey, const protocol::RegionDescriptor& region) const {
+    if (!options_.copy_into_mapped_regions || region.kind == protocol::MemoryKind::kCudaDevice ||
+        region.length == 0) {
+      return nullptr;
+    }
+    void* local = nullptr;
+    if (ucp_rkey_ptr(rkey, region.base_address, &local) != UCS_OK || local == nullptr) return nullptr;
+    if (!range_in_one_mapping(local, region.length)) {
+      spdlog::warn(
+          "ucx: a peer's region of {} bytes is longer than UCX's mapping of it here; its puts go "
+          "through UCX",
+          region.length);
+      return nullptr;
+    }
+    return static_cast<uint8_t*>(local);
   }
 
   void disconnect(PeerId peer_id) {
@@ -421,6 +450,16 @@ class UcxTransport::Impl {
     }
     ++peer.outstanding_puts;
     ++in_flight_;
+    if (r.mapped != nullptr && is_host_memory(op.local_region)) {
+      uint8_t* remote = r.mapped + op.remote_offset;
+      if (item.kind == QueuedOp::Kind::kGet) {
+        std::memcpy(const_cast<void*>(op.local), remote, op.length);
+      } else {
+        std::memcpy(remote, op.local, op.length);
+      }
+      complete(ctx, Status::Ok());
+      return;
+    }
     if (item.kind == QueuedOp::Kind::kGet) {
       // A get's request completes when the bytes are in local memory.
       ucs_status_ptr_t req = ucp_get_nbx(peer.ep, const_cast<void*>(op.local), op.length,

@@ -89,6 +89,10 @@ Result<std::unique_ptr<Transport>> make_one_transport(const cxxopts::ParseResult
   UcxTransportOptions options;
   options.max_outstanding_puts = args["window"].as<size_t>();
   options.peer_failure = peer_failure_option(args);
+  const std::string mapped_copy = args["mapped-copy"].as<std::string>();
+  if (mapped_copy != "on" && mapped_copy != "off")
+    return Status(ErrorCode::kInvalidArgument, "--mapped-copy must be on or off, not '" + mapped_copy + "'");
+  options.copy_into_mapped_regions = mapped_copy == "on";
   if (kind == "ucx") {
     auto transport = UcxTransport::create(ucx, options);
     if (!transport.ok()) return transport.status();
@@ -822,6 +826,7 @@ int main(int argc, char** argv) {
       ("peer-errors", "auto | on | off: UCX watches the peer (auto: remote hosts only; on a same-host peer "
        "UCX 1.13 then falls back to tcp)", cxxopts::value<std::string>()->default_value("auto"))
       ("window", "puts in flight per peer", cxxopts::value<size_t>()->default_value("64"))
+      ("mapped-copy", "ucx: puts into a same-host peer's shared-memory region as a memcpy (on) or through UCX (off)", cxxopts::value<std::string>()->default_value("on"))
       ("transport", "ucx | cuda_ipc (same host, GPU memory) | nccl (GPU memory, NCCL send/recv of staged layers; same or other host) | ucx_staged (gather -> one UCX put per slot -> the receiver scatters; host or GPU memory, any host), or a comma list in order of preference (e.g. cuda_ipc,ucx): each peer uses the first both sides offer", cxxopts::value<std::string>()->default_value("ucx"))
       ("topology", "without --transport: the transports (and their order) of FILE's transports.preference", cxxopts::value<std::string>())
       ("mem", "host | cuda:N: where this side's KV blocks live", cxxopts::value<std::string>()->default_value("host"))

@@ -95,3 +95,53 @@ TEST_CASE("UcxTransport puts bytes into a peer's region and flushes") {
     CHECK_FALSE(other);  // which is not b's
   }
 }
+
+TEST_CASE("UcxTransport into a UCX-allocated peer region: copies through its mapping here, or through UCX") {
+  // On one host UCX exports UCX-allocated memory as shared memory: the transport then copies into
+  // (and out of) the peer's segment mapped here, unless told not to. Both ways must place every
+  // byte where the ops say, and neither may pass the granted region.
+  auto ucx = gpudirect::UcxContext::create();
+  REQUIRE(ucx.ok());
+  const bool mapped_copy = GENERATE(true, false);
+  CAPTURE(mapped_copy);
+  UcxTransportOptions options;
+  options.copy_into_mapped_regions = mapped_copy;
+  auto a = UcxTransport::create(ucx.value(), options);
+  auto b = UcxTransport::create(ucx.value(), options);
+  REQUIRE(a.ok());
+  REQUIRE(b.ok());
+  const uint64_t bytes = 4 << 20;
+  auto src = gpudirect::MemoryRegion::allocate_host(ucx.value(), bytes);
+  auto dst = gpudirect::MemoryRegion::allocate_ucx(ucx.value(), bytes);
+  auto back = gpudirect::MemoryRegion::allocate_host(ucx.value(), bytes);
+  REQUIRE((src.ok() && dst.ok() && back.ok()));
+  fill_pattern(src->data(), bytes, PatternKey{7, 3, 1, 0});
+  poison(dst->data(), bytes);
+  poison(back->data(), bytes);
+  auto peer = a.value()->connect(b.value()->address());
+  REQUIRE(peer.ok());
+  auto remote = a.value()->import_region(peer.value(), dst->descriptor(1));
+  REQUIRE(remote.ok());
+
+  // Extents of uneven sizes, each to the mirror position, so an offset mistake cannot hide.
+  std::vector<PutOp> puts;
+  std::vector<GetOp> gets;
+  uint64_t off = 0;
+  for (uint64_t n = 1; off < bytes; ++n) {
+    const uint64_t len = std::min<uint64_t>(bytes - off, 4096 * n + 13);
+    puts.push_back(PutOp{src->data() + off, &src.value(), remote.value(), bytes - off - len, len});
+    gets.push_back(GetOp{back->data() + off, &back.value(), remote.value(), bytes - off - len, len});
+    off += len;
+  }
+  REQUIRE(wait_for([&](Completion done) { a.value()->put(peer.value(), puts, done); }).ok());
+  REQUIRE(wait_for([&](Completion done) { a.value()->flush(peer.value(), done); }).ok());
+  for (const PutOp& p : puts) {
+    REQUIRE(std::memcmp(dst->data() + p.remote_offset, p.local, p.length) == 0);
+  }
+  REQUIRE(wait_for([&](Completion done) { a.value()->get(peer.value(), gets, done); }).ok());
+  REQUIRE(std::memcmp(back->data(), src->data(), bytes) == 0);
+
+  PutOp past{src->data(), &src.value(), remote.value(), bytes - 8, 16};
+  CHECK(wait_for([&](Completion done) { a.value()->put(peer.value(), {past}, done); }).code() ==
+        ErrorCode::kInvalidArgument);
+}
