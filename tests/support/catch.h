@@ -3,6 +3,12 @@
 #if __has_include(<catch2/catch_all.hpp>)
 #include <catch2/catch_all.hpp>
 using Catch::Approx;  // v2 has it in the global namespace; tests write plain Approx
+namespace Catch {
+// v2's substring matcher under its v2 name (v3 calls it Matchers::ContainsSubstring).
+inline Matchers::StringContainsMatcher Contains(const std::string& text) {
+  return Matchers::ContainsSubstring(text);
+}
+}  // namespace Catch
 #else
 #include <catch2/catch.hpp>
 #endif
