@@ -14,8 +14,9 @@
 #            each between host buffers, scattered)  vs  the slowest of its stages measured raw:
 #            pinned D2H, pinned H2D (1 GiB) and ucx_perftest ucp_put_bw of 32 MiB (kvfabric-perf's
 #            ucx_staged slot; the faster of UCX's default transports and UCX_TLS=^cma, since on one
-#            host UCX puts large messages by cma, slower than its shared-memory copy); one GPU is
-#            enough;
+#            host UCX puts large messages by cma, slower than its shared-memory copy); also the
+#            path with its puts through UCX (--mapped-copy off) instead of a memcpy into the
+#            receiver's mapped slots; one GPU is enough;
 #   overlap: the request streamed over cuda_ipc while a compute stream runs Llama-3-8B-shaped
 #            prefill GEMMs of 8192 tokens per layer: compute slowdown and the tail from the last
 #            layer's compute to its LayerReady, against one layer's transfer time;
@@ -204,6 +205,10 @@ if k is not None:
         lines.append(f"| {name} | {fmt(k)} | {fmt(known[slowest])} ({slowest}) | {k / known[slowest]:.2f} | {n} |")
     else:
         lines.append(f"| {name} | {fmt(k)} | - | - | {n} |")
+    u, _ = med("hoststaged-ucxput", "kvfabric")
+    if u is not None:
+        ratio = f"{u / known['ucx']:.2f}" if isinstance(u, float) and "ucx" in known else "-"
+        lines.append(f"| hoststaged, slots put through UCX (--mapped-copy off) | {fmt(u)} | {fmt(known.get('ucx', '-'))} (ucx) | {ratio} | {n} |")
     lines.append(f"| (its stages, raw) | | d2h {fmt(stages['d2h'])}, h2d {fmt(stages['h2d'])}, ucx put of 32 MiB {fmt(stages['ucx'])} "
                  f"(default {fmt(med('hoststaged-ucx', 'raw')[0])}, ^cma {fmt(med('hoststaged-ucx-nocma', 'raw')[0])}) | | |")
 ov_keys = ["compute_alone_ms", "compute_with_transfer_ms", "slowdown_pct", "tail_us", "layer_transfer_us", "tail_ratio"]
@@ -432,6 +437,7 @@ if cell_wanted hoststaged && ((gpus >= 1)); then
     echo "bench-gpu: hoststaged round $r/$rounds"
     raw hoststaged-d2h "$r" --mode pinned-d2h --bytes 1G --iters "$iters"
     kvf hoststaged "$r" --transport ucx_staged --mem cuda:0 --shuffle
+    kvf hoststaged-ucxput "$r" --transport ucx_staged --mem cuda:0 --shuffle --mapped-copy off
     raw hoststaged-h2d "$r" --mode pinned-h2d --bytes 1G --iters "$iters"
     perftest_put hoststaged-ucx "$r" $((32 << 20))
     UCX_TLS=^cma perftest_put hoststaged-ucx-nocma "$r" $((32 << 20))
