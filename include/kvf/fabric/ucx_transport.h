@@ -33,9 +33,9 @@ struct UcxTransportOptions {
   PeerFailureDetection peer_failure = PeerFailureDetection::kAuto;
   // Puts and gets between host memory here and a same-host peer's region that UCX mapped into
   // this process (ucp_rkey_ptr: UCX-allocated memory over its shared-memory transports) are a
-  // memcpy on the progress thread. UCX itself moves large puts there by cma (a system call per
-  // put; on one H200 host 4.2-4.5 GB/s for 32 MiB puts, against 12.1-12.4 by its shared-memory
-  // copy). Off: every op goes through UCX.
+  // memcpy on the progress thread. UCX itself moves large puts there by cma, a system call per
+  // put, at about a third of its shared-memory copy's rate (one H200 host, perf/RESULTS.md
+  // session 11: the host-staged path 1.4x faster this way). Off: every op goes through UCX.
   bool copy_into_mapped_regions = true;
 };
 
