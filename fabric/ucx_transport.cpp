@@ -9,6 +9,7 @@
 #include <deque>
 #include <future>
 #include <map>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -120,7 +121,14 @@ class UcxTransport::Impl {
     std::deque<QueuedOp> queue;
     size_t outstanding_puts = 0;
     std::vector<RemoteRegion> regions;
-    std::map<std::vector<uint8_t>, ucp_rkey_h> rkeys;  // owns the unpacked rkeys
+    struct UnpackedRkey {
+      ucp_rkey_h handle = nullptr;  // owned
+      // The mapping here that holds the peer's segment, once a region of it was mapped here
+      // (see mapped_here): looked up once per rkey, since reading /proc/self/maps per region
+      // would cost the progress thread milliseconds per request.
+      std::optional<MappingBounds> mapping;
+    };
+    std::map<std::vector<uint8_t>, UnpackedRkey> rkeys;
     // Puts are grouped in epochs, one per flush: a flush completes only when UCX's flush has
     // completed AND every put of its epoch and the earlier ones has completed locally, so no
     // source buffer is still read by UCX when the caller hears "flushed" (seen with UCX 1.13
@@ -258,30 +266,31 @@ class UcxTransport::Impl {
       // One unpacked rkey per distinct packed rkey: a receiver that grants the same buffers
       // again (a KV pool) costs no new unpack, and over shared memory the peer's segment stays
       // mapped here with its page tables warm.
-      ucp_rkey_h& rkey = peer->rkeys[region.ucx_rkey];
-      if (rkey == nullptr) {
-        ucs_status_t st = ucp_ep_rkey_unpack(peer->ep, region.ucx_rkey.data(), &rkey);
+      Peer::UnpackedRkey& rkey = peer->rkeys[region.ucx_rkey];
+      if (rkey.handle == nullptr) {
+        ucs_status_t st = ucp_ep_rkey_unpack(peer->ep, region.ucx_rkey.data(), &rkey.handle);
         if (st != UCS_OK) {
           peer->rkeys.erase(region.ucx_rkey);
           return ucx_error("ucp_ep_rkey_unpack", st);
         }
       }
       peer->regions.push_back(
-          RemoteRegion{rkey, region.base_address, region.length, mapped_here(rkey, region)});
+          RemoteRegion{rkey.handle, region.base_address, region.length, mapped_here(rkey, region)});
       return static_cast<RemoteRegionId>(peer->regions.size() - 1);
     });
   }
 
   // Where UCX mapped the region into this process, if it did and the whole described range lies
   // inside that mapping (UCX does not check a remote address against its segment's length).
-  uint8_t* mapped_here(ucp_rkey_h rkey, const protocol::RegionDescriptor& region) const {
+  uint8_t* mapped_here(Peer::UnpackedRkey& rkey, const protocol::RegionDescriptor& region) const {
     if (!options_.copy_into_mapped_regions || region.kind == protocol::MemoryKind::kCudaDevice ||
         region.length == 0) {
       return nullptr;
     }
     void* local = nullptr;
-    if (ucp_rkey_ptr(rkey, region.base_address, &local) != UCS_OK || local == nullptr) return nullptr;
-    if (!range_in_one_mapping(local, region.length)) {
+    if (ucp_rkey_ptr(rkey.handle, region.base_address, &local) != UCS_OK || local == nullptr) return nullptr;
+    if (!rkey.mapping || !rkey.mapping->holds(local, 1)) rkey.mapping = mapping_containing(local);
+    if (!rkey.mapping || !rkey.mapping->holds(local, region.length)) {
       spdlog::warn(
           "ucx: a peer's region of {} bytes is longer than UCX's mapping of it here; its puts go "
           "through UCX",
@@ -579,7 +588,7 @@ class UcxTransport::Impl {
         item.flush_done(reason);
       }
     }
-    for (auto& [packed, rkey] : peer.rkeys) ucp_rkey_destroy(rkey);
+    for (auto& [packed, rkey] : peer.rkeys) ucp_rkey_destroy(rkey.handle);
     peer.rkeys.clear();
     peer.regions.clear();
     ucp_request_param_t param{};

@@ -1,4 +1,4 @@
-// range_in_one_mapping against mappings the test makes and unmaps itself.
+// mapping_containing and MappingBounds::holds against mappings the test makes and unmaps itself.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -7,9 +7,9 @@
 #include "../../fabric/process_mappings.h"
 #include "catch.h"
 
-using kvf::fabric::range_in_one_mapping;
+using kvf::fabric::mapping_containing;
 
-TEST_CASE("range_in_one_mapping: inside one mapping, past its end, or in none") {
+TEST_CASE("mapping_containing: the mapping that holds an address, its end, holes") {
   const auto page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
   // Three pages mapped, the last one unmapped again: a hole right after two mapped pages.
   auto* base = static_cast<uint8_t*>(
@@ -17,14 +17,19 @@ TEST_CASE("range_in_one_mapping: inside one mapping, past its end, or in none") 
   REQUIRE(base != MAP_FAILED);
   REQUIRE(munmap(base + 2 * page, page) == 0);
 
-  CHECK(range_in_one_mapping(base, 2 * page));
-  CHECK(range_in_one_mapping(base + 100, 2 * page - 100));
-  CHECK(range_in_one_mapping(base + 2 * page - 1, 1));
-  CHECK_FALSE(range_in_one_mapping(base, 2 * page + 1));  // one byte into the hole
-  CHECK_FALSE(range_in_one_mapping(base + 2 * page, 1));  // in the hole
-  CHECK_FALSE(range_in_one_mapping(base, UINT64_MAX));    // wraps around
-  CHECK_FALSE(range_in_one_mapping(base, 0));
-  CHECK_FALSE(range_in_one_mapping(nullptr, 16));
+  auto m = mapping_containing(base + 100);
+  REQUIRE(m.has_value());
+  CHECK(m->end == reinterpret_cast<uintptr_t>(base + 2 * page));  // ends at the hole
+  CHECK(m->start <= reinterpret_cast<uintptr_t>(base));           // (may merge with a neighbour)
+  CHECK(m->holds(base, 2 * page));
+  CHECK(m->holds(base + 100, 2 * page - 100));
+  CHECK(m->holds(base + 2 * page - 1, 1));
+  CHECK_FALSE(m->holds(base, 2 * page + 1));  // one byte into the hole
+  CHECK_FALSE(m->holds(base + 2 * page, 1));  // in the hole
+  CHECK_FALSE(m->holds(base, UINT64_MAX));    // far past the end, no wrap-around
+  CHECK_FALSE(m->holds(base, 0));
+  CHECK_FALSE(mapping_containing(base + 2 * page).has_value());
+  CHECK_FALSE(mapping_containing(nullptr).has_value());
   REQUIRE(munmap(base, 2 * page) == 0);
-  CHECK_FALSE(range_in_one_mapping(base, page));  // gone
+  CHECK_FALSE(mapping_containing(base).has_value());  // gone
 }
