@@ -154,21 +154,18 @@ class StreamReceiver::Impl {
       std::lock_guard lock(mutex_);
       for (auto& [id, s] : sessions_) sessions.push_back(s);
     }
-    for (auto& s : sessions) s->connection->close(Status(ErrorCode::kAborted, "receiver shutting down"));
     // A StreamResult queued just before (the owner often destroys us from on_stream_done's wake-up)
-    // must reach its sender: stopping the control context drops frames not yet written. Each close
-    // flushes for at most its write timeout, so this wait is bounded too.
-    const auto flush_deadline =
-        std::chrono::steady_clock::now() + ControlOptions{}.write_timeout + std::chrono::seconds(1);
-    for (auto& s : sessions) {
-      if (!control_ || control_->in_io_thread()) break;  // it would wait on itself
-      const auto left =
-          std::max(std::chrono::milliseconds(0), std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                     flush_deadline - std::chrono::steady_clock::now()));
-      if (!s->connection->wait_closed(left)) {
+    // must reach its sender before the control context stops.
+    std::vector<std::shared_ptr<ControlConnection>> connections;
+    for (auto& s : sessions) connections.push_back(s->connection);
+    if (control_) {
+      const auto unfinished =
+          control_->close_and_wait(connections, Status(ErrorCode::kAborted, "receiver shutting down"),
+                                   ControlOptions{}.write_timeout + std::chrono::seconds(1));
+      for (const auto& c : unfinished) {
         spdlog::warn(
             "{}: the control connection from {} did not finish closing; its last replies may be lost",
-            options_.name, s->connection->remote());
+            options_.name, c->remote());
       }
     }
     // Timers and notifications already queued on the transport's thread must not reach us.

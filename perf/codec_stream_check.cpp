@@ -183,11 +183,9 @@ CodecVerifyServer::~CodecVerifyServer() {
     open.swap(connections_);
     waiting_.clear();
   }
-  for (auto& c : open) c->close(Status(ErrorCode::kAborted, "server stopping"));
   // Answers already queued must be written before the context stops (which drops them).
-  for (auto& c : open) {
-    if (control_ && !control_->in_io_thread()) c->wait_closed(std::chrono::seconds(5));
-  }
+  if (control_)
+    control_->close_and_wait(open, Status(ErrorCode::kAborted, "server stopping"), std::chrono::seconds(5));
   open.clear();
   if (control_) control_->stop();
 }

@@ -44,6 +44,8 @@ struct ControlOptions {
   std::chrono::milliseconds write_timeout{10'000};
 };
 
+class ControlConnection;
+
 // Owns an io_context and the one thread that runs it; everything asynchronous in this header runs
 // its handlers there. Destruction stops the context and joins the thread, destroying pending
 // handlers: close connections (or let them end) before destroying it. io() is safe from any thread.
@@ -59,6 +61,13 @@ class ControlContext {
   // owners can stop handlers first and then tear down what the handlers use. Idempotent.
   void stop();
   bool in_io_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
+  // An owner's shutdown before stop(), which drops frames not yet written: closes each connection
+  // (each flushes what it queued, bounded by its write timeout) and waits up to `timeout` in all
+  // until every one has ended. On the io thread it only closes (waiting there would wait on
+  // itself). Returns the connections that had not ended.
+  std::vector<std::shared_ptr<ControlConnection>> close_and_wait(
+      const std::vector<std::shared_ptr<ControlConnection>>& connections, const Status& reason,
+      std::chrono::milliseconds timeout);
 
  private:
   boost::asio::io_context io_;
@@ -94,9 +103,8 @@ class ControlConnection : public std::enable_shared_from_this<ControlConnection>
   // reports `reason` to on_close. Idempotent; the first reason to end the connection wins.
   void close(Status reason);
   // Blocks until the connection has ended (after close(): its queued frames written or given up
-  // on, the socket closed, on_close returned), or until `timeout`; true if it ended. An owner
-  // calls it between close() and stopping the ControlContext, whose stop drops unwritten frames.
-  // Never from the io thread, which would wait on itself.
+  // on, the socket closed, on_close returned), or until `timeout`; true if it ended. Never from
+  // the io thread, which would wait on itself (ControlContext::close_and_wait does both steps).
   bool wait_closed(std::chrono::milliseconds timeout);
   // "127.0.0.1:40312" / "[::1]:40312"; fixed at construction.
   const std::string& remote() const { return remote_; }
