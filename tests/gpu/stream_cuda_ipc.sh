@@ -122,20 +122,28 @@ if kvf_run client-staged-host 120 env UCX_TLS=tcp "$KVF_PERF" client --connect 1
 else
   kvf_check_fail "ucx_staged GPU stream failed: $(tail -3 "$(kvf_logfile client-staged-host)")"
 fi
+llama_total=$(kvf_layers_bytes 32 512 32768)
+# Llama-3-8B-sized ucx_staged senders, one after another, into server $1 on port $2; each must have
+# every byte verified. $3: the senders' log name, $4: what the check says, $5: sender numbers, the
+# rest: the senders' environment.
+staged_llama_senders() {
+  local server=$1 port=$2 log=$3 what=$4 senders=$5 n before
+  shift 5
+  for n in $senders; do
+    before=$(kvf_count_lines "$server" '^stream [0-9]+ from ')
+    if kvf_run "$log$n" 120 env "$@" "$KVF_PERF" client --connect "127.0.0.1:$port" \
+         --transport ucx_staged --mem cuda:$src --mode layers --layers 32 --blocks 512 --block-bytes 32K \
+         --shuffle --verify --iters 2; then
+      kvf_check_verified "$server" "$llama_total" "$before" 2 "$what, sender $n"
+    else
+      kvf_check_fail "$what: sender $n failed: $(tail -3 "$(kvf_logfile "$log$n")")"
+    fi
+  done
+}
 # Senders one after another, with the Llama-3-8B-sized request and default slots: each one's
 # pinned slots are unregistered before they are freed. (They stayed registered once, and the
 # receiver's next 1 GiB cudaMalloc failed with cudaErrorAlreadyMapped.)
-llama_total=$(kvf_layers_bytes 32 512 32768)
-for n in 2 3; do
-  before=$(kvf_count_lines srv4 '^stream [0-9]+ from ')
-  if kvf_run client-staged-host$n 120 env UCX_TLS=tcp "$KVF_PERF" client --connect 127.0.0.1:$port4 \
-       --transport ucx_staged --mem cuda:$src --mode layers --layers 32 --blocks 512 --block-bytes 32K \
-       --shuffle --verify --iters 2; then
-    kvf_check_verified srv4 "$llama_total" "$before" 2 "ucx_staged, sender $n after the others left"
-  else
-    kvf_check_fail "ucx_staged GPU stream of sender $n failed: $(tail -3 "$(kvf_logfile client-staged-host$n)")"
-  fi
-done
+staged_llama_senders srv4 "$port4" client-staged-host "ucx_staged over tcp after the others left" "2 3" UCX_TLS=tcp
 kill -TERM "$(kvf_pid srv4)" 2>/dev/null; kvf_forget srv4
 # The same with UCX's default transports (shared memory on one host): UCX's cuda_copy domain then
 # page-locks the slots it maps itself, once the receiver's thread has a CUDA context, so every
@@ -143,16 +151,7 @@ kill -TERM "$(kvf_pid srv4)" 2>/dev/null; kvf_forget srv4
 port5=$(kvf_free_port)
 kvf_start_bg srv5 "$KVF_PERF" server --listen 127.0.0.1:$port5 --transport ucx_staged --mem cuda:$dst
 kvf_wait_for_line srv5 'listening on ' 20 || kvf_die "ucx_staged server (default UCX_TLS) did not start: $(tail -3 "$(kvf_logfile srv5)")"
-for n in 1 2 3; do
-  before=$(kvf_count_lines srv5 '^stream [0-9]+ from ')
-  if kvf_run client-staged-shm$n 120 "$KVF_PERF" client --connect 127.0.0.1:$port5 \
-       --transport ucx_staged --mem cuda:$src --mode layers --layers 32 --blocks 512 --block-bytes 32K \
-       --shuffle --verify --iters 2; then
-    kvf_check_verified srv5 "$llama_total" "$before" 2 "ucx_staged over UCX's default transports, sender $n"
-  else
-    kvf_check_fail "ucx_staged (default UCX_TLS) sender $n failed: $(tail -3 "$(kvf_logfile client-staged-shm$n)")"
-  fi
-done
+staged_llama_senders srv5 "$port5" client-staged-shm "ucx_staged over UCX's default transports" "1 2 3"
 kill -TERM "$(kvf_pid srv5)" 2>/dev/null; kvf_forget srv5
 
 # A ucx sender against the cuda_ipc receiver is refused with the reason.
