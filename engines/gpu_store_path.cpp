@@ -99,19 +99,18 @@ Result<std::unique_ptr<GpuStorePath>> GpuStorePath::create(int device, uint32_t 
   auto copier = gpudirect::SegmentCopier::create(device);
   if (!copier.ok()) return copier.status();
   path->copier_ = std::move(copier.value());
-  path->layer_events_.reserve(layers);
-  for (uint32_t l = 0; l < layers; ++l) {
+  for (uint32_t e = 0; e < layers + 2; ++e) {
     auto event = gpudirect::CudaEvent::create(device);
     if (!event.ok()) return event.status();
-    path->layer_events_.push_back(std::move(event.value()));
+    (e < layers ? path->layer_events_ : path->chunk_events_).push_back(std::move(event.value()));
   }
   return path;
 }
 
 Status GpuStorePath::pin(std::span<uint8_t> arena, const uint8_t* p, uint64_t bytes) {
   if (pin_.contains(p, bytes)) return Status::Ok();
-  // Nothing is in flight here (every operation synchronizes before it returns), so the old
-  // registration can go before the new one is made.
+  // Nothing is in flight here (callers synchronize before they pin a range that is not pinned),
+  // so the old registration can go before the new one is made.
   pin_.reset();
   const auto* base = arena.data();
   if (base == nullptr || p < base || static_cast<uint64_t>(p - base) > arena.size() ||
@@ -155,6 +154,20 @@ Status GpuStorePath::wait_layer(uint32_t layer) const {
     return Status(ErrorCode::kInvalidArgument, "layer " + std::to_string(layer) + " has no event");
   }
   return layer_events_[layer].synchronize();
+}
+
+Status GpuStorePath::mark_chunk(uint32_t slot) {
+  if (slot >= chunk_events_.size()) {
+    return Status(ErrorCode::kInvalidArgument, "chunk slot " + std::to_string(slot) + " has no event");
+  }
+  return chunk_events_[slot].record(stream_);
+}
+
+Status GpuStorePath::wait_chunk(uint32_t slot) const {
+  if (slot >= chunk_events_.size()) {
+    return Status(ErrorCode::kInvalidArgument, "chunk slot " + std::to_string(slot) + " has no event");
+  }
+  return chunk_events_[slot].synchronize();
 }
 
 Status GpuStorePath::synchronize() const {

@@ -78,6 +78,10 @@ class GpuStorePath {
   // Whether the work before layer `layer`'s mark has finished (an error when it failed).
   Result<bool> layer_done(uint32_t layer) const;
   Status wait_layer(uint32_t layer) const;
+  // The store pipeline's two chunk marks (slot 0 or 1): a stored chunk's copy is marked and waited
+  // for before its commit, while the next chunk's copy runs.
+  Status mark_chunk(uint32_t slot);
+  Status wait_chunk(uint32_t slot) const;
   // Returns when everything launched has finished.
   Status synchronize() const;
 
@@ -87,6 +91,7 @@ class GpuStorePath {
   gpudirect::CudaStream stream_;
   std::unique_ptr<gpudirect::SegmentCopier> copier_;
   std::vector<gpudirect::CudaEvent> layer_events_;
+  std::vector<gpudirect::CudaEvent> chunk_events_;  // two
   ArenaPin pin_;
 };
 

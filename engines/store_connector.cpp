@@ -11,35 +11,26 @@
 #include "kvf/gpudirect/cuda_probe.h"
 #include "kvf/gpudirect/kv_codec.h"
 #include "kvf/gpudirect/kv_codec_cuda.h"
+#include "kvf/store/chunk_checksum.h"
+#include "kvf/store/parallel_for.h"
 
 namespace kvf::engines {
 
 namespace {
 
-// Runs work(i) for i in [0, n) on up to 8 threads (this one included).
-template <typename Work>
-void parallel_for(size_t n, const Work& work) {
-  const size_t threads = std::min<size_t>({n, std::max(1u, std::thread::hardware_concurrency()), size_t{8}});
-  std::atomic<size_t> next{0};
-  auto run = [&] {
-    for (size_t i = next++; i < n; i = next++) work(i);
-  };
-  std::vector<std::thread> helpers;
-  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(run);
-  run();
-  for (std::thread& t : helpers) t.join();
-}
-
 // The index of the first chunk whose bytes do not hash to its recorded checksum, or none. A long
 // prefix is gigabytes (16k tokens of Llama-3-8B: 2 GiB), more than one core hashes in the time the
-// copies take, so the chunks are checked on several threads at once (memory bandwidth, not one
-// core, is then the limit).
+// copies take, so the chunks are checked on several threads at once, and a short prefix's few
+// chunks each on several (memory bandwidth, not one core, is then the limit).
 std::optional<size_t> first_bad_chunk(std::span<const uint8_t* const> chunks,
                                       std::span<const uint64_t> expected, std::span<const uint64_t> lengths) {
   const size_t n = chunks.size();
+  const size_t threads_per_chunk =
+      std::max<size_t>(1, store::default_parallel_threads() / std::max<size_t>(n, 1));
   std::vector<char> bad(n, 0);
-  parallel_for(
-      n, [&](size_t c) { bad[c] = store::chunk_checksum(chunks[c], lengths[c]) != expected[c] ? 1 : 0; });
+  store::parallel_for(n, [&](size_t c) {
+    bad[c] = store::chunk_checksum_parallel(chunks[c], lengths[c], threads_per_chunk) != expected[c] ? 1 : 0;
+  });
   for (size_t c = 0; c < n; ++c)
     if (bad[c] != 0) return c;
   return std::nullopt;
@@ -203,8 +194,8 @@ void StoreConnector::layer_segments(uint32_t chunk, uint32_t layer, std::span<co
   }
 }
 
-Status StoreConnector::store_chunk(uint32_t chunk, std::span<const uint32_t> block_table,
-                                   std::span<uint8_t> chunk_bytes) {
+Status StoreConnector::begin_store_chunk(uint32_t chunk, std::span<const uint32_t> block_table,
+                                         std::span<uint8_t> chunk_bytes, uint32_t slot) {
   std::vector<gpudirect::CopySegment> segments;
   if (!gpu_) {
     for (uint32_t l = 0; l < options_.layout.num_layers; ++l) {
@@ -213,15 +204,20 @@ Status StoreConnector::store_chunk(uint32_t chunk, std::span<const uint32_t> blo
     gpudirect::copy_segments_cpu(segments);
     return Status::Ok();
   }
-  if (Status s = gpu_->pin(client_->arena(), chunk_bytes.data(), chunk_bytes.size()); !s.ok()) return s;
+  if (!gpu_->pinned(chunk_bytes.data(), chunk_bytes.size())) {
+    // A new registration replaces the old one: no copy may still use it.
+    if (Status s = gpu_->synchronize(); !s.ok()) return s;
+    if (Status s = gpu_->pin(client_->arena(), chunk_bytes.data(), chunk_bytes.size()); !s.ok()) return s;
+  }
   const uint64_t base = gpu_->device_address(chunk_bytes.data());
   for (uint32_t l = 0; l < options_.layout.num_layers; ++l)
     layer_segments(chunk, l, block_table, base, true, segments);
-  const Status launched = gpu_->launch(segments);
-  // Always waited for, also after a failed launch: the caller aborts the reservation on error, and
-  // no kernel may still write into bytes the store then hands to someone else.
-  const Status done = gpu_->synchronize();
-  return launched.ok() ? done : launched;
+  if (Status s = gpu_->launch(segments); !s.ok()) return s;
+  return gpu_->mark_chunk(slot);
+}
+
+Status StoreConnector::finish_store_chunk(uint32_t slot) const {
+  return gpu_ ? gpu_->wait_chunk(slot) : Status::Ok();
 }
 
 Result<uint64_t> StoreConnector::lookup(std::span<const uint32_t> tokens) {
@@ -238,7 +234,38 @@ Result<StoreResult> StoreConnector::store(std::span<const uint32_t> tokens,
   const uint32_t chunks =
       static_cast<uint32_t>(std::min<uint64_t>(keys.size(), block_table.size() / blocks_per_chunk()));
   if (Status s = check_table(block_table, chunks); !s.ok()) return s;
+  // Chunk c's copy runs (on the GPU) while chunk c-1 is committed (the daemon hashes it): one chunk
+  // is written but not committed at a time, in `pending`, and each commit waits for its own copy.
+  struct Written {
+    uint32_t chunk = 0;
+    store::ClientReservation reservation;
+    uint32_t slot = 0;
+  };
+  std::optional<Written> pending;
   StoreResult result;
+  // On an error: no copy may still write into a reservation that is given back (aborted), then
+  // every reservation not committed is.
+  auto fail = [&](Status why, std::optional<Written> current) -> Status {
+    if (gpu_) (void)gpu_->synchronize();
+    if (pending) (void)client_->abort(pending->reservation);
+    if (current) (void)client_->abort(current->reservation);
+    return why;
+  };
+  // Commits `pending` once its copy has finished. A failed copy leaves it pending (fail() aborts it);
+  // from the commit on the daemon decides its fate.
+  auto commit_pending = [&]() -> Status {
+    const Written w = *pending;
+    if (Status s = finish_store_chunk(w.slot); !s.ok()) {
+      return Status(s.code(), "storing chunk " + std::to_string(w.chunk) + ": " + s.message());
+    }
+    pending.reset();
+    if (Status s = client_->commit(w.reservation); !s.ok()) {
+      return Status(s.code(), "committing chunk " + std::to_string(w.chunk) + ": " + s.message());
+    }
+    ++result.stored;
+    result.bytes += chunk_bytes();
+    return Status::Ok();
+  };
   for (uint32_t c = 0; c < chunks; ++c) {
     auto r = client_->reserve(keys[c], chunk_bytes(), hasher_.model());
     if (!r.ok()) {
@@ -246,24 +273,31 @@ Result<StoreResult> StoreConnector::store(std::span<const uint32_t> tokens,
         ++result.already_stored;
         continue;
       }
-      return Status(r.status().code(), "storing chunk " + std::to_string(c) + ": " + r.status().message());
+      // The chunks before this one are whole: the one still pending is committed, as they were.
+      const Status why(r.status().code(), "storing chunk " + std::to_string(c) + ": " + r.status().message());
+      if (pending) {
+        if (Status s = commit_pending(); !s.ok()) return fail(s, std::nullopt);
+      }
+      return why;
     }
-    std::span<uint8_t> dst = client_->bytes(r.value());
+    const Written current{c, r.value(), pending ? 1 - pending->slot : 0};
+    std::span<uint8_t> dst = client_->bytes(current.reservation);
     if (dst.size() != chunk_bytes()) {
-      (void)client_->abort(r.value());
-      return Status(ErrorCode::kPeerLost,
-                    "storing chunk " + std::to_string(c) +
-                        ": the reservation belongs to an older connection to the daemon");
+      return fail(
+          Status(ErrorCode::kPeerLost, "storing chunk " + std::to_string(c) +
+                                           ": the reservation belongs to an older connection to the daemon"),
+          current);
     }
-    if (Status s = store_chunk(c, block_table, dst); !s.ok()) {
-      (void)client_->abort(r.value());
-      return Status(s.code(), "storing chunk " + std::to_string(c) + ": " + s.message());
+    if (Status s = begin_store_chunk(c, block_table, dst, current.slot); !s.ok()) {
+      return fail(Status(s.code(), "storing chunk " + std::to_string(c) + ": " + s.message()), current);
     }
-    if (Status s = client_->commit(r.value()); !s.ok()) {
-      return Status(s.code(), "committing chunk " + std::to_string(c) + ": " + s.message());
+    if (pending) {
+      if (Status s = commit_pending(); !s.ok()) return fail(s, current);
     }
-    ++result.stored;
-    result.bytes += chunk_bytes();
+    pending = current;
+  }
+  if (pending) {
+    if (Status s = commit_pending(); !s.ok()) return fail(s, std::nullopt);
   }
   return result;
 }
@@ -332,7 +366,7 @@ Status StoreConnector::decode_chunks(std::vector<const uint8_t*>& chunks,
     scratch = decode_host_.data();
   }
   std::vector<Status> results(encoded.size());
-  parallel_for(encoded.size(), [&](size_t i) {
+  store::parallel_for(encoded.size(), [&](size_t i) {
     const size_t c = encoded[i];
     results[i] = gpudirect::decode_chunk(std::span(chunks[c], stored_bytes[c]),
                                          std::span(scratch + i * chunk_bytes(), chunk_bytes()));

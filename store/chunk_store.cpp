@@ -1,7 +1,6 @@
 #include "kvf/store/chunk_store.h"
 
 #include <spdlog/spdlog.h>
-#include <xxhash.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -18,10 +17,6 @@ namespace kvf::store {
 using protocol::ChunkKey;
 using protocol::KvCodec;
 using protocol::Tier;
-
-uint64_t chunk_checksum(const uint8_t* data, uint64_t length) {
-  return XXH3_64bits(data, length);
-}
 
 namespace {
 
@@ -771,7 +766,7 @@ Status ChunkStore::commit(const ChunkKey& key, uint64_t reservation_id,
     data = m.arena.data() + e.block.offset;
     length = e.bytes;
   }
-  uint64_t sum = chunk_checksum(data, length);
+  uint64_t sum = chunk_checksum_parallel(data, length);
   std::lock_guard lock(m.mu);
   auto it = m.index.find(key);
   if (it == m.index.end() || it->second.reservation_id != reservation_id) {
@@ -895,7 +890,7 @@ Status ChunkStore::commit_replacement(const ChunkKey& key, uint64_t reservation_
     data = m.arena.data() + r->second.block.offset;
     length = r->second.bytes;
   }
-  const uint64_t sum = chunk_checksum(data, length);
+  const uint64_t sum = chunk_checksum_parallel(data, length);
   std::lock_guard lock(m.mu);
   auto r = m.replacements.find(reservation_id);
   if (r == m.replacements.end()) {
@@ -1052,7 +1047,7 @@ Status ChunkStore::verify(const Lease& lease) const {
     return Status(ErrorCode::kInvalidArgument,
                   "lease " + std::to_string(lease.id) + " lies outside the arena");
   }
-  uint64_t sum = chunk_checksum(arena.data() + lease.offset, lease.length);
+  uint64_t sum = chunk_checksum_parallel(arena.data() + lease.offset, lease.length);
   if (sum != lease.checksum) {
     return Status(ErrorCode::kVerifyFailed,
                   "chunk " + hex(lease.key) + ": checksum of the stored bytes differs");

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <utility>
 
+#include "kvf/store/chunk_checksum.h"
 #include "kvf/store/chunk_store.h"
 
 namespace kvf::store {
@@ -399,7 +400,7 @@ Status SsdTier::read(const SsdEntry& entry, std::span<uint8_t> out, bool verify)
                                                    std::to_string(entry.bytes));
   }
   if (Status s = read_at(entry.extent.offset, out); !s.ok()) return s;
-  if (verify && chunk_checksum(out.data(), out.size()) != entry.checksum) {
+  if (verify && chunk_checksum_parallel(out.data(), out.size()) != entry.checksum) {
     return Status(ErrorCode::kVerifyFailed,
                   "ssd tier " + options_.path + ": chunk " + entry.key.to_hex() + " read back from offset " +
                       std::to_string(entry.extent.offset) + " does not match its checksum");

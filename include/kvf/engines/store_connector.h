@@ -104,7 +104,8 @@ class StoreConnector {
   Result<uint64_t> lookup(std::span<const uint32_t> tokens);
   // `block_table[i]` is the engine block holding tokens [i*block_tokens, (i+1)*block_tokens).
   // Stores every full chunk the table covers; chunks already stored are skipped. A chunk whose
-  // copy fails is aborted, never committed.
+  // copy fails is aborted, never committed. Chunk c+1 is copied while chunk c is committed (hashed
+  // by the daemon); on an error the chunks committed before it stay stored.
   Result<StoreResult> store(std::span<const uint32_t> tokens, std::span<const uint32_t> block_table);
   // Loads the longest stored prefix (at most max_chunks chunks) into the blocks of block_table.
   // kVerifyFailed (and no byte written) when a chunk does not match its checksum. GPU buffers: a
@@ -124,9 +125,12 @@ class StoreConnector {
   // blocks: the one definition of a chunk's byte order, for both paths.
   void layer_segments(uint32_t chunk, uint32_t layer, std::span<const uint32_t> block_table,
                       uint64_t chunk_base, bool to_store, std::vector<gpudirect::CopySegment>& out) const;
-  // Copies chunk `chunk`'s blocks of every layer into its reserved bytes in the arena (GPU path:
-  // page-locks the arena first, and returns once the copy has finished).
-  Status store_chunk(uint32_t chunk, std::span<const uint32_t> block_table, std::span<uint8_t> chunk_bytes);
+  // Copies chunk `chunk`'s blocks of every layer into its reserved bytes in the arena. The host path
+  // copies at once; the GPU path page-locks the arena first and only enqueues the copy, marked with
+  // chunk mark `slot` (0 or 1), which finish_store_chunk(slot) waits for.
+  Status begin_store_chunk(uint32_t chunk, std::span<const uint32_t> block_table,
+                           std::span<uint8_t> chunk_bytes, uint32_t slot);
+  Status finish_store_chunk(uint32_t slot) const;
   // Copies the leased, checked chunks (their bytes in the arena) into the engine's blocks, layer
   // by layer, calling on_layer(l) (when set) once layer l of every chunk is in place.
   Status load_chunks(std::span<const uint32_t> block_table, std::span<const uint8_t* const> chunks,

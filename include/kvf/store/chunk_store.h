@@ -4,7 +4,7 @@
 // optionally an SSD tier under it (ssd_tier.h) that catches what the arena evicts.
 //
 //   put: reserve(key, bytes, writer, model, codec) -> Reservation {offset, length}; the writer fills
-//        arena[offset, +length) (memcpy or DMA) -> commit(key, id) hashes the bytes (XXH3-64) and
+//        arena[offset, +length) (memcpy or DMA) -> commit(key, id) hashes the bytes (chunk_checksum.h) and
 //        makes the entry visible; abort(key, id) gives the space back. A reservation that is not
 //        committed within reservation_timeout (its writer died) is freed by reap_expired().
 //        `model` is the fingerprint the key was hashed with (ChunkHasher::model()); the entry keeps
@@ -95,6 +95,7 @@
 #include "kvf/protocol/kv_codec.h"
 #include "kvf/protocol/status.h"
 #include "kvf/protocol/tier.h"
+#include "kvf/store/chunk_checksum.h"
 #include "kvf/store/eviction_policy.h"
 #include "kvf/store/ssd_tier.h"
 #include "kvf/store/store_stats.h"
@@ -103,9 +104,6 @@ namespace kvf::store {
 
 using StoreClock = std::chrono::steady_clock;
 using ClientId = uint64_t;  // an engine connection (writer or reader); drop_client frees its holds
-
-// The checksum kept with every chunk: XXH3-64, no seed, so any process can verify bytes it reads.
-uint64_t chunk_checksum(const uint8_t* data, uint64_t length);
 
 struct ChunkStoreOptions {
   uint64_t alignment = 256;  // arena offsets and lengths; a power of two

@@ -7,7 +7,7 @@
 //            disk full halfway; removed when the tier is destroyed. Nothing in it outlives the
 //            process: the index lives in memory only, a restarted daemon starts with an empty tier.
 //   index:   ChunkKey -> SsdEntry {extent (file offset, length rounded up to 4 KiB), the chunk's
-//            length, checksum (chunk_checksum: XXH3-64), model fingerprint, codec, loads (the
+//            length, checksum (chunk_checksum.h), model fingerprint, codec, loads (the
 //            owner's reuse count, kept for it while the entry is here)}.
 //   space:   ArenaAllocator over the file (best fit, coalescing) at 4 KiB alignment, so every extent
 //            starts and ends on a block boundary for O_DIRECT. When a put does not fit, the tier
