@@ -268,6 +268,12 @@ Result<StoreResult> StoreConnector::store(std::span<const uint32_t> tokens,
   };
   for (uint32_t c = 0; c < chunks; ++c) {
     auto r = client_->reserve(keys[c], chunk_bytes(), hasher_.model());
+    if (!r.ok() && r.status().code() == ErrorCode::kOutOfMemory && pending) {
+      // The pending chunk cannot be evicted before its commit, and an arena with room for one chunk
+      // needs it to be: commit it, then ask again.
+      if (Status s = commit_pending(); !s.ok()) return fail(s, std::nullopt);
+      r = client_->reserve(keys[c], chunk_bytes(), hasher_.model());
+    }
     if (!r.ok()) {
       if (r.status().code() == ErrorCode::kAborted) {  // stored (or being stored) by someone
         ++result.already_stored;

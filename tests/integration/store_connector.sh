@@ -33,4 +33,18 @@ kvf_check_eq "$?" 0 "a prompt sharing 320 tokens loads exactly the 5 shared chun
 engine other lookup --table-seed 2 --model other-model --expect-tokens 0
 kvf_check_eq "$?" 0 "another model's engine finds none of it (the model is part of the key)"
 kvf_check kvf_alive d -- "daemon alive at the end"
+
+# A store into an arena with room for one chunk (each chunk evicts the one before, once that is
+# committed: the connector copies a chunk while committing the one before, and must commit that
+# one first when the arena has no room for both), and into one too small for any chunk.
+kvf_start_connector_daemon tiny store-connector-tiny "$KVF_TMP/tiny.sock" 192KiB
+kvf_run tiny-store 60 "$check" store --socket "$KVF_TMP/tiny.sock" --seed 42 --tokens 1000 --table-seed 1
+kvf_check_eq "$?" 0 "an arena of one chunk takes the prompt's chunks one after another: $(tail -n1 "$(kvf_logfile tiny-store)")"
+kvf_check_grep "$(kvf_logfile tiny-store)" "^store: 15 chunks stored, 0 already stored" "all 15 stored, each evicting the one before"
+kvf_start_connector_daemon small store-connector-small "$KVF_TMP/small.sock" 64KiB
+kvf_run small-store 60 "$check" store --socket "$KVF_TMP/small.sock" --seed 42 --tokens 1000 --table-seed 1
+rc=$?
+kvf_check test "$rc" -ne 0 -- "an arena smaller than a chunk refuses the store (exit $rc)"
+kvf_check_grep "$(kvf_logfile small-store)" "storing chunk 0: .*can never fit" "the error names the chunk and the reason"
+kvf_check kvf_alive small -- "that daemon keeps serving"
 kvf_finish
