@@ -66,7 +66,7 @@ kvf_check_eq "$?" 0 "host engine: refused likewise: $(last chload)"
 # the GPU straight from the pinned arena into the blocks, zstd on the CPU through pinned scratch;
 # every byte equal to what the CPU codec makes of the stored chunk. KV-like data (finite bf16): the
 # other prompts' random bytes are refused by the lossy codecs and reported as failed.
-port=$(sed -n 's/.*http_port: \([0-9]*\).*/\1/p' "$KVF_TMP/topology.yaml")
+port=${KVF_PORT[d]}
 compress() {
   curl -s -o "$KVF_TMP/reply.json" -w '%{http_code}' -H 'Content-Type: application/json' \
     -X POST "http://127.0.0.1:$port/compress" -d "{\"all\": true, \"codec\": \"$1\"}"

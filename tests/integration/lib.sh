@@ -283,9 +283,12 @@ kvf_count_lines() { grep -cE -- "$2" "$(kvf_logfile "$1")" 2>/dev/null || true; 
 # kvf_start_connector_daemon NAME CLUSTER SOCKET [DRAM]: a kvfabricd (background process NAME) for
 # the store connector's tests: model "m" (4 layers, 2 KV heads x 64, bf16, 16-token blocks, 64-token
 # chunks), a store of DRAM (default 64MiB) on SOCKET, no peers; its topology is
-# $KVF_TMP/topology-NAME.yaml. Dies if it is not ready in 20 s.
+# $KVF_TMP/topology-NAME.yaml and its HTTP port KVF_PORT[NAME]. Dies if it is not ready in 20 s.
 kvf_start_connector_daemon() {
   local name=$1 cluster=$2 socket=$3 dram=${4:-64MiB}
+  local http_port
+  http_port=$(kvf_free_port)
+  KVF_PORT[$name]=$http_port
   cat >"$KVF_TMP/topology-$name.yaml" <<YAML
 cluster: $cluster
 models:
@@ -293,7 +296,7 @@ models:
     layout: {kind: flash_attention, layers: 4, kv_heads: 2, head_dim: 64, dtype: bf16, block_tokens: 16, blocks: 256}
     chunk_tokens: 64
 nodes:
-  - {name: it, address: 127.0.0.1, http_port: $(kvf_free_port), store: {dram: $dram, socket: $socket}}
+  - {name: it, address: 127.0.0.1, http_port: $http_port, store: {dram: $dram, socket: $socket}}
 YAML
   kvf_start_bg "$name" "$KVF_BIN/kvfabricd" --topology "$KVF_TMP/topology-$name.yaml" --node it --no-peers --no-huge-pages
   kvf_wait_for_line "$name" '\] ready: ' 20 ||

@@ -11,7 +11,7 @@ kvf_init store_compress 120
 check=$KVF_BIN/kvfabric-connector-check
 sock=$KVF_TMP/store.sock
 kvf_start_connector_daemon d store-compress-test "$sock"
-port=$(sed -n 's/.*http_port: \([0-9]*\).*/\1/p' "$KVF_TMP/topology-d.yaml")
+port=${KVF_PORT[d]}
 post() { curl -s -o "$KVF_TMP/reply.json" -w '%{http_code}' -H 'Content-Type: application/json' -X POST "http://127.0.0.1:$port/$1" -d "$2"; }
 
 # KV-like data: finite bf16 values (lossy codecs refuse inf and NaN).
