@@ -1,10 +1,8 @@
 #include "kvf/engines/store_connector.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <optional>
-#include <thread>
 
 #include "gpu_store_path.h"
 #include "kvf/gpudirect/cuda_memory.h"

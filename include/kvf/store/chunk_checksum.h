@@ -7,7 +7,8 @@
 // the chunk's length, of the segments' XXH3-64s written as little-endian u64s in order.
 // Why segments: a chunk of 256 Llama-3-8B tokens is 32 MiB, which one core hashes at ~6 GB/s on the
 // GPU machine while the GPU gathers it into the arena at ~50; the segments hash on several threads.
-// Thread rules: pure functions; the parallel one starts and joins its own threads.
+// Thread rules: pure functions, safe from any thread; the parallel one runs on the process's worker
+// pool (parallel_for.h).
 #pragma once
 
 #include <cstddef>
