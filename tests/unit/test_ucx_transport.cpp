@@ -37,11 +37,7 @@ ConnectedPair connected_pair(UcxTransportOptions options = {}) {
 }  // namespace
 
 TEST_CASE("UcxTransport puts bytes into a peer's region and flushes") {
-  ConnectedPair pair = connected_pair();
-  auto& ucx = pair.ucx;
-  auto& a = pair.a;
-  auto& b = pair.b;
-  const PeerId peer = pair.peer;
+  auto [ucx, a, b, peer] = connected_pair();
   const uint64_t bytes = 8 << 20;
   auto src = gpudirect::MemoryRegion::allocate_host(ucx, bytes);
   auto dst = gpudirect::MemoryRegion::allocate_host(ucx, bytes);
@@ -121,10 +117,7 @@ TEST_CASE("UcxTransport into a UCX-allocated peer region: copies through its map
   CAPTURE(mapped_copy);
   UcxTransportOptions options;
   options.copy_into_mapped_regions = mapped_copy;
-  ConnectedPair pair = connected_pair(options);
-  auto& ucx = pair.ucx;
-  auto& a = pair.a;
-  const PeerId peer = pair.peer;
+  auto [ucx, a, b, peer] = connected_pair(options);
   const uint64_t bytes = 4 << 20;
   auto src = gpudirect::MemoryRegion::allocate_host(ucx, bytes);
   auto dst = gpudirect::MemoryRegion::allocate_ucx(ucx, bytes);
