@@ -18,16 +18,14 @@ namespace {
 
 // The index of the first chunk whose bytes do not hash to its recorded checksum, or none. A long
 // prefix is gigabytes (16k tokens of Llama-3-8B: 2 GiB), more than one core hashes in the time the
-// copies take, so the chunks are checked on several threads at once, and a short prefix's few
-// chunks each on several (memory bandwidth, not one core, is then the limit).
+// copies take, so the chunks are checked on the worker pool, each chunk's segments too (a short
+// prefix's few chunks then still use every thread).
 std::optional<size_t> first_bad_chunk(std::span<const uint8_t* const> chunks,
                                       std::span<const uint64_t> expected, std::span<const uint64_t> lengths) {
   const size_t n = chunks.size();
-  const size_t threads_per_chunk =
-      std::max<size_t>(1, store::default_parallel_threads() / std::max<size_t>(n, 1));
   std::vector<char> bad(n, 0);
   store::parallel_for(n, [&](size_t c) {
-    bad[c] = store::chunk_checksum_parallel(chunks[c], lengths[c], threads_per_chunk) != expected[c] ? 1 : 0;
+    bad[c] = store::chunk_checksum_parallel(chunks[c], lengths[c]) != expected[c] ? 1 : 0;
   });
   for (size_t c = 0; c < n; ++c)
     if (bad[c] != 0) return c;
